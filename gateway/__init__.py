@@ -1,0 +1,1 @@
+"""A Redis-first rate and quota gateway for APIs sold by plan."""

@@ -1,0 +1,597 @@
+"""plans.toml → a validated, immutable Catalog.
+
+Structure is checked by pydantic (unknown keys are errors); the cross-references and lints of
+DESIGN §2 run afterwards over the parsed models. Every problem is collected, each with its dotted
+place, before one CatalogError is raised, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import CatalogError, Problem
+from gateway.meter import UnitsSource, parse_units_source
+from gateway.periods import Period, parse_duration, parse_period
+
+AfterLimit = Literal["block_usage", "just_warn", "grace_then_block"]
+OnRedisDown = Literal["open", "closed"]
+DEFAULT_WARN_AT = (0.6, 0.8, 0.95)
+DEFAULT_GRACE = "7d"
+CREDITS = "credits"
+
+_RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CatalogSettings(_Model):
+    default_plan: str = "free"
+    highlighted_plan: str | None = None
+    timezone: str = "UTC"
+    upgrade_url: str | None = None
+    on_redis_down: OnRedisDown = "open"
+    unmatched: Literal["forward", "deny"] = "forward"
+    past_due_grace: str = "3d"
+    credits_per_dollar: int = Field(100, gt=0)
+    currency: str = "usd"
+    auto_recharge_max_per_month: int = Field(10, ge=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f'unknown timezone "{value}": use an IANA name such as "UTC" or "Europe/Berlin"')
+        return value
+
+    @field_validator("past_due_grace")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @cached_property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @cached_property
+    def past_due_grace_seconds(self) -> int:
+        return parse_duration(self.past_due_grace)
+
+
+class Operation(_Model):
+    """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer."""
+
+    cost: int | None = Field(None, ge=0)
+    per_unit: float | None = Field(None, gt=0)
+    units: str | None = None
+    reserve: int | None = Field(None, ge=0)
+    max_units: int | None = Field(None, gt=0)
+
+    @field_validator("units")
+    @classmethod
+    def _units_source(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_units_source(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_pricing(self) -> Operation:
+        if self.cost is None and self.per_unit is None:
+            raise ValueError('give either cost = N (credits per request) or per_unit = N with units = "..."')
+        if self.cost is not None and self.per_unit is not None:
+            raise ValueError("give cost or per_unit, not both")
+        if self.per_unit is not None and self.units is None:
+            raise ValueError('per_unit needs units = "response.json:PATH" (or response.header:, request.json:, request.header:)')
+        if self.per_unit is None and (self.units or self.reserve is not None or self.max_units):
+            raise ValueError("units, reserve and max_units only apply with per_unit")
+        return self
+
+    @cached_property
+    def units_source(self) -> UnitsSource | None:
+        return parse_units_source(self.units) if self.units else None
+
+    @property
+    def metered(self) -> bool:
+        """Priced from the upstream's answer: held as a reserve, settled after."""
+        return self.units_source is not None and self.units_source.where.startswith("response.")
+
+    @property
+    def hold(self) -> int:
+        """Credits taken at admission for a metered operation (its reserve, one unit when none is set)."""
+        if self.reserve is not None:
+            return self.reserve
+        return math.ceil(self.per_unit or 0)
+
+    def price(self, units: float) -> int:
+        """Credits for `units`, rounded up and clamped to `[0, max_units]`."""
+        units = max(0.0, units)
+        if self.max_units is not None:
+            units = min(units, float(self.max_units))
+        return math.ceil(units * (self.per_unit or 0) - 1e-9)
+
+
+class RateLimitTable(_Model):
+    limit: int = Field(gt=0)
+    per: str = "1s"
+    burst: int | None = Field(None, gt=0)
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, value: str) -> str:
+        _rate_seconds(value)
+        return value
+
+
+def _rate_seconds(per: str) -> int:
+    if per in _RATE_UNITS:
+        return _RATE_UNITS[per]
+    try:
+        return parse_duration(per)
+    except ValueError:
+        raise ValueError(f'unknown rate period "{per}": use second, minute, hour, day or a duration like "10s"')
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A smooth (GCRA) rate: `limit` requests per `per_seconds`, up to `burst` at once."""
+
+    name: str
+    limit: int
+    per_seconds: int
+    burst: int
+
+    @classmethod
+    def parse(cls, name: str, value: str | RateLimitTable) -> RateLimit:
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*/\s*(\w+)\s*", value)
+            if not match or int(match[1]) <= 0:
+                raise ValueError(f'rate limit "{value}" should look like "100/second", "1000/minute" or "10/5s"')
+            limit = int(match[1])
+            return cls(name, limit, _rate_seconds(match[2]), limit)
+        return cls(name, value.limit, _rate_seconds(value.per), value.burst or value.limit)
+
+    @property
+    def window(self) -> int:
+        """Seconds to refill the whole burst: the `w` of RateLimit-Policy, at least 1."""
+        return max(1, math.ceil(self.burst * self.per_seconds / self.limit))
+
+
+class Limit(_Model):
+    to: int = Field(ge=0)
+    per: str | None = None
+    after_limit: AfterLimit = "block_usage"
+    grace: str | None = None
+    grace_max: int | None = Field(None, ge=0)
+    warn_at: tuple[float, ...] = DEFAULT_WARN_AT
+
+    @field_validator("per")
+    @classmethod
+    def _period(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_period(value)
+        return value
+
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @field_validator("warn_at")
+    @classmethod
+    def _thresholds(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [t for t in value if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1], e.g. 0.8 for 80%; got {', '.join(map(str, bad))}")
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _grace_needs_policy(self) -> Limit:
+        if self.after_limit != "grace_then_block":
+            for key in ("grace", "grace_max"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f'{key} only applies with after_limit = "grace_then_block"')
+        return self
+
+    @cached_property
+    def period(self) -> Period | None:
+        return parse_period(self.per) if self.per else None
+
+    @cached_property
+    def grace_seconds(self) -> int:
+        if self.after_limit != "grace_then_block":
+            return 0
+        return parse_duration(self.grace or DEFAULT_GRACE)
+
+    @property
+    def kind(self) -> str:
+        return f"per {self.per}" if self.per else "persistent cap"
+
+
+class StripePrices(_Model):
+    month: str | None = None
+    year: str | None = None
+
+
+class Plan(_Model):
+    name: str | None = None
+    description: str | None = None
+    price: float | None = Field(None, ge=0)
+    price_yearly: float | None = Field(None, ge=0)
+    price_string: str | None = None
+    stripe_price: str | StripePrices | None = None
+    bullets: tuple[str, ...] = ()
+    rate_limit: str | RateLimitTable | None = None
+    allows: tuple[str, ...] = ()
+    disallows: tuple[str, ...] = ()
+    credits: int | None = Field(None, ge=0)
+    credits_per: str = "month"
+    rollover: bool = False
+    limits: dict[str, Limit] = Field(default_factory=dict)
+    unlimited: tuple[str, ...] = ()
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("credits_per")
+    @classmethod
+    def _period(cls, value: str) -> str:
+        parse_period(value)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | RateLimitTable | None) -> str | RateLimitTable | None:
+        if value is not None:
+            RateLimit.parse("rate", value)
+        return value
+
+    @cached_property
+    def rate(self) -> RateLimit | None:
+        return RateLimit.parse("rate", self.rate_limit) if self.rate_limit is not None else None
+
+    @cached_property
+    def credit_period(self) -> Period:
+        return parse_period(self.credits_per)
+
+    @property
+    def stripe_price_ids(self) -> tuple[str, ...]:
+        if self.stripe_price is None:
+            return ()
+        if isinstance(self.stripe_price, str):
+            return (self.stripe_price,)
+        return tuple(p for p in (self.stripe_price.month, self.stripe_price.year) if p)
+
+    def allows_feature(self, feature: str) -> bool:
+        return feature in self.allows
+
+    def is_unlimited(self, name: str) -> bool:
+        return name in self.unlimited
+
+    @property
+    def sort_price(self) -> float:
+        """Order for "the cheapest plan that would admit": unpriced (Contact) plans come last."""
+        return self.price if self.price is not None else math.inf
+
+
+class Pack(_Model):
+    name: str | None = None
+    credits: int = Field(gt=0)
+    bonus: int = Field(0, ge=0)
+    price: float | None = Field(None, gt=0)
+    stripe_price: str | None = None
+
+    @model_validator(mode="after")
+    def _priced(self) -> Pack:
+        if self.price is None and self.stripe_price is None:
+            raise ValueError("a pack needs price = N (in the catalog's currency) or stripe_price = \"...\"")
+        return self
+
+
+class RouteConfig(_Model):
+    match: str
+    features: tuple[str, ...] = ()
+    spend: str | None = None
+    limit: str | None = None
+    cost: int = Field(1, ge=0)
+    release: str | None = None
+    rate_limit: str | RateLimitTable | None = None
+    on_redis_down: OnRedisDown | None = None
+    public: bool = False
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        _compile_match(value)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | RateLimitTable | None) -> str | RateLimitTable | None:
+        if value is not None:
+            RateLimit.parse("rate", value)
+        return value
+
+
+class Events(_Model):
+    webhook_url: str | None = None
+
+
+class CatalogFile(_Model):
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    features: dict[str, str] = Field(default_factory=dict)
+    operations: dict[str, Operation] = Field(default_factory=dict)
+    plans: dict[str, Plan] = Field(default_factory=dict)
+    packs: dict[str, Pack] = Field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    events: Events = Field(default_factory=Events)
+
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
+
+
+def _compile_match(text: str) -> tuple[str, re.Pattern[str]]:
+    parts = text.split()
+    if len(parts) != 2 or parts[0].upper() not in _METHODS or not parts[1].startswith("/"):
+        raise ValueError(f'route match "{text}" should be "METHOD /path", e.g. "POST /v1/projects" or "* /v1/*"')
+    method, path = parts[0].upper(), parts[1].rstrip("/") or "/"
+    segments = [s for s in path.split("/") if s]
+    pattern = ""
+    for i, segment in enumerate(segments):
+        if segment == "*" and i == len(segments) - 1:
+            pattern += "(?:/[^/]+)*"
+        elif re.fullmatch(r"\{\w+\}", segment):
+            pattern += "/[^/]+"
+        elif "{" in segment or "}" in segment or "*" in segment:
+            raise ValueError(
+                f'route match "{text}": a segment is literal, {{name}} (one segment) or a final * (any rest)'
+            )
+        else:
+            pattern += "/" + re.escape(segment)
+    return method, re.compile((pattern or "") + "/?" if pattern else "/?")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A compiled route: what a matching request needs and consumes."""
+
+    index: int
+    config: RouteConfig
+    method: str
+    pattern: re.Pattern[str] = field(repr=False)
+    rate: RateLimit | None
+
+    @property
+    def match(self) -> str:
+        return self.config.match
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method != "*" and self.method != method and not (method == "HEAD" and self.method == "GET"):
+            return False
+        return self.pattern.fullmatch(path) is not None
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The validated catalog: the file's models plus what is derived from them once."""
+
+    file: CatalogFile
+    routes: tuple[Route, ...]
+    source: str = "plans.toml"
+
+    @property
+    def settings(self) -> CatalogSettings:
+        return self.file.catalog
+
+    @property
+    def plans(self) -> dict[str, Plan]:
+        return self.file.plans
+
+    @property
+    def operations(self) -> dict[str, Operation]:
+        return self.file.operations
+
+    @property
+    def packs(self) -> dict[str, Pack]:
+        return self.file.packs
+
+    @cached_property
+    def limit_kinds(self) -> dict[str, Limit]:
+        """One definition per limit name (the lint guarantees every plan agrees on its kind)."""
+        kinds: dict[str, Limit] = {}
+        for plan in self.plans.values():
+            for name, limit in plan.limits.items():
+                kinds.setdefault(name, limit)
+        return kinds
+
+    @cached_property
+    def feature_names(self) -> frozenset[str]:
+        names = set(self.file.features)
+        for plan in self.plans.values():
+            names.update(plan.allows, plan.disallows)
+        return frozenset(names)
+
+    def feature_title(self, feature: str) -> str:
+        return self.file.features.get(feature, feature)
+
+    def plan_title(self, plan: str) -> str:
+        found = self.plans.get(plan)
+        return (found.name if found and found.name else plan.replace("_", " ").title())
+
+    def plans_by_price(self) -> list[str]:
+        return sorted(self.plans, key=lambda name: self.plans[name].sort_price)
+
+    def plan_for_price(self, price_id: str) -> str | None:
+        for name, plan in self.plans.items():
+            if price_id in plan.stripe_price_ids:
+                return name
+        return None
+
+    def route_for(self, method: str, path: str) -> Route | None:
+        """First route matching the decoded path (no query); a trailing slash is ignored."""
+        method = method.upper()
+        if len(path) > 1:
+            path = path.rstrip("/") or "/"
+        for route in self.routes:
+            if route.matches(method, path):
+                return route
+        return None
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogError([Problem("", f"{path} not found: pass --plans PATH or set GATEWAY_PLANS")], str(path))
+    return parse_catalog(text, str(path))
+
+
+def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError([Problem("", f"not valid TOML: {exc}")], source)
+    try:
+        parsed = CatalogFile.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogError(_pydantic_problems(exc), source)
+    problems = list(_lint(parsed))
+    if problems:
+        raise CatalogError(problems, source)
+    routes = tuple(
+        Route(
+            index=i,
+            config=route,
+            method=_compile_match(route.match)[0],
+            pattern=_compile_match(route.match)[1],
+            rate=RateLimit.parse(f"rate:{route.match}", route.rate_limit) if route.rate_limit is not None else None,
+        )
+        for i, route in enumerate(parsed.routes)
+    )
+    return Catalog(file=parsed, routes=routes, source=source)
+
+
+def _place(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"str", "RateLimitTable", "StripePrices"} or part.startswith(("function-", "literal[")):
+            continue  # pydantic's union-member tags are not places in the file
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_TYPE_WORDS = {
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string in quotes",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list, e.g. [\"a\", \"b\"]",
+    "tuple_type": "a list, e.g. [\"a\", \"b\"]",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+
+
+def _pydantic_problems(exc: ValidationError) -> list[Problem]:
+    problems: dict[str, Problem] = {}
+    for error in exc.errors(include_url=False):
+        loc = error["loc"]
+        kind = error["type"]
+        place = _place(loc)
+        if kind == "extra_forbidden":
+            message = f'unknown key "{loc[-1]}": remove it or check its spelling'
+        elif kind == "missing":
+            message = "required: add it"
+        elif kind == "literal_error":
+            expected = error.get("ctx", {}).get("expected", "")
+            message = f"{error['input']!r} is not one of {expected}"
+        elif kind in _TYPE_WORDS:
+            message = f"expected {_TYPE_WORDS[kind]}, got {error['input']!r}"
+        elif kind in {"greater_than", "greater_than_equal", "less_than_equal"}:
+            message = f"{error['input']!r} is out of range: {error['msg'].lower()}"
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+        # A union reports one error per member; the first is the most useful, and one per place is enough.
+        problems.setdefault(place + "\0" + message if kind == "extra_forbidden" else place, Problem(place, message))
+    return list(problems.values())
+
+
+def _lint(parsed: CatalogFile) -> Iterable[Problem]:
+    settings = parsed.catalog
+    plans = parsed.plans
+    if not plans:
+        yield Problem("plans", "no plans: add at least [plans.free]")
+    if settings.default_plan not in plans:
+        yield Problem("catalog.default_plan", f'plan "{settings.default_plan}" does not exist: add [plans.{settings.default_plan}] or name an existing plan')
+    if settings.highlighted_plan is not None and settings.highlighted_plan not in plans:
+        yield Problem("catalog.highlighted_plan", f'plan "{settings.highlighted_plan}" does not exist')
+
+    seen_prices: dict[str, str] = {}
+    for name, plan in plans.items():
+        for price in plan.stripe_price_ids:
+            if price in seen_prices:
+                yield Problem(f"plans.{name}.stripe_price", f'price "{price}" is also the price of plan "{seen_prices[price]}": each Stripe price belongs to one plan')
+            seen_prices.setdefault(price, name)
+
+    kinds: dict[str, tuple[str, str | None]] = {}
+    for name, plan in plans.items():
+        for limit_name, limit in plan.limits.items():
+            place = f"plans.{name}.limits.{limit_name}"
+            if limit_name == CREDITS:
+                yield Problem(place, '"credits" is reserved: use credits = N on the plan')
+            first = kinds.setdefault(limit_name, (name, limit.per))
+            if first[1] != limit.per:
+                other = plans[first[0]].limits[limit_name]
+                yield Problem(place, f'is a {limit.kind} here but a {other.kind} in plan "{first[0]}": a limit means the same in every plan')
+
+    features = set(parsed.features)
+    for plan in plans.values():
+        features.update(plan.allows, plan.disallows)
+    for name, plan in plans.items():
+        both = set(plan.allows) & set(plan.disallows)
+        if both:
+            yield Problem(f"plans.{name}.disallows", f"{', '.join(sorted(both))} is both allowed and disallowed")
+        for i, item in enumerate(plan.unlimited):
+            if item != CREDITS and item not in kinds:
+                yield Problem(f"plans.{name}.unlimited[{i}]", f'unknown limit "{item}": name a limit some plan defines, or "credits"')
+
+    for i, route in enumerate(parsed.routes):
+        place = f"routes[{i}]"
+        for j, feature in enumerate(route.features):
+            if feature not in features:
+                yield Problem(f"{place}.features[{j}]", f'unknown feature "{feature}": add it to [features] or a plan\'s allows')
+        if route.spend is not None and route.spend not in parsed.operations:
+            yield Problem(f"{place}.spend", f'unknown operation "{route.spend}": define [operations.{route.spend}]')
+        for key in ("limit", "release"):
+            name = getattr(route, key)
+            if name is not None and name not in kinds:
+                yield Problem(f"{place}.{key}", f'unknown limit "{name}": no plan defines limits.{name}')
+        if route.release is not None and route.release in kinds and kinds[route.release][1] is not None:
+            yield Problem(f"{place}.release", f'"{route.release}" is a per-period allowance: only persistent caps can be released')
+        if route.public and (route.features or route.spend or route.limit or route.release):
+            yield Problem(place, "a public route has no billable: it cannot name features, spend, limit or release")
+
+    for name, pack in parsed.packs.items():
+        if pack.stripe_price is not None and pack.stripe_price in seen_prices:
+            yield Problem(f"packs.{name}.stripe_price", f'price "{pack.stripe_price}" is already the price of plan "{seen_prices[pack.stripe_price]}"')

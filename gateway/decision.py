@@ -1,0 +1,239 @@
+"""What one decision says: admitted or not, why, and the headers and problem body the client reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.catalog import CREDITS, Catalog, Route
+
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+# Status precedence of DESIGN §3: the first row that applies decides.
+_OUTCOMES: dict[str, tuple[int, str, str]] = {
+    "unauthorized": (401, "urn:gateway:unauthorized", "Unauthorized"),
+    "feature": (403, "urn:gateway:feature-not-in-plan", "Feature not in plan"),
+    "cap": (403, "urn:gateway:limit-reached", "Limit reached"),
+    "size": (403, "urn:gateway:limit-reached", "Limit reached"),
+    "credits": (402, "urn:gateway:insufficient-credits", "Insufficient credits"),
+    "rate": (429, QUOTA_EXCEEDED, "Quota exceeded"),
+    "allow": (429, QUOTA_EXCEEDED, "Quota exceeded"),
+    "unavailable": (503, "urn:gateway:unavailable", "Service unavailable"),
+    "no_route": (404, "urn:gateway:no-route", "No route"),
+}
+_RANK = {kind: i for i, kind in enumerate(_OUTCOMES)}
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One violated policy: a feature, a limit, a rate limit or the credit balance."""
+
+    name: str
+    kind: str  # feature | cap | size | allow | rate | credits | unauthorized | unavailable | no_route
+    retry_after: int | None = None
+    usage: int | None = None
+    limit: int | None = None
+    cost: int | None = None
+    balance: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """One applied policy's state after the decision, for the headers."""
+
+    name: str
+    kind: str  # rate | cap | allow | credits
+    quota: int
+    window: int | None
+    remaining: int | None
+    reset: int | None  # seconds until more is available; None for caps and credits
+
+
+@dataclass(slots=True)
+class Decision:
+    admitted: bool
+    billable: str | None
+    plan: str | None
+    route: Route | None = None
+    violations: list[Violation] = field(default_factory=list)
+    policies: list[PolicyState] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    credits: int | None = None  # balance right after admission, when the billable has one or the route spends
+    hold: dict[str, Any] | None = None  # what settle needs: credits taken, limit units held, their windows
+    now: float = 0.0  # Redis TIME of the decision, in seconds
+    degraded: bool = False
+    recharge: bool = False  # this spend took the lease to start an auto-recharge
+
+    @property
+    def deciding(self) -> Violation | None:
+        if not self.violations:
+            return None
+        return min(self.violations, key=lambda v: _RANK[v.kind])
+
+    @property
+    def status(self) -> int:
+        deciding = self.deciding
+        return 200 if deciding is None else _OUTCOMES[deciding.kind][0]
+
+    @property
+    def problem_type(self) -> str | None:
+        deciding = self.deciding
+        return None if deciding is None else _OUTCOMES[deciding.kind][1]
+
+    @property
+    def retry_after(self) -> int | None:
+        waits = [v.retry_after for v in self.violations if v.retry_after is not None]
+        if self.status != 429:
+            return None
+        return max([1, *waits])
+
+    @property
+    def violated_policies(self) -> list[str]:
+        return list(dict.fromkeys(v.name for v in self.violations))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """RateLimit-Policy, RateLimit, X-RateLimit-*, Retry-After, X-Credits-Remaining, X-Gateway-Degraded."""
+        out: list[tuple[bytes, bytes]] = []
+        shown = [p for p in self.policies if p.quota >= 0]
+        if shown:
+            out.append((b"ratelimit-policy", ", ".join(_policy_item(p) for p in shown).encode()))
+            out.append((b"ratelimit", ", ".join(_state_item(p) for p in shown).encode()))
+            tight = min(
+                (p for p in shown if p.remaining is not None and p.quota > 0),
+                key=lambda p: ((p.remaining or 0) / p.quota, p.remaining),
+                default=None,
+            )
+            if tight is not None:
+                out.append((b"x-ratelimit-limit", str(tight.quota).encode()))
+                out.append((b"x-ratelimit-remaining", str(tight.remaining).encode()))
+                if tight.reset is not None:
+                    out.append((b"x-ratelimit-reset", str(int(self.now) + tight.reset).encode()))
+                out.append((b"x-ratelimit-resource", tight.name.encode()))
+        retry = self.retry_after
+        if retry is not None:
+            out.append((b"retry-after", str(retry).encode()))
+        if self.credits is not None:
+            out.append((b"x-credits-remaining", str(self.credits).encode()))
+        if self.degraded:
+            out.append((b"x-gateway-degraded", b"redis"))
+        return out
+
+    def problem(self, catalog: Catalog) -> dict[str, Any]:
+        deciding = self.deciding
+        assert deciding is not None, "an admitted decision has no problem"
+        status, type_, title = _OUTCOMES[deciding.kind]
+        body: dict[str, Any] = {
+            "type": type_,
+            "title": title,
+            "status": status,
+            "detail": detail(self, catalog),
+            "plan": self.plan,
+            "violated_policies": self.violated_policies,
+        }
+        if catalog.settings.upgrade_url:
+            body["upgrade_url"] = catalog.settings.upgrade_url
+        return body
+
+    def problem_body(self, catalog: Catalog) -> bytes:
+        return json.dumps(self.problem(catalog), separators=(",", ":")).encode()
+
+
+def _sf_string(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _policy_item(p: PolicyState) -> str:
+    item = f"{_sf_string(p.name)};q={p.quota}"
+    if p.window is not None:
+        item += f";w={p.window}"
+    return item
+
+
+def _state_item(p: PolicyState) -> str:
+    item = f"{_sf_string(p.name)};r={max(0, p.remaining or 0)}"
+    if p.reset is not None:
+        item += f";t={p.reset}"
+    return item
+
+
+def _noun(limit: str) -> str:
+    return limit.replace("_", " ")
+
+
+def upgrade_plan(decision: Decision, catalog: Catalog) -> str | None:
+    """The cheapest plan that would admit this request, else the highlighted plan, else none."""
+    current = catalog.plans.get(decision.plan or "")
+    for name in catalog.plans_by_price():
+        plan = catalog.plans[name]
+        if name == decision.plan or (current is not None and plan.sort_price < current.sort_price):
+            continue
+        if all(_would_admit(plan, v, catalog) for v in decision.violations):
+            return name
+    highlighted = catalog.settings.highlighted_plan
+    return highlighted if highlighted and highlighted != decision.plan else None
+
+
+def _would_admit(plan: Any, v: Violation, catalog: Catalog) -> bool:
+    if v.kind == "feature":
+        if v.name in catalog.limit_kinds:
+            return v.name in plan.limits or plan.is_unlimited(v.name)
+        return bool(plan.allows_feature(v.name))
+    if v.kind in {"cap", "size", "allow"}:
+        if plan.is_unlimited(v.name):
+            return True
+        limit = plan.limits.get(v.name)
+        return limit is not None and (v.usage or 0) + (v.cost or 0) <= limit.to
+    if v.kind == "credits":
+        return bool(plan.is_unlimited(CREDITS) or (plan.credits or 0) >= (v.cost or 0))
+    return True  # rates are not sold by plan in the sentences: waiting is the answer
+
+
+def detail(decision: Decision, catalog: Catalog) -> str:
+    """The human sentence of a denial, in the words pricing libraries made familiar."""
+    plan_title = catalog.plan_title(decision.plan or "")
+    target = upgrade_plan(decision, catalog)
+    target_title = catalog.plan_title(target) if target else None
+    sentences: list[str] = []
+    for v in sorted(decision.violations, key=lambda v: _RANK[v.kind]):
+        if v.kind == "feature":
+            if v.name in catalog.limit_kinds:
+                what = _noun(v.name)
+                s = f"Your current plan ({plan_title}) doesn't include {what}."
+                if target_title:
+                    s += f" Please upgrade to {target_title} or higher to get {what}."
+            else:
+                what = catalog.feature_title(v.name)
+                s = f"Your current plan ({plan_title}) doesn't allow you to use {what}."
+                if target_title:
+                    s += f" Please upgrade to {target_title} or higher to access {what}."
+        elif v.kind in {"cap", "allow"}:
+            s = f"You've reached your limit of {v.limit} {_noun(v.name)} (currently using {v.usage})."
+            if target_title:
+                s += f" Upgrade to {target_title} for higher limits."
+            elif v.kind == "allow" and v.retry_after:
+                s += f" It resets in {_duration(v.retry_after)}."
+        elif v.kind == "size":
+            s = f"This request needs {v.cost} {_noun(v.name)}, more than your plan's limit of {v.limit}."
+            if target_title:
+                s += f" Upgrade to {target_title} for higher limits."
+        elif v.kind == "credits":
+            s = f"You're out of credits: this request needs {v.cost} and you have {max(0, v.balance or 0)}."
+        elif v.kind == "rate":
+            s = f"Too many requests ({v.name}): retry in {_duration(v.retry_after or 1)}."
+        elif v.kind == "unavailable":
+            s = "The gateway cannot reach its state store right now; please retry shortly."
+        elif v.kind == "no_route":
+            s = "No route matches this request."
+        else:
+            s = "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>."
+        sentences.append(s)
+    return " ".join(dict.fromkeys(sentences))
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = round(seconds / size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"

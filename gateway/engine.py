@@ -1,0 +1,555 @@
+"""The engine: request + plan + route → one script call → Decision.
+
+It owns every per-billable Redis key and every script (DESIGN §7). One billable's state lives under
+one hash tag, `<prefix>:{<billable>}`:
+
+    <prefix>:{b}        hash: plan version `pv`, assignment `asg`, subscription `sub`, billing period
+                        `bp_s`/`bp_e` (ms), rate cells `r:<policy>` (GCRA TAT, ms), limit usage `u:<limit>`,
+                        window `w:<limit>`, grace start `g:<limit>`, block sent `b:<limit>`, warned `t:<limit>`,
+                        credits (`c:w` period start, `c:s` spent of the allowance, `c:p` purchased, `c:d` debt,
+                        `c:seq` last grant applied, `c:thr` low threshold), auto-recharge (`ar:*`),
+                        event sequence `eseq`, change counter `chg`, `hyd` (state present)
+    <prefix>:{b}:ev     list: pending events, oldest first, until the record takes them
+    <prefix>:{b}:holds  hash: metered holds awaiting their settle
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+from gateway.catalog import CREDITS, Catalog, Limit, Plan, Route
+from gateway.decision import Decision, PolicyState, Violation
+from gateway.periods import Period, calendar_bounds, window_at
+from gateway.store.redis import RedisStore
+
+log = logging.getLogger("gateway.engine")
+
+PlanSource = Literal["assignment", "subscription", "default"]
+ACTIVE_STATUSES = frozenset({"active", "trialing"})
+_EVENT_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4f57-9a61-3c2b7e5d9a10")
+_AFTER = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
+
+Restorer = Callable[[str], Awaitable[dict[str, str] | None]]
+
+
+def period_code(period: Period) -> str:
+    """How a window is named to the scripts: m, w, d, bc, or s<seconds>."""
+    if period.kind == "duration":
+        return f"s{period.seconds}"
+    return {"month": "m", "week": "w", "day": "d", "billing_cycle": "bc"}[period.kind]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """What billing says a billable subscribes to (set through the engine, read by plan resolution)."""
+
+    plan: str
+    status: str
+    past_due_since: float | None = None  # Unix seconds of the Stripe event that reported past_due
+
+    def to_json(self) -> str:
+        return json.dumps({"plan": self.plan, "status": self.status, "past_due_since": self.past_due_since})
+
+    @classmethod
+    def from_json(cls, text: str) -> Subscription:
+        raw = json.loads(text)
+        return cls(raw["plan"], raw["status"], raw.get("past_due_since"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPlan:
+    name: str
+    source: PlanSource
+    version: int
+    expires_at: float = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One billable's whole live state, read atomically with Redis TIME (ms)."""
+
+    now_ms: int
+    state: dict[str, str]
+    holds: dict[str, str]
+    pending_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    status: Literal["applied", "duplicate", "gap"]
+    last_sequence: int
+    purchased_balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    spec: str
+    denied: tuple[Violation, ...]
+    metered: bool
+
+
+class Engine:
+    def __init__(
+        self,
+        store: RedisStore,
+        catalog: Catalog,
+        *,
+        prefix: str = "gw",
+        restore: Restorer | None = None,
+        hold_ttl: int = 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # The local clock only picks candidate calendar windows and expires cached plans; Redis TIME decides.
+        self.clock = clock
+        self.store = store
+        self.catalog = catalog
+        self.prefix = prefix
+        self.restore = restore
+        self.hold_ttl = hold_ttl
+        self._plans: dict[str, ResolvedPlan] = {}
+        self._compiled: dict[tuple[str, int], _Compiled] = {}
+        self._bounds: tuple[float, str] = (0.0, "")
+
+    # ---- keys -------------------------------------------------------------------------------------
+
+    def keys(self, billable: str) -> list[str]:
+        # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
+        base = f"{self.prefix}:{{{quote(billable, safe='')}}}"
+        return [base, base + ":ev", base + ":holds"]
+
+    # ---- deciding ---------------------------------------------------------------------------------
+
+    async def decide(self, billable: str, route: Route | None, *, credit_cost: int | None = None) -> Decision:
+        """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
+
+        `credit_cost` prices an operation from the request (units read from the request body or headers)."""
+        keys = self.keys(billable)
+        resolved = self._plans.get(billable)
+        if resolved is not None and resolved.expires_at <= self.clock():
+            resolved = None
+        for _ in range(4):
+            plan_name = resolved.name if resolved else self.catalog.settings.default_plan
+            compiled = self._compile(plan_name, route)
+            hold_id = uuid.uuid4().hex[:16] if compiled.metered else ""
+            raw = await self.store.run(
+                "decide",
+                keys,
+                [
+                    compiled.spec,
+                    resolved.version if resolved else -1,
+                    self._calendar(),
+                    "1" if compiled.denied else "0",
+                    hold_id,
+                    "" if credit_cost is None else credit_cost,
+                    "1" if self.restore else "0",
+                    self.hold_ttl,
+                    plan_name,
+                ],
+            )
+            out = json.loads(raw)
+            status = out.get("st")
+            if status == "stale":
+                resolved = self._resolve(billable, int(out["pv"]), out.get("asg"), out.get("sub"))
+                continue
+            if status == "missing":
+                await self.rehydrate(billable)
+                continue
+            return self._decision(billable, plan_name, route, compiled, out, hold_id)
+        raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
+
+    def _decision(
+        self, billable: str, plan: str, route: Route | None, compiled: _Compiled, out: dict[str, Any], hold_id: str
+    ) -> Decision:
+        violations = list(compiled.denied)
+        for v in _list(out.get("v")):
+            violations.append(
+                Violation(
+                    name=v["n"],
+                    kind=v["k"],
+                    retry_after=v.get("ra"),
+                    usage=_int(v.get("u")),
+                    limit=_int(v.get("to")),
+                    cost=_int(v.get("c")),
+                    balance=_int(v.get("have")),
+                )
+            )
+        policies = [
+            PolicyState(
+                name=p[0],
+                kind=p[1],
+                quota=int(p[2]),
+                window=_opt(p[3]),
+                remaining=_opt(p[4]),
+                reset=_opt(p[5]) if p[1] != "cap" else None,
+            )
+            for p in _list(out.get("p"))
+        ]
+        credit = out.get("cr") or {}
+        balance = _int(credit.get("bal")) if credit.get("show") else None
+        spends = route is not None and route.config.spend is not None
+        if spends and int(credit["a"]) >= 0:
+            policies.append(PolicyState(CREDITS, "credits", int(credit["a"]), None, balance, None))
+        admitted = bool(out["ok"]) and not compiled.denied
+        hold = out.get("h") if admitted else None
+        if hold is not None and hold_id:
+            hold["id"] = hold_id
+        return Decision(
+            admitted=admitted,
+            billable=billable,
+            plan=plan,
+            route=route,
+            violations=violations,
+            policies=policies,
+            events=[self._event(billable, e) for e in _list(out.get("e"))],
+            credits=balance,
+            hold=hold,
+            now=out["now"] / 1000,
+            recharge=bool(credit.get("recharge")),
+        )
+
+    def _event(self, billable: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """An engine event in the shape of DESIGN §3; its id is stable across redeliveries."""
+        at = raw["at"] / 1000
+        data = raw.get("data") or {}
+        if "grace_ends_at" in data:
+            data["grace_ends_at"] = _iso(data["grace_ends_at"])
+        return {
+            "id": "evt_" + uuid.uuid5(_EVENT_NAMESPACE, f"{billable}\0{raw['seq']}\0{raw['at']}").hex,
+            "type": raw["type"],
+            "billable": billable,
+            "plan": raw.get("plan"),
+            "occurred_at": _iso(at),
+            "data": data,
+        }
+
+    def _calendar(self) -> str:
+        """Candidate calendar windows for the script, recomputed when the day rolls over."""
+        now = self.clock()
+        valid_until, text = self._bounds
+        if now < valid_until:
+            return text
+        zone = self.catalog.settings.zone
+        bounds = {code: calendar_bounds(kind, now, zone) for code, kind in (("m", "month"), ("w", "week"), ("d", "day"))}
+        text = json.dumps(bounds, separators=(",", ":"))
+        self._bounds = (min(b[2] for b in bounds.values()), text)
+        return text
+
+    def _compile(self, plan_name: str, route: Route | None) -> _Compiled:
+        key = (plan_name, route.index if route else -1)
+        found = self._compiled.get(key)
+        if found is None:
+            found = self._compiled[key] = self._build(self.catalog.plans[plan_name], route)
+        return found
+
+    def _build(self, plan: Plan, route: Route | None) -> _Compiled:
+        """Everything the script needs for this plan and route, as one JSON string built once."""
+        denied: list[Violation] = []
+        spec: dict[str, Any] = {"arm": self.catalog.settings.auto_recharge_max_per_month}
+        rates = [r for r in (plan.rate, route.rate if route else None) if r is not None]
+        spec["r"] = [[r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window] for r in rates]
+        spec["l"] = []
+        metered = False
+        cost = 0
+        if route is not None:
+            config = route.config
+            denied += [Violation(f, "feature") for f in config.features if not plan.allows_feature(f)]
+            if config.limit is not None:
+                limit = plan.limits.get(config.limit)
+                unlimited = plan.is_unlimited(config.limit)
+                if limit is None and not unlimited:
+                    denied.append(Violation(config.limit, "feature"))
+                else:
+                    spec["l"].append(_limit_spec(config.limit, limit or self.catalog.limit_kinds[config.limit], config.cost, unlimited))
+            if config.spend is not None:
+                operation = self.catalog.operations[config.spend]
+                metered = operation.metered
+                cost = operation.hold if operation.per_unit is not None else (operation.cost or 0)
+        allowance = -1 if plan.is_unlimited(CREDITS) else (plan.credits or 0)
+        spec["cr"] = {
+            "a": allowance,
+            "p": period_code(plan.credit_period),
+            "ro": 1 if plan.rollover else 0,
+            "c": cost,
+            "show": 1 if route is not None and route.config.spend is not None else 0,
+        }
+        return _Compiled(json.dumps(spec, separators=(",", ":")), tuple(denied), metered)
+
+    # ---- after the upstream answered ----------------------------------------------------------------
+
+    async def settle(self, decision: Decision, *, give_back_limits: bool, credits_owed: int | None) -> int | None:
+        """Keep or give back what the decision held; settle a reserve to what is owed. Returns the balance."""
+        if decision.hold is None or decision.billable is None:
+            return None
+        raw = await self.store.run(
+            "settle",
+            self.keys(decision.billable),
+            [
+                "settle",
+                json.dumps(decision.hold),
+                "back" if give_back_limits else "keep",
+                "" if credits_owed is None else credits_owed,
+                decision.plan or "",
+            ],
+        )
+        out = json.loads(raw)
+        return _int(out.get("bal"))
+
+    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
+        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
+        plan = self.catalog.plans[plan_name]
+        cap = plan.limits.get(limit)
+        await self.store.run(
+            "settle", self.keys(billable), ["release", limit, units, "" if cap is None else cap.to, plan_name]
+        )
+
+    # ---- plans --------------------------------------------------------------------------------------
+
+    def _resolve(self, billable: str, version: int, assignment: str | None, subscription: str | None) -> ResolvedPlan:
+        """Manual assignment → active subscription (past_due within the grace) → default plan."""
+        plans = self.catalog.plans
+        resolved = ResolvedPlan(self.catalog.settings.default_plan, "default", version)
+        if assignment and assignment in plans:
+            resolved = ResolvedPlan(assignment, "assignment", version)
+        elif subscription:
+            sub = Subscription.from_json(subscription)
+            if sub.plan in plans:
+                if sub.status in ACTIVE_STATUSES:
+                    resolved = ResolvedPlan(sub.plan, "subscription", version)
+                elif sub.status == "past_due" and sub.past_due_since is not None:
+                    ends = sub.past_due_since + self.catalog.settings.past_due_grace_seconds
+                    if self.clock() < ends:
+                        resolved = ResolvedPlan(sub.plan, "subscription", version, expires_at=ends)
+            else:
+                log.warning("billable %r subscribes to plan %r, which plans.toml lacks; using the default", billable, sub.plan)
+        elif assignment:
+            log.warning("billable %r is assigned plan %r, which plans.toml lacks; using the default", billable, assignment)
+        self._plans[billable] = resolved
+        return resolved
+
+    async def plan_of(self, billable: str) -> ResolvedPlan:
+        """The billable's plan now (read from Redis, then cached like a decision would)."""
+        snap = await self.snapshot(billable)
+        return self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
+
+    async def _update(self, billable: str, *args: str | int) -> None:
+        await self.store.run("update", self.keys(billable)[:1], list(args))
+        self._plans.pop(billable, None)
+
+    async def set_assignment(self, billable: str, plan: str | None) -> None:
+        if plan is not None and plan not in self.catalog.plans:
+            raise ValueError(f'unknown plan "{plan}": plans.toml has {", ".join(self.catalog.plans)}')
+        await self._update(billable, "assign", plan or "")
+
+    async def set_subscription(self, billable: str, subscription: Subscription | None) -> None:
+        await self._update(billable, "subscription", subscription.to_json() if subscription else "")
+
+    async def set_billing_period(self, billable: str, period: tuple[float, float] | None) -> None:
+        if period is None:
+            await self._update(billable, "period", "")
+        else:
+            await self._update(billable, "period", int(period[0] * 1000), int(period[1] * 1000))
+
+    async def set_count(self, billable: str, limit: str, usage: int) -> None:
+        kind = self.catalog.limit_kinds.get(limit)
+        if kind is None or kind.per is not None:
+            raise ValueError(f'"{limit}" is not a persistent cap in plans.toml')
+        if usage < 0:
+            raise ValueError("usage cannot be negative")
+        await self._update(billable, "count", limit, usage)
+
+    async def set_auto_recharge(self, billable: str, *, enabled: bool, threshold: int | None) -> None:
+        await self._update(billable, "recharge", "1" if enabled else "0", "" if threshold is None else threshold)
+
+    async def end_recharge(self, billable: str) -> None:
+        await self._update(billable, "recharge_done")
+
+    async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
+        """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
+        out = json.loads(await self.store.run("grant", self.keys(billable)[:1], [sequence, amount]))
+        return GrantResult(out["st"], int(out["seq"]), int(out["bal"]))
+
+    # ---- state for the record -----------------------------------------------------------------------
+
+    async def snapshot(self, billable: str) -> Snapshot:
+        out = json.loads(await self.store.run("snapshot", self.keys(billable), []))
+        return Snapshot(out["now"], _pairs(out["state"]), _pairs(out["holds"]), int(out["pending"]))
+
+    async def restore_state(self, billable: str, state: dict[str, str]) -> bool:
+        """Put back state saved from a snapshot; the live state wins if Redis holds one already."""
+        args: list[str] = [x for kv in state.items() for x in kv]
+        restored = bool(await self.store.run("restore", self.keys(billable)[:1], args))
+        self._plans.pop(billable, None)
+        return restored
+
+    async def rehydrate(self, billable: str) -> None:
+        """Restore a billable whose state Redis lost, from the record (or as new when it has none)."""
+        assert self.restore is not None
+        state = await self.restore(billable)
+        await self.restore_state(billable, state or {})
+
+    async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
+        raw = await self.store.client.lrange(self.keys(billable)[1], 0, limit - 1)
+        return [self._event(billable, json.loads(item)) for item in raw]
+
+    async def ack_events(self, billable: str, count: int) -> None:
+        """Drop the `count` oldest pending events once the record holds them."""
+        if count > 0:
+            await self.store.client.ltrim(self.keys(billable)[1], count, -1)
+
+    async def status(self, billable: str) -> dict[str, Any]:
+        """The status body of DESIGN §3, from one snapshot."""
+        snap = await self.snapshot(billable)
+        resolved = self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
+        return status_body(self.catalog, billable, resolved, snap, self._calendar())
+
+
+def _limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> dict[str, Any]:
+    period = limit.period
+    spec: dict[str, Any] = {
+        "n": name,
+        "to": -1 if unlimited else limit.to,
+        "c": cost,
+        "p": period_code(period) if period else "",
+        "a": _AFTER[limit.after_limit],
+        "g": limit.grace_seconds * 1000,
+        "gm": -1 if limit.grace_max is None else limit.grace_max,
+        "wa": list(limit.warn_at),
+    }
+    if period is not None:
+        spec["w"] = period.nominal_seconds
+    return spec
+
+
+def window_of(code: str, state: dict[str, str], now_ms: int, calendar: str) -> tuple[int, int]:
+    """The window (ms) containing now for a period code: the same choice decide.lua makes."""
+    if code == "bc":
+        start, end = _int(state.get("bp_s")), _int(state.get("bp_e"))
+        if start is not None and end is not None and end > start and now_ms >= start:
+            if now_ms < end:
+                return start, end
+            length = end - start
+            k = (now_ms - end) // length
+            return end + k * length, end + (k + 1) * length
+        code = "m"
+    if code.startswith("s"):
+        size = int(code[1:]) * 1000
+        start = now_ms - now_ms % size
+        return start, start + size
+    bounds = json.loads(calendar)[code]
+    start_s, end_s = window_at(tuple(bounds), now_ms / 1000)  # type: ignore[arg-type]
+    return start_s * 1000, end_s * 1000
+
+
+def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: Snapshot, calendar: str) -> dict[str, Any]:
+    plan = catalog.plans[resolved.name]
+    state, now = snap.state, snap.now_ms
+    limits: dict[str, Any] = {}
+    names = list(plan.limits) + [n for n in plan.unlimited if n != CREDITS and n not in plan.limits]
+    for name in names:
+        unlimited = plan.is_unlimited(name)
+        limit = plan.limits.get(name) or catalog.limit_kinds[name]
+        usage = _int(state.get(f"u:{name}")) or 0
+        window: tuple[int, int] | None = None
+        grace_at = _int(state.get(f"g:{name}"))
+        blocked_once = state.get(f"b:{name}") == "1"
+        if limit.period is not None:
+            window = window_of(period_code(limit.period), state, now, calendar)
+            if _int(state.get(f"w:{name}")) != window[0]:
+                usage, grace_at, blocked_once = 0, None, False
+        to = None if unlimited else limit.to
+        grace_ends = grace_at + limit.grace_seconds * 1000 if grace_at is not None else None
+        over = to is not None and usage >= to
+        grace_active = bool(grace_ends is not None and now < grace_ends and to is not None and usage > to)
+        if limit.after_limit == "just_warn" or to is None:
+            blocked = False
+        elif limit.after_limit == "grace_then_block":
+            blocked = over and not grace_active and (grace_at is not None or blocked_once)
+        else:
+            blocked = over
+        limits[name] = {
+            "usage": usage,
+            "limit": to,
+            "remaining": None if to is None else max(0, to - usage),
+            "percent_used": None if not to else round(100 * usage / to, 2),
+            "grace_active": grace_active,
+            "grace_ends_at": _iso(grace_ends / 1000) if grace_ends is not None else None,
+            "blocked": blocked,
+            "per": limit.per,
+            "window_start": _iso(window[0] / 1000) if window else None,
+            "window_end": _iso(window[1] / 1000) if window else None,
+            "after_limit": limit.after_limit,
+        }
+    allowance = -1 if plan.is_unlimited(CREDITS) else (plan.credits or 0)
+    spent = _int(state.get("c:s")) or 0
+    purchased = _int(state.get("c:p")) or 0
+    debt = _int(state.get("c:d")) or 0
+    cwindow = window_of(period_code(plan.credit_period), state, now, calendar)
+    if _int(state.get("c:w")) != cwindow[0]:
+        if plan.rollover and allowance > 0 and state.get("c:w"):
+            purchased += max(0, allowance - spent)
+        spent = min(debt, allowance) if allowance > 0 else 0
+        debt -= spent
+    period_left = None if allowance < 0 else max(0, allowance - spent)
+    held = 0
+    for raw in snap.holds.values():
+        hold = json.loads(raw)
+        if hold.get("exp", 0) > now:
+            held += int(hold.get("cp", 0)) + int(hold.get("cb", 0))
+    rate_limits: dict[str, Any] = {}
+    for rate in [plan.rate, *(r.rate for r in catalog.routes)]:
+        if rate is None:
+            continue
+        interval = rate.per_seconds * 1000 / rate.limit
+        tat = max(float(state.get(f"r:{rate.name}", now)), now)
+        remaining = int((now - (tat - rate.burst * interval)) // interval)
+        rate_limits[rate.name] = {
+            "limit": rate.burst,
+            "remaining": max(0, min(rate.burst, remaining)),
+            "reset": _iso((tat if tat > now else now) / 1000),
+        }
+    return {
+        "billable": billable,
+        "plan": resolved.name,
+        "plan_source": resolved.source,
+        "features": sorted(plan.allows),
+        "limits": limits,
+        "credits": {
+            "balance": None if period_left is None else period_left + purchased - debt,
+            "period": period_left,
+            "purchased": purchased,
+            "held": held,
+            "debt": debt,
+        },
+        "rate_limits": rate_limits,
+    }
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _list(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}.
+    return value if isinstance(value, list) else []
+
+
+def _opt(value: Any) -> int | None:
+    return None if value is False or value is None else int(value)
+
+
+def _int(value: Any) -> int | None:
+    if value is None or value == "" or value is False:
+        return None
+    return int(float(value))
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    items = _list(flat)
+    return {items[i]: items[i + 1] for i in range(0, len(items), 2)}

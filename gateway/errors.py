@@ -1,0 +1,49 @@
+"""Errors a user of the gateway can cause or meet.
+
+    GatewayError
+    ├── CatalogError        plans.toml is wrong: every problem, each with its dotted place
+    ├── RedisUnavailable    Redis cannot be reached (or the circuit breaker is open)
+    ├── StateUnavailable    a billable's lost state cannot be restored (the record is unreachable)
+    └── ConfigError         a setting (flag or environment variable) is wrong
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a catalog: where (dotted path) and what to do about it."""
+
+    place: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.place}: {self.message}" if self.place else self.message
+
+
+class CatalogError(GatewayError):
+    """A plans.toml that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, problems: list[Problem], source: str = "plans.toml") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+class RedisUnavailable(GatewayError):
+    """Redis did not answer; the route's on_redis_down decides what the client gets."""
+
+
+class StateUnavailable(GatewayError):
+    """A billable's state is missing from Redis and the record cannot restore it."""
+
+
+class ConfigError(GatewayError):
+    """A setting given by flag or environment is invalid."""

@@ -1,0 +1,277 @@
+-- One decision: features (decided by the caller), rate limits, limits and credits, all or nothing.
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag).
+-- ARGV: 1 spec (JSON, see engine.py Spec), 2 the caller's plan version, 3 calendar bounds (JSON),
+--       4 "1" when the caller already denies (features): evaluate, write nothing but events,
+--       5 hold id for a metered spend ("" for none), 6 credit cost override ("" for the spec's),
+--       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events).
+local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+
+local head = redis.call('HMGET', S, 'pv', 'hyd', 'asg', 'sub')
+local pv = tonumber(head[1]) or 0
+if pv ~= tonumber(ARGV[2]) then
+  return cjson.encode({st = 'stale', pv = pv, asg = head[3], sub = head[4]})
+end
+if ARGV[7] == '1' and not head[2] then
+  return cjson.encode({st = 'missing'})
+end
+
+local spec = cjson.decode(ARGV[1])
+local bounds = cjson.decode(ARGV[3])
+local forced_deny = ARGV[4] == '1'
+local hold_id = ARGV[5]
+local plan = ARGV[9]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local function num(field, default)
+  return tonumber(redis.call('HGET', S, field)) or default
+end
+
+local function ceil_s(ms)
+  local s = math.ceil(ms / 1000)
+  if s < 0 then return 0 end
+  return s
+end
+
+-- The window [start, end) in ms that contains now, for a period code (see engine.py).
+local function window(p)
+  if p == 'bc' then
+    local ps, pe = num('bp_s', nil), num('bp_e', nil)
+    if ps and pe and pe > ps and now >= ps then
+      if now < pe then return ps, pe end
+      -- Renewal not confirmed yet: extend by the period's own length until it is.
+      local len = pe - ps
+      local k = math.floor((now - pe) / len)
+      return pe + k * len, pe + (k + 1) * len
+    end
+    p = 'm'
+  end
+  local b = bounds[p]
+  if b then
+    local s = now / 1000
+    if s < b[2] then return b[1] * 1000, b[2] * 1000 end
+    if s < b[3] then return b[2] * 1000, b[3] * 1000 end
+    return b[3] * 1000, b[4] * 1000
+  end
+  local d = tonumber(string.sub(p, 2)) * 1000
+  local start = now - now % d
+  return start, start + d
+end
+
+local admitted = not forced_deny
+local policies, violations, events, writes = {}, {}, {}, {}
+local function set(field, value) writes[#writes + 1] = field; writes[#writes + 1] = value end
+local function violate(v) violations[#violations + 1] = v; admitted = false end
+local deny_events, deny_writes = {}, {}
+-- Events of an admission are sent only if it commits; a denial sends only its own (block, insufficient_credits).
+local function event(kind, data) events[#events + 1] = {kind, data} end
+local function deny_event(kind, data) deny_events[#deny_events + 1] = {kind, data} end
+local held_limits = {}
+
+-- Rate limits: GCRA, one cell per policy, times in ms.
+for _, r in ipairs(spec.r or {}) do
+  local name, interval, burst = r[1], r[2], r[3]
+  local tat = num('r:' .. name, now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    local wait = ceil_s(allow_at - now)
+    if wait < 1 then wait = 1 end
+    violate({n = name, k = 'rate', ra = wait})
+    policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
+  else
+    set('r:' .. name, new_tat)
+    policies[#policies + 1] = {name, 'rate', burst, r[4], math.floor((now - allow_at) / interval), ceil_s(new_tat - now)}
+  end
+end
+
+-- Limits: persistent caps (p == '') and per-period allowances.
+for _, l in ipairs(spec.l or {}) do
+  local n, to, c, p = l.n, l.to, l.c, l.p
+  local usage = num('u:' .. n, 0)
+  local grace_at = num('g:' .. n, nil)
+  local warned = num('t:' .. n, 0)
+  local blocked_once = redis.call('HGET', S, 'b:' .. n) == '1'
+  local ws, we = nil, nil
+  if p ~= '' then
+    ws, we = window(p)
+    if num('w:' .. n, nil) ~= ws then
+      usage, grace_at, warned, blocked_once = 0, nil, 0, false
+      set('w:' .. n, ws); set('g:' .. n, ''); set('t:' .. n, 0); set('b:' .. n, '')
+    end
+  end
+  local after = usage + c
+  local state = 'within'
+  if to < 0 then
+    state = 'unlimited'
+  elseif c > to then
+    violate({n = n, k = 'size', u = usage, to = to, c = c})
+    state = 'denied'
+  elseif after <= to then
+    if p == '' and grace_at then
+      -- The excess episode is over: a later one earns its own grace.
+      grace_at = nil; blocked_once = false
+      set('g:' .. n, ''); set('b:' .. n, '')
+    end
+  elseif l.a == 'w' then
+    state = 'over'
+  else
+    local in_grace = false
+    if l.a == 'g' then
+      local within_max = l.gm < 0 or after <= to + l.gm
+      if not grace_at then
+        if within_max then
+          in_grace = true
+          grace_at = now
+          set('g:' .. n, now)
+          event('grace_start', {limit = n, usage = after, grace_ends_at = math.floor((now + l.g) / 1000)})
+        end
+      elseif now < grace_at + l.g and within_max then
+        in_grace = true
+      end
+    end
+    if in_grace then
+      state = 'grace'
+    else
+      state = 'denied'
+      local wait = nil
+      if p ~= '' then wait = ceil_s(we - now); if wait < 1 then wait = 1 end end
+      violate({n = n, k = (p == '' and 'cap' or 'allow'), ra = wait, u = usage, to = to, c = c})
+      if not blocked_once then
+        deny_writes[#deny_writes + 1] = 'b:' .. n
+        deny_event('block', {limit = n, usage = usage})
+      end
+    end
+  end
+  local shown = after
+  if state == 'denied' then shown = usage end
+  local remaining, reset = nil, nil
+  if to >= 0 then
+    remaining = to - shown
+    if remaining < 0 then remaining = 0 end
+  end
+  if we then reset = ceil_s(we - now) end
+  policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, l.w or false, remaining or false, reset or false, shown}
+  if state ~= 'denied' then
+    if to >= 0 then held_limits[#held_limits + 1] = {n, c, ws or 0} end
+    set('u:' .. n, after)
+    if to > 0 then
+      local ratio = after / to
+      if p == '' and ratio < warned then set('t:' .. n, ratio); warned = ratio end
+      local top = nil
+      for _, t in ipairs(l.wa) do
+        if ratio >= t and t > warned then top = t end
+      end
+      if top then
+        set('t:' .. n, top)
+        event('warning', {limit = n, threshold = top, usage = after})
+      end
+    end
+  end
+end
+
+-- Credits: balance = period allowance left + purchased - debt; spend takes the allowance first.
+local credit = nil
+local hold = nil
+local cr = spec.cr
+if cr then
+  local allowance = cr.a
+  local cost = cr.c
+  if ARGV[6] ~= '' then cost = tonumber(ARGV[6]) end
+  local ws = window(cr.p)
+  local spent, purchased, debt = num('c:s', 0), num('c:p', 0), num('c:d', 0)
+  if num('c:w', nil) ~= ws then
+    if cr.ro == 1 and allowance > 0 and num('c:w', nil) then
+      local left = allowance - spent
+      if left > 0 then purchased = purchased + left end
+    end
+    spent = 0
+    if debt > 0 and allowance > 0 then
+      local pay = math.min(debt, allowance)
+      spent, debt = pay, debt - pay
+    end
+    set('c:w', ws)
+  end
+  local unlimited = allowance < 0
+  local period_left = 0
+  if not unlimited then period_left = math.max(0, allowance - spent) end
+  local balance = period_left + purchased - debt
+  if unlimited then
+    spent = spent + cost
+  elseif cost > 0 and balance < cost then
+    violate({n = 'credits', k = 'credits', c = cost, have = balance})
+    deny_event('insufficient_credits', {needed = cost, balance = balance})
+    cost = 0
+  end
+  local from_period, from_purchased = 0, 0
+  if not unlimited and cost > 0 then
+    from_period = math.min(cost, period_left)
+    from_purchased = cost - from_period
+    spent, purchased = spent + from_period, purchased - from_purchased
+  end
+  local after = balance - (from_period + from_purchased)
+  if unlimited then after = nil end
+  set('c:s', spent); set('c:p', purchased); set('c:d', debt)
+  local show = cr.show == 1 or allowance ~= 0 or purchased ~= 0 or debt ~= 0
+  credit = {a = allowance, bal = after, show = show}
+  if admitted and cost > 0 and after then
+    local threshold = num('c:thr', nil)
+    if threshold and balance >= threshold and after < threshold then
+      event('credits_low', {balance = after, threshold = threshold})
+    end
+    if balance > 0 and after <= 0 then event('credits_depleted', {balance = after}) end
+    if threshold and after < threshold and redis.call('HGET', S, 'ar:on') == '1' then
+      local lease = num('ar:lease', 0)
+      local month = window('m')
+      local count = num('ar:n', 0)
+      if num('ar:m', -1) ~= month then count = 0; set('ar:m', month) end
+      if lease < now and count < spec.arm then
+        set('ar:lease', now + 120000); set('ar:n', count + 1)
+        credit.recharge = 1
+      end
+    end
+  end
+  hold = {cp = from_period, cb = from_purchased, w = ws, a = allowance}
+end
+if not hold then hold = {cp = 0, cb = 0, w = 0} end
+hold.l = held_limits
+
+local seq = num('eseq', 0)
+local out_events = {}
+local function flush_events(events)
+  for _, e in ipairs(events) do
+    seq = seq + 1
+    local item = {seq = seq, type = e[1], at = now, plan = plan, data = e[2]}
+    out_events[#out_events + 1] = item
+    redis.call('RPUSH', EV, cjson.encode(item))
+  end
+  if #events > 0 then
+    redis.call('HSET', S, 'eseq', seq)
+    redis.call('LTRIM', EV, -100000, -1)
+  end
+end
+
+if admitted then
+  set('hyd', 1)
+  redis.call('HSET', S, unpack(writes))
+  redis.call('HINCRBY', S, 'chg', 1)
+  if hold_id ~= '' and hold then
+    hold.exp = now + tonumber(ARGV[8]) * 1000
+    redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
+  end
+  flush_events(events)
+else
+  -- A denial consumes nothing; it only remembers which block events it has sent.
+  if #deny_events > 0 and not forced_deny then
+    -- insufficient_credits is sent on every 402; block once per window or episode.
+    for _, f in ipairs(deny_writes) do redis.call('HSET', S, f, 1) end
+    redis.call('HSET', S, 'hyd', 1)
+    redis.call('HINCRBY', S, 'chg', 1)
+    flush_events(deny_events)
+  end
+  hold = nil
+end
+
+return cjson.encode({ok = admitted and 1 or 0, now = now, p = policies, v = violations, e = out_events,
+  cr = credit, h = hold})

@@ -1,0 +1,24 @@
+-- Apply credit grant number ARGV[1] (amount ARGV[2], negative to take back) exactly once, in order.
+-- KEYS: 1 state hash. Answers {st = "applied" | "duplicate" | "gap", seq = last applied, bal = purchased - debt}.
+local S = KEYS[1]
+local seq, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('HGET', S, 'c:seq')) or 0
+local purchased = tonumber(redis.call('HGET', S, 'c:p')) or 0
+local debt = tonumber(redis.call('HGET', S, 'c:d')) or 0
+if seq <= last then
+  return cjson.encode({st = 'duplicate', seq = last, bal = purchased - debt})
+end
+if seq ~= last + 1 then
+  return cjson.encode({st = 'gap', seq = last, bal = purchased - debt})
+end
+if amount >= 0 then
+  -- Debt is paid first by any grant.
+  local pay = math.min(debt, amount)
+  debt, purchased = debt - pay, purchased + amount - pay
+else
+  local take = math.min(-amount, purchased)
+  purchased, debt = purchased - take, debt + (-amount - take)
+end
+redis.call('HSET', S, 'c:p', purchased, 'c:d', debt, 'c:seq', seq, 'hyd', 1)
+redis.call('HINCRBY', S, 'chg', 1)
+return cjson.encode({st = 'applied', seq = seq, bal = purchased - debt})

@@ -1,0 +1,105 @@
+-- After the upstream answered: settle a hold, or release a persistent cap.
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
+-- ARGV[1] = "settle": 2 hold (JSON from decide, with its id when metered), 3 "keep" or "back" for the
+--   limit units, 4 the credits actually owed ("" keeps what was held), 5 plan name (for events).
+-- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name.
+local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local events = {}
+
+local function num(field, default)
+  return tonumber(redis.call('HGET', S, field)) or default
+end
+
+local function give_back_cap(n, units, to)
+  local usage = num('u:' .. n, 0) - units
+  if usage < 0 then usage = 0 end
+  redis.call('HSET', S, 'u:' .. n, usage)
+  if to and usage <= to then redis.call('HDEL', S, 'g:' .. n, 'b:' .. n) end
+  if to and to > 0 then
+    local ratio = usage / to
+    if ratio < num('t:' .. n, 0) then redis.call('HSET', S, 't:' .. n, ratio) end
+  end
+end
+
+if ARGV[1] == 'release' then
+  give_back_cap(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  redis.call('HINCRBY', S, 'chg', 1)
+  return cjson.encode({ok = 1})
+end
+
+local hold = cjson.decode(ARGV[2])
+if hold.id and redis.call('HDEL', HOLDS, hold.id) == 0 then
+  return cjson.encode({ok = 0, st = 'settled'})  -- settled before: settling twice changes nothing
+end
+
+if ARGV[3] == 'back' then
+  for _, l in ipairs(hold.l or {}) do
+    local n, units, ws = l[1], l[2], l[3]
+    if ws == 0 then
+      give_back_cap(n, units, nil)
+    elseif num('w:' .. n, nil) == ws then
+      local usage = num('u:' .. n, 0) - units
+      if usage < 0 then usage = 0 end
+      redis.call('HSET', S, 'u:' .. n, usage)
+    end
+  end
+end
+
+local balance = nil
+if ARGV[4] ~= '' then
+  local owed = tonumber(ARGV[4])
+  local held = hold.cp + hold.cb
+  local allowance = hold.a or 0
+  local spent, purchased, debt = num('c:s', 0), num('c:p', 0), num('c:d', 0)
+  local same_period = num('c:w', nil) == hold.w
+  local function left()
+    if allowance < 0 then return 0 end
+    return math.max(0, allowance - spent)
+  end
+  local before = left() + purchased - debt
+  if allowance < 0 then
+    if same_period then spent = spent + owed - held end
+  elseif owed < held then
+    -- Give back to where it came from: purchased first (taken last), then the period allowance.
+    local back = held - owed
+    local to_purchased = math.min(back, hold.cb)
+    purchased = purchased + to_purchased
+    if same_period then spent = math.max(0, spent - (back - to_purchased)) end
+    -- Outstanding debt is paid before anything else is spendable.
+    local pay = math.min(debt, purchased)
+    purchased, debt = purchased - pay, debt - pay
+    pay = math.min(debt, left())
+    spent, debt = spent + pay, debt - pay
+  elseif owed > held then
+    local extra = owed - held
+    local from_period = math.min(extra, left())
+    spent = spent + from_period
+    extra = extra - from_period
+    local from_purchased = math.min(extra, purchased)
+    purchased = purchased - from_purchased
+    debt = debt + extra - from_purchased
+  end
+  redis.call('HSET', S, 'c:s', spent, 'c:p', purchased, 'c:d', debt)
+  balance = left() + purchased - debt
+  if allowance >= 0 and balance < before then
+    local threshold = num('c:thr', nil)
+    if threshold and before >= threshold and balance < threshold then
+      events[#events + 1] = {'credits_low', {balance = balance, threshold = threshold}}
+    end
+    if before > 0 and balance <= 0 then events[#events + 1] = {'credits_depleted', {balance = balance}} end
+  end
+  if allowance < 0 then balance = nil end
+end
+
+redis.call('HINCRBY', S, 'chg', 1)
+if #events > 0 then
+  local seq = num('eseq', 0)
+  for _, e in ipairs(events) do
+    seq = seq + 1
+    redis.call('RPUSH', EV, cjson.encode({seq = seq, type = e[1], at = now, plan = ARGV[5], data = e[2]}))
+  end
+  redis.call('HSET', S, 'eseq', seq)
+end
+return cjson.encode({ok = 1, bal = balance})

@@ -1,0 +1,28 @@
+-- Operator and billing changes to one billable's state. KEYS: 1 state hash.
+-- ARGV[1] names the change; the rest are its values. Changes to what decides the plan bump the
+-- plan version (pv), so every process's cached plan goes stale on its next decision.
+local S = KEYS[1]
+local op = ARGV[1]
+if op == 'assign' then            -- 2: plan name, "" removes the manual assignment
+  if ARGV[2] == '' then redis.call('HDEL', S, 'asg') else redis.call('HSET', S, 'asg', ARGV[2]) end
+  redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'subscription' then  -- 2: subscription JSON, "" removes it
+  if ARGV[2] == '' then redis.call('HDEL', S, 'sub') else redis.call('HSET', S, 'sub', ARGV[2]) end
+  redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'period' then        -- 2, 3: billing period start and end (ms), "" removes it
+  if ARGV[2] == '' then redis.call('HDEL', S, 'bp_s', 'bp_e')
+  else redis.call('HSET', S, 'bp_s', ARGV[2], 'bp_e', ARGV[3]) end
+  redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'count' then         -- 2: limit, 3: usage of a persistent cap
+  redis.call('HSET', S, 'u:' .. ARGV[2], ARGV[3])
+  redis.call('HDEL', S, 't:' .. ARGV[2])
+elseif op == 'recharge' then      -- 2: enabled "1"/"0", 3: threshold ("" for none)
+  redis.call('HSET', S, 'ar:on', ARGV[2])
+  if ARGV[3] == '' then redis.call('HDEL', S, 'c:thr') else redis.call('HSET', S, 'c:thr', ARGV[3]) end
+elseif op == 'recharge_done' then -- the charger gives its lease back
+  redis.call('HDEL', S, 'ar:lease')
+else
+  return redis.error_reply('unknown update ' .. op)
+end
+redis.call('HSET', S, 'hyd', 1)
+return redis.call('HINCRBY', S, 'chg', 1)

@@ -1,0 +1,182 @@
+"""The catalog: the example plans.toml loads and means what it says; every bad file lists its problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.catalog import Catalog, load_catalog, parse_catalog
+from gateway.errors import CatalogError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "plans.toml"
+
+MINIMAL = """
+[catalog]
+default_plan = "free"
+[plans.free]
+allows = ["api_access"]
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(text)
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_loads_with_every_element() -> None:
+    """The project's plans.toml (DESIGN §2's example) loads, and each element means what its comment says."""
+    catalog = load_catalog(EXAMPLE)
+    assert isinstance(catalog, Catalog)
+    assert catalog.settings.default_plan == "free"
+    assert catalog.settings.past_due_grace_seconds == 3 * 86400
+    free, pro, enterprise = catalog.plans["free"], catalog.plans["pro"], catalog.plans["enterprise"]
+    assert free.rate is not None and (free.rate.limit, free.rate.per_seconds, free.rate.burst) == (5, 1, 5)
+    assert pro.rate is not None and (pro.rate.limit, pro.rate.burst, pro.rate.window) == (100, 200, 2)
+    assert pro.limits["custom_models"].grace_seconds == 7 * 86400
+    assert pro.limits["custom_models"].warn_at == (0.6, 0.8, 0.95)
+    assert free.limits["projects"].per is None and free.limits["projects"].after_limit == "block_usage"
+    assert pro.credit_period.kind == "billing_cycle" and free.credit_period.kind == "month"
+    assert enterprise.is_unlimited("credits") and enterprise.meta == {"support_tier": "dedicated"}
+    assert catalog.plan_for_price("price_pro_29") == "pro"
+    chat = catalog.operations["chat"]
+    assert chat.metered and chat.hold == 2000 and chat.price(1234.2) == 1235 and chat.price(10**9) == 20000
+    assert catalog.operations["generate_image"].cost == 1
+    assert catalog.packs["starter"].credits == 1000 and catalog.packs["starter"].bonus == 100
+    assert catalog.feature_title("flux_hd_access") == "Flux HD"
+    assert catalog.plan_title("pro") == "Pro"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("POST", "/v1/images", "POST /v1/images"),
+        ("POST", "/v1/images/", "POST /v1/images"),
+        ("DELETE", "/v1/projects/42", "DELETE /v1/projects/{id}"),
+        ("DELETE", "/v1/projects/42/x", "* /v1/*"),
+        ("GET", "/v1/status", "GET /v1/status"),
+        ("HEAD", "/v1/status", "GET /v1/status"),
+        ("GET", "/v1", "* /v1/*"),
+        ("GET", "/v1/anything/deep/down", "* /v1/*"),
+        ("GET", "/v2/x", None),
+        ("GET", "/v1images", None),
+    ],
+)
+def test_route_matching(method: str, path: str, expected: str | None) -> None:
+    """First match wins; {name} is one segment; a final * is any rest; trailing slash ignored; HEAD uses GET."""
+    route = load_catalog(EXAMPLE).route_for(method, path)
+    assert (route.match if route else None) == expected
+
+
+def test_rate_limit_forms() -> None:
+    """A rate limit is "N/unit", "N/duration" or a table with limit, per and burst."""
+    catalog = parse_catalog(
+        MINIMAL.replace('allows = ["api_access"]', 'allows = ["api_access"]\nrate_limit = "600/minute"')
+        + '[[routes]]\nmatch = "GET /x"\nrate_limit = { limit = 10, per = "5s", burst = 3 }\n'
+    )
+    rate = catalog.plans["free"].rate
+    assert rate is not None and (rate.limit, rate.per_seconds, rate.burst) == (600, 60, 600)
+    route_rate = catalog.routes[0].rate
+    assert route_rate is not None and route_rate.name == "rate:GET /x" and route_rate.per_seconds == 5
+
+
+def test_unknown_key_is_named_with_its_place() -> None:
+    """An unknown key is an error naming its dotted place, not silently ignored."""
+    assert problems(MINIMAL + 'colour = "red"\n') == ['plans.free.colour: unknown key "colour": remove it or check its spelling']
+
+
+def test_wrong_type() -> None:
+    """A wrong type names the place, what was expected and what was found."""
+    (found,) = problems(MINIMAL + "credits = \"lots\"\n")
+    assert found.startswith("plans.free.credits: expected a whole number")
+
+
+def test_unknown_period() -> None:
+    """An unknown period gives the message of DESIGN §2."""
+    text = MINIMAL + 'limits.custom_models = { to = 3, per = "fortnight" }\n'
+    (found,) = problems(text)
+    assert found.startswith('plans.free.limits.custom_models.per: unknown period "fortnight"')
+
+
+def test_thresholds_out_of_range() -> None:
+    """Warning thresholds must lie in (0, 1]."""
+    (found,) = problems(MINIMAL + "limits.x = { to = 3, warn_at = [0.5, 1.5] }\n")
+    assert "plans.free.limits.x.warn_at" in found and "(0, 1]" in found
+
+
+def test_grace_without_grace_then_block() -> None:
+    """grace (and grace_max) only with after_limit = "grace_then_block"."""
+    (found,) = problems(MINIMAL + 'limits.x = { to = 3, per = "month", grace = "2d" }\n')
+    assert found == 'plans.free.limits.x: grace only applies with after_limit = "grace_then_block"'
+
+
+def test_route_naming_unknown_things() -> None:
+    """A route naming an unknown limit, operation or feature is refused, each problem listed."""
+    text = MINIMAL + '[[routes]]\nmatch = "POST /x"\nlimit = "widgets"\nspend = "nope"\nfeatures = ["ghost"]\n'
+    found = problems(text)
+    assert 'routes[0].limit: unknown limit "widgets": no plan defines limits.widgets' in found
+    assert 'routes[0].spend: unknown operation "nope": define [operations.nope]' in found
+    assert any(p.startswith('routes[0].features[0]: unknown feature "ghost"') for p in found)
+
+
+def test_duplicate_stripe_prices() -> None:
+    """No two plans share a Stripe price."""
+    text = MINIMAL + 'stripe_price = "price_1"\n[plans.pro]\nstripe_price = { month = "price_1" }\n'
+    (found,) = problems(text)
+    assert found.startswith('plans.pro.stripe_price: price "price_1" is also the price of plan "free"')
+
+
+def test_limit_means_the_same_in_every_plan() -> None:
+    """A limit key is the same kind (cap or per-period, same per) in every plan that has it."""
+    text = MINIMAL + "limits.x = { to = 3 }\n[plans.pro]\nlimits.x = { to = 3, per = \"month\" }\n"
+    (found,) = problems(text)
+    assert found.startswith("plans.pro.limits.x: is a per month here but a persistent cap")
+
+
+def test_missing_default_and_highlighted_plans() -> None:
+    """The default and highlighted plans must exist."""
+    found = problems('[catalog]\ndefault_plan = "basic"\nhighlighted_plan = "gold"\n[plans.free]\n')
+    assert any(p.startswith('catalog.default_plan: plan "basic" does not exist') for p in found)
+    assert any(p.startswith('catalog.highlighted_plan: plan "gold" does not exist') for p in found)
+
+
+def test_every_problem_listed_at_once() -> None:
+    """A file with many problems lists all of them in one error, not just the first."""
+    text = (
+        '[catalog]\ntimezone = "Mars/Olympus"\non_redis_down = "maybe"\n'
+        '[plans.free]\nrate_limit = "fast"\nlimits.a = { to = -1 }\nlimits.b = { to = 1, after_limit = "explode" }\n'
+        '[[routes]]\nmatch = "FETCH /x"\n'
+    )
+    found = problems(text)
+    places = {p.split(":")[0] for p in found}
+    assert {
+        "catalog.timezone",
+        "catalog.on_redis_down",
+        "plans.free.rate_limit",
+        "plans.free.limits.a.to",
+        "plans.free.limits.b.after_limit",
+        "routes[0].match",
+    } <= places
+
+
+def test_operation_pricing_rules() -> None:
+    """An operation is either a fixed cost or per_unit with a units source."""
+    found = problems(MINIMAL + "[operations.a]\nper_unit = 1\n[operations.b]\n[operations.c]\ncost = 1\nunits = \"response.json:x\"\n")
+    assert any(p.startswith("operations.a: per_unit needs units") for p in found)
+    assert any(p.startswith("operations.b: give either cost") for p in found)
+    assert any(p.startswith("operations.c: units, reserve and max_units only apply with per_unit") for p in found)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    """A file that is not TOML, or not there, says so and what to do."""
+    assert problems("[plans\n")[0].startswith("not valid TOML")
+    with pytest.raises(CatalogError, match="GATEWAY_PLANS"):
+        load_catalog(tmp_path / "nope.toml")
+
+
+def test_catalog_is_immutable() -> None:
+    """The loaded catalog cannot be changed by accident."""
+    catalog = load_catalog(EXAMPLE)
+    with pytest.raises(Exception):
+        catalog.plans["free"].credits = 5  # type: ignore[misc]
