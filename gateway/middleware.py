@@ -1,0 +1,363 @@
+"""The pure ASGI middleware: decide before the app runs, add the headers once, settle only where needed.
+
+    app = GatewayMiddleware(app, engine=engine, keys=key_store)            # API keys
+    app = GatewayMiddleware(app, engine=engine, billable=lambda scope: ...)  # the app names the billable
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from gateway.catalog import Catalog, Operation, Route
+from gateway.decision import Decision, Violation
+from gateway.engine import Engine
+from gateway.errors import RedisUnavailable, StateUnavailable
+from gateway.meter import ResponseMeter, header_units, json_path
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.middleware")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+BillableFn = Callable[[Scope], "str | None | Awaitable[str | None]"]
+
+_STRIPPED = (b"x-billable-id", b"x-plan")
+_BAD_REQUEST = "urn:gateway:bad-request"
+
+
+class KeyLookup(Protocol):
+    async def authenticate(self, presented: str) -> str | None: ...
+
+
+def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The API key from `Authorization: Bearer KEY` or `X-Api-Key: KEY`."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip().decode("latin-1")
+        elif name == b"x-api-key" and value.strip():
+            return value.strip().decode("latin-1")
+    return None
+
+
+def problem_response(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> tuple[Message, Message]:  # type: ignore[assignment]
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(payload)).encode()),
+            *headers,
+        ],
+    }
+    return start, {"type": "http.response.body", "body": payload, "more_body": False}
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        engine: Engine,
+        keys: KeyLookup | None = None,
+        billable: BillableFn | None = None,
+        billable_header: str | None = None,
+        endpoints: ASGIApp | None = None,
+        metrics: Metrics | None = None,
+        max_body: int = 10 * 1024 * 1024,
+    ) -> None:
+        if keys is None and billable is None and billable_header is None:
+            raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
+        self.app = app
+        self.engine = engine
+        self.catalog: Catalog = engine.catalog
+        self.keys = keys
+        self.billable = billable
+        self.billable_header = billable_header.lower().encode() if billable_header else None
+        self.endpoints = endpoints
+        self.metrics = metrics or Metrics()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/_gateway") and self.endpoints is not None and (len(path) == 9 or path[9] == "/"):
+            await self.endpoints(scope, receive, send)
+            return
+        method = scope["method"] if kind == "http" else "GET"
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        clean = [(k, v) for k, v in headers if k not in _STRIPPED]
+        route = self.catalog.route_for(method, path)
+        if method == "OPTIONS" or (route is not None and route.config.public):
+            # CORS preflight and public routes go through without identity.
+            await self.app({**scope, "headers": clean}, receive, send)
+            return
+
+        started = time.perf_counter()
+        billable = await self._identify(scope, headers)
+        if billable is None:
+            self.metrics.decided("unauthorized", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
+            return
+        if route is None and self.catalog.settings.unmatched == "deny":
+            self.metrics.decided("no_route", ())
+            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
+            return
+
+        operation = self.catalog.operations[route.config.spend] if route and route.config.spend else None
+        credit_cost: int | None = None
+        if operation is not None and operation.units_source is not None and not operation.metered:
+            priced = await self._price_from_request(scope, receive, send, operation, headers)
+            if priced is None:
+                return
+            credit_cost, receive = priced
+
+        try:
+            decision = await self.engine.decide(billable, route, credit_cost=credit_cost)
+        except (RedisUnavailable, StateUnavailable) as exc:
+            await self._redis_down(scope, receive, send, route, billable, clean, exc)
+            return
+        finally:
+            self.metrics.latency(time.perf_counter() - started)
+        self.metrics.decided("admitted" if decision.admitted else "denied", decision.violated_policies)
+        if decision.events:
+            self.metrics.events(decision.events)
+        if not decision.admitted:
+            await self._deny(scope, send, decision)
+            return
+
+        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
+        scope = {**scope, "headers": upstream_headers}
+        scope.setdefault("state", {})
+        scope["state"] = {**scope["state"], "gateway": decision}
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, decision, route, operation)
+
+    # ---- identity -----------------------------------------------------------------------------------
+
+    async def _identify(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str | None:
+        if self.billable is not None:
+            found = self.billable(scope)
+            if inspect.isawaitable(found):
+                found = await found
+            return found or None
+        if self.billable_header is not None:
+            for name, value in headers:
+                if name == self.billable_header and value:
+                    return value.decode("utf-8", "replace")
+            return None
+        presented = key_from_headers(headers)
+        if presented is None or self.keys is None:
+            return None
+        return await self.keys.authenticate(presented)
+
+    # ---- answers the gateway gives itself -----------------------------------------------------------
+
+    async def _deny(self, scope: Scope, send: Send, decision: Decision) -> None:
+        if scope["type"] == "websocket":
+            # Refuse the handshake: with the denial response where the server supports it, else close.
+            if "websocket.http.response" in scope.get("extensions", {}):
+                start, body = problem_response(decision.status, decision.problem(self.catalog), decision.headers())
+                await send({**start, "type": "websocket.http.response.start"})
+                await send({**body, "type": "websocket.http.response.body"})
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": decision.problem_type or ""})
+            return
+        start, body = problem_response(decision.status, decision.problem(self.catalog), decision.headers())
+        await send(start)
+        await send(body)
+
+    async def _redis_down(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: Route | None,
+        billable: str,
+        clean: list[tuple[bytes, bytes]],
+        exc: Exception,
+    ) -> None:
+        self.metrics.redis_error()
+        policy = route.config.on_redis_down if route else None
+        if policy is None:
+            spends = route is not None and route.config.spend is not None
+            policy = "closed" if spends else self.catalog.settings.on_redis_down
+        if policy == "closed":
+            self.metrics.decided("unavailable", ())
+            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "unavailable")]))
+            return
+        self.metrics.degraded()
+        log.warning("deciding open without Redis: %s", exc)
+        degraded = [(b"x-gateway-degraded", b"redis")]
+        scope = {**scope, "headers": clean + [(b"x-billable-id", billable.encode())]}
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_flagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *degraded]}
+            await send(message)
+
+        await self.app(scope, receive, send_flagged)
+
+    async def _price_from_request(
+        self, scope: Scope, receive: Receive, send: Send, operation: Operation, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[int, Receive] | None:
+        """Units read from the request itself: the body is read once (bounded) and replayed to the app."""
+        source = operation.units_source
+        assert source is not None
+        if source.where == "request.header":
+            units = header_units(headers, source.path)
+            return operation.price(units or 0), receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                start, body = problem_response(
+                    413,
+                    {"type": "urn:gateway:payload-too-large", "title": "Payload too large", "status": 413,
+                     "detail": f"The request body is larger than {self.max_body} bytes."},
+                )
+                await send(start)
+                await send(body)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        units = json_path(doc, source.path) if doc is not None else None
+        if units is None:
+            start, body = problem_response(
+                400,
+                {"type": _BAD_REQUEST, "title": "Bad request", "status": 400,
+                 "detail": f"This operation is priced from the request: send a JSON body with a number at {source.path}."},
+            )
+            await send(start)
+            await send(body)
+            return None
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        return operation.price(units), replay
+
+    # ---- forwarding and settling --------------------------------------------------------------------
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, decision: Decision, route: Route | None, operation: Operation | None
+    ) -> None:
+        extra = decision.headers()
+        meter_source = operation.units_source if operation is not None and operation.metered else None
+        state: dict[str, Any] = {"status": None, "complete": False, "meter": None, "release": True}
+
+        async def send_wrapped(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                # Headers go onto the start message exactly once; the body streams untouched.
+                state["status"] = message["status"]
+                response_headers = message.get("headers", [])
+                if meter_source is not None:
+                    content_type = ""
+                    for k, v in response_headers:
+                        if k.lower() == b"content-type":
+                            content_type = v.decode("latin-1")
+                        elif k.lower() == b"x-gateway-release" and v.strip() == b"0":
+                            state["release"] = False
+                    state["meter"] = ResponseMeter(meter_source, content_type, list(response_headers))
+                elif route is not None and route.config.release is not None:
+                    state["release"] = not any(
+                        k.lower() == b"x-gateway-release" and v.strip() == b"0" for k, v in response_headers
+                    )
+                message = {**message, "headers": [*response_headers, *extra]}
+            elif kind == "http.response.body":
+                meter = state["meter"]
+                if meter is not None:
+                    meter.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    state["complete"] = True
+            elif kind == "http.response.pathsend":
+                state["complete"] = True
+            await send(message)
+
+        needs_settle = decision.hold is not None and (
+            meter_source is not None or bool(decision.hold.get("l")) or decision.hold.get("cp", 0) + decision.hold.get("cb", 0) > 0
+        )
+        release = route.config.release if route is not None else None
+        if not needs_settle and release is None:
+            await self.app(scope, receive, send_wrapped)
+            return
+        try:
+            await self.app(scope, receive, send_wrapped)
+        except BaseException:
+            state["failed"] = True
+            raise
+        finally:
+            await self._settle(decision, state, operation, release)
+
+    async def _settle(self, decision: Decision, state: dict[str, Any], operation: Operation | None, release: str | None) -> None:
+        status: int | None = state["status"]
+        meter: ResponseMeter | None = state["meter"]
+        ok = status is not None and 200 <= status < 300
+        try:
+            if release is not None and ok and state["complete"] and state["release"] and decision.plan:
+                await self.engine.release(decision.billable or "", decision.plan, release)
+            if decision.hold is None:
+                return
+            metered = operation is not None and operation.metered
+            if status is not None and not state["complete"]:
+                # The stream died or the client left mid-answer: what was seen is charged, else everything held.
+                units = meter.seen if meter is not None else None
+                if metered and units is not None and operation is not None:
+                    await self.engine.settle(decision, give_back_limits=False, credits_owed=operation.price(units))
+                elif metered:
+                    await self.engine.settle(decision, give_back_limits=False, credits_owed=None)
+                return
+            units = meter.finish() if meter is not None else None
+            if ok:
+                if metered and operation is not None:
+                    owed = operation.price(units) if units is not None else None
+                    await self.engine.settle(decision, give_back_limits=False, credits_owed=owed)
+                return
+            if status is None:
+                if state.get("failed"):
+                    # The app failed before answering: nothing was delivered.
+                    await self.engine.settle(decision, give_back_limits=True, credits_owed=0)
+                # Otherwise the client left before the answer: charged as held.
+                return
+            # A non-2xx answer gives everything back, unless it reports units (then those are charged).
+            owed = operation.price(units) if metered and units is not None and operation is not None else 0
+            await self.engine.settle(decision, give_back_limits=True, credits_owed=owed)
+        except (RedisUnavailable, StateUnavailable) as exc:
+            # The hold stays as charged: never a free answer because Redis blinked.
+            self.metrics.redis_error()
+            log.warning("could not settle a hold for %r: %s", decision.billable, exc)
