@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,7 @@ class Decision:
         out: list[tuple[bytes, bytes]] = []
         shown = [p for p in self.policies if p.quota >= 0]
         if shown:
-            out.append((b"ratelimit-policy", ", ".join(_policy_item(p) for p in shown).encode()))
+            out.append((b"ratelimit-policy", _policy_header(tuple((p.name, p.quota, p.window) for p in shown))))
             out.append((b"ratelimit", ", ".join(_state_item(p) for p in shown).encode()))
             tight = min(
                 (p for p in shown if p.remaining is not None and p.quota > 0),
@@ -143,11 +144,16 @@ def _sf_string(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _policy_item(p: PolicyState) -> str:
-    item = f"{_sf_string(p.name)};q={p.quota}"
-    if p.window is not None:
-        item += f";w={p.window}"
-    return item
+@functools.lru_cache(maxsize=4096)
+def _policy_header(policies: tuple[tuple[str, int, int | None], ...]) -> bytes:
+    """RateLimit-Policy is the same for every request of a plan and route: built once."""
+    items = []
+    for name, quota, window in policies:
+        item = f"{_sf_string(name)};q={quota}"
+        if window is not None:
+            item += f";w={window}"
+        items.append(item)
+    return ", ".join(items).encode()
 
 
 def _state_item(p: PolicyState) -> str:

@@ -15,6 +15,7 @@ one hash tag, `<prefix>:{<billable>}`:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 from gateway.catalog import CREDITS, Catalog, Limit, Plan, Route
 from gateway.decision import Decision, PolicyState, Violation
+from gateway.errors import StateUnavailable
 from gateway.periods import Period, calendar_bounds, window_at
 from gateway.store.redis import RedisStore
 
@@ -116,6 +118,7 @@ class Engine:
         self._plans: dict[str, ResolvedPlan] = {}
         self._compiled: dict[tuple[str, int], _Compiled] = {}
         self._bounds: tuple[float, str] = (0.0, "")
+        self._restoring: dict[str, asyncio.Future[None]] = {}
 
     # ---- keys -------------------------------------------------------------------------------------
 
@@ -364,16 +367,30 @@ class Engine:
             raise ValueError("usage cannot be negative")
         await self._update(billable, "count", limit, usage)
 
-    async def set_auto_recharge(self, billable: str, *, enabled: bool, threshold: int | None) -> None:
-        await self._update(billable, "recharge", "1" if enabled else "0", "" if threshold is None else threshold)
+    async def set_auto_recharge(
+        self, billable: str, *, enabled: bool, threshold: int | None, amount_cents: int | None = None
+    ) -> None:
+        """Auto-recharge settings; the threshold is also where credits_low fires."""
+        await self._update(
+            billable,
+            "recharge",
+            "1" if enabled else "0",
+            "" if threshold is None else threshold,
+            "" if amount_cents is None else amount_cents,
+        )
 
     async def end_recharge(self, billable: str) -> None:
         await self._update(billable, "recharge_done")
 
     async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
-        out = json.loads(await self.store.run("grant", self.keys(billable)[:1], [sequence, amount]))
-        return GrantResult(out["st"], int(out["seq"]), int(out["bal"]))
+        for _ in range(2):
+            raw = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
+            out = json.loads(raw)
+            if out["st"] != "missing":
+                return GrantResult(out["st"], int(out["seq"]), int(out["bal"]))
+            await self.rehydrate(billable)
+        raise RuntimeError(f"state of {billable!r} vanished twice while applying a grant")
 
     # ---- state for the record -----------------------------------------------------------------------
 
@@ -382,16 +399,29 @@ class Engine:
         return Snapshot(out["now"], _pairs(out["state"]), _pairs(out["holds"]), int(out["pending"]))
 
     async def restore_state(self, billable: str, state: dict[str, str]) -> bool:
-        """Put back state saved from a snapshot; the live state wins if Redis holds one already."""
+        """Put back state saved from a snapshot; whatever Redis holds already is live and wins."""
         args: list[str] = [x for kv in state.items() for x in kv]
         restored = bool(await self.store.run("restore", self.keys(billable)[:1], args))
         self._plans.pop(billable, None)
         return restored
 
     async def rehydrate(self, billable: str) -> None:
-        """Restore a billable whose state Redis lost, from the record (or as new when it has none)."""
+        """Restore a billable whose state Redis lost, from the record (or as new when it has none).
+
+        Concurrent first requests in this process share one restore; across processes the restore
+        script is idempotent, so the first to land wins."""
+        running = self._restoring.get(billable)
+        if running is None:
+            running = self._restoring[billable] = asyncio.ensure_future(self._rehydrate(billable))
+            running.add_done_callback(lambda _: self._restoring.pop(billable, None))
+        await asyncio.shield(running)
+
+    async def _rehydrate(self, billable: str) -> None:
         assert self.restore is not None
-        state = await self.restore(billable)
+        try:
+            state = await self.restore(billable)
+        except Exception as exc:
+            raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
         await self.restore_state(billable, state or {})
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:

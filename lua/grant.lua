@@ -1,7 +1,11 @@
--- Apply credit grant number ARGV[1] (amount ARGV[2], negative to take back) exactly once, in order.
+-- Apply credit grant number ARGV[1] (amount ARGV[2], negative to take back) exactly once, in order;
+-- ARGV[3] = "1" when missing state must be restored first.
 -- KEYS: 1 state hash. Answers {st = "applied" | "duplicate" | "gap", seq = last applied, bal = purchased - debt}.
 local S = KEYS[1]
 local seq, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[3] == '1' and redis.call('HEXISTS', S, 'hyd') == 0 then
+  return cjson.encode({st = 'missing', seq = 0, bal = 0})  -- restore the billable from the record first
+end
 local last = tonumber(redis.call('HGET', S, 'c:seq')) or 0
 local purchased = tonumber(redis.call('HGET', S, 'c:p')) or 0
 local debt = tonumber(redis.call('HGET', S, 'c:d')) or 0

@@ -1,7 +1,9 @@
--- Put back a billable's state from the record, unless Redis already holds it (a concurrent
--- restore, or a decision that raced ahead): the live state always wins. KEYS: 1 state hash.
+-- Put back a billable's state from the record. Fields Redis already holds are live and win (a change
+-- made while the state was missing, or a concurrent restore). KEYS: 1 state hash.
 -- ARGV: field, value, field, value, ...
 if redis.call('HEXISTS', KEYS[1], 'hyd') == 1 then return 0 end
-if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+for i = 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+end
 redis.call('HSET', KEYS[1], 'hyd', 1)
 return 1

@@ -16,13 +16,14 @@ elseif op == 'period' then        -- 2, 3: billing period start and end (ms), ""
 elseif op == 'count' then         -- 2: limit, 3: usage of a persistent cap
   redis.call('HSET', S, 'u:' .. ARGV[2], ARGV[3])
   redis.call('HDEL', S, 't:' .. ARGV[2])
-elseif op == 'recharge' then      -- 2: enabled "1"/"0", 3: threshold ("" for none)
+elseif op == 'recharge' then      -- 2: enabled "1"/"0", 3: threshold, 4: amount in cents ("" for none)
   redis.call('HSET', S, 'ar:on', ARGV[2])
   if ARGV[3] == '' then redis.call('HDEL', S, 'c:thr') else redis.call('HSET', S, 'c:thr', ARGV[3]) end
+  if ARGV[4] == '' then redis.call('HDEL', S, 'ar:amt') else redis.call('HSET', S, 'ar:amt', ARGV[4]) end
 elseif op == 'recharge_done' then -- the charger gives its lease back
   redis.call('HDEL', S, 'ar:lease')
 else
   return redis.error_reply('unknown update ' .. op)
 end
-redis.call('HSET', S, 'hyd', 1)
+-- No `hyd` here: a change to a billable Redis lost must not pass for its restored state.
 return redis.call('HINCRBY', S, 'chg', 1)

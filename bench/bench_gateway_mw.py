@@ -1,0 +1,16 @@
+"""gateway-mw: the bare app of peers/bare.py behind the gateway middleware (billable = X-Api-Key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bare  # ../shared/bench/peers
+from common import REDIS_URL, scope_key
+
+from gateway.catalog import load_catalog
+from gateway.engine import Engine
+from gateway.middleware import GatewayMiddleware
+from gateway.store.redis import open_redis
+
+engine = Engine(open_redis(REDIS_URL), load_catalog(Path(__file__).with_name("plans.toml")), prefix="gwbench")
+app = GatewayMiddleware(bare.app, engine=engine, billable=scope_key)

@@ -1,0 +1,170 @@
+"""A pipelined Redis connection for the hot path: the scripts of concurrent requests share one write.
+
+redis-py checks a connection out of a pool, packs and writes each command on its own and arms a
+timeout per call; at gateway load that costs more than the decision. Here every call made in one
+event-loop tick is packed into one buffer and written once, replies are parsed by hiredis and matched
+to their callers in order, and a single watchdog enforces the timeout. A call that times out fails with
+every call still in flight and the connection is dropped: none of them is ever retried (a script may
+have run), which is the rule for mutating scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl as ssl_module
+import time
+from typing import Any
+
+import hiredis
+
+
+class ReplyError(Exception):
+    """An error reply from Redis (the command or script failed; Redis itself answered)."""
+
+
+class ConnectionLost(ConnectionError):
+    """Redis did not answer in time, or the connection broke: the outcome of calls in flight is unknown."""
+
+
+def pack(args: tuple[bytes | str | int | float, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        else:
+            data = str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: PipelinedConnection) -> None:
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost(ConnectionLost(f"connection closed ({exc or 'by the server'})"))
+
+
+class PipelinedConnection:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        timeout: float = 0.5,
+    ) -> None:
+        self.host, self.port, self.db = host, port, db
+        self.username, self.password = username, password
+        self.tls = tls
+        self.timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._reader: Any = None
+        self._pending: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._buffer: list[bytes] = []
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def call(self, *args: bytes | str | int | float) -> Any:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((time.monotonic(), future))
+        self._buffer.append(pack(args))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._check)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._buffer and self._transport is not None:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._transport.write(data)
+
+    def _received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            reply = self._reader.gets()
+            if reply is False:
+                return
+            if not self._pending:
+                self._lost(ConnectionLost("Redis sent a reply nobody asked for"))
+                return
+            _, future = self._pending.popleft()
+            if future.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(ReplyError(str(reply)))
+            else:
+                future.set_result(reply)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        started, _ = self._pending[0]
+        waited = time.monotonic() - started
+        if waited >= self.timeout:
+            self._lost(ConnectionLost(f"no answer within {self.timeout:g}s"))
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout - waited, self._check)
+
+    def _lost(self, exc: Exception) -> None:
+        transport, self._transport = self._transport, None
+        self._buffer.clear()
+        pending, self._pending = self._pending, collections.deque()
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(exc)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
+    async def _connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._transport is not None and not self._transport.is_closing():
+                return
+            loop = asyncio.get_running_loop()
+            context = ssl_module.create_default_context() if self.tls else None
+            try:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=context),
+                    self.timeout,
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from exc
+            self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+            self._transport = transport  # type: ignore[assignment]
+            setup: list[tuple[bytes | str | int, ...]] = []
+            if self.password is not None:
+                setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+            if self.db:
+                setup.append(("SELECT", self.db))
+            for command in setup:
+                future: asyncio.Future[Any] = loop.create_future()
+                self._pending.append((time.monotonic(), future))
+                transport.write(pack(command))  # type: ignore[arg-type]
+                await asyncio.wait_for(future, self.timeout)
+
+    def close(self) -> None:
+        self._lost(ConnectionLost("closed"))

@@ -1,0 +1,186 @@
+"""Private Redis services for tests, on free loopback ports, torn down after.
+
+The shared Redis on 127.0.0.1:6379 is never stopped, flushed or reconfigured: tests that need to do
+any of that start their own server here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+SHARED_URL = "redis://127.0.0.1:6379/0"
+
+
+def shared_redis_url() -> str:
+    return os.environ.get("GATEWAY_TEST_REDIS_URL", SHARED_URL)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_server() -> str:
+    path = shutil.which("redis-server")
+    if path is None and Path("/usr/bin/redis-server").exists():
+        path = "/usr/bin/redis-server"
+    if path is None:
+        raise RuntimeError(
+            "redis-server is not installed; the tests start private servers with it. "
+            ".ci/run installs it (apt-get install redis-server)."
+        )
+    return path
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}: {last}")
+
+
+class RedisServer:
+    """One redis-server subprocess without persistence; stop() and start() keep the port (data is lost)."""
+
+    def __init__(self, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gw-redis-{self.port}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def start(self) -> RedisServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        argv = [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no", *self.extra]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _wait(self._ready, f"redis-server on port {self.port}")
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{(self.dir / 'redis.log').read_text(errors='replace')}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+        with self.client() as c:
+            return bool(c.ping())
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """Three masters without replicas, slots assigned by hand (faster than redis-cli --cluster create)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        # Explicit bus ports: the default (port + 10000) may be taken or above 65535.
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.servers = [
+            RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-port", str(bus), "--cluster-node-timeout", "2000")
+            for bus in self.bus_ports
+        ]
+        self.startup_seconds = 0.0
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self) -> RedisCluster:
+        began = time.monotonic()
+        for server in self.servers:
+            server.start()
+        clients = [s.client() for s in self.servers]
+        n = len(self.servers)
+        for i, c in enumerate(clients):
+            c.cluster("ADDSLOTSRANGE", i * 16384 // n, (i + 1) * 16384 // n - 1)
+        # Every pair meets directly: no waiting for gossip to introduce them.
+        for i, c in enumerate(clients):
+            for j, (s, bus) in enumerate(zip(self.servers, self.bus_ports, strict=True)):
+                if i != j:
+                    c.cluster("MEET", "127.0.0.1", s.port, bus)
+        for c in clients:
+            with c:
+                _wait(partial(_formed, c, n), "the cluster to form")
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.__exit__(None, None, None)
+
+    def __enter__(self) -> RedisCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _formed(c: redis.Redis, n: int) -> bool:
+    info = c.cluster("INFO")
+    return bool(info["cluster_state"] == "ok" and info["cluster_known_nodes"] == str(n))
+
+
+def delete_prefix(url: str, prefix: str) -> int:
+    """Delete the keys that contain `prefix` (a unique per-run string) on a shared Redis; nothing else."""
+    if len(prefix) < 8:
+        raise ValueError(f"refusing to delete by a short prefix {prefix!r}")
+    deleted = 0
+    with redis.Redis.from_url(url, socket_timeout=2) as c:
+        batch = []
+        for key in c.scan_iter(match=f"*{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += c.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += c.delete(*batch)
+    return deleted

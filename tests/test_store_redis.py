@@ -1,0 +1,350 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from gateway.errors import ConfigError, RedisUnavailable
+from gateway.store.redis import Breaker, RedisStore, open_redis, script
+from services import RedisCluster, RedisServer, shared_redis_url
+
+T = TypeVar("T")
+
+
+def go(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def ping_once(store: RedisStore, key: str = "x:{a}:1", arg: str = "hello") -> list[str]:
+    try:
+        return list(await store.run("_ping", [key], [arg]))
+    finally:
+        await store.close()
+
+
+def assert_pinged(reply: list[str], key: str = "x:{a}:1", arg: str = "hello") -> None:
+    assert reply[:2] == [key, arg]
+    assert reply[2].isdigit() and abs(int(reply[2]) - time.time()) < 60
+
+
+def script_calls(server: RedisServer) -> tuple[int, int]:
+    """(EVALSHA calls, SCRIPT LOAD calls) the server has counted since its stats were reset."""
+    with server.client() as c:
+        stats = c.info("commandstats")
+    calls = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "script|load")}
+    return calls["evalsha"], calls["script|load"]
+
+
+def test_embedded_emulation_runs_the_same_scripts() -> None:
+    """With no URL, scripts run in the in-process emulation, whose data every store of the process shares."""
+
+    async def main() -> None:
+        a, b = open_redis(None), open_redis(None)
+        assert a.embedded and not a.is_cluster
+        assert_pinged(list(await a.run("_ping", ["x:{a}:1"], ["hello"])))
+        await a.client.set("x:{a}:shared", "1")
+        assert await b.client.get("x:{a}:shared") == "1"
+        assert await a.ping() and await a.eviction_policy() == "noeviction"
+        assert [k async for k in b.scan("x:{a}:shared")] == ["x:{a}:shared"]
+        await a.client.delete("x:{a}:shared")
+        await a.close()
+        await b.close()
+
+    go(main())
+
+
+def test_shared_redis(key_prefix: str) -> None:
+    """Scripts run on the shared Redis, loaded by SHA once and then only EVALSHA'd."""
+    url = shared_redis_url()
+    try:
+        redis.Redis.from_url(url, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"shared Redis at {url} unreachable: {exc}")
+    key = f"{key_prefix}:{{a}}:1"
+    assert_pinged(go(ping_once(open_redis(url), key, "7")), key, "7")
+
+
+def test_private_server_evalsha_only(private_redis: RedisServer) -> None:
+    """A script is loaded once (on NOSCRIPT) and every later call is a single EVALSHA."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        for i in range(5):
+            assert_pinged(list(await store.run("_ping", ["x:{a}:1"], [i])), arg=str(i))
+        assert await store.eviction_policy() == "noeviction"
+        assert await store.ping()
+        await store.close()
+
+    with private_redis.client() as c:
+        c.script_flush()
+        c.config_resetstat()
+    go(main())
+    # One NOSCRIPT answer, one SCRIPT LOAD, then five EVALSHAs that ran.
+    assert script_calls(private_redis) == (6, 1)
+
+
+def test_noscript_after_script_flush(private_redis: RedisServer) -> None:
+    """SCRIPT FLUSH between calls is survived: NOSCRIPT, load, retry once."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        with private_redis.client() as c:
+            c.script_flush()
+            assert c.script_exists(script("_ping").sha) == [False]
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        with private_redis.client() as c:
+            assert c.script_exists(script("_ping").sha) == [True]
+        await store.close()
+
+    go(main())
+
+
+def test_noscript_after_restart(private_redis: RedisServer) -> None:
+    """A restarted server (scripts and data lost) is used again without a failed call."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        private_redis.stop()
+        await asyncio.sleep(0.05)  # the loop sees the pooled socket close, as it would during a real restart
+        private_redis.start()
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        assert store.breaker.state == "closed"
+        await store.close()
+
+    try:
+        go(main())
+    finally:
+        private_redis.start()
+
+
+def test_breaker_opens_answers_without_io_and_recovers(private_redis: RedisServer) -> None:
+    """A stopped server fails fast; after 3 failures no I/O at all; after a restart it recovers by itself."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url, cooldown=0.2)
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        private_redis.stop()
+        for _ in range(3):
+            with pytest.raises(RedisUnavailable, match=r"Redis at redis://127\.0\.0\.1:\d+/0 did not answer"):
+                await store.run("_ping", ["x:{a}:1"], ["hello"])
+        assert store.breaker.state == "open"
+
+        calls = 0
+        # Scripts go through the pipelined connection on a single server: count what it sends.
+        assert store.pipelined is not None
+        real = store.pipelined.call
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await real(*args, **kwargs)
+
+        store.pipelined.call = counting  # type: ignore[method-assign]
+        for _ in range(100):
+            with pytest.raises(RedisUnavailable, match="circuit open after 3 failures"):
+                await store.run("_ping", ["x:{a}:1"], ["hello"])
+        assert calls == 0
+
+        private_redis.start()
+        await asyncio.sleep(0.25)
+        assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
+        assert calls == 3  # the probe: EVALSHA (NOSCRIPT on the fresh server), SCRIPT LOAD, EVALSHA
+        assert store.breaker.state == "closed"
+        await store.close()
+
+    try:
+        go(main())
+    finally:
+        private_redis.start()
+
+
+def test_breaker_half_open_lets_one_probe_and_doubles_cooldown() -> None:
+    """Half-open admits a single probe; a failed probe doubles the cool-down up to its cap; success closes."""
+    now = [0.0]
+    b = Breaker(threshold=3, cooldown=1.0, max_cooldown=5.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert b.allow()
+        b.failure("refused")
+    assert b.state == "open" and not b.allow()
+    for expected in (2.0, 4.0, 5.0, 5.0):
+        now[0] = b.open_until
+        assert b.allow() and not b.allow()  # one probe, the rest still fail fast
+        b.failure("refused")
+        assert b.cooldown == expected and b.open_until == now[0] + expected
+    now[0] = b.open_until
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.cooldown == 1.0 and b.allow()
+
+
+def test_ping_never_raises() -> None:
+    """ping() on a port nobody listens on is False, not an exception."""
+
+    async def main() -> bool:
+        store = open_redis(f"redis://127.0.0.1:{_closed_port()}/0", socket_timeout=0.2)
+        try:
+            return await store.ping()
+        finally:
+            await store.close()
+
+    assert go(main()) is False
+
+
+class SilentRedis:
+    """Answers +OK to every command except EVALSHA, which it receives and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.commands: list[bytes] = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while data := conn.recv(65536):
+                buf += data
+                commands, buf = _parse(buf)
+                for args in commands:
+                    self.commands.append(args[0].upper())
+                    if args[0].upper() != b"EVALSHA":
+                        conn.sendall(b"+OK\r\n")
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+
+
+def _parse(buf: bytes) -> tuple[list[list[bytes]], bytes]:
+    """Complete RESP arrays at the start of `buf`, and what is left over."""
+    commands: list[list[bytes]] = []
+    while buf.startswith(b"*") and (end := buf.find(b"\r\n")) > 0:
+        pos, args = end + 2, []
+        for _ in range(int(buf[1:end])):
+            line = buf.find(b"\r\n", pos)
+            if line < 0:
+                return commands, buf
+            start = line + 2
+            stop = start + int(buf[pos + 1 : line])
+            if len(buf) < stop + 2:
+                return commands, buf
+            args.append(buf[start:stop])
+            pos = stop + 2
+        commands.append(args)
+        buf = buf[pos:]
+    return commands, buf
+
+
+def test_timeout_is_not_retried() -> None:
+    """A script sent to a server that never answers is sent once, and the caller gets RedisUnavailable."""
+    silent = SilentRedis()
+
+    async def main() -> None:
+        store = open_redis(f"redis://127.0.0.1:{silent.port}/0", socket_timeout=0.2)
+        began = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="did not answer: no answer within 0.2s"):
+            await store.run("_ping", ["x:{a}:1"], ["hello"])
+        assert time.monotonic() - began < 1.0
+        await store.close()
+
+    try:
+        go(main())
+    finally:
+        silent.close()
+    assert silent.commands.count(b"EVALSHA") == 1
+
+
+@pytest.mark.cluster
+def test_retries_are_off_in_every_client(redis_cluster: RedisCluster) -> None:
+    """redis-py's own retries (10 by default in redis-py 8) are off for single servers and clusters."""
+    single = open_redis("redis://127.0.0.1:1/0")
+    assert single.client.connection_pool.connection_kwargs["retry"].get_retries() == 0
+    assert single.client.connection_pool.max_connections == 64
+    cluster = open_redis(redis_cluster.url)
+    assert cluster.client.retry.get_retries() == 0
+    go(single.close())
+    go(cluster.close())
+
+
+@pytest.mark.cluster
+def test_cluster_runs_scripts_on_every_node(redis_cluster: RedisCluster) -> None:
+    """Each cluster node answers NOSCRIPT once and gets the script loaded; SCAN sees every primary."""
+    tags = ["a", "b", "c", "d", "e", "f"]
+
+    async def main() -> None:
+        store = open_redis(redis_cluster.url)
+        assert store.is_cluster
+        for _ in range(2):
+            for t in tags:
+                assert_pinged(list(await store.run("_ping", [f"x:{{{t}}}:1"], ["hi"])), f"x:{{{t}}}:1", "hi")
+        owners = {store.client.get_node_from_key(f"x:{{{t}}}:1").name for t in tags}
+        assert len(owners) == 3
+        for t in tags:
+            await store.client.set(f"scan:{{{t}}}", "1")
+        assert sorted([k async for k in store.scan("scan:*")]) == sorted(f"scan:{{{t}}}" for t in tags)
+        assert await store.eviction_policy() == "noeviction"
+        assert await store.ping()
+        await store.close()
+
+    go(main())
+    for server in redis_cluster.servers:
+        with server.client() as c:
+            assert c.script_exists(script("_ping").sha) == [True]
+            c.script_flush()
+    go(main())  # and again after SCRIPT FLUSH on every node
+
+
+def test_unreachable_cluster_is_unavailable() -> None:
+    """A cluster none of whose startup nodes answers is RedisUnavailable, like a single server."""
+    store = open_redis(f"redis+cluster://127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}")
+    with pytest.raises(RedisUnavailable, match="did not answer: Redis Cluster cannot be connected"):
+        go(store.run("_ping", ["x:{a}:1"], ["v"]))
+    assert store.breaker.failures == 1
+    go(store.close())
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379", "127.0.0.1:6379", "", "redis+cluster://", "redis+cluster://host",
+     "redis+cluster://h:1,h2:x", "unix:///tmp/redis.sock", "redis://127.0.0.1:notaport/0"],
+)
+def test_bad_urls_name_the_accepted_forms(url: str) -> None:
+    """A Redis URL that cannot work is a ConfigError naming it and every accepted form."""
+    with pytest.raises(ConfigError) as info:
+        open_redis(url)
+    assert "redis://" in str(info.value) and "redis+cluster://HOST:PORT" in str(info.value)
+
+
+def test_password_is_not_shown() -> None:
+    """Messages name the URL without its password."""
+    store = open_redis(f"redis://user:s3cret@127.0.0.1:{_closed_port()}/0", socket_timeout=0.2)
+    with pytest.raises(RedisUnavailable) as info:
+        go(store.run("_ping", ["k"], ["v"]))
+    assert "s3cret" not in str(info.value) and "user:***@" in str(info.value)
+    go(store.close())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
