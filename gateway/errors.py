@@ -4,6 +4,7 @@
     ├── CatalogError        plans.toml is wrong: every problem, each with its dotted place
     ├── RedisUnavailable    Redis cannot be reached (or the circuit breaker is open)
     ├── StateUnavailable    a billable's lost state cannot be restored (the record is unreachable)
+    ├── DatabaseUnavailable the record cannot be read or written (grants refused, unknown keys refused)
     └── ConfigError         a setting (flag or environment variable) is wrong
 """
 
@@ -47,3 +48,7 @@ class StateUnavailable(GatewayError):
 
 class ConfigError(GatewayError):
     """A setting given by flag or environment is invalid."""
+
+
+class DatabaseUnavailable(GatewayError):
+    """The record (Postgres, or the embedded SQLite file) did not answer."""

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
 from gateway.engine import Engine
-from gateway.errors import RedisUnavailable, StateUnavailable
+from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.identity import key_from_headers
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
 
@@ -35,18 +36,6 @@ _BAD_REQUEST = "urn:gateway:bad-request"
 
 class KeyLookup(Protocol):
     async def authenticate(self, presented: str) -> str | None: ...
-
-
-def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The API key from `Authorization: Bearer KEY` or `X-Api-Key: KEY`."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip().decode("latin-1")
-        elif name == b"x-api-key" and value.strip():
-            return value.strip().decode("latin-1")
-    return None
 
 
 def problem_response(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> tuple[Message, Message]:  # type: ignore[assignment]
@@ -107,7 +96,13 @@ class GatewayMiddleware:
             return
 
         started = time.perf_counter()
-        billable = await self._identify(scope, headers)
+        try:
+            billable = await self.identify(scope)
+        except DatabaseUnavailable as exc:
+            log.warning("cannot check an API key: %s", exc)
+            self.metrics.decided("unavailable", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unavailable")]))
+            return
         if billable is None:
             self.metrics.decided("unauthorized", ())
             await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
@@ -150,7 +145,9 @@ class GatewayMiddleware:
 
     # ---- identity -----------------------------------------------------------------------------------
 
-    async def _identify(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str | None:
+    async def identify(self, scope: Scope) -> str | None:
+        """The billable of a request: the app's callable, the trusted header, or the API key."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
             found = self.billable(scope)
             if inspect.isawaitable(found):

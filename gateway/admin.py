@@ -1,0 +1,284 @@
+"""The gateway's own endpoints under /_gateway: the admin API, the client's usage, health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from gateway.catalog import Catalog
+from gateway.engine import Engine
+from gateway.errors import DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
+from gateway.grants import Grants
+from gateway.identity import KeyStore
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.store.db import Database
+
+log = logging.getLogger("gateway.admin")
+
+Identify = Callable[[Request], Awaitable[str | None]]
+
+
+def problem(status: int, type_: str, title: str, detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"type": type_, "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type="application/problem+json",
+    )
+
+
+def bad_request(detail: str) -> JSONResponse:
+    return problem(400, "urn:gateway:bad-request", "Bad request", detail)
+
+
+def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, Any]:
+    """What the billable must remove before moving to `target`: each item over its limit, with a sentence."""
+    plan = catalog.plans[target]
+    items = []
+    for name, limit in status["limits"].items():
+        if plan.is_unlimited(name):
+            continue
+        cap = plan.limits.get(name)
+        allowed = cap.to if cap is not None else 0
+        if limit["usage"] > allowed:
+            excess = limit["usage"] - allowed
+            items.append(
+                {
+                    "limit": name,
+                    "usage": limit["usage"],
+                    "allowed": allowed,
+                    "excess": excess,
+                    "sentence": f"{name}: {limit['usage']} > {allowed} (reduce by {excess})",
+                }
+            )
+    return {"billable": status["billable"], "plan": status["plan"], "target": target, "ok": not items, "items": items}
+
+
+class Endpoints:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        keys: KeyStore | None,
+        db: Database | None,
+        grants: Grants | None,
+        metrics: Metrics,
+        identify: Identify,
+        admin_token: str | None,
+    ) -> None:
+        self.engine = engine
+        self.catalog = engine.catalog
+        self.keys = keys
+        self.db = db
+        self.grants = grants
+        self.metrics = metrics
+        self.identify = identify
+        self.admin_token = admin_token
+        if not admin_token:
+            log.warning("GATEWAY_ADMIN_TOKEN is not set: the admin API is off")
+        admin = [
+            Route("/_gateway/admin/keys", self.create_key, methods=["POST"]),
+            Route("/_gateway/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
+            Route("/_gateway/admin/billables/{billable}", self.billable_status, methods=["GET"]),
+            Route("/_gateway/admin/billables/{billable}/keys", self.list_keys, methods=["GET"]),
+            Route("/_gateway/admin/billables/{billable}/plan", self.assign_plan, methods=["PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/credits", self.grant_credits, methods=["POST"]),
+            Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.set_limit, methods=["PUT"]),
+            Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
+            Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
+        ]
+        self.router = Router(
+            routes=[
+                *[Route(r.path, self._admin(r.endpoint), methods=list(r.methods or [])) for r in admin],
+                Route("/_gateway/usage", self.usage, methods=["GET"]),
+                Route("/_gateway/health", self.health, methods=["GET"]),
+                Route("/_gateway/metrics", self.prometheus, methods=["GET"]),
+            ]
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.router(scope, receive, send)
+
+    # ---- guards -------------------------------------------------------------------------------------
+
+    def _admin(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if not self.admin_token:
+                return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API is off: set GATEWAY_ADMIN_TOKEN to turn it on.")
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+                return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API needs Authorization: Bearer <GATEWAY_ADMIN_TOKEN>.")
+            try:
+                return await endpoint(request)
+            except (RedisUnavailable, StateUnavailable) as exc:
+                return problem(503, "urn:gateway:unavailable", "Service unavailable", f"{exc} Retry when Redis is back.")
+            except DatabaseUnavailable as exc:
+                return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
+
+        return guarded
+
+    async def _json(self, request: Request) -> dict[str, Any] | JSONResponse:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return bad_request("The body is not valid JSON.")
+        if not isinstance(body, dict):
+            return bad_request("The body must be a JSON object.")
+        return body
+
+    # ---- keys ---------------------------------------------------------------------------------------
+
+    async def create_key(self, request: Request) -> Response:
+        body = await self._json(request)
+        if isinstance(body, JSONResponse):
+            return body
+        billable, name = body.get("billable"), body.get("name", "")
+        if not isinstance(billable, str) or not billable or not isinstance(name, str):
+            return bad_request('Send {"billable": "org_1", "name": "ci"}: billable is a non-empty string.')
+        if self.keys is None:
+            return bad_request("This gateway names billables by a trusted header: it has no API keys.")
+        created = await self.keys.create(billable, name)
+        return JSONResponse(
+            {"id": created.id, "key": created.key, "billable": created.billable, "name": created.name,
+             "created_at": _iso(created.created_at)},
+            status_code=201,
+        )
+
+    async def list_keys(self, request: Request) -> Response:
+        if self.keys is None:
+            return JSONResponse([])
+        found = await self.keys.list(request.path_params["billable"])
+        return JSONResponse(
+            [
+                {"id": k.id, "name": k.name, "created_at": _iso(k.created_at), "last_used_at": _iso(k.last_used_at),
+                 "revoked": k.revoked}
+                for k in found
+            ]
+        )
+
+    async def revoke_key(self, request: Request) -> Response:
+        if self.keys is None or not await self.keys.revoke(request.path_params["key_id"]):
+            return problem(404, "urn:gateway:not-found", "Not found", "No such API key.")
+        return Response(status_code=204)
+
+    # ---- billables ----------------------------------------------------------------------------------
+
+    async def billable_status(self, request: Request) -> Response:
+        return JSONResponse(await self.engine.status(request.path_params["billable"]))
+
+    async def assign_plan(self, request: Request) -> Response:
+        billable = request.path_params["billable"]
+        plan: str | None = None
+        if request.method == "PUT":
+            body = await self._json(request)
+            if isinstance(body, JSONResponse):
+                return body
+            plan = body.get("plan")
+            if plan not in self.catalog.plans:
+                return bad_request(f'Unknown plan {plan!r}: plans.toml has {", ".join(self.catalog.plans)}.')
+        if self.grants is not None:
+            await self.grants.record_assignment(billable, plan)
+        await self.engine.set_assignment(billable, plan)
+        return JSONResponse(await self.engine.status(billable))
+
+    async def grant_credits(self, request: Request) -> Response:
+        body = await self._json(request)
+        if isinstance(body, JSONResponse):
+            return body
+        amount, key, reason = body.get("amount"), body.get("idempotency_key"), body.get("reason", "")
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0:
+            return bad_request('Send {"amount": 500, "reason": "...", "idempotency_key": "..."}: amount is a non-zero whole number.')
+        if key is not None and (not isinstance(key, str) or not key):
+            return bad_request("idempotency_key must be a non-empty string.")
+        if self.grants is None:
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", "No database: grants need the record.")
+        result = await self.grants.grant(request.path_params["billable"], amount, reason=str(reason), idempotency_key=key)
+        status = await self.engine.status(request.path_params["billable"])
+        return JSONResponse(
+            {"balance": status["credits"]["balance"], "credits": status["credits"], "sequence": result.sequence,
+             "duplicate": result.duplicate},
+            status_code=200 if result.duplicate else 201,
+        )
+
+    async def set_limit(self, request: Request) -> Response:
+        body = await self._json(request)
+        if isinstance(body, JSONResponse):
+            return body
+        usage = body.get("usage")
+        if not isinstance(usage, int) or isinstance(usage, bool) or usage < 0:
+            return bad_request('Send {"usage": 12}: a whole number, 0 or more.')
+        try:
+            await self.engine.set_count(request.path_params["billable"], request.path_params["limit"], usage)
+        except ValueError as exc:
+            return bad_request(f"{exc}.")
+        status = await self.engine.status(request.path_params["billable"])
+        return JSONResponse(status["limits"].get(request.path_params["limit"], {"usage": usage}))
+
+    async def auto_recharge(self, request: Request) -> Response:
+        body = await self._json(request)
+        if isinstance(body, JSONResponse):
+            return body
+        enabled, amount, threshold = body.get("enabled"), body.get("amount_cents"), body.get("threshold")
+        if not isinstance(enabled, bool):
+            return bad_request('Send {"enabled": true, "amount_cents": 2000, "threshold": 1000}.')
+        if amount is not None and (not isinstance(amount, int) or amount <= 0):
+            return bad_request("amount_cents must be a whole number above 0.")
+        if enabled and amount is None:
+            return bad_request("amount_cents is needed to enable auto-recharge.")
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+            return bad_request("threshold must be a whole number, 0 or more.")
+        await self.engine.set_auto_recharge(request.path_params["billable"], enabled=enabled, threshold=threshold, amount_cents=amount)
+        return JSONResponse({"enabled": enabled, "amount_cents": amount, "threshold": threshold})
+
+    async def overage(self, request: Request) -> Response:
+        target = request.query_params.get("plan")
+        if target not in self.catalog.plans:
+            return bad_request(f'Name the target plan: ?plan=one of {", ".join(self.catalog.plans)}.')
+        status = await self.engine.status(request.path_params["billable"])
+        return JSONResponse(overage(self.catalog, status, target))
+
+    # ---- the client's own, and the operator's probes -------------------------------------------------
+
+    async def usage(self, request: Request) -> Response:
+        billable = await self.identify(request)
+        if billable is None:
+            return problem(401, "urn:gateway:unauthorized", "Unauthorized",
+                           "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>.")
+        try:
+            return JSONResponse(await self.engine.status(billable))
+        except GatewayError as exc:
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
+
+    async def health(self, request: Request) -> Response:
+        redis_up = await self.engine.store.ping()
+        db_up = await self.db.ping() if self.db is not None else None
+        body = {
+            "status": "ok" if redis_up and db_up is not False else "degraded",
+            "redis": "up" if redis_up else "down",
+            "database": "none" if db_up is None else ("up" if db_up else "down"),
+        }
+        return JSONResponse(body, status_code=200 if redis_up else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        text: str = value.isoformat()
+        return text.replace("+00:00", "Z")
+    return str(value)

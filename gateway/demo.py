@@ -1,0 +1,120 @@
+"""`gateway demo`: the gateway on its embedded defaults in front of a small built-in API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.settings import Settings
+
+DEMO_BILLABLE = "demo_org"
+
+
+async def _echo(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "method": request.method,
+            "path": request.url.path,
+            "billable": request.headers.get("x-billable-id"),
+            "plan": request.headers.get("x-plan"),
+        }
+    )
+
+
+async def _chat(request: Request) -> Response:
+    """An LLM-like answer: usage in the JSON body, or in the last event of a stream."""
+    body = await request.body()
+    words = len(body.split()) + 5
+    if request.query_params.get("stream"):
+
+        async def events() -> AsyncIterator[bytes]:
+            for word in ("Hello", "from", "the", "demo"):
+                yield f"data: {json.dumps({'delta': word})}\n\n".encode()
+                await asyncio.sleep(0.05)
+            yield f"data: {json.dumps({'usage': {'total_tokens': words}})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return JSONResponse({"reply": "Hello from the demo", "usage": {"total_tokens": words}})
+
+
+async def _delete(request: Request) -> Response:
+    return Response(status_code=204)
+
+
+demo_api = Starlette(
+    routes=[
+        Route("/v1/chat", _chat, methods=["POST"]),
+        Route("/v1/projects/{id}", _delete, methods=["DELETE"]),
+        Route("/v1/{path:path}", _echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(settings: Settings) -> int:
+    return asyncio.run(_demo(settings))
+
+
+async def _demo(settings: Settings) -> int:
+    import uvicorn
+
+    from gateway.app import GatewayApp
+
+    upstream_port = _free_port()
+    settings.upstream = f"http://127.0.0.1:{upstream_port}"
+    upstream = uvicorn.Server(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
+    app = GatewayApp(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False)
+    )
+    upstream_task = asyncio.create_task(upstream.serve())
+    server_task = asyncio.create_task(server.serve())
+    while not server.started:
+        if server_task.done():
+            upstream.should_exit = True
+            await upstream_task
+            return 1
+        await asyncio.sleep(0.05)
+    keys = app.gateway.keys
+    assert keys is not None
+    created = await keys.create(DEMO_BILLABLE, "demo")
+    base = f"http://{settings.host}:{settings.port}"
+    auth = f'-H "Authorization: Bearer {created.key}"'
+    print(
+        f"""
+The gateway is running at {base} in front of a demo API, on the embedded defaults
+(in-process Redis emulation, {settings.database_url}), with the plans of {settings.plans}.
+
+API key for billable "{DEMO_BILLABLE}" (plan "{app.gateway.catalog.settings.default_plan}"): {created.key}
+
+  # an allowed call (spends credits, answer metered from its usage)
+  curl -s -X POST {base}/v1/chat {auth} -d 'hello there'
+  # the headers it gets: RateLimit, RateLimit-Policy, X-RateLimit-*, X-Credits-Remaining
+  curl -s -D - -o /dev/null -X POST {base}/v1/projects {auth}
+  # a denial: the free plan lacks Flux HD (403 problem+json naming the plan to upgrade to)
+  curl -s -X POST {base}/v1/images {auth}
+
+  # what the key has left
+  curl -s {base}/_gateway/usage {auth}
+
+Press Ctrl+C to stop.
+""",
+        flush=True,
+    )
+    await server_task
+    upstream.should_exit = True
+    await upstream_task
+    return 0

@@ -1,0 +1,141 @@
+"""Money first: a grant is committed in the record, then applied to Redis in order, exactly once.
+
+Each grant gets a gapless per-billable sequence number, allocated under a row lock in the same
+transaction that records it with its idempotency key. Redis applies numbers strictly in order and
+remembers the last one, so a crash anywhere between the two steps, or a retry of either, neither
+loses nor doubles a grant: the next `apply` pushes whatever the record has that Redis lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.engine import Engine
+from gateway.errors import DatabaseUnavailable
+from gateway.store import db as tables
+from gateway.store.db import Database
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    billable: str
+    sequence: int
+    amount: int
+    idempotency_key: str
+    duplicate: bool
+
+
+class Grants:
+    def __init__(self, db: Database, engine: Engine) -> None:
+        self.db = db
+        self.engine = engine
+        self._applying: dict[str, asyncio.Lock] = {}
+
+    async def grant(
+        self,
+        billable: str,
+        amount: int,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+        source: str = "admin",
+        amount_cents: int = 0,
+    ) -> GrantRecord:
+        """Record the grant (once per idempotency key), then apply it. A retry returns the first result."""
+        key = idempotency_key or f"auto:{uuid.uuid4().hex}"
+        for _ in range(5):
+            try:
+                record = await self._record(billable, amount, key, reason, source, amount_cents)
+                break
+            except IntegrityError:
+                continue  # a concurrent grant took the key or the number: read what it wrote
+            except (OperationalError, DBAPIError, OSError) as exc:
+                raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the grant was not made. Retry with the same idempotency_key.") from exc
+        else:
+            raise DatabaseUnavailable("The grant could not be recorded after several concurrent conflicts; retry with the same idempotency_key.")
+        await self.apply(billable)
+        return record
+
+    async def _record(self, billable: str, amount: int, key: str, reason: str, source: str, amount_cents: int) -> GrantRecord:
+        grants = tables.credit_grants
+        async with self.db.engine.begin() as conn:
+            found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
+            if found is not None:
+                return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True)
+            seq = await self._next_sequence(conn, billable)
+            await conn.execute(
+                grants.insert().values(
+                    billable=billable,
+                    seq=seq,
+                    amount=amount,
+                    reason=reason,
+                    idempotency_key=key,
+                    amount_cents=amount_cents,
+                    source=source,
+                    created_at=datetime.now(UTC),
+                )
+            )
+        return GrantRecord(billable, seq, amount, key, duplicate=False)
+
+    async def _next_sequence(self, conn: AsyncConnection, billable: str) -> int:
+        sequences = tables.grant_sequences
+        locked = sa.select(sequences.c.last_seq).where(sequences.c.billable == billable).with_for_update()
+        last = (await conn.execute(locked)).scalar()
+        if last is None:
+            # The first grant of a billable creates its row; a concurrent first grant fails on the key and retries.
+            await conn.execute(sequences.insert().values(billable=billable, last_seq=1))
+            return 1
+        await conn.execute(sequences.update().where(sequences.c.billable == billable).values(last_seq=last + 1))
+        return int(last) + 1
+
+    async def apply(self, billable: str) -> None:
+        """Push the record's grants that Redis lacks, in sequence order."""
+        lock = self._applying.setdefault(billable, asyncio.Lock())
+        async with lock:
+            grants = tables.credit_grants
+            async with self.db.engine.connect() as conn:
+                pending = (
+                    await conn.execute(
+                        sa.select(grants.c.seq, grants.c.amount)
+                        .where(grants.c.billable == billable, grants.c.applied_at.is_(None))
+                        .order_by(grants.c.seq)
+                    )
+                ).all()
+            for seq, amount in pending:
+                result = await self.engine.apply_grant(billable, seq, amount)
+                if result.status == "gap":
+                    # Redis is behind the record (restored from an older snapshot): replay the missing ones first.
+                    async with self.db.engine.connect() as conn:
+                        missing = (
+                            await conn.execute(
+                                sa.select(grants.c.seq, grants.c.amount)
+                                .where(grants.c.billable == billable, grants.c.seq > result.last_sequence, grants.c.seq <= seq)
+                                .order_by(grants.c.seq)
+                            )
+                        ).all()
+                    for earlier_seq, earlier_amount in missing:
+                        await self.engine.apply_grant(billable, earlier_seq, earlier_amount)
+                async with self.db.engine.begin() as conn:
+                    await conn.execute(
+                        grants.update()
+                        .where(grants.c.billable == billable, grants.c.seq == seq)
+                        .values(applied_at=datetime.now(UTC))
+                    )
+
+    async def record_assignment(self, billable: str, plan: str | None) -> None:
+        """A manual plan assignment is part of the record before Redis sees it."""
+        assignments = tables.plan_assignments
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(assignments.delete().where(assignments.c.billable == billable))
+                if plan is not None:
+                    await conn.execute(assignments.insert().values(billable=billable, plan=plan, updated_at=datetime.now(UTC)))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the plan was not changed.") from exc

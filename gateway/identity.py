@@ -1,0 +1,316 @@
+"""API keys: `gw_<id>_<secret>`, shown once, kept as a keyed hash, checked on every request.
+
+The hot path is `KeyStore.authenticate`: a malformed key is refused without I/O; a known key is answered
+from memory for at most TTL seconds (so a revocation anywhere is seen everywhere within that); an
+unknown id is remembered for a few seconds; concurrent lookups of one id share one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import string
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from gateway.errors import DatabaseUnavailable
+from gateway.store.db import Database, api_keys, settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "gw_"
+ID_LENGTH = 12
+SECRET_LENGTH = 32
+KEY_LENGTH = len(PREFIX) + ID_LENGTH + 1 + SECRET_LENGTH
+_ALPHABET = string.ascii_letters + string.digits
+_KEY = re.compile(rf"gw_([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGTH}}})")
+PEPPER_SETTING = "api_key_pepper"
+
+TTL_S = 1.0  # how long a key's answer is trusted: the bound on how late a revocation is seen
+NEGATIVE_TTL_S = 5.0
+NEGATIVE_MAX = 10_000
+POSITIVE_MAX = 100_000
+TOUCH_EVERY = timedelta(minutes=1)
+RETRY_AFTER_FAILURE_S = 1.0
+_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    id: str
+    key: str  # the only time the whole key exists outside the client
+    billable: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    id: str
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked: bool
+
+
+def parse_key(text: str) -> tuple[str, str] | None:
+    """(id, secret) of a well-formed key, else None; no I/O."""
+    if len(text) != KEY_LENGTH:
+        return None
+    found = _KEY.fullmatch(text)
+    return (found[1], found[2]) if found else None
+
+
+def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key from `Authorization: Bearer KEY`, else `X-Api-Key: KEY` (ASGI raw headers, lower-case names)."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip().decode("latin-1")
+        elif name == b"x-api-key" and api_key is None and value.strip():
+            api_key = value.strip().decode("latin-1")
+    return api_key
+
+
+def _random(length: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+class _Known:
+    """What the record said about a live key, and when this process last asked and last touched it."""
+
+    __slots__ = ("billable", "fetched_at", "hash", "touched_at")
+
+    def __init__(self, billable: str, hash: str, fetched_at: float, touched_at: float | None) -> None:
+        self.billable = billable
+        self.hash = hash
+        self.fetched_at = fetched_at
+        self.touched_at = touched_at
+
+
+class KeyStore:
+    """API keys of one gateway process over the record."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl: float = TTL_S,
+        negative_ttl: float = NEGATIVE_TTL_S,
+        negative_max: int = NEGATIVE_MAX,
+        positive_max: int = POSITIVE_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.negative_max = negative_max
+        self.positive_max = positive_max
+        self.clock = clock
+        self._pepper: bytes | None = None
+        self._pepper_lock = asyncio.Lock()
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id → when it was found missing or revoked
+        self._lookups: dict[str, asyncio.Future[_Known | None]] = {}
+        self._failed_at: float | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- the hot path ----------------------------------------------------------------------------------
+
+    async def authenticate(self, presented: str) -> str | None:
+        """The billable of a valid, unrevoked key; None otherwise. Raises DatabaseUnavailable only when
+        the record cannot answer and this process has never seen the key."""
+        parsed = parse_key(presented)
+        if parsed is None:
+            return None
+        key_id = parsed[0]
+        now = self.clock()
+        known = self._known.get(key_id)
+        if known is None or now - known.fetched_at >= self.ttl:
+            seen = self._unknown.get(key_id)
+            if seen is not None and now - seen < self.negative_ttl:
+                return None
+            known = await self._lookup(key_id, known)
+            if known is None:
+                return None
+        else:
+            self._known.move_to_end(key_id)
+        pepper = self._pepper or await self._load_pepper()
+        if not hmac.compare_digest(known.hash, _digest(pepper, presented)):
+            return None
+        if known.touched_at is None or now - known.touched_at >= TOUCH_EVERY.total_seconds():
+            known.touched_at = now
+            task = asyncio.create_task(self._touch(key_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return known.billable
+
+    async def _lookup(self, key_id: str, stale: _Known | None) -> _Known | None:
+        """The record's answer for an id, shared by every caller that asks while it is on its way."""
+        if self._failed_at is not None and self.clock() - self._failed_at < RETRY_AFTER_FAILURE_S:
+            return self._fallback(key_id, stale, None)
+        pending = self._lookups.get(key_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(key_id, stale))
+            self._lookups[key_id] = pending
+            pending.add_done_callback(lambda done: self._looked_up(key_id, done))
+        try:
+            # Shielded: one caller giving up (its client left) must not cancel the others' answer.
+            return await asyncio.shield(pending)
+        except _DB_ERRORS as exc:
+            return self._fallback(key_id, stale, exc)
+
+    async def _fetch(self, key_id: str, stale: _Known | None) -> _Known | None:
+        # The clock is read before asking: the answer is then never trusted past TTL after the question.
+        asked_at = self.clock()
+        query = sa.select(api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
+            api_keys.c.id == key_id
+        )
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        self._failed_at = None
+        if row is None or row.revoked_at is not None:
+            self._forget(key_id)
+            return None
+        known = _Known(row.billable, row.hash, asked_at, stale.touched_at if stale else None)
+        self._unknown.pop(key_id, None)
+        self._known[key_id] = known
+        self._known.move_to_end(key_id)
+        while len(self._known) > self.positive_max:
+            self._known.popitem(last=False)
+        return known
+
+    def _looked_up(self, key_id: str, done: asyncio.Future[_Known | None]) -> None:
+        self._lookups.pop(key_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too, so a failure nobody awaited any more is not reported as lost
+
+    def _fallback(self, key_id: str, stale: _Known | None, exc: BaseException | None) -> _Known | None:
+        """The record is down: decisions go on for keys this process knows; an unseen key cannot be checked."""
+        if exc is not None:
+            self._failed_at = self.clock()
+            log.warning(
+                "API key lookup failed (%s: %s); using what this process last knew", type(exc).__name__, exc
+            )
+        if stale is not None:
+            return stale
+        raise DatabaseUnavailable(f"cannot check API key {key_id}: the database did not answer") from exc
+
+    def _forget(self, key_id: str) -> None:
+        self._known.pop(key_id, None)
+        self._unknown[key_id] = self.clock()
+        self._unknown.move_to_end(key_id)
+        while len(self._unknown) > self.negative_max:
+            self._unknown.popitem(last=False)
+
+    async def _touch(self, key_id: str) -> None:
+        now = datetime.now(UTC)
+        # The condition keeps it to once a minute across processes too.
+        update = (
+            api_keys.update()
+            .where(
+                api_keys.c.id == key_id,
+                sa.or_(api_keys.c.last_used_at.is_(None), api_keys.c.last_used_at <= now - TOUCH_EVERY),
+            )
+            .values(last_used_at=now)
+        )
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(update)
+        except Exception:
+            log.warning("could not record the last use of API key %s", key_id, exc_info=True)
+
+    # ---- the pepper ------------------------------------------------------------------------------------
+
+    async def _load_pepper(self) -> bytes:
+        """This installation's hash key, from the settings table; the first process to need it makes it."""
+        async with self._pepper_lock:
+            if self._pepper is None:
+                try:
+                    async with self.db.engine.begin() as conn:
+                        await conn.execute(
+                            self.db.insert(settings)
+                            .values(key=PEPPER_SETTING, value=secrets.token_hex(32))
+                            .on_conflict_do_nothing(index_elements=["key"])
+                        )
+                        value = (
+                            await conn.execute(
+                                sa.select(settings.c.value).where(settings.c.key == PEPPER_SETTING)
+                            )
+                        ).scalar_one()
+                except _DB_ERRORS as exc:
+                    raise DatabaseUnavailable(f"cannot read the API key pepper: {exc}") from exc
+                self._pepper = bytes.fromhex(value)
+            return self._pepper
+
+    # ---- administration --------------------------------------------------------------------------------
+
+    async def create(self, billable: str, name: str = "") -> CreatedKey:
+        """A new key for the billable; the returned `key` is never shown again."""
+        pepper = self._pepper or await self._load_pepper()
+        for _ in range(3):
+            key_id = _random(ID_LENGTH)
+            key = f"{PREFIX}{key_id}_{_random(SECRET_LENGTH)}"
+            created_at = datetime.now(UTC)
+            row = {
+                "id": key_id,
+                "billable": billable,
+                "name": name,
+                "hash": _digest(pepper, key),
+                "created_at": created_at,
+            }
+            try:
+                async with self.db.engine.begin() as conn:
+                    await conn.execute(api_keys.insert().values(**row))
+            except IntegrityError:
+                continue  # 62**12 ids: a collision is a freak, so draw again
+            self._unknown.pop(key_id, None)
+            return CreatedKey(key_id, key, billable, name, created_at)
+        raise RuntimeError("could not draw an unused API key id")
+
+    async def list(self, billable: str) -> list[KeyInfo]:
+        """The billable's keys, oldest first, revoked ones included; never a secret or a hash."""
+        c = api_keys.c
+        query = (
+            sa.select(c.id, c.name, c.created_at, c.last_used_at, c.revoked_at)
+            .where(c.billable == billable)
+            .order_by(c.created_at, c.id)
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [KeyInfo(r.id, r.name, r.created_at, r.last_used_at, r.revoked_at is not None) for r in rows]
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke the key (again is fine); False when there is no such key. Other processes follow within TTL."""
+        now = sa.literal(datetime.now(UTC), api_keys.c.revoked_at.type)
+        update = (
+            api_keys.update()
+            .where(api_keys.c.id == key_id)
+            .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, now))
+        )
+        async with self.db.engine.begin() as conn:
+            found = (await conn.execute(update)).rowcount == 1
+        if found:
+            self._forget(key_id)
+        return found
+
+    async def close(self) -> None:
+        """Wait for the last-used updates still on their way."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _digest(pepper: bytes, key: str) -> str:
+    return hmac.new(pepper, key.encode("ascii"), hashlib.sha256).hexdigest()

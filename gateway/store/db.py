@@ -1,0 +1,383 @@
+"""The record: tables (SQLAlchemy Core), the async engine, and the schema's Alembic migrations.
+
+    await Database.connect(url)                      an engine (asyncpg or aiosqlite); no I/O yet
+    await Database.connect(url, auto_upgrade=True)   SQLite is migrated to the head; a Postgres behind is refused
+    await db.upgrade()                               what `gateway db upgrade` runs
+
+The tables below are the one description of the schema; migrations under gateway/migrations create
+them, and a test compares the two so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gateway.errors import ConfigError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///gateway.db"
+ACCEPTED = "postgresql://USER@HOST:PORT/DB or sqlite:///PATH"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+BUSY_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 2.0
+# Any constant will do: it only has to be the same in every gateway process.
+_MIGRATION_LOCK = 0x6761746577617931
+
+_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
+def database_url(url: str | None) -> str:
+    """The SQLAlchemy URL (with the async driver) for a user's database URL; None means the embedded default."""
+    text = (url or "").strip() or DEFAULT_URL
+    try:
+        parsed = make_url(text)
+    except ArgumentError:
+        raise ConfigError(f"database URL {text!r} is not a URL: use {ACCEPTED}") from None
+    driver = _DRIVERS.get(parsed.drivername, parsed.drivername)
+    if driver == "postgresql+asyncpg":
+        if not parsed.host or not parsed.database:
+            raise ConfigError(f"database URL {_shown(parsed)} names no host or database: use {ACCEPTED}")
+    elif driver == "sqlite+aiosqlite":
+        if not parsed.database or parsed.host:
+            raise ConfigError(f"database URL {_shown(parsed)} names no file: use {ACCEPTED}")
+    else:
+        raise ConfigError(f"database URL {_shown(parsed)} is not supported: use {ACCEPTED}")
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def _shown(url: URL) -> str:
+    """The URL as the user would write it, without its password."""
+    base = url.drivername.split("+")[0]
+    return url.set(drivername="postgresql" if base == "postgres" else base).render_as_string(
+        hide_password=True
+    )
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite keeps no offset: it stores UTC and reads back UTC)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the record keeps aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Deterministic constraint names, so later migrations can name what they alter on every backend.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING)
+Text, Int, Time = sa.Text, sa.BigInteger, UTCDateTime
+ZERO = sa.text("0")
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", Text, primary_key=True),
+    sa.Column("billable", Text, nullable=False),
+    sa.Column("name", Text, nullable=False, server_default=""),
+    sa.Column("hash", Text, nullable=False, unique=True),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("last_used_at", Time),
+    sa.Column("revoked_at", Time),
+    sa.Index("ix_api_keys_billable", "billable"),
+)
+
+plan_assignments = sa.Table(
+    "plan_assignments",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("plan", Text, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+stripe_customers = sa.Table(
+    "stripe_customers",
+    metadata,
+    sa.Column("customer", Text, primary_key=True),
+    sa.Column("billable", Text, nullable=False, unique=True),
+)
+
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("id", Text, primary_key=True),
+    sa.Column("billable", Text),  # None until the customer maps to a billable
+    sa.Column("customer", Text, nullable=False),
+    sa.Column("plan", Text),  # None when the price is not in the catalog
+    sa.Column("status", Text, nullable=False),
+    sa.Column("current_period_start", Time),
+    sa.Column("current_period_end", Time),
+    sa.Column("cancel_at_period_end", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("past_due_since", Time),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Index("ix_subscriptions_billable", "billable"),
+)
+
+credit_grants = sa.Table(
+    "credit_grants",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("seq", Int, primary_key=True, autoincrement=False),
+    sa.Column("amount", Int, nullable=False),
+    sa.Column("reason", Text, nullable=False, server_default=""),
+    sa.Column("idempotency_key", Text, nullable=False, unique=True),
+    sa.Column("amount_cents", Int, nullable=False, server_default=ZERO),
+    sa.Column("source", Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("applied_at", Time),  # None until Redis holds it
+    sa.Index("ix_credit_grants_billable_applied_at", "billable", "applied_at"),
+)
+
+grant_sequences = sa.Table(
+    "grant_sequences",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("last_seq", Int, nullable=False, server_default=ZERO),
+)
+
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("state", Text, nullable=False),  # JSON
+    sa.Column("chg", Int, nullable=False, server_default=ZERO),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+usage_totals = sa.Table(
+    "usage_totals",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("period", Text, primary_key=True),  # 2026-11
+    sa.Column("route", Text, primary_key=True),
+    sa.Column("operation", Text, primary_key=True),  # "" when the route spends nothing
+    sa.Column("requests", Int, nullable=False, server_default=ZERO),
+    sa.Column("units", Int, nullable=False, server_default=ZERO),
+    sa.Column("credits", Int, nullable=False, server_default=ZERO),
+    sa.Column("amount_cents", Int, nullable=False, server_default=ZERO),
+)
+
+events_outbox = sa.Table(
+    "events_outbox",
+    metadata,
+    sa.Column("id", Text, primary_key=True),
+    sa.Column("billable", Text, nullable=False),
+    sa.Column("type", Text, nullable=False),
+    sa.Column("body", Text, nullable=False),  # JSON, exactly as signed and sent
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("next_attempt_at", Time, nullable=False),
+    sa.Column("delivered_at", Time),
+    sa.Column("dead_at", Time),
+    sa.Column("last_error", Text),
+)
+_UNDELIVERED = sa.and_(events_outbox.c.delivered_at.is_(None), events_outbox.c.dead_at.is_(None))
+sa.Index(
+    "ix_events_outbox_due",
+    events_outbox.c.next_attempt_at,
+    postgresql_where=_UNDELIVERED,
+    sqlite_where=_UNDELIVERED,
+)
+
+stripe_events = sa.Table(
+    "stripe_events",
+    metadata,
+    sa.Column("id", Text, primary_key=True),
+    sa.Column("type", Text, nullable=False),
+    sa.Column("processed_at", Time, nullable=False),
+)
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", Text, primary_key=True),
+    sa.Column("value", Text, nullable=False),
+)
+
+
+# ---- the database -------------------------------------------------------------------------------------
+
+
+class Database:
+    """One async engine over the record, and the schema's revision."""
+
+    def __init__(self, engine: AsyncEngine, url: URL) -> None:
+        self.engine = engine
+        self.url = url
+        self.is_sqlite = url.get_backend_name() == "sqlite"
+        self.shown = _shown(url)
+
+    @classmethod
+    async def connect(cls, url: str | None = None, *, auto_upgrade: bool = False) -> Database:
+        """An engine for the URL; no I/O unless `auto_upgrade`, which upgrades SQLite and checks a Postgres."""
+        parsed = make_url(database_url(url))
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_async_engine(parsed)
+            _configure_sqlite(engine)
+        else:
+            # A Postgres restart leaves dead pooled connections: check each on checkout rather than fail a request.
+            engine = create_async_engine(
+                parsed, pool_pre_ping=True, connect_args={"timeout": CONNECT_TIMEOUT_S}
+            )
+        db = cls(engine, parsed)
+        if auto_upgrade:
+            try:
+                if db.is_sqlite:
+                    await db.upgrade()
+                else:
+                    await db.check_current()
+            except BaseException:
+                await db.close()
+                raise
+        return db
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query within a short timeout; never raises."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                async with self.engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - health reports any failure as "down"
+            return False
+
+    def insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        """The backend's INSERT, which has `on_conflict_do_nothing` / `on_conflict_do_update` on both."""
+        return sqlite.insert(table) if self.is_sqlite else postgresql.insert(table)
+
+    # ---- schema ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def head() -> str:
+        """The revision this gateway's code needs."""
+        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+        assert head is not None, "gateway/migrations holds no revision"
+        return head
+
+    async def revision(self) -> str | None:
+        """The database's current revision; None for an empty database."""
+        async with self._reachable(), self.engine.connect() as conn:
+            return await conn.run_sync(_current_revision)
+
+    async def upgrade(self) -> None:
+        """Run every migration up to the head, in one transaction where the backend allows."""
+        async with self._reachable(), self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Two processes upgrading at once: the second waits, then finds nothing to do.
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+            before = await conn.run_sync(_current_revision)
+            await conn.run_sync(_upgrade_to_head)
+            after = await conn.run_sync(_current_revision)
+        if before != after:
+            log.info("database %s upgraded from %s to %s", self.shown, before or "base", after)
+
+    async def check_current(self) -> None:
+        """Raise ConfigError unless the database is at the head revision this gateway needs."""
+        current, head = await self.revision(), self.head()
+        if current == head:
+            return
+        try:
+            if current is not None:
+                ScriptDirectory.from_config(_alembic_config()).get_revision(current)
+        except CommandError:
+            raise ConfigError(
+                f"the database at {self.shown} is at revision {current}, which this gateway does not know "
+                f"(a newer gateway migrated it); this gateway needs {head}: upgrade the gateway"
+            ) from None
+        raise ConfigError(
+            f"the database at {self.shown} is at revision {current or 'base (empty)'}, the gateway needs {head}: "
+            "run `gateway db upgrade`"
+        )
+
+    @asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """Turns a driver's failure to answer into DatabaseUnavailable, naming the database."""
+        try:
+            yield
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"the database at {self.shown} did not answer: {exc}") from exc
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # SQLAlchemy, not the driver, begins transactions (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock at BEGIN, waiting up to the busy timeout: code written for
+        # Postgres (SELECT ... FOR UPDATE, then UPDATE) is then serialized too, instead of failing with
+        # "database is locked" when two transactions that both read try to write. DDL becomes
+        # transactional as well, so a migration applies whole or not at all.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# ---- Alembic, run on a connection we already hold --------------------------------------------------------
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    config = Config(attributes={"connection": connection} if connection is not None else {})
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    command.upgrade(_alembic_config(connection), "head")
