@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     db.add_argument("--database-url")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.command == "check":
             catalog = load_catalog(args.plans or Settings.load().plans)

@@ -91,6 +91,9 @@ async def _demo(settings: Settings) -> int:
     keys = app.gateway.keys
     assert keys is not None
     created = await keys.create(DEMO_BILLABLE, "demo")
+    assert app.gateway.grants is not None
+    # Enough purchased credits for the metered chat route, granted once (money first, idempotent).
+    await app.gateway.grants.grant(DEMO_BILLABLE, 5000, reason="demo welcome credits", idempotency_key="demo-welcome")
     base = f"http://{settings.host}:{settings.port}"
     auth = f'-H "Authorization: Bearer {created.key}"'
     print(
@@ -100,14 +103,17 @@ The gateway is running at {base} in front of a demo API, on the embedded default
 
 API key for billable "{DEMO_BILLABLE}" (plan "{app.gateway.catalog.settings.default_plan}"): {created.key}
 
-  # an allowed call (spends credits, answer metered from its usage)
-  curl -s -X POST {base}/v1/chat {auth} -d 'hello there'
-  # the headers it gets: RateLimit, RateLimit-Policy, X-RateLimit-*, X-Credits-Remaining
-  curl -s -D - -o /dev/null -X POST {base}/v1/projects {auth}
+  # an allowed call
+  curl -s {base}/v1/hello {auth}
+  # its headers: RateLimit-Policy, RateLimit, X-RateLimit-*, X-Credits-Remaining
+  curl -s -D - -o /dev/null {base}/v1/hello {auth}
   # a denial: the free plan lacks Flux HD (403 problem+json naming the plan to upgrade to)
   curl -s -X POST {base}/v1/images {auth}
 
-  # what the key has left
+  # more: a metered LLM-style call (reserve held, settled to the tokens in the answer; add ?stream=1),
+  # a project (the free plan's cap is 1: the second is 403), and what the key has left
+  curl -s -X POST {base}/v1/chat {auth} -d 'hello there'
+  curl -s -X POST {base}/v1/projects {auth}
   curl -s {base}/_gateway/usage {auth}
 
 Press Ctrl+C to stop.

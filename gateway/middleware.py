@@ -76,6 +76,7 @@ class GatewayMiddleware:
         self.endpoints = endpoints
         self.metrics = metrics or Metrics()
         self.max_body = max_body
+        self._warned_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -199,7 +200,10 @@ class GatewayMiddleware:
             await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "unavailable")]))
             return
         self.metrics.degraded()
-        log.warning("deciding open without Redis: %s", exc)
+        now = time.monotonic()
+        if now - self._warned_at > 10:  # one line per outage, not one per request
+            self._warned_at = now
+            log.warning("deciding open without Redis: %s", exc)
         degraded = [(b"x-gateway-degraded", b"redis")]
         scope = {**scope, "headers": clean + [(b"x-billable-id", billable.encode())]}
         if scope["type"] == "websocket":
