@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -37,6 +39,7 @@ PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
 _EVENT_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4f57-9a61-3c2b7e5d9a10")
 _AFTER = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
+UNMATCHED = "(unmatched)"
 
 Restorer = Callable[[str], Awaitable[dict[str, str] | None]]
 
@@ -118,6 +121,7 @@ class Engine:
         self._plans: dict[str, ResolvedPlan] = {}
         self._compiled: dict[tuple[str, int], _Compiled] = {}
         self._bounds: tuple[float, str] = (0.0, "")
+        self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
         self._restoring: dict[str, asyncio.Future[None]] = {}
 
     # ---- keys -------------------------------------------------------------------------------------
@@ -154,6 +158,7 @@ class Engine:
                     "1" if self.restore else "0",
                     self.hold_ttl,
                     plan_name,
+                    f"{self._month}|{route.match if route else UNMATCHED}|{route.config.spend or '' if route else ''}",
                 ],
             )
             out = json.loads(raw)
@@ -242,6 +247,8 @@ class Engine:
         bounds = {code: calendar_bounds(kind, now, zone) for code, kind in (("m", "month"), ("w", "week"), ("d", "day"))}
         text = json.dumps(bounds, separators=(",", ":"))
         self._bounds = (min(b[2] for b in bounds.values()), text)
+        start = datetime.fromtimestamp(bounds["m"][1], zone)
+        self._month = f"{start.year:04d}-{start.month:02d}"
         return text
 
     def _compile(self, plan_name: str, route: Route | None) -> _Compiled:
@@ -286,8 +293,12 @@ class Engine:
 
     # ---- after the upstream answered ----------------------------------------------------------------
 
-    async def settle(self, decision: Decision, *, give_back_limits: bool, credits_owed: int | None) -> int | None:
-        """Keep or give back what the decision held; settle a reserve to what is owed. Returns the balance."""
+    async def settle(
+        self, decision: Decision, *, give_back_limits: bool, credits_owed: int | None, units: float | None = None
+    ) -> int | None:
+        """Keep or give back what the decision held; settle a reserve to what is owed. Returns the balance.
+
+        `units` are what a metered answer reported, counted in the usage history."""
         if decision.hold is None or decision.billable is None:
             return None
         raw = await self.store.run(
@@ -299,6 +310,7 @@ class Engine:
                 "back" if give_back_limits else "keep",
                 "" if credits_owed is None else credits_owed,
                 decision.plan or "",
+                "" if units is None else math.ceil(units),
             ],
         )
         out = json.loads(raw)

@@ -339,7 +339,7 @@ class GatewayMiddleware:
                 # The stream died or the client left mid-answer: what was seen is charged, else everything held.
                 units = meter.seen if meter is not None else None
                 if metered and units is not None and operation is not None:
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=operation.price(units))
+                    await self.engine.settle(decision, give_back_limits=False, credits_owed=operation.price(units), units=units)
                 elif metered:
                     await self.engine.settle(decision, give_back_limits=False, credits_owed=None)
                 return
@@ -347,7 +347,7 @@ class GatewayMiddleware:
             if ok:
                 if metered and operation is not None:
                     owed = operation.price(units) if units is not None else None
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=owed)
+                    await self.engine.settle(decision, give_back_limits=False, credits_owed=owed, units=units)
                 return
             if status is None:
                 if state.get("failed"):
@@ -357,7 +357,7 @@ class GatewayMiddleware:
                 return
             # A non-2xx answer gives everything back, unless it reports units (then those are charged).
             owed = operation.price(units) if metered and units is not None and operation is not None else 0
-            await self.engine.settle(decision, give_back_limits=True, credits_owed=owed)
+            await self.engine.settle(decision, give_back_limits=True, credits_owed=owed, units=units if metered else None)
         except (RedisUnavailable, StateUnavailable) as exc:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()

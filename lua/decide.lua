@@ -3,7 +3,9 @@
 -- ARGV: 1 spec (JSON, see engine.py Spec), 2 the caller's plan version, 3 calendar bounds (JSON),
 --       4 "1" when the caller already denies (features): evaluate, write nothing but events,
 --       5 hold id for a metered spend ("" for none), 6 credit cost override ("" for the spec's),
---       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events).
+--       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events),
+--       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
+--       under it (`qr:`, `qu:`, `qc:`) for the record's usage history.
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 
 local head = redis.call('HMGET', S, 'pv', 'hyd', 'asg', 'sub')
@@ -236,6 +238,7 @@ if cr then
 end
 if not hold then hold = {cp = 0, cb = 0, w = 0} end
 hold.l = held_limits
+hold.q = ARGV[10]
 
 local seq = num('eseq', 0)
 local out_events = {}
@@ -254,6 +257,12 @@ end
 
 if admitted then
   set('hyd', 1)
+  local taken = hold.cp + hold.cb
+  redis.call('HINCRBY', S, 'qr:' .. ARGV[10], 1)
+  if taken ~= 0 then redis.call('HINCRBY', S, 'qc:' .. ARGV[10], taken) end
+  local units = 0
+  for _, l in ipairs(held_limits) do units = units + l[2] end
+  if units ~= 0 then redis.call('HINCRBY', S, 'qu:' .. ARGV[10], units) end
   redis.call('HSET', S, unpack(writes))
   redis.call('HINCRBY', S, 'chg', 1)
   if hold_id ~= '' and hold then

@@ -1,7 +1,8 @@
 -- After the upstream answered: settle a hold, or release a persistent cap.
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
 -- ARGV[1] = "settle": 2 hold (JSON from decide, with its id when metered), 3 "keep" or "back" for the
---   limit units, 4 the credits actually owed ("" keeps what was held), 5 plan name (for events).
+--   limit units, 4 the credits actually owed ("" keeps what was held), 5 plan name (for events),
+--   6 units the answer reported (counted in the usage history; "" for none).
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name.
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 local clock = redis.call('TIME')
@@ -34,9 +35,12 @@ if hold.id and redis.call('HDEL', HOLDS, hold.id) == 0 then
   return cjson.encode({ok = 0, st = 'settled'})  -- settled before: settling twice changes nothing
 end
 
+local usage_key = hold.q
 if ARGV[3] == 'back' then
+  if usage_key then redis.call('HINCRBY', S, 'qr:' .. usage_key, -1) end
   for _, l in ipairs(hold.l or {}) do
     local n, units, ws = l[1], l[2], l[3]
+    if usage_key then redis.call('HINCRBY', S, 'qu:' .. usage_key, -units) end
     if ws == 0 then
       give_back_cap(n, units, nil)
     elseif num('w:' .. n, nil) == ws then
@@ -82,6 +86,8 @@ if ARGV[4] ~= '' then
     debt = debt + extra - from_purchased
   end
   redis.call('HSET', S, 'c:s', spent, 'c:p', purchased, 'c:d', debt)
+  if usage_key and owed ~= held then redis.call('HINCRBY', S, 'qc:' .. usage_key, owed - held) end
+  if usage_key and ARGV[6] and ARGV[6] ~= '' then redis.call('HINCRBY', S, 'qu:' .. usage_key, ARGV[6]) end
   balance = left() + purchased - debt
   if allowance >= 0 and balance < before then
     local threshold = num('c:thr', nil)

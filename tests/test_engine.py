@@ -482,3 +482,22 @@ def test_status_of_a_billable_never_seen(go: Go[None]) -> None:
         json.dumps(status)
 
     go(fn)
+
+
+def test_usage_history_counters(go: Go[None]) -> None:
+    """Admitted requests, units and credits are counted per month, route and operation; give-backs undo them."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 500)
+        d = await h.decide("org", "POST", "/chat")
+        await h.engine.settle(d, give_back_limits=False, credits_owed=42, units=42)
+        p = await h.decide("org", "POST", "/projects")
+        await h.engine.settle(p, give_back_limits=True, credits_owed=None)
+        await h.decide("org", "POST", "/projects")
+        state = (await h.engine.snapshot("org")).state
+        month = time.strftime("%Y-%m", time.gmtime())
+        assert state[f"qr:{month}|POST /chat|chat"] == "1"
+        assert state[f"qc:{month}|POST /chat|chat"] == "42" and state[f"qu:{month}|POST /chat|chat"] == "42"
+        assert state[f"qr:{month}|POST /projects|"] == "1" and state[f"qu:{month}|POST /projects|"] == "1"
+
+    go(fn)
