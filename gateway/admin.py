@@ -71,6 +71,8 @@ class Endpoints:
         metrics: Metrics,
         identify: Identify,
         admin_token: str | None,
+        extra_routes: list[Route] | None = None,
+        extra_admin_routes: list[Route] | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = engine.catalog
@@ -92,6 +94,7 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.set_limit, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
+            *(extra_admin_routes or []),
         ]
         self.router = Router(
             routes=[
@@ -99,6 +102,7 @@ class Endpoints:
                 Route("/_gateway/usage", self.usage, methods=["GET"]),
                 Route("/_gateway/health", self.health, methods=["GET"]),
                 Route("/_gateway/metrics", self.prometheus, methods=["GET"]),
+                *(extra_routes or []),
             ]
         )
 

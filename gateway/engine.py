@@ -108,6 +108,7 @@ class Engine:
         *,
         prefix: str = "gw",
         restore: Restorer | None = None,
+        on_restored: Callable[[str, dict[str, str]], Awaitable[None]] | None = None,
         hold_ttl: int = 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -117,7 +118,11 @@ class Engine:
         self.catalog = catalog
         self.prefix = prefix
         self.restore = restore
+        # Called after a restore lands, with the state restored: the record replays what came after it.
+        self.on_restored = on_restored
         self.hold_ttl = hold_ttl
+        # Billables whose Redis state this process changed since the reconciler last took the set.
+        self.touched: set[str] = set()
         self._plans: dict[str, ResolvedPlan] = {}
         self._compiled: dict[tuple[str, int], _Compiled] = {}
         self._bounds: tuple[float, str] = (0.0, "")
@@ -169,6 +174,7 @@ class Engine:
             if status == "missing":
                 await self.rehydrate(billable)
                 continue
+            self.touched.add(billable)
             return self._decision(billable, plan_name, route, compiled, out, hold_id)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
@@ -301,6 +307,7 @@ class Engine:
         `units` are what a metered answer reported, counted in the usage history."""
         if decision.hold is None or decision.billable is None:
             return None
+        self.touched.add(decision.billable)
         raw = await self.store.run(
             "settle",
             self.keys(decision.billable),
@@ -320,6 +327,7 @@ class Engine:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
         plan = self.catalog.plans[plan_name]
         cap = plan.limits.get(limit)
+        self.touched.add(billable)
         await self.store.run(
             "settle", self.keys(billable), ["release", limit, units, "" if cap is None else cap.to, plan_name]
         )
@@ -354,6 +362,7 @@ class Engine:
         return self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
 
     async def _update(self, billable: str, *args: str | int) -> None:
+        self.touched.add(billable)
         await self.store.run("update", self.keys(billable)[:1], list(args))
         self._plans.pop(billable, None)
 
@@ -396,6 +405,7 @@ class Engine:
 
     async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
+        self.touched.add(billable)
         for _ in range(2):
             raw = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
             out = json.loads(raw)
@@ -435,6 +445,8 @@ class Engine:
         except Exception as exc:
             raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
         await self.restore_state(billable, state or {})
+        if self.on_restored is not None:
+            await self.on_restored(billable, state or {})
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
         raw = await self.store.client.lrange(self.keys(billable)[1], 0, limit - 1)

@@ -64,6 +64,7 @@ class GatewayMiddleware:
         endpoints: ASGIApp | None = None,
         metrics: Metrics | None = None,
         max_body: int = 10 * 1024 * 1024,
+        on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         if keys is None and billable is None and billable_header is None:
             raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
@@ -76,6 +77,8 @@ class GatewayMiddleware:
         self.endpoints = endpoints
         self.metrics = metrics or Metrics()
         self.max_body = max_body
+        # Told of every decision that emitted events or started an auto-recharge; must not block.
+        self.on_decision = on_decision
         self._warned_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -129,8 +132,13 @@ class GatewayMiddleware:
         finally:
             self.metrics.latency(time.perf_counter() - started)
         self.metrics.decided("admitted" if decision.admitted else "denied", decision.violated_policies)
-        if decision.events:
+        if decision.events or decision.recharge:
             self.metrics.events(decision.events)
+            if self.on_decision is not None:
+                try:
+                    self.on_decision(decision)
+                except Exception:  # an observer never breaks a request
+                    log.exception("on_decision failed")
         if not decision.admitted:
             await self._deny(scope, send, decision)
             return
