@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.catalog import CREDITS, Catalog, Route
 
@@ -39,9 +39,8 @@ class Violation:
     balance: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyState:
-    """One applied policy's state after the decision, for the headers."""
+class PolicyState(NamedTuple):
+    """One applied policy's state after the decision, for the headers (a tuple: built per request)."""
 
     name: str
     kind: str  # rate | cap | allow | credits
@@ -99,15 +98,21 @@ class Decision:
         shown = [p for p in self.policies if p.quota >= 0]
         if shown:
             out.append((b"ratelimit-policy", _policy_header(tuple((p.name, p.quota, p.window) for p in shown))))
-            out.append((b"ratelimit", ", ".join(_state_item(p) for p in shown).encode()))
-            tight = min(
-                (p for p in shown if p.remaining is not None and p.quota > 0),
-                key=lambda p: ((p.remaining or 0) / p.quota, p.remaining),
-                default=None,
-            )
+            items = []
+            tight: PolicyState | None = None
+            tight_key = (2.0, 0)
+            for p in shown:
+                remaining = p.remaining if p.remaining is not None and p.remaining > 0 else 0
+                name = _sf_string(p.name)
+                items.append(f"{name};r={remaining}" if p.reset is None else f"{name};r={remaining};t={p.reset}")
+                if p.remaining is not None and p.quota > 0:
+                    key = (remaining / p.quota, remaining)
+                    if key < tight_key:
+                        tight, tight_key = p, key
+            out.append((b"ratelimit", ", ".join(items).encode()))
             if tight is not None:
                 out.append((b"x-ratelimit-limit", str(tight.quota).encode()))
-                out.append((b"x-ratelimit-remaining", str(tight.remaining).encode()))
+                out.append((b"x-ratelimit-remaining", str(tight_key[1]).encode()))
                 if tight.reset is not None:
                     out.append((b"x-ratelimit-reset", str(int(self.now) + tight.reset).encode()))
                 out.append((b"x-ratelimit-resource", tight.name.encode()))
@@ -140,6 +145,7 @@ class Decision:
         return json.dumps(self.problem(catalog), separators=(",", ":")).encode()
 
 
+@functools.lru_cache(maxsize=4096)
 def _sf_string(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -154,13 +160,6 @@ def _policy_header(policies: tuple[tuple[str, int, int | None], ...]) -> bytes:
             item += f";w={window}"
         items.append(item)
     return ", ".join(items).encode()
-
-
-def _state_item(p: PolicyState) -> str:
-    item = f"{_sf_string(p.name)};r={max(0, p.remaining or 0)}"
-    if p.reset is not None:
-        item += f";t={p.reset}"
-    return item
 
 
 def _noun(limit: str) -> str:

@@ -194,14 +194,15 @@ class Engine:
                     balance=_int(v.get("have")),
                 )
             )
+        # Script numbers are whole; false stands for "none" (Lua tables cannot hold nil).
         policies = [
             PolicyState(
-                name=p[0],
-                kind=p[1],
-                quota=int(p[2]),
-                window=_opt(p[3]),
-                remaining=_opt(p[4]),
-                reset=_opt(p[5]) if p[1] != "cap" else None,
+                p[0],
+                p[1],
+                p[2],
+                None if p[3] is False else p[3],
+                None if p[4] is False else p[4],
+                None if p[5] is False or p[1] == "cap" else p[5],
             )
             for p in _list(out.get("p"))
         ]

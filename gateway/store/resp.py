@@ -28,6 +28,16 @@ class ConnectionLost(ConnectionError):
 
 
 def pack(args: tuple[bytes | str | int | float, ...]) -> bytes:
+    text = [f"*{len(args)}\r\n"]
+    for arg in args:
+        if isinstance(arg, bytes):
+            break
+        value = arg if isinstance(arg, str) else str(arg)
+        text.append(f"${len(value)}\r\n{value}\r\n")
+    else:
+        joined = "".join(text)
+        if joined.isascii():  # then string lengths are byte lengths: encode once
+            return joined.encode()
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):

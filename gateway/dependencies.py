@@ -1,0 +1,121 @@
+"""FastAPI dependencies: guard one endpoint by a feature, or make it spend an operation.
+
+    engine = Engine(open_redis(url), load_catalog("plans.toml"))
+    gate = Guard(engine, billable=lambda request: request.headers.get("x-org"))
+    app = FastAPI(exception_handlers=gate.exception_handlers)
+
+    @app.post("/v1/upscale", dependencies=[Depends(gate.require_feature("flux_hd_access"))])
+    async def upscale(): ...
+
+    @app.post("/v1/images")
+    async def images(decision: Decision = Depends(gate.spend("generate_image"))): ...
+
+Without the middleware in front, each dependency is one decision (one script call); behind the
+middleware, `require_feature` reads the decision the middleware already made.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.catalog import Route, RouteConfig
+from gateway.decision import Decision, Violation
+from gateway.engine import Engine
+from gateway.errors import RedisUnavailable, StateUnavailable
+
+_ANY = re.compile(".*")
+BillableOf = Callable[[Request], "str | None | Awaitable[str | None]"]
+
+
+class Denied(HTTPException):
+    """A denial carrying its problem body and headers; `Guard.exception_handlers` renders it as problem+json."""
+
+    def __init__(self, status: int, problem: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(status_code=status, detail=problem, headers={k.decode(): v.decode() for k, v in headers})
+        self.problem = problem
+
+
+async def _render(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Denied)
+    return JSONResponse(exc.problem, status_code=exc.status_code, headers=exc.headers,
+                        media_type="application/problem+json")
+
+
+class Guard:
+    def __init__(self, engine: Engine, *, billable: BillableOf | None = None) -> None:
+        self.engine = engine
+        self.catalog = engine.catalog
+        self.billable = billable
+        self.exception_handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {Denied: _render}
+        self._routes: dict[tuple[str, ...], Route] = {}
+
+    async def _billable(self, request: Request) -> str:
+        decided: Decision | None = request.scope.get("state", {}).get("gateway")
+        if decided is not None and decided.billable:
+            return decided.billable
+        found = self.billable(request) if self.billable is not None else None
+        if inspect.isawaitable(found):
+            found = await found
+        if not found:
+            self._deny(Decision(False, None, None, violations=[Violation("", "unauthorized")]))
+        return str(found)
+
+    def _deny(self, decision: Decision) -> None:
+        raise Denied(decision.status, decision.problem(self.catalog), decision.headers())
+
+    def _route(self, features: tuple[str, ...], spend: str | None) -> Route:
+        """A route of the dependency's own, compiled once (the catalog's matching is not involved)."""
+        key = (*features, "|", spend or "")
+        route = self._routes.get(key)
+        if route is None:
+            config = RouteConfig(match="* /", features=features, spend=spend)
+            # Negative indexes keep these apart from the catalog's routes in the engine's compile cache.
+            route = Route(index=-2 - len(self._routes), config=config, method="*", pattern=_ANY, rate=None)
+            self._routes[key] = route
+        return route
+
+    async def _decide(self, request: Request, features: tuple[str, ...], spend: str | None) -> Decision:
+        billable = await self._billable(request)
+        try:
+            decision = await self.engine.decide(billable, self._route(features, spend))
+        except (RedisUnavailable, StateUnavailable):
+            self._deny(Decision(False, billable, None, violations=[Violation("", "unavailable")]))
+            raise AssertionError("unreachable")
+        if not decision.admitted:
+            self._deny(decision)
+        return decision
+
+    def require_feature(self, *features: str) -> Callable[[Request], Awaitable[Decision | None]]:
+        unknown = [f for f in features if f not in self.catalog.feature_names]
+        if unknown:
+            raise ValueError(f"unknown feature(s) {', '.join(unknown)}: plans.toml names {', '.join(sorted(self.catalog.feature_names))}")
+
+        async def dependency(request: Request) -> Decision | None:
+            decided: Decision | None = request.scope.get("state", {}).get("gateway")
+            if decided is not None and decided.plan is not None:
+                plan = self.catalog.plans[decided.plan]
+                missing = [f for f in features if not plan.allows_feature(f)]
+                if missing:
+                    self._deny(Decision(False, decided.billable, decided.plan, violations=[Violation(f, "feature") for f in missing]))
+                return decided
+            return await self._decide(request, tuple(features), None)
+
+        return dependency
+
+    def spend(self, operation: str) -> Callable[[Request], Awaitable[Decision]]:
+        if operation not in self.catalog.operations:
+            raise ValueError(f"unknown operation {operation!r}: plans.toml defines {', '.join(self.catalog.operations) or 'none'}")
+        if self.catalog.operations[operation].metered:
+            raise ValueError(f"{operation!r} is priced from the answer: route it through the middleware, which settles it")
+
+        async def dependency(request: Request) -> Decision:
+            return await self._decide(request, (), operation)
+
+        return dependency

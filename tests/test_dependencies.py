@@ -1,0 +1,63 @@
+"""FastAPI dependencies: one endpoint guarded by a feature, another spending an operation."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import Depends, FastAPI
+from starlette.testclient import TestClient
+
+from engine_support import BASE
+from gateway.catalog import parse_catalog
+from gateway.decision import Decision
+from gateway.dependencies import Guard
+from gateway.engine import Engine
+from gateway.middleware import GatewayMiddleware
+from gateway.store.redis import open_redis
+
+
+def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
+    engine = Engine(open_redis(None), parse_catalog(BASE), prefix=f"gwt{uuid.uuid4().hex[:8]}")
+    gate = Guard(engine, billable=lambda request: request.headers.get("x-org"))
+    app = FastAPI(exception_handlers=gate.exception_handlers)
+
+    @app.post("/hd", dependencies=[Depends(gate.require_feature("hd"))])
+    async def hd() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.post("/image")
+    async def image(decision: Decision = Depends(gate.spend("image"))) -> dict[str, int | None]:
+        return {"credits": decision.credits}
+
+    if with_middleware:
+        app.add_middleware(GatewayMiddleware, engine=engine, billable=lambda scope: dict(scope["headers"]).get(b"x-org", b"").decode() or None)  # type: ignore[arg-type]
+    return app, engine
+
+
+def test_feature_dependency_denies_with_problem_json() -> None:
+    """require_feature answers 403 problem+json naming the upgrade when the plan lacks the feature."""
+    app, engine = make_app(with_middleware=False)
+    with TestClient(app) as client:
+        denied = client.post("/hd", headers={"x-org": "a"})
+        assert denied.status_code == 403 and denied.headers["content-type"] == "application/problem+json"
+        assert denied.json()["violated_policies"] == ["hd"]
+        assert "Please upgrade to Pro" in denied.json()["detail"]
+        assert client.post("/hd").status_code == 401
+
+
+def test_spend_dependency_spends_and_402s() -> None:
+    """spend() takes the operation's credits once per call and answers 402 when they run out."""
+    app, _ = make_app(with_middleware=False)
+    with TestClient(app) as client:
+        assert client.post("/image", headers={"x-org": "b"}).json() == {"credits": 5}
+        assert client.post("/image", headers={"x-org": "b"}).json() == {"credits": 0}
+        third = client.post("/image", headers={"x-org": "b"})
+        assert third.status_code == 402 and third.json()["type"] == "urn:gateway:insufficient-credits"
+
+
+def test_behind_the_middleware_the_feature_check_reuses_its_decision() -> None:
+    """Behind the middleware, require_feature reads the middleware's decision (plan) instead of deciding again."""
+    app, engine = make_app(with_middleware=True)
+    with TestClient(app) as client:
+        assert client.post("/hd", headers={"x-org": "c"}).status_code == 403
+    assert "c" in engine.touched
