@@ -18,7 +18,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from gateway.app import GatewayApp
 from gateway.client import parse_limits
@@ -85,6 +86,11 @@ spend = "chat"
 
 [[routes]]
 match = "GET /v1/stream"
+features = ["api_access"]
+spend = "stream"
+
+[[routes]]
+match = "GET /v1/stream-die"
 features = ["api_access"]
 spend = "stream"
 
@@ -157,14 +163,39 @@ def upstream(seen: Seen) -> Starlette:
     async def delete(request: Request) -> Response:
         return Response(status_code=204)
 
+    async def ws_echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.headers.get("x-billable-id", ""))
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
     return Starlette(
         routes=[
             Route("/v1/chat", chat, methods=["POST"]),
             Route("/v1/stream", stream),
             Route("/v1/projects/{id}", delete, methods=["DELETE"]),
+            Route("/v1/stream-die", _RawEndpoint(die_mid_stream)),
+            WebSocketRoute("/v1/ws", ws_echo),
             Route("/v1/{rest:path}", echo, methods=["GET", "POST", "PUT", "DELETE"]),
         ]
     )
+
+
+class _RawEndpoint:
+    """A raw ASGI endpoint inside a Starlette route."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+async def die_mid_stream(scope: Any, receive: Any, send: Any) -> None:
+    """An event stream that reports 4 units, then the upstream dies before finishing."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": b'data: {"usage": {"total_tokens": 4}}\n\n', "more_body": True})
+    await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -445,3 +476,31 @@ def test_embedded_defaults(tmp_path: Path) -> None:
         codes = [httpx.post(f"{e.url}/v1/projects", headers=auth(key)).status_code for _ in range(3)]
     assert codes == [200, 200, 403]
     json.dumps(codes)
+
+
+def test_upstream_dying_mid_stream_is_charged_what_was_seen(env: Env) -> None:
+    """A stream the upstream cuts short is charged the units it reported before dying, not the whole reserve."""
+    billable, key = env.key()
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("GET", f"{env.url}/v1/stream-die", headers=auth(key), timeout=5) as r:
+            for _ in r.iter_lines():
+                pass
+    time.sleep(0.3)
+    status = httpx.get(f"{env.url}/_gateway/admin/billables/{billable}", headers=env.admin()).json()
+    assert status["credits"]["balance"] == 20 - 4 and status["credits"]["held"] == 0
+
+
+def test_websocket_admitted_then_proxied_and_refused_without_key(env: Env) -> None:
+    """A WebSocket upgrade passes the same checks, is proxied both ways, and is refused without a key."""
+    import websockets.sync.client as ws_client
+
+    billable, key = env.key()
+    ws_url = env.url.replace("http://", "ws://") + "/v1/ws"
+    with ws_client.connect(ws_url, additional_headers=auth(key)) as ws:
+        assert ws.recv(timeout=5) == billable
+        ws.send("ping")
+        assert ws.recv(timeout=5) == "ping"
+    with pytest.raises(Exception) as refused:
+        with ws_client.connect(ws_url) as ws:
+            ws.recv(timeout=5)
+    assert "401" in str(refused.value)
