@@ -340,6 +340,7 @@ class CatalogFile(_Model):
     events: Events = Field(default_factory=Events)
 
 
+_HEADER_SAFE = re.compile(r"[\x20-\x7e]+")
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
 
 
@@ -564,6 +565,15 @@ def _lint(parsed: CatalogFile) -> Iterable[Problem]:
             if first[1] != limit.per:
                 other = plans[first[0]].limits[limit_name]
                 yield Problem(place, f'is a {limit.kind} here but a {other.kind} in plan "{first[0]}": a limit means the same in every plan')
+
+    # Policy names travel in RateLimit headers (structured-field strings): printable ASCII only.
+    for name, plan in plans.items():
+        for limit_name in plan.limits:
+            if not _HEADER_SAFE.fullmatch(limit_name):
+                yield Problem(f"plans.{name}.limits.{limit_name}", "a limit name must be printable ASCII (it is sent in RateLimit headers)")
+    for i, route in enumerate(parsed.routes):
+        if route.rate_limit is not None and not _HEADER_SAFE.fullmatch(route.match):
+            yield Problem(f"routes[{i}].match", "a route with its own rate_limit must match printable ASCII (its policy name is sent in headers)")
 
     features = set(parsed.features)
     for plan in plans.values():

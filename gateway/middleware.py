@@ -245,8 +245,8 @@ class GatewayMiddleware:
             if size > self.max_body:
                 start, body = problem_response(
                     413,
-                    {"type": "urn:gateway:payload-too-large", "title": "Payload too large", "status": 413,
-                     "detail": f"The request body is larger than {self.max_body} bytes."},
+                    {"type": "urn:gateway:payload-too-large", "title": "Payload Too Large", "status": 413,
+                     "detail": f"The request body is over the {self.max_body}-byte limit, so it was not read."},
                 )
                 await send(start)
                 await send(body)

@@ -180,3 +180,9 @@ def test_catalog_is_immutable() -> None:
     catalog = load_catalog(EXAMPLE)
     with pytest.raises(Exception):
         catalog.plans["free"].credits = 5  # type: ignore[misc]
+
+
+def test_policy_names_must_fit_in_headers() -> None:
+    """Limit names and rate-limited route matches go into RateLimit headers: printable ASCII only."""
+    (found,) = problems(MINIMAL + "limits.\"café\" = { to = 3 }\n")
+    assert found.startswith('plans.free.limits.café: a limit name must be printable ASCII')
