@@ -11,6 +11,7 @@ from starlette.requests import Request
 from gateway.admin import Endpoints
 from gateway.catalog import Catalog, load_catalog
 from gateway.engine import Engine
+from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import Metrics
@@ -35,6 +36,7 @@ class Gateway:
     keys: KeyStore | None = None
     engine: Engine | None = None
     grants: Grants | None = None
+    deliverer: Deliverer | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -50,8 +52,13 @@ class Gateway:
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
+        if self.catalog.file.events.webhook_url:
+            self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
+            self.deliverer.start()
 
     async def stop(self) -> None:
+        if self.deliverer is not None:
+            await self.deliverer.stop()
         if self.keys is not None:
             await self.keys.close()  # lets pending last_used_at writes finish
         await self.store.close()

@@ -1,4 +1,4 @@
-"""`gateway serve | demo | check | db upgrade`."""
+"""`gateway serve | demo | check | db upgrade | events replay`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.catalog import CREDITS, Catalog, load_catalog
-from gateway.errors import CatalogError, ConfigError, GatewayError
+from gateway.errors import CatalogError, ConfigError, DatabaseUnavailable, GatewayError
 from gateway.settings import Settings
 
 
@@ -109,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     db = commands.add_parser("db", help="the record's schema")
     db.add_argument("action", choices=["upgrade"])
     db.add_argument("--database-url")
+    events = commands.add_parser("events", help="the webhook outbox")
+    events.add_argument("action", choices=["replay"])
+    events.add_argument("--dead", action="store_true", help="only dead-lettered events (the default with no filter)")
+    events.add_argument("--since", help="events created at or after this ISO 8601 time (UTC unless it says)")
+    events.add_argument("--id", dest="event_id", help="this event")
+    events.add_argument("--database-url")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -121,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load(flags)
         if args.command == "db":
             return asyncio.run(_db_upgrade(settings))
+        if args.command == "events":
+            return asyncio.run(_events_replay(settings, args.dead, _iso(args.since), args.event_id))
         if args.command == "demo":
             from gateway.demo import run_demo
 
@@ -155,6 +164,33 @@ async def _db_upgrade(settings: Settings) -> int:
     finally:
         await db.close()
     print(f"{settings.database_url}: schema is current")
+    return 0
+
+
+def _iso(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since: {text!r} is not an ISO 8601 time (like 2026-11-01T00:00:00Z)") from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+async def _events_replay(settings: Settings, dead: bool, since: datetime | None, event_id: str | None) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.events import replay
+    from gateway.store.db import Database
+
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    try:
+        count = await replay(db, dead=dead, since=since, event_id=event_id)
+    except (SQLAlchemyError, OSError) as exc:
+        raise DatabaseUnavailable(f"the database at {db.shown} did not answer: {exc}") from exc
+    finally:
+        await db.close()
+    print(f"{count} event(s) queued for delivery again")
     return 0
 
 
