@@ -92,7 +92,7 @@ class GatewayApp:
         )
 
         async def identify(request: Request) -> str | None:
-            return await middleware.identify(request.scope)
+            return await middleware.identify(dict(request.scope))
 
         middleware.endpoints = Endpoints(
             engine=gw.engine,

@@ -331,7 +331,7 @@ class Events(_Model):
 
 
 class CatalogFile(_Model):
-    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    catalog: CatalogSettings = Field(default_factory=lambda: CatalogSettings())
     features: dict[str, str] = Field(default_factory=dict)
     operations: dict[str, Operation] = Field(default_factory=dict)
     plans: dict[str, Plan] = Field(default_factory=dict)

@@ -38,7 +38,7 @@ class Denied(HTTPException):
     """A denial carrying its problem body and headers; `Guard.exception_handlers` renders it as problem+json."""
 
     def __init__(self, status: int, problem: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(status_code=status, detail=problem, headers={k.decode(): v.decode() for k, v in headers})
+        super().__init__(status_code=status, detail=problem["detail"], headers={k.decode(): v.decode() for k, v in headers})
         self.problem = problem
 
 
@@ -75,7 +75,7 @@ class Guard:
         key = (*features, "|", spend or "")
         route = self._routes.get(key)
         if route is None:
-            config = RouteConfig(match="* /", features=features, spend=spend)
+            config = RouteConfig(match="* /", features=features, spend=spend, cost=1)
             # Negative indexes keep these apart from the catalog's routes in the engine's compile cache.
             route = Route(index=-2 - len(self._routes), config=config, method="*", pattern=_ANY, rate=None)
             self._routes[key] = route

@@ -164,7 +164,7 @@ class PipelinedConnection:
             except (OSError, asyncio.TimeoutError) as exc:
                 raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from exc
             self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
-            self._transport = transport  # type: ignore[assignment]
+            self._transport = transport
             setup: list[tuple[bytes | str | int, ...]] = []
             if self.password is not None:
                 setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
@@ -173,7 +173,7 @@ class PipelinedConnection:
             for command in setup:
                 future: asyncio.Future[Any] = loop.create_future()
                 self._pending.append((time.monotonic(), future))
-                transport.write(pack(command))  # type: ignore[arg-type]
+                transport.write(pack(command))
                 await asyncio.wait_for(future, self.timeout)
 
     def close(self) -> None:
