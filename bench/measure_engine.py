@@ -1,0 +1,123 @@
+"""Engine measurements on a private redis-server: client commands per decision, the script's own time
+per call, and the memory one billable's keys take.
+
+    .venv/bin/python bench/measure_engine.py          # starts and stops its own redis-server
+
+Route measured: bench/plans.toml's GET /hello (a rate limit, a monthly allowance and a credit spend).
+Memory: one billable of the example plans.toml after a pro-plan workout (every route it has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.catalog import load_catalog  # noqa: E402
+from gateway.engine import Engine  # noqa: E402
+from gateway.store.redis import open_redis  # noqa: E402
+
+DECISIONS = 2000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def monitor(port: int, lines: list[str], stop: threading.Event) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"MONITOR\r\n")
+        sock.settimeout(0.2)
+        data = b""
+        while not stop.is_set():
+            try:
+                data += sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+        lines.extend(data.decode(errors="replace").splitlines())
+
+
+async def measure(port: int) -> None:
+    url = f"redis://127.0.0.1:{port}/0"
+    admin = redis.Redis(port=port, decode_responses=True)
+    bench = load_catalog(ROOT / "bench" / "plans.toml")
+    engine = Engine(open_redis(url), bench)
+    route = bench.route_for("GET", "/hello")
+    for i in range(100):  # each billable's plan is cached after its first decision
+        await engine.decide(f"b{i}", route)
+    admin.config_resetstat()
+    started = time.perf_counter()
+    for i in range(DECISIONS):
+        await engine.decide(f"b{i % 100}", route)
+    elapsed = time.perf_counter() - started
+    stats = admin.info("commandstats")["cmdstat_evalsha"]
+    print(f"decisions: {DECISIONS} one at a time, {elapsed / DECISIONS * 1e6:.0f} us each (wall, client and server)")
+    print(f"evalsha usec_per_call (the script's own time inside Redis): {stats['usec_per_call']:.2f}")
+    # MONITOR slows Redis down, so the count is taken in a run of its own.
+    lines: list[str] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=monitor, args=(port, lines, stop))
+    watcher.start()
+    await asyncio.sleep(0.3)
+    for i in range(DECISIONS):
+        await engine.decide(f"b{i % 100}", route)
+    await asyncio.sleep(0.3)
+    stop.set()
+    watcher.join()
+    sent = [line for line in lines if line.startswith("+") and '"' in line and "lua]" not in line]
+    print(f"client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted({line.split(chr(34))[1] for line in sent})})")
+
+    example = load_catalog(ROOT / "plans.toml")
+    engine = Engine(open_redis(url), example)
+    await engine.set_assignment("org", "pro")
+    await engine.apply_grant("org", 1, 5000)
+    for method, path in [("POST", "/v1/images"), ("POST", "/v1/chat"), ("POST", "/v1/projects"),
+                         ("POST", "/v1/custom-models"), ("GET", "/v1/anything")]:
+        for _ in range(3):
+            d = await engine.decide("org", example.route_for(method, path))
+            if d.hold and d.hold.get("id"):
+                await engine.settle(d, give_back_limits=False, credits_owed=300, units=300)
+    total = 0
+    for key in engine.keys("org"):
+        size = admin.memory_usage(key) or 0
+        total += size
+        print(f"  MEMORY USAGE {key}: {size} bytes")
+    fields = admin.hlen(engine.keys("org")[0])
+    print(f"one billable of the example plan (pro, every route used): {total} bytes in {fields} state fields")
+    await engine.store.close()
+
+
+def main() -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    redis.Redis(port=port).ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            asyncio.run(measure(port))
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
