@@ -296,6 +296,11 @@ class Engine:
             "c": cost,
             "show": 1 if route is not None and route.config.spend is not None else 0,
         }
+        fields = [f"r:{r[0]}" for r in spec["r"]]
+        for limit in spec["l"]:
+            fields += [f"{kind}:{limit['n']}" for kind in ("u", "g", "t", "b", "w")]
+        fields += ["c:w", "c:s", "c:p", "c:d", "c:thr", "ar:on", "ar:lease", "ar:n", "ar:m"]
+        spec["f"] = fields  # what the script reads, fetched in one HMGET
         return _Compiled(json.dumps(spec, separators=(",", ":")), tuple(denied), metered)
 
     # ---- after the upstream answered ----------------------------------------------------------------

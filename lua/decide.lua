@@ -8,16 +8,24 @@
 --       under it (`qr:`, `qu:`, `qc:`) for the record's usage history.
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 
-local head = redis.call('HMGET', S, 'pv', 'hyd', 'asg', 'sub')
-local pv = tonumber(head[1]) or 0
+local spec = cjson.decode(ARGV[1])
+local usage_key = ARGV[10]
+-- Every field this decision may read, in one call: the fixed ones here, the spec's own in spec.f.
+local names = {'pv', 'hyd', 'asg', 'sub', 'chg', 'eseq', 'bp_s', 'bp_e',
+  'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key}
+for _, f in ipairs(spec.f) do names[#names + 1] = f end
+local values = redis.call('HMGET', S, unpack(names))
+local F = {}
+for i, f in ipairs(names) do F[f] = values[i] end
+
+local pv = tonumber(F.pv) or 0
 if pv ~= tonumber(ARGV[2]) then
-  return cjson.encode({st = 'stale', pv = pv, asg = head[3], sub = head[4]})
+  return cjson.encode({st = 'stale', pv = pv, asg = F.asg, sub = F.sub})
 end
-if ARGV[7] == '1' and not head[2] then
+if ARGV[7] == '1' and not F.hyd then
   return cjson.encode({st = 'missing'})
 end
 
-local spec = cjson.decode(ARGV[1])
 local bounds = cjson.decode(ARGV[3])
 local forced_deny = ARGV[4] == '1'
 local hold_id = ARGV[5]
@@ -26,7 +34,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
 local function num(field, default)
-  return tonumber(redis.call('HGET', S, field)) or default
+  local v = F[field]
+  if v then return tonumber(v) or default end
+  return default
 end
 
 local function ceil_s(ms)
@@ -94,7 +104,7 @@ for _, l in ipairs(spec.l or {}) do
   local usage = num('u:' .. n, 0)
   local grace_at = num('g:' .. n, nil)
   local warned = num('t:' .. n, 0)
-  local blocked_once = redis.call('HGET', S, 'b:' .. n) == '1'
+  local blocked_once = F['b:' .. n] == '1'
   local ws, we = nil, nil
   if p ~= '' then
     ws, we = window(p)
@@ -223,7 +233,7 @@ if cr then
       event('credits_low', {balance = after, threshold = threshold})
     end
     if balance > 0 and after <= 0 then event('credits_depleted', {balance = after}) end
-    if threshold and after < threshold and redis.call('HGET', S, 'ar:on') == '1' then
+    if threshold and after < threshold and F['ar:on'] == '1' then
       local lease = num('ar:lease', 0)
       local month = window('m')
       local count = num('ar:n', 0)
@@ -242,42 +252,41 @@ hold.q = ARGV[10]
 
 local seq = num('eseq', 0)
 local out_events = {}
-local function flush_events(events)
-  for _, e in ipairs(events) do
+local function push_events(list)
+  if #list == 0 then return end
+  local items = {}
+  for _, e in ipairs(list) do
     seq = seq + 1
     local item = {seq = seq, type = e[1], at = now, plan = plan, data = e[2]}
     out_events[#out_events + 1] = item
-    redis.call('RPUSH', EV, cjson.encode(item))
+    items[#items + 1] = cjson.encode(item)
   end
-  if #events > 0 then
-    redis.call('HSET', S, 'eseq', seq)
-    redis.call('LTRIM', EV, -100000, -1)
-  end
+  redis.call('RPUSH', EV, unpack(items))
+  redis.call('LTRIM', EV, -100000, -1)
 end
 
 if admitted then
-  set('hyd', 1)
   local taken = hold.cp + hold.cb
-  redis.call('HINCRBY', S, 'qr:' .. ARGV[10], 1)
-  if taken ~= 0 then redis.call('HINCRBY', S, 'qc:' .. ARGV[10], taken) end
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end
-  if units ~= 0 then redis.call('HINCRBY', S, 'qu:' .. ARGV[10], units) end
+  push_events(events)
+  set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)
+  set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)
+  if taken ~= 0 then set('qc:' .. usage_key, num('qc:' .. usage_key, 0) + taken) end
+  if units ~= 0 then set('qu:' .. usage_key, num('qu:' .. usage_key, 0) + units) end
   redis.call('HSET', S, unpack(writes))
-  redis.call('HINCRBY', S, 'chg', 1)
   if hold_id ~= '' and hold then
     hold.exp = now + tonumber(ARGV[8]) * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
   end
-  flush_events(events)
 else
   -- A denial consumes nothing; it only remembers which block events it has sent.
   if #deny_events > 0 and not forced_deny then
     -- insufficient_credits is sent on every 402; block once per window or episode.
-    for _, f in ipairs(deny_writes) do redis.call('HSET', S, f, 1) end
-    redis.call('HSET', S, 'hyd', 1)
-    redis.call('HINCRBY', S, 'chg', 1)
-    flush_events(deny_events)
+    push_events(deny_events)
+    local marks = {'hyd', 1, 'chg', num('chg', 0) + 1, 'eseq', seq}
+    for _, f in ipairs(deny_writes) do marks[#marks + 1] = f; marks[#marks + 1] = 1 end
+    redis.call('HSET', S, unpack(marks))
   end
   hold = nil
 end
