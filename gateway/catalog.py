@@ -469,7 +469,12 @@ def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
     try:
         parsed = CatalogFile.model_validate(raw)
     except ValidationError as exc:
-        raise CatalogError(_pydantic_problems(exc), source)
+        # The file's shape is wrong somewhere; the references that can be read still get checked, so
+        # one pass lists every problem.
+        problems = _pydantic_problems(exc)
+        places = {p.place for p in problems}
+        problems += [p for p in _reference_lints(raw) if p.place not in places]
+        raise CatalogError(problems, source)
     problems = list(_lint(parsed))
     if problems:
         raise CatalogError(problems, source)
@@ -536,6 +541,39 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
         # A union reports one error per member; the first is the most useful, and one per place is enough.
         problems.setdefault(place + "\0" + message if kind == "extra_forbidden" else place, Problem(place, message))
     return list(problems.values())
+
+
+def _reference_lints(raw: dict[str, Any]) -> Iterable[Problem]:
+    """The cross-references of a file that did not validate, read defensively from the raw TOML."""
+
+    def table(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    settings, plans = table(raw.get("catalog")), table(raw.get("plans"))
+    for key in ("default_plan", "highlighted_plan"):
+        name = settings.get(key, "free" if key == "default_plan" else None)
+        if isinstance(name, str) and name not in plans:
+            yield Problem(f"catalog.{key}", f'plan "{name}" does not exist')
+    limits = {n for p in plans.values() for n in table(table(p).get("limits"))}
+    features = set(table(raw.get("features")))
+    for p in plans.values():
+        for key in ("allows", "disallows"):
+            value = table(p).get(key)
+            if isinstance(value, list):
+                features.update(f for f in value if isinstance(f, str))
+    operations = table(raw.get("operations"))
+    routes = raw.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        route = table(route)
+        if isinstance(route.get("spend"), str) and route["spend"] not in operations:
+            yield Problem(f"routes[{i}].spend", f'unknown operation "{route["spend"]}": define [operations.{route["spend"]}]')
+        for key in ("limit", "release"):
+            if isinstance(route.get(key), str) and route[key] not in limits:
+                yield Problem(f"routes[{i}].{key}", f'unknown limit "{route[key]}": no plan defines limits.{route[key]}')
+        wanted = route.get("features")
+        for j, feature in enumerate(wanted if isinstance(wanted, list) else []):
+            if isinstance(feature, str) and feature not in features:
+                yield Problem(f"routes[{i}].features[{j}]", f'unknown feature "{feature}": add it to [features] or a plan\'s allows')
 
 
 def _lint(parsed: CatalogFile) -> Iterable[Problem]:

@@ -186,3 +186,14 @@ def test_policy_names_must_fit_in_headers() -> None:
     """Limit names and rate-limited route matches go into RateLimit headers: printable ASCII only."""
     (found,) = problems(MINIMAL + "limits.\"café\" = { to = 3 }\n")
     assert found.startswith('plans.free.limits.café: a limit name must be printable ASCII')
+
+
+def test_references_checked_even_when_the_shape_is_wrong() -> None:
+    """A file with a wrong type somewhere still reports its broken references in the same pass."""
+    found = problems(
+        '[catalog]\ndefault_plan = "gold"\n[plans.free]\ncredits = "many"\n'
+        '[[routes]]\nmatch = "POST /x"\nspend = "nope"\n'
+    )
+    assert any(p.startswith("plans.free.credits: expected a whole number") for p in found)
+    assert any(p.startswith('catalog.default_plan: plan "gold" does not exist') for p in found)
+    assert any(p.startswith('routes[0].spend: unknown operation "nope"') for p in found)
