@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -18,7 +19,9 @@ from gateway.errors import DatabaseUnavailable, GatewayError, RedisUnavailable, 
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.reconcile import Reconciler
 from gateway.store.db import Database
+from gateway.usage import PERIOD, current_period, usage_report
 
 log = logging.getLogger("gateway.admin")
 
@@ -69,6 +72,7 @@ class Endpoints:
         db: Database | None,
         grants: Grants | None,
         metrics: Metrics,
+        reconciler: Reconciler | None = None,
         identify: Identify,
         admin_token: str | None,
         extra_routes: list[Route] | None = None,
@@ -79,6 +83,7 @@ class Endpoints:
         self.keys = keys
         self.db = db
         self.grants = grants
+        self.reconciler = reconciler
         self.metrics = metrics
         self.identify = identify
         self.admin_token = admin_token
@@ -94,6 +99,7 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.set_limit, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
+            Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
             *(extra_admin_routes or []),
         ]
         self.router = Router(
@@ -253,6 +259,22 @@ class Endpoints:
         status = await self.engine.status(request.path_params["billable"])
         return JSONResponse(overage(self.catalog, status, target))
 
+    async def usage_history(self, request: Request) -> Response:
+        """Requests, units, credits and amount_cents per route and operation in a month, from the record."""
+        billable = request.path_params["billable"]
+        current = current_period(self.catalog.settings.zone, self.engine.clock())
+        period = request.query_params.get("period") or current
+        if not PERIOD.match(period):
+            return bad_request(f"period is a month, YYYY-MM (like {current}), not {period!r}.")
+        if self.db is None:
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", "No database: usage comes from the record.")
+        if period == current and self.reconciler is not None:
+            await self.reconciler.flush([billable], force=True)  # the answer includes the last second's use
+        try:
+            return JSONResponse(await usage_report(self.db, billable, period))
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+
     # ---- the client's own, and the operator's probes -------------------------------------------------
 
     async def usage(self, request: Request) -> Response:
@@ -268,11 +290,17 @@ class Endpoints:
     async def health(self, request: Request) -> Response:
         redis_up = await self.engine.store.ping()
         db_up = await self.db.ping() if self.db is not None else None
-        body = {
+        record = self.reconciler.health() if self.reconciler is not None else None
+        if db_up and record is not None and record["database"] == "down":
+            db_up = False  # it answers a ping but has not taken a flush yet
+        body: dict[str, Any] = {
             "status": "ok" if redis_up and db_up is not False else "degraded",
             "redis": "up" if redis_up else "down",
             "database": "none" if db_up is None else ("up" if db_up else "down"),
         }
+        if record is not None:
+            # Catch-up: billables waiting for the record, and how long the oldest has waited.
+            body["record"] = {k: record[k] for k in ("pending", "lag_seconds", "leader")}
         return JSONResponse(body, status_code=200 if redis_up else 503)
 
     async def prometheus(self, request: Request) -> Response:

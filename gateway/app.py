@@ -18,6 +18,7 @@ from gateway.identity import KeyStore
 from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware
 from gateway.proxy import Proxy
+from gateway.reconcile import Reconciler, Rehydrator
 from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
@@ -37,6 +38,7 @@ class Gateway:
     keys: KeyStore | None = None
     engine: Engine | None = None
     grants: Grants | None = None
+    reconciler: Reconciler | None = None
     deliverer: Deliverer | None = None
 
     @classmethod
@@ -50,6 +52,11 @@ class Gateway:
         self.keys = KeyStore(self.db) if not self.settings.billable_header else None
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
+        # Redis lost a billable's state: its first request restores it from the record before deciding.
+        rehydrator = Rehydrator(self.db, self.grants)
+        self.engine.restore, self.engine.on_restored = rehydrator.restore, rehydrator.on_restored
+        self.reconciler = Reconciler(self.engine, self.db, interval=self.settings.reconcile_interval)
+        self.reconciler.start()
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
@@ -58,6 +65,8 @@ class Gateway:
             self.deliverer.start()
 
     async def stop(self) -> None:
+        if self.reconciler is not None:
+            await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
         if self.deliverer is not None:
             await self.deliverer.stop()
         if self.keys is not None:
@@ -99,6 +108,7 @@ class GatewayApp:
             keys=gw.keys,
             db=gw.db,
             grants=gw.grants,
+            reconciler=gw.reconciler,
             metrics=gw.metrics,
             identify=identify,
             admin_token=self.settings.admin_token,

@@ -1,11 +1,13 @@
-"""`gateway serve | demo | check | db upgrade | events replay`."""
+"""`gateway serve | demo | check | db upgrade | events replay | reconcile | usage`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -116,6 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     events.add_argument("--since", help="events created at or after this ISO 8601 time (UTC unless it says)")
     events.add_argument("--id", dest="event_id", help="this event")
     events.add_argument("--database-url")
+    reconcile = commands.add_parser("reconcile", help="flush Redis to the record (what every gateway process does)")
+    reconcile.add_argument("--once", action="store_true", help="one full pass (sweep every node, flush), then exit")
+    for flag in ("--plans", "--redis-url", "--database-url", "--reconcile-interval"):
+        reconcile.add_argument(flag)
+    usage = commands.add_parser("usage", help="a billable's usage in a month, per route and operation, from the record")
+    usage.add_argument("billable")
+    usage.add_argument("--period", help="YYYY-MM (default: this month, flushed from Redis first when --redis-url is set)")
+    usage.add_argument("--json", action="store_true", help="print the JSON the admin API answers")
+    for flag in ("--plans", "--redis-url", "--database-url"):
+        usage.add_argument(flag)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -130,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_db_upgrade(settings))
         if args.command == "events":
             return asyncio.run(_events_replay(settings, args.dead, _iso(args.since), args.event_id))
+        if args.command == "reconcile":
+            return asyncio.run(_reconcile(settings, once=args.once))
+        if args.command == "usage":
+            return asyncio.run(_usage(settings, args.billable, args.period, as_json=args.json))
         if args.command == "demo":
             from gateway.demo import run_demo
 
@@ -192,6 +208,72 @@ async def _events_replay(settings: Settings, dead: bool, since: datetime | None,
         await db.close()
     print(f"{count} event(s) queued for delivery again")
     return 0
+
+
+async def _reconcile(settings: Settings, *, once: bool) -> int:
+    from gateway.engine import Engine
+    from gateway.reconcile import Reconciler
+    from gateway.store.db import Database
+    from gateway.store.redis import open_redis
+
+    if settings.redis_url is None:
+        raise ConfigError("gateway reconcile needs the Redis to read: --redis-url URL or GATEWAY_REDIS_URL")
+    catalog = load_catalog(settings.plans)
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    store = open_redis(settings.redis_url)
+    reconciler = Reconciler(Engine(store, catalog), db, interval=settings.reconcile_interval)
+    try:
+        if once:
+            flushed = await reconciler.run_once()
+            print(f"flushed {flushed} billable(s) to {db.shown}")
+            return 0
+        reconciler.start()
+        await asyncio.Event().wait()  # until interrupted
+        return 0
+    finally:
+        await reconciler.stop()
+        await store.close()
+        await db.close()
+
+
+async def _usage(settings: Settings, billable: str, period: str | None, *, as_json: bool) -> int:
+    import json
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.store.db import Database
+    from gateway.usage import PERIOD, current_period, render, usage_report
+
+    catalog = load_catalog(settings.plans) if settings.redis_url or os.path.exists(settings.plans) else None
+    current = current_period(catalog.settings.zone if catalog else UTC, time.time())
+    period = period or current
+    if not PERIOD.match(period):
+        raise ConfigError(f"--period: a month, YYYY-MM (like {current}), not {period!r}")
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    try:
+        if period == current and settings.redis_url and catalog is not None:
+            await _flush_one(settings, catalog, db, billable)
+        try:
+            report = await usage_report(db, billable, period)
+        except (SQLAlchemyError, OSError) as exc:
+            raise DatabaseUnavailable(f"the database at {db.shown} did not answer: {exc}") from exc
+    finally:
+        await db.close()
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return 0
+
+
+async def _flush_one(settings: Settings, catalog: Catalog, db: Any, billable: str) -> None:
+    """This month's answer includes what Redis counted since the last flush."""
+    from gateway.engine import Engine
+    from gateway.reconcile import Reconciler
+    from gateway.store.redis import open_redis
+
+    store = open_redis(settings.redis_url)
+    try:
+        await Reconciler(Engine(store, catalog), db).flush([billable], force=True)
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

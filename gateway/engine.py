@@ -21,11 +21,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from gateway.catalog import CREDITS, Catalog, Limit, Plan, Route
 from gateway.decision import Decision, PolicyState, Violation
@@ -84,6 +84,14 @@ class Snapshot:
     state: dict[str, str]
     holds: dict[str, str]
     pending_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Pending events read for the record, oldest first, and the mark (seq, time) of the last one."""
+
+    events: list[dict[str, Any]]
+    mark: tuple[int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +332,7 @@ class Engine:
                 "" if credits_owed is None else credits_owed,
                 decision.plan or "",
                 "" if units is None else math.ceil(units),
+                "1" if self.restore else "0",
             ],
         )
         out = json.loads(raw)
@@ -334,9 +343,12 @@ class Engine:
         plan = self.catalog.plans[plan_name]
         cap = plan.limits.get(limit)
         self.touched.add(billable)
-        await self.store.run(
-            "settle", self.keys(billable), ["release", limit, units, "" if cap is None else cap.to, plan_name]
-        )
+        args: list[str | int | float | bytes] = ["release", limit, units, "" if cap is None else cap.to, plan_name]
+        for _ in range(2):
+            out = json.loads(await self.store.run("settle", self.keys(billable), [*args, "1" if self.restore else "0"]))
+            if out.get("st") != "missing":
+                return
+            await self.rehydrate(billable)
 
     # ---- plans --------------------------------------------------------------------------------------
 
@@ -455,13 +467,35 @@ class Engine:
             await self.on_restored(billable, state or {})
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
-        raw = await self.store.client.lrange(self.keys(billable)[1], 0, limit - 1)
-        return [self._event(billable, json.loads(item)) for item in raw]
+        return (await self.read_events(billable, limit)).events
 
-    async def ack_events(self, billable: str, count: int) -> None:
-        """Drop the `count` oldest pending events once the record holds them."""
-        if count > 0:
+    async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
+        raw = [json.loads(item) for item in await self.store.client.lrange(self.keys(billable)[1], 0, limit - 1)]
+        mark = (int(raw[-1]["seq"]), int(raw[-1]["at"])) if raw else None
+        return EventBatch([self._event(billable, e) for e in raw], mark)
+
+    async def ack_events(self, billable: str, count: int, *, through: tuple[int, int] | None = None) -> None:
+        """Drop the `count` oldest pending events once the record holds them.
+
+        With `through` (an EventBatch's mark) only those at or before it go: another process may have
+        taken the same batch and acked it already, and the events after it are not in the record yet."""
+        if count <= 0:
+            return
+        if through is None:
             await self.store.client.ltrim(self.keys(billable)[1], count, -1)
+        else:
+            await self.store.run("ack", self.keys(billable)[1:2], [count, through[0], through[1]])
+
+    async def billables(self) -> AsyncIterator[str]:
+        """Every billable whose state Redis holds (on a cluster, from every primary), for the record's sweep."""
+        head = len(self.prefix) + 2
+        async for key in self.store.scan(f"{self.prefix}:{{*}}"):
+            yield unquote(key[head:-1])
+
+    async def change_counters(self, billables: list[str]) -> list[int | None]:
+        """Each billable's change counter `chg` (None: no state in Redis), in one pipelined round trip."""
+        values = await self.store.fields([self.keys(b)[0] for b in billables], "chg")
+        return [None if v is None else int(v) for v in values]
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, from one snapshot."""

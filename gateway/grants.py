@@ -129,6 +129,30 @@ class Grants:
                         .values(applied_at=datetime.now(UTC))
                     )
 
+    async def replay(self, billable: str, after: int) -> None:
+        """Push every grant numbered above `after`: Redis was restored from a snapshot holding grants up to it.
+
+        Called from within a restore, which an `apply` of this billable may be waiting on: it takes no
+        lock (Redis applies numbers in order and once, so a concurrent apply cannot double one)."""
+        grants = tables.credit_grants
+        while True:
+            async with self.db.engine.connect() as conn:
+                lost = (
+                    await conn.execute(
+                        sa.select(grants.c.seq, grants.c.amount)
+                        .where(grants.c.billable == billable, grants.c.seq > after)
+                        .order_by(grants.c.seq)
+                    )
+                ).all()
+            for seq, amount in lost:
+                result = await self.engine.apply_grant(billable, seq, amount)
+                if result.status == "gap":
+                    # Another process restored an older snapshot first: start from what Redis holds.
+                    after = result.last_sequence
+                    break
+            else:
+                return
+
     async def record_assignment(self, billable: str, plan: str | None) -> None:
         """A manual plan assignment is part of the record before Redis sees it."""
         assignments = tables.plan_assignments

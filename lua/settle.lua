@@ -2,9 +2,16 @@
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
 -- ARGV[1] = "settle": 2 hold (JSON from decide, with its id when metered), 3 "keep" or "back" for the
 --   limit units, 4 the credits actually owed ("" keeps what was held), 5 plan name (for events),
---   6 units the answer reported (counted in the usage history; "" for none).
--- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name.
+--   6 units the answer reported (counted in the usage history; "" for none), 7 "1" when the record restores.
+-- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+-- State Redis lost is not written before it is restored (the restore keeps fields already present, so a
+-- count or balance written now would hide the record's). A hold lost with it stays charged; a release
+-- is retried by the caller after the restore.
+local restores = (ARGV[1] == 'release' and ARGV[6] or ARGV[7]) == '1'
+if restores and redis.call('HEXISTS', S, 'hyd') == 0 then
+  return cjson.encode({ok = 0, st = 'missing'})
+end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local events = {}

@@ -1,4 +1,4 @@
-"""Private Redis services for tests, on free loopback ports, torn down after.
+"""Private Redis and Postgres services for tests, on free loopback ports, torn down after.
 
 The shared Redis on 127.0.0.1:6379 is never stopped, flushed or reconfigured: tests that need to do
 any of that start their own server here.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -184,3 +185,108 @@ def delete_prefix(url: str, prefix: str) -> int:
         if batch:
             deleted += c.delete(*batch)
     return deleted
+
+
+# ---- Postgres: a private server, for tests that stop it ---------------------------------------------------
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if found:
+        return str(found[-1])  # the newest installed version
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"{name} (PostgreSQL server binaries) is not installed; the tests start private servers with it. "
+            ".ci/run installs it (apt-get install postgresql)."
+        )
+    return path
+
+
+class PostgresServer:
+    """One private postgres (initdb'd into a temporary directory) on a free loopback port.
+
+    stop() and start() keep the port and the data: an outage, not a loss. Durability settings are off
+    (fsync, synchronous_commit): the tests kill the server, never the machine. As root, the server runs
+    as the `postgres` user, which owns the data directory (postgres refuses to run as root)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gw-pg-{self.port}-"))
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.user: str | None = "postgres" if os.geteuid() == 0 else None
+        self._initialized = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_owner(self) -> dict[str, object]:
+        return {"user": self.user, "group": self.user} if self.user else {}
+
+    def _init(self) -> None:
+        if self.user:
+            shutil.chown(self.dir, self.user, self.user)
+        with open(self.dir / "initdb.log", "wb") as log:
+            subprocess.run(
+                [_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                 "--no-sync", "--no-instructions"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True,
+                **self._as_owner(),  # type: ignore[arg-type]
+            )
+        self._initialized = True
+
+    def start(self) -> PostgresServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        if not self._initialized:
+            try:
+                self._init()
+            except subprocess.CalledProcessError:
+                raise RuntimeError("initdb failed:\n" + (self.dir / "initdb.log").read_text(errors="replace")) from None
+        argv = [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=200"]
+        with open(self.dir / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                **self._as_owner(),  # type: ignore[arg-type]
+            )
+        try:
+            _wait(self._ready, f"postgres on port {self.port}", timeout=30)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{(self.dir / 'postgres.log').read_text(errors='replace')[-4000:]}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited with {self.proc.returncode}")
+        done = subprocess.run(
+            [_pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return done.returncode == 0
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT: connections are cut, the data stays)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

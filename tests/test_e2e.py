@@ -369,7 +369,9 @@ def test_health_and_metrics(env: Env) -> None:
     _, key = env.key()
     httpx.get(f"{env.url}/v1/anything", headers=auth(key))
     httpx.post(f"{env.url}/v1/images", headers=auth(key))
-    assert httpx.get(f"{env.url}/_gateway/health").json() == {"status": "ok", "redis": "up", "database": "up"}
+    health = httpx.get(f"{env.url}/_gateway/health").json()
+    assert {k: health[k] for k in ("status", "redis", "database")} == {"status": "ok", "redis": "up", "database": "up"}
+    assert set(health["record"]) == {"pending", "lag_seconds", "leader"}
     metrics = httpx.get(f"{env.url}/_gateway/metrics").text
     assert 'gateway_decisions_total{outcome="admitted",policy=""}' in metrics
     assert 'gateway_decisions_total{outcome="denied",policy="hd"}' in metrics

@@ -234,6 +234,22 @@ class RedisStore:
         except _DOWN as exc:
             raise self._unavailable(str(exc) or type(exc).__name__) from exc
 
+    async def fields(self, keys: list[str], field: str) -> list[str | None]:
+        """HGET `field` of each hash, pipelined (on a cluster, to every key's node); None where absent."""
+        if not keys:
+            return []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hget(key, field)
+                return list(await pipe.execute())
+        except _DOWN as exc:
+            raise self._unavailable(str(exc) or type(exc).__name__) from exc
+
+    async def lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take or renew the lease on `key` for `ttl_ms`; True while `holder` has it. 0 ms gives it back."""
+        return bool(await self.run("lease", [key], [holder, ttl_ms]))
+
     async def eviction_policy(self) -> str | None:
         if self.embedded:
             return "noeviction"

@@ -1,0 +1,415 @@
+"""Redis decides, the record remembers (DESIGN §5): flushes to the database and restores from it.
+
+    reconciler = Reconciler(engine, db, Outbox(db), interval=1.0)
+    reconciler.start()              every interval: flush what this process touched; the leader sweeps
+    await reconciler.stop()         flushes once more and gives the lead back
+    await reconciler.run_once()     `gateway reconcile --once`: sweep every Redis node, flush what the record lacks
+
+    rehydrator = Rehydrator(db, grants)
+    engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
+
+A flush writes absolute values, so a lost or repeated one does no harm: the billable's snapshot (its whole
+state, with the change counter `chg` and the Redis time it was read at), its usage totals, and its pending
+events (into the outbox, before they leave Redis). A snapshot only replaces an older one, and usage rows
+are written in the same transaction, only when the snapshot was: two processes flushing the same billable
+cannot put an older state over a newer one.
+
+Any number of processes flush what they touched. One leads (a Redis lease that expires when its holder
+dies) and sweeps: every state hash on every node whose `chg` differs from the record's is flushed, so what
+a crashed process had not reported still reaches the record. While the database is down, dirty billables
+are kept (one entry each, however often they change) and flushed when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.engine import Engine, EventBatch, Snapshot
+from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.events import Outbox
+from gateway.grants import Grants
+from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
+from gateway.usage import rows_from_state
+
+log = logging.getLogger("gateway.reconcile")
+
+_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
+_REDIS_ERRORS = (RedisUnavailable, RedisError)
+DB_TIMEOUT_S = 15.0
+RESTORE_TIMEOUT_S = 2.0
+EVENTS_PER_FLUSH = 1000
+_ROWS_PER_STATEMENT = 500  # well under both backends' bound-parameter limits
+
+
+class Reconciler:
+    def __init__(
+        self,
+        engine: Engine,
+        db: Database,
+        outbox: Outbox | None = None,
+        *,
+        interval: float = 1.0,
+        sweep_interval: float | None = None,
+        lease_seconds: float | None = None,
+        batch: int = 500,
+        parallel: int | None = None,
+        holder: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.db = db
+        self.outbox = outbox or Outbox(db)
+        self.interval = interval
+        self.sweep_interval = sweep_interval if sweep_interval is not None else max(10 * interval, 2.0)
+        # Long enough to survive a slow tick, short enough that a dead leader's sweep resumes soon.
+        self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(3 * interval, 2.0)))
+        self.lease_key = f"{engine.prefix}:reconcile:leader"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.batch = batch
+        # SQLite takes one writer at a time: more would only wait on its lock.
+        self.parallel = parallel or (1 if db.is_sqlite else 4)
+        self.clock = clock
+        # Billables to flush, each with when it was first seen dirty: one entry however often it changes.
+        self.dirty: dict[str, float] = {}
+        # The change counter this process last saw the record hold, per billable: unchanged is skipped.
+        self.recorded: dict[str, int] = {}
+        self.database_ok = True
+        self.redis_ok = True
+        self.error = ""
+        self.leader = False
+        self.flushed = 0  # billables written since start
+        # Told which billables a flush just committed (the benchmark measures lag with it); must not block.
+        self.on_flushed: Callable[[list[str]], None] | None = None
+        self._next_sweep = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- running ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-reconcile")
+
+    async def stop(self) -> None:
+        """Stop the loop, flush what is dirty once more, and give the lead back."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        try:
+            async with asyncio.timeout(DB_TIMEOUT_S):
+                await self.flush_dirty()
+        except Exception as exc:  # noqa: BLE001 - shutting down: say what stays unflushed, never hang
+            log.warning("stopping with %d billables not flushed (the leader's sweep will): %s", len(self.dirty), exc)
+        if self.leader:
+            try:
+                await self.engine.store.lease(self.lease_key, self.holder, 0)
+            except _REDIS_ERRORS:
+                pass  # it expires on its own
+            self.leader = False
+
+    async def _run(self) -> None:
+        while True:
+            started = self.clock()
+            await self.tick()
+            await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
+
+    async def tick(self) -> None:
+        """One interval's work: flush what was touched; hold or take the lead; sweep when it is due."""
+        try:
+            await self.flush_dirty()
+        except Exception:  # noqa: BLE001 - logged where it failed; the loop goes on
+            pass
+        try:
+            self.leader = await self.engine.store.lease(self.lease_key, self.holder, self.lease_ms)
+        except _REDIS_ERRORS:
+            self.leader = False
+        if self.leader and self.clock() >= self._next_sweep:
+            self._next_sweep = self.clock() + self.sweep_interval
+            try:
+                swept = await self.sweep()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("the sweep stopped: %s", exc)
+            else:
+                if swept:
+                    log.info("the sweep flushed %d billables no process had reported", swept)
+
+    async def run_once(self) -> int:
+        """One full pass: sweep every node and flush what the record lacks, then what this process touched."""
+        return await self.sweep() + await self.flush_dirty()
+
+    # ---- what needs flushing --------------------------------------------------------------------------
+
+    def take(self) -> None:
+        """Move the engine's touched billables into the dirty set (swapping the set, never copying it)."""
+        touched, self.engine.touched = self.engine.touched, set()
+        now = self.clock()
+        for billable in touched:
+            self.dirty.setdefault(billable, now)
+
+    @property
+    def lag(self) -> float:
+        """Seconds the oldest unflushed change has waited (as seen from when this process took it)."""
+        return self.clock() - min(self.dirty.values()) if self.dirty else 0.0
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "database": "up" if self.database_ok else "down",
+            "pending": len(self.dirty) + len(self.engine.touched),
+            "lag_seconds": round(self.lag, 3),
+            "leader": self.leader,
+            "last_error": self.error or None,
+        }
+
+    async def flush_dirty(self) -> int:
+        self.take()
+        if not self.dirty:
+            return 0
+        return await self.flush(list(self.dirty))
+
+    async def sweep(self) -> int:
+        """Flush every billable whose state in Redis differs from the record's (its `chg` does)."""
+        flushed = 0
+        found: list[str] = []
+        async for billable in self.engine.billables():
+            found.append(billable)
+            if len(found) >= 1000:
+                flushed += await self._sweep_some(found)
+                found = []
+        if found:
+            flushed += await self._sweep_some(found)
+        return flushed
+
+    async def _sweep_some(self, billables: list[str]) -> int:
+        billables = list(dict.fromkeys(billables))  # SCAN may return a key twice
+        counters = await self.engine.change_counters(billables)
+        recorded = await self._recorded(billables)
+        stale = [b for b, chg in zip(billables, counters, strict=True) if chg is not None and recorded.get(b) != chg]
+        return await self.flush(stale, force=True) if stale else 0
+
+    async def _recorded(self, billables: list[str]) -> dict[str, int]:
+        try:
+            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+                found = await conn.execute(
+                    sa.select(snapshots.c.billable, snapshots.c.chg).where(snapshots.c.billable.in_(billables))
+                )
+                return {row.billable: int(row.chg) for row in found}
+        except _DB_ERRORS as exc:
+            self._database_down(exc)
+            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+
+    # ---- flushing -----------------------------------------------------------------------------------
+
+    async def flush(self, billables: Sequence[str], *, force: bool = False) -> int:
+        """Write these billables to the record, in batches, a few at once. Returns how many were written.
+
+        A batch that fails stays dirty (to be flushed when the database or Redis is back) and the error
+        is raised after the others stop; `force` writes even where this process saw the record current."""
+        queue = deque(list(billables[i : i + self.batch]) for i in range(0, len(billables), self.batch))
+        failed: list[Exception] = []
+        written = 0
+
+        async def worker() -> None:
+            nonlocal written
+            while queue and not failed:
+                batch = queue.popleft()
+                try:
+                    written += await self._flush_batch(batch, force)
+                except Exception as exc:  # noqa: BLE001 - kept dirty and reported below
+                    failed.append(exc)
+                    self._keep(batch)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.parallel, len(queue)) or 1)))
+        for batch in queue:
+            self._keep(batch)
+        if failed:
+            raise failed[0]
+        return written
+
+    def _keep(self, billables: Iterable[str]) -> None:
+        now = self.clock()
+        for billable in billables:
+            self.dirty.setdefault(billable, now)
+
+    async def _flush_batch(self, billables: list[str], force: bool) -> int:
+        try:
+            snaps = await asyncio.gather(*(self.engine.snapshot(b) for b in billables))
+            writes: list[tuple[str, Snapshot]] = []
+            for billable, snap in zip(billables, snaps, strict=True):
+                if "hyd" not in snap.state:
+                    continue  # gone from Redis, or not restored yet: nothing here may replace the record's
+                chg = int(snap.state.get("chg", 0))
+                if not force and snap.pending_events == 0 and self.recorded.get(billable) == chg:
+                    continue
+                writes.append((billable, snap))
+            with_events = [b for b, snap in writes if snap.pending_events]
+            batches: list[EventBatch] = list(
+                await asyncio.gather(*(self.engine.read_events(b, EVENTS_PER_FLUSH) for b in with_events))
+            )
+        except _REDIS_ERRORS as exc:
+            self._redis_down(exc)
+            raise
+        try:
+            async with asyncio.timeout(DB_TIMEOUT_S):
+                # Events enter the outbox before the snapshot that counts them: a crash between the two
+                # leaves `chg` unrecorded, so the billable is flushed again (the outbox ignores repeats).
+                await self.outbox.add([e for batch in batches for e in batch.events])
+                await self._write(writes)
+        except _DB_ERRORS as exc:
+            self._database_down(exc)
+            raise DatabaseUnavailable(f"the database at {self.db.shown} did not take a flush: {exc}") from exc
+        self.database_ok = True
+        if len(self.recorded) > 1_000_000:
+            self.recorded.clear()  # only an optimization: forgetting costs one redundant write each
+        for billable, snap in writes:
+            self.recorded[billable] = int(snap.state.get("chg", 0))
+        for billable in billables:
+            self.dirty.pop(billable, None)
+        try:
+            await asyncio.gather(
+                *(self.engine.ack_events(b, len(batch.events), through=batch.mark) for b, batch in zip(with_events, batches))
+            )
+        except _REDIS_ERRORS as exc:
+            self._redis_down(exc)  # the events stay pending; they are in the outbox already
+        for billable, batch in zip(with_events, batches, strict=True):
+            if len(batch.events) >= EVENTS_PER_FLUSH:
+                self._keep([billable])  # more are waiting
+        self.redis_ok = True
+        self.flushed += len(writes)
+        if self.on_flushed is not None and writes:
+            self.on_flushed([b for b, _ in writes])
+        return len(writes)
+
+    async def _write(self, writes: list[tuple[str, Snapshot]]) -> None:
+        """Upsert the snapshots (only over older ones), then the usage totals of those written."""
+        if not writes:
+            return
+        per_dollar = self.engine.catalog.settings.credits_per_dollar
+        rows: list[dict[str, Any]] = sorted(
+            (
+                {
+                    "billable": billable,
+                    "state": json.dumps(snap.state, sort_keys=True, separators=(",", ":")),
+                    "chg": int(snap.state.get("chg", 0)),
+                    "updated_at": datetime.fromtimestamp(snap.now_ms / 1000, UTC),
+                }
+                for billable, snap in writes
+            ),
+            key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
+        )
+        states = {billable: snap.state for billable, snap in writes}
+        async with self.db.engine.begin() as conn:
+            written: set[str] = set()
+            for chunk in _chunks(rows, _ROWS_PER_STATEMENT):
+                insert = self.db.insert(snapshots).values(chunk)
+                upsert = insert.on_conflict_do_update(
+                    index_elements=[snapshots.c.billable],
+                    set_={"state": insert.excluded.state, "chg": insert.excluded.chg, "updated_at": insert.excluded.updated_at},
+                    # A snapshot read earlier (by a slower process) never replaces a later one.
+                    where=sa.and_(snapshots.c.chg != insert.excluded.chg, snapshots.c.updated_at <= insert.excluded.updated_at),
+                ).returning(snapshots.c.billable)
+                written.update((await conn.execute(upsert)).scalars())
+            usage = [
+                {"billable": billable, "period": r.period, "route": r.route, "operation": r.operation,
+                 "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents}
+                for billable in sorted(written)
+                for r in rows_from_state(states[billable], per_dollar)
+            ]
+            for chunk in _chunks(usage, _ROWS_PER_STATEMENT):
+                insert = self.db.insert(usage_totals).values(chunk)
+                await conn.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=[usage_totals.c.billable, usage_totals.c.period, usage_totals.c.route, usage_totals.c.operation],
+                        set_={c: insert.excluded[c] for c in ("requests", "units", "credits", "amount_cents")},
+                    )
+                )
+
+    def _database_down(self, exc: BaseException) -> None:
+        if self.database_ok:
+            log.warning("the database did not take a flush; keeping billables dirty until it does: %s", exc)
+        self.database_ok = False
+        self.error = f"database: {exc.__class__.__name__}: {exc}"[:500]
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self.redis_ok:
+            log.warning("Redis did not answer a flush; keeping billables dirty: %s", exc)
+        self.redis_ok = False
+        self.error = f"redis: {exc}"[:500]
+
+
+class Rehydrator:
+    """The engine's restore hooks: a billable's state Redis lost comes back from the record.
+
+    `restore` reads the last snapshot, the manual plan assignment (part of the record since it was made),
+    and the grants numbered after the snapshot's `c:seq`, in one go; `on_restored` applies those grants
+    (money first: one applied after the last flush is not lost) without needing the database again."""
+
+    def __init__(self, db: Database, grants: Grants, *, timeout: float = RESTORE_TIMEOUT_S) -> None:
+        self.db = db
+        self.grants = grants
+        self.timeout = timeout
+        self._grants_after: dict[str, list[tuple[int, int]]] = {}
+
+    async def restore(self, billable: str) -> dict[str, str] | None:
+        async with asyncio.timeout(self.timeout), self.db.engine.connect() as conn:
+            row = (await conn.execute(sa.select(snapshots.c.state).where(snapshots.c.billable == billable))).first()
+            plan = (
+                await conn.execute(sa.select(plan_assignments.c.plan).where(plan_assignments.c.billable == billable))
+            ).scalar()
+            state: dict[str, str] | None = json.loads(row.state) if row is not None else None
+            after = int((state or {}).get("c:seq", 0) or 0)
+            lost = (
+                await conn.execute(
+                    sa.select(credit_grants.c.seq, credit_grants.c.amount)
+                    .where(credit_grants.c.billable == billable, credit_grants.c.seq > after)
+                    .order_by(credit_grants.c.seq)
+                )
+            ).all()
+        self._grants_after[billable] = [(int(s), int(a)) for s, a in lost]
+        if state is None and plan is None:
+            return None
+        state = dict(state or {})
+        if plan is not None:
+            state["asg"] = plan
+        else:
+            state.pop("asg", None)
+        # A plan version no process can have cached: every process resolves the plan again.
+        state["pv"] = str(int(time.time() * 1000))
+        return state
+
+    async def on_restored(self, billable: str, state: dict[str, str]) -> None:
+        lost = self._grants_after.pop(billable, None)
+        try:
+            if lost is None:  # a restore this object did not read: ask the record
+                await self.grants.replay(billable, int(state.get("c:seq", 0) or 0))
+                return
+            for seq, amount in lost:
+                result = await self.grants.engine.apply_grant(billable, seq, amount)
+                if result.status == "gap":
+                    # Another process restored an older snapshot first: replay from what Redis holds.
+                    await self.grants.replay(billable, result.last_sequence)
+                    return
+        except _DB_ERRORS as exc:
+            log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
+            raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc
+
+
+def _chunks(items: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,98 @@
+"""Usage history: per period, route and operation, from the record's `usage_totals` (never a second counter).
+
+The decision and settle scripts count into the billable's own state, under `<YYYY-MM>|<route>|<operation>`:
+`qr:` admitted requests, `qu:` units, `qc:` credits. The reconciler writes those absolute values to
+`usage_totals`; this module turns a state into rows and the record back into an answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway.store.db import Database, usage_totals
+
+PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_COLUMNS = {"qr": "requests", "qu": "units", "qc": "credits"}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    period: str
+    route: str
+    operation: str
+    requests: int = 0
+    units: int = 0
+    credits: int = 0
+    amount_cents: int = 0
+
+
+def current_period(zone: tzinfo, now: float) -> str:
+    """YYYY-MM of `now` in the catalog's timezone: the label the scripts count under."""
+    at = datetime.fromtimestamp(now, zone)
+    return f"{at.year:04d}-{at.month:02d}"
+
+
+def cents(credits: int, credits_per_dollar: int) -> int:
+    """What `credits` cost, in whole cents (half a cent rounds up)."""
+    return (credits * 100 * 2 + credits_per_dollar) // (credits_per_dollar * 2)
+
+
+def rows_from_state(state: dict[str, str], credits_per_dollar: int) -> list[UsageRow]:
+    """The usage totals a billable's state holds, one row per (period, route, operation)."""
+    found: dict[tuple[str, str, str], dict[str, int]] = {}
+    for field, value in state.items():
+        column = _COLUMNS.get(field[:2])
+        if column is None or field[2:3] != ":":
+            continue
+        period, _, rest = field[3:].partition("|")
+        route, _, operation = rest.rpartition("|")
+        found.setdefault((period, route, operation), {})[column] = int(float(value))
+    rows = []
+    for (period, route, operation), values in sorted(found.items()):
+        credits = values.get("credits", 0)
+        rows.append(
+            UsageRow(period, route, operation, values.get("requests", 0), values.get("units", 0), credits,
+                     cents(credits, credits_per_dollar))
+        )
+    return rows
+
+
+async def usage_report(db: Database, billable: str, period: str) -> dict[str, Any]:
+    """Requests, units, credits and amount_cents per route and operation in `period`, with totals."""
+    t = usage_totals
+    async with db.engine.connect() as conn:
+        found = (
+            await conn.execute(
+                sa.select(t.c.route, t.c.operation, t.c.requests, t.c.units, t.c.credits, t.c.amount_cents)
+                .where(t.c.billable == billable, t.c.period == period)
+                .order_by(t.c.route, t.c.operation)
+            )
+        ).all()
+    routes = [
+        {"route": r.route, "operation": r.operation or None, "requests": r.requests, "units": r.units,
+         "credits": r.credits, "amount_cents": r.amount_cents}
+        for r in found
+    ]
+    totals = {k: sum(int(r[k]) for r in routes) for k in ("requests", "units", "credits", "amount_cents")}
+    return {"billable": billable, "period": period, "routes": routes, "totals": totals}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as a table for the terminal."""
+    head = ["route", "operation", "requests", "units", "credits", "amount_cents"]
+    rows = [[r["route"], r["operation"] or "-", *(str(r[k]) for k in head[2:])] for r in report["routes"]]
+    rows.append(["total", "", *(str(report["totals"][k]) for k in head[2:])])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join(
+        [f"{report['billable']}, {report['period']}", line(head), "  ".join("-" * w for w in widths),
+         *[line(r) for r in rows]]
+    )

@@ -1,0 +1,597 @@
+"""The record (DESIGN §5): flushes, the sweep, the leader lease, the database down, rehydration, usage history.
+
+Each test runs on SQLite and on Postgres (a private database per run); Redis is the shared server under
+a private key prefix, or a private redis-server where a test flushes or restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from engine_support import BASE
+from http_servers import serve_in_thread
+from services import PostgresServer, RedisServer, shared_redis_url
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.app import GatewayApp
+from gateway.catalog import parse_catalog
+from gateway.engine import Engine, Snapshot
+from gateway.errors import DatabaseUnavailable, StateUnavailable
+from gateway.grants import Grants
+from gateway.reconcile import Reconciler, Rehydrator
+from gateway.settings import Settings
+from gateway.store import db as tables
+from gateway.store.db import Database
+from gateway.store.redis import RedisStore, open_redis
+from gateway.usage import current_period
+
+CATALOG = parse_catalog(BASE)
+ADMIN = "admin-secret"
+
+
+def go(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@dataclass
+class Proc:
+    """One gateway process's record side: its engine, grants and reconciler over shared Redis and database."""
+
+    engine: Engine
+    grants: Grants
+    reconciler: Reconciler
+
+    async def decide(self, billable: str, method: str, path: str, **kw: Any) -> Any:
+        return await self.engine.decide(billable, CATALOG.route_for(method, path), **kw)
+
+
+@dataclass
+class Env:
+    db: Database
+    store: RedisStore
+    prefix: str
+    stores: list[RedisStore]
+
+    def process(self, *, interval: float = 0.2, redis_url: str | None = None, **kw: Any) -> Proc:
+        store = self.store
+        if redis_url is not None:
+            store = open_redis(redis_url)
+            self.stores.append(store)
+        engine = Engine(store, CATALOG, prefix=self.prefix)
+        grants = Grants(self.db, engine)
+        rehydrator = Rehydrator(self.db, grants)
+        engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
+        return Proc(engine, grants, Reconciler(engine, self.db, interval=interval, **kw))
+
+    async def rows(self, table: sa.Table) -> list[dict[str, Any]]:
+        async with self.db.engine.connect() as conn:
+            found = [dict(r._mapping) for r in await conn.execute(sa.select(table))]
+        return sorted(found, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+    async def snapshot_row(self, billable: str) -> dict[str, Any] | None:
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(sa.select(tables.snapshots).where(tables.snapshots.c.billable == billable))).first()
+        return dict(row._mapping) if row is not None else None
+
+
+@asynccontextmanager
+async def environment(db_url: str, redis_url: str | None = None) -> AsyncIterator[Env]:
+    db = await Database.connect(db_url)
+    await db.upgrade()
+    url = redis_url or shared_redis_url()
+    store = open_redis(url)
+    prefix = f"gwt{uuid.uuid4().hex[:10]}"
+    env = Env(db, store, prefix, [store])
+    try:
+        yield env
+    finally:
+        with contextlib.suppress(Exception):  # a test may leave its private Redis stopped
+            async for key in store.scan(f"{prefix}:*"):
+                await store.client.delete(key)
+        for s in env.stores:
+            await s.close()
+        await db.close()
+
+
+# ---- flushing -------------------------------------------------------------------------------------------
+
+
+def test_flush_writes_state_usage_and_events_and_twice_changes_nothing(empty_db_url: str) -> None:
+    """A flush records the snapshot, usage totals and pending events; flushing again leaves the same rows."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p = env.process()
+            await p.grants.grant("org-a", 1000, idempotency_key=f"k-{uuid.uuid4()}")
+            for _ in range(4):
+                assert (await p.decide("org-a", "POST", "/cheap-images")).admitted
+            for _ in range(2):
+                assert (await p.decide("org-a", "POST", "/projects")).admitted
+            for _ in range(3):
+                await p.decide("org-a", "POST", "/exports")  # warns at 0.5 and 0.9: two events
+            chat = await p.decide("org-a", "POST", "/chat")
+            assert chat.admitted
+            await p.engine.settle(chat, give_back_limits=False, credits_owed=7, units=7)
+            pending = await p.engine.pending_events("org-a")
+            assert len(pending) == 3  # warnings: projects at its cap, exports at 0.5 and 0.9
+
+            assert await p.reconciler.flush_dirty() == 1
+            snap = await p.engine.snapshot("org-a")
+            row = await env.snapshot_row("org-a")
+            assert row is not None and json.loads(row["state"]) == snap.state and row["chg"] == int(snap.state["chg"])
+            month = current_period(CATALOG.settings.zone, time.time())
+            usage = {(r["route"], r["operation"]): r for r in await env.rows(tables.usage_totals)}
+            assert usage[("POST /cheap-images", "image")] | {} == {
+                "billable": "org-a", "period": month, "route": "POST /cheap-images", "operation": "image",
+                "requests": 4, "units": 0, "credits": 20, "amount_cents": 20,
+            }
+            assert (usage[("POST /projects", "")]["requests"], usage[("POST /projects", "")]["units"]) == (2, 2)
+            assert (usage[("POST /chat", "chat")]["units"], usage[("POST /chat", "chat")]["credits"]) == (7, 7)
+            outbox = await env.rows(tables.events_outbox)
+            assert sorted(e["id"] for e in outbox) == sorted(e["id"] for e in pending)
+            assert [json.loads(e["body"]) for e in sorted(outbox, key=lambda e: e["id"])] == sorted(pending, key=lambda e: e["id"])
+            assert await p.engine.pending_events("org-a") == []  # acknowledged once the record held them
+
+            before = [await env.rows(t) for t in (tables.snapshots, tables.usage_totals, tables.events_outbox)]
+            assert await p.reconciler.flush_dirty() == 0  # nothing touched since
+            await p.reconciler.flush(["org-a"], force=True)  # and forced: the same absolute values again
+            await env.process().reconciler.flush(["org-a"], force=True)  # from another process
+            after = [await env.rows(t) for t in (tables.snapshots, tables.usage_totals, tables.events_outbox)]
+            assert after == before
+
+    go(main())
+
+
+def test_an_older_snapshot_never_replaces_a_newer_one(empty_db_url: str) -> None:
+    """Two processes flushing one billable out of order: the record keeps the later state and its usage."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p = env.process()
+            await p.decide("org-b", "POST", "/projects")
+            early = await p.engine.snapshot("org-b")
+            await p.decide("org-b", "POST", "/projects")
+            late = await p.engine.snapshot("org-b")
+            await p.reconciler._write([("org-b", late)])
+            await p.reconciler._write([("org-b", Snapshot(early.now_ms - 1, early.state, {}, 0))])
+            row = await env.snapshot_row("org-b")
+            assert row is not None and row["chg"] == int(late.state["chg"])
+            usage = await env.rows(tables.usage_totals)
+            assert [r["requests"] for r in usage] == [2]
+
+    go(main())
+
+
+def test_acks_drop_only_what_the_record_holds(empty_db_url: str) -> None:
+    """Two processes acknowledging the same batch of events never drop an event that came after it."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p, q = env.process(), env.process()
+            for _ in range(2):
+                await p.decide("org-c", "POST", "/exports")  # one warning at 0.5
+            first = await p.engine.read_events("org-c")
+            second = await q.engine.read_events("org-c")
+            await p.decide("org-c", "POST", "/exports")  # the 0.9 warning, after both reads
+            await p.engine.ack_events("org-c", len(first.events), through=first.mark)
+            await q.engine.ack_events("org-c", len(second.events), through=second.mark)
+            left = await p.engine.pending_events("org-c")
+            assert [e["data"]["threshold"] for e in left] == [0.9]
+
+    go(main())
+
+
+def test_touched_billables_reach_the_record_within_the_interval(empty_db_url: str) -> None:
+    """A running reconciler flushes what its process touched within one interval (plus the write)."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p = env.process(interval=0.3)
+            p.reconciler.start()
+            try:
+                await asyncio.sleep(0.1)
+                billables = [f"org-{i}" for i in range(20)]
+                for b in billables:
+                    await p.decide(b, "POST", "/projects")
+                decided = time.monotonic()
+                while True:
+                    rows = {r["billable"]: r["chg"] for r in await env.rows(tables.snapshots)}
+                    counters = await p.engine.change_counters(billables)
+                    if all(rows.get(b) == c for b, c in zip(billables, counters)):
+                        break
+                    assert time.monotonic() - decided < 0.3 + 1.0, "not flushed within the interval"
+                    await asyncio.sleep(0.02)
+            finally:
+                await p.reconciler.stop()
+
+    go(main())
+
+
+def test_stop_flushes_once_more(empty_db_url: str) -> None:
+    """Stopping a reconciler flushes what was touched since its last tick."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p = env.process(interval=60)
+            p.reconciler.start()
+            await asyncio.sleep(0.05)
+            await p.decide("org-stop", "POST", "/projects")
+            await p.reconciler.stop()
+            row = await env.snapshot_row("org-stop")
+            assert row is not None and json.loads(row["state"])["u:projects"] == "1"
+
+    go(main())
+
+
+# ---- the sweep and the leader ---------------------------------------------------------------------------
+
+
+def test_the_sweep_finds_what_a_dead_process_never_reported(empty_db_url: str) -> None:
+    """Billables touched by a process that died before flushing are flushed by another process's sweep."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            dead, alive = env.process(), env.process()
+            for i in range(30):
+                await dead.decide(f"lost-{i}", "POST", "/projects")
+            await alive.decide("kept", "POST", "/projects")
+            await alive.reconciler.flush_dirty()
+            # `dead` never flushes: its touched set dies with it.
+            assert await alive.reconciler.sweep() == 30
+            rows = {r["billable"] for r in await env.rows(tables.snapshots)}
+            assert rows == {f"lost-{i}" for i in range(30)} | {"kept"}
+            assert await alive.reconciler.sweep() == 0  # the record is current now
+            assert await alive.reconciler.run_once() == 0
+
+    go(main())
+
+
+def test_the_lead_moves_when_its_holder_dies(empty_db_url: str) -> None:
+    """One process leads; when it stops renewing (it died), the lease expires and another takes it."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            first = env.process(lease_seconds=0.5)
+            second = env.process(lease_seconds=0.5)
+            await first.reconciler.tick()
+            await second.reconciler.tick()
+            assert first.reconciler.leader and not second.reconciler.leader
+            await first.reconciler.tick()  # renewal keeps it
+            await second.reconciler.tick()
+            assert first.reconciler.leader and not second.reconciler.leader
+            # `first` dies without giving the lease back.
+            await asyncio.sleep(0.3)
+            await second.reconciler.tick()
+            assert not second.reconciler.leader  # not expired yet
+            await asyncio.sleep(0.35)
+            await second.reconciler.tick()
+            assert second.reconciler.leader
+            # A clean stop gives the lead back at once.
+            await second.reconciler.stop()
+            await first.reconciler.tick()
+            assert first.reconciler.leader
+
+    go(main())
+
+
+# ---- the database down ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PostgresServer]:
+    """A Postgres of our own: these tests stop and start it."""
+    with PostgresServer() as server:
+        yield server
+
+
+def _reset(pg: PostgresServer) -> str:
+    """The private server running, with an empty schema."""
+    import asyncpg
+
+    async def main() -> None:
+        conn = await asyncpg.connect(pg.url)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await conn.close()
+
+    pg.start()
+    go(main())
+    return pg.url
+
+
+def test_database_down_decisions_go_on_and_snapshots_catch_up(private_pg: PostgresServer) -> None:
+    """With Postgres stopped decisions go on, dirty billables coalesce (one each), and all land when it returns."""
+    url = _reset(private_pg)
+
+    async def main() -> None:
+        async with environment(url) as env:
+            p = env.process()
+            for i in range(10):
+                await p.decide(f"org-{i}", "POST", "/projects")
+            await p.reconciler.flush_dirty()
+            private_pg.stop()
+            try:
+                for round_ in range(5):
+                    for i in range(10):
+                        assert (await p.decide(f"org-{i}", "GET", "/anything")).admitted
+                    await p.reconciler.tick()
+                assert not p.reconciler.database_ok
+                health = p.reconciler.health()
+                assert health["database"] == "down" and health["pending"] == 10  # coalesced per billable
+                assert health["lag_seconds"] > 0
+                with pytest.raises(DatabaseUnavailable):
+                    await p.reconciler.flush(["org-1"])
+            finally:
+                private_pg.start()
+            await p.reconciler.tick()
+            assert p.reconciler.database_ok and p.reconciler.health()["pending"] == 0
+            rows = {r["billable"]: r["chg"] for r in await env.rows(tables.snapshots)}
+            billables = [f"org-{i}" for i in range(10)]
+            assert rows == dict(zip(billables, await p.engine.change_counters(billables)))
+
+    go(main())
+
+
+# ---- rehydration ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+def test_rehydration_brings_back_counts_caps_allowances_and_grants(
+    empty_db_url: str, own_redis: RedisServer, loss: str
+) -> None:
+    """After Redis loses everything, the first request restores the record: no fresh quota, no grant lost."""
+
+    async def main() -> None:
+        async with environment(empty_db_url, own_redis.url) as env:
+            p = env.process()
+            await p.grants.grant("org", 50, idempotency_key="g1")
+            for _ in range(2):
+                assert (await p.decide("org", "POST", "/projects")).admitted
+            for _ in range(3):
+                assert (await p.decide("org", "POST", "/exports")).admitted
+            assert (await p.decide("org", "POST", "/cheap-images")).admitted  # 5 of the 10 period credits
+            await p.reconciler.flush_dirty()
+            before = await p.engine.status("org")
+            # A grant after the last flush: applied in Redis, recorded in the database, not in the snapshot.
+            await p.grants.grant("org", 7, idempotency_key="g2")
+
+            if loss == "flushall":
+                own_redis.client().flushall()
+            else:
+                own_redis.stop()
+                own_redis.start()
+            # A fresh process (empty caches, its own connections), as after a deploy or a failover.
+            q = env.process(redis_url=own_redis.url)
+            capped = await q.decide("org", "POST", "/projects")
+            assert capped.status == 403  # the cap it had used up stays used
+            after = await q.engine.status("org")
+            assert after["limits"]["projects"]["usage"] == 2
+            assert after["limits"]["exports"]["usage"] == before["limits"]["exports"]["usage"] == 3
+            assert after["credits"]["period"] == before["credits"]["period"] == 5
+            assert after["credits"]["purchased"] == 57  # both grants, each once
+            snap = await q.engine.snapshot("org")
+            assert snap.state["c:seq"] == "2"
+            await q.grants.apply("org")  # nothing left to apply: still once each
+            assert (await q.engine.status("org"))["credits"]["purchased"] == 57
+
+    go(main())
+
+
+def test_concurrent_first_requests_restore_once_and_a_new_billable_starts_empty(
+    empty_db_url: str, own_redis: RedisServer
+) -> None:
+    """A burst of first requests after a loss shares one restore; a billable the record never saw starts at 0."""
+
+    async def main() -> None:
+        async with environment(empty_db_url, own_redis.url) as env:
+            p = env.process()
+            assert (await p.decide("org", "POST", "/projects")).admitted
+            await p.reconciler.flush_dirty()
+            own_redis.client().flushall()
+            q = env.process()
+            calls = 0
+            restore = q.engine.restore
+            assert restore is not None
+
+            async def counting(billable: str) -> dict[str, str] | None:
+                nonlocal calls
+                calls += 1
+                return await restore(billable)
+
+            q.engine.restore = counting
+            results = await asyncio.gather(*(q.decide("org", "POST", "/projects") for _ in range(20)))
+            assert calls == 1 and sum(d.admitted for d in results) == 1  # 1 of 2 was used before the loss
+            fresh = await q.decide("never-seen", "POST", "/projects")
+            assert fresh.admitted and (await q.engine.status("never-seen"))["limits"]["projects"]["usage"] == 1
+
+    go(main())
+
+
+def test_a_settle_or_release_never_writes_over_lost_state(empty_db_url: str, own_redis: RedisServer) -> None:
+    """A hold settled after Redis lost the state stays charged, and a release waits for the restore."""
+
+    async def main() -> None:
+        async with environment(empty_db_url, own_redis.url) as env:
+            p = env.process()
+            await p.grants.grant("org", 100, idempotency_key="g")
+            held = await p.decide("org", "POST", "/cheap-images")
+            for _ in range(2):
+                await p.decide("org", "POST", "/projects")
+            await p.reconciler.flush_dirty()
+            own_redis.client().flushall()
+            # A refund for a hold Redis lost: the record's balance is not replaced by a refund to nothing.
+            await p.engine.settle(held, give_back_limits=True, credits_owed=0)
+            await p.engine.release("org", "free", "projects")  # restores first, then gives one back
+            status = await p.engine.status("org")
+            assert status["credits"]["purchased"] == 100 and status["credits"]["period"] == 5
+            assert status["limits"]["projects"]["usage"] == 1
+
+    go(main())
+
+
+def test_restore_without_the_database_is_state_unavailable(private_pg: PostgresServer, own_redis: RedisServer) -> None:
+    """Redis lost the state and the record cannot be read: the engine raises StateUnavailable."""
+    url = _reset(private_pg)
+
+    async def main() -> None:
+        async with environment(url, own_redis.url) as env:
+            p = env.process()
+            await p.decide("org", "POST", "/projects")
+            await p.reconciler.flush_dirty()
+            own_redis.client().flushall()
+            private_pg.stop()
+            try:
+                with pytest.raises(StateUnavailable):
+                    await p.decide("org", "POST", "/projects")
+            finally:
+                private_pg.start()
+            # Restored: the one project made before the loss still counts.
+            assert (await p.decide("org", "POST", "/projects")).admitted
+            assert (await p.decide("org", "POST", "/projects")).status == 403
+
+    go(main())
+
+
+# ---- through the running gateway: usage history, health, the CLI ------------------------------------------
+
+
+@contextlib.contextmanager
+def gateway(tmp_path: Path, db_url: str, redis_url: str, interval: float = 0.2) -> Iterator[str]:
+    plans = tmp_path / "plans.toml"
+    plans.write_text(BASE)
+    go(_upgrade(db_url))
+    with serve_in_thread(ok_upstream()) as upstream:
+        settings = Settings(plans=str(plans), upstream=upstream, redis_url=redis_url, database_url=db_url,
+                            admin_token=ADMIN, billable_header="X-Org", reconcile_interval=interval)
+        with serve_in_thread(GatewayApp(settings)) as url:
+            yield url
+
+
+def ok_upstream() -> Starlette:
+    """An upstream that answers 200 to everything."""
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"path": request.url.path})
+
+    return Starlette(routes=[Route("/{rest:path}", ok, methods=["GET", "POST", "PUT", "DELETE"])])
+
+
+async def _upgrade(url: str) -> None:
+    db = await Database.connect(url)
+    try:
+        await db.upgrade()
+    finally:
+        await db.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_usage_history_from_the_record(tmp_path: Path, empty_db_url: str, own_redis: RedisServer) -> None:
+    """The admin endpoint and `gateway usage` answer per route and operation from the record, fresh this month."""
+    org = {"X-Org": "org-u"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with gateway(tmp_path, empty_db_url, own_redis.url, interval=60) as url:
+        assert [httpx.post(f"{url}/cheap-images", headers=org).status_code for _ in range(3)] == [200, 200, 402]
+        assert httpx.post(f"{url}/projects", headers=org).status_code == 200
+        assert all(httpx.get(f"{url}/v1/echo", headers=org).status_code == 200 for _ in range(3))
+        # No reconcile tick has run since (interval 60 s): the endpoint flushes the billable first.
+        r = httpx.get(f"{url}/_gateway/admin/billables/org-u/usage", headers=admin)
+        assert r.status_code == 200, r.text
+        report = r.json()
+        month = current_period(CATALOG.settings.zone, time.time())
+        assert report["billable"] == "org-u" and report["period"] == month
+        assert report["routes"] == [
+            {"route": "* /*", "operation": None, "requests": 3, "units": 0, "credits": 0, "amount_cents": 0},
+            {"route": "POST /cheap-images", "operation": "image", "requests": 2, "units": 0, "credits": 10,
+             "amount_cents": 10},
+            {"route": "POST /projects", "operation": None, "requests": 1, "units": 1, "credits": 0, "amount_cents": 0},
+        ]
+        assert report["totals"] == {"requests": 6, "units": 1, "credits": 10, "amount_cents": 10}
+        assert r.json() == httpx.get(f"{url}/_gateway/admin/billables/org-u/usage?period={month}", headers=admin).json()
+        empty = httpx.get(f"{url}/_gateway/admin/billables/org-u/usage?period=2020-01", headers=admin).json()
+        assert empty["routes"] == [] and empty["totals"]["requests"] == 0
+        bad = httpx.get(f"{url}/_gateway/admin/billables/org-u/usage?period=2026-13", headers=admin)
+        assert bad.status_code == 400 and "YYYY-MM" in bad.json()["detail"]
+        assert httpx.get(f"{url}/_gateway/admin/billables/org-u/usage", headers=org).status_code == 401
+
+        # Another billable this process has not flushed yet: `gateway reconcile --once` writes it.
+        httpx.get(f"{url}/v1/echo", headers={"X-Org": "org-v"})
+        plans = str(tmp_path / "plans.toml")
+        done = _cli("reconcile", "--once", "--plans", plans, "--redis-url", own_redis.url, "--database-url", empty_db_url)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("flushed 1 billable(s)")
+
+        shown = _cli("usage", "org-u", "--plans", plans, "--database-url", empty_db_url, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout) == report
+        table = _cli("usage", "org-u", "--period", month, "--plans", plans, "--database-url", empty_db_url)
+        assert "POST /cheap-images" in table.stdout and table.stdout.splitlines()[-1].split()[:2] == ["total", "6"]
+        assert _cli("usage", "org-u", "--period", "nope", "--plans", plans, "--database-url", empty_db_url).returncode == 2
+
+
+def test_health_says_the_database_is_down_and_on_redis_down_applies(
+    tmp_path: Path, private_pg: PostgresServer, own_redis: RedisServer
+) -> None:
+    """Postgres stopped: decisions go on, health says so; a lost state cannot be restored, so on_redis_down
+    applies (open for a plain route, closed for a spend); when it returns the record catches up."""
+    url_db = _reset(private_pg)
+    org = {"X-Org": "org-h"}
+    with gateway(tmp_path, url_db, own_redis.url) as url:
+        assert httpx.post(f"{url}/projects", headers=org).status_code == 200
+        deadline = time.monotonic() + 5
+        while (health := httpx.get(f"{url}/_gateway/health").json())["record"]["pending"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert health["database"] == "up"
+        private_pg.stop()
+        try:
+            assert all(httpx.get(f"{url}/v1/echo", headers=org).status_code == 200 for _ in range(20))
+            time.sleep(0.5)
+            health = httpx.get(f"{url}/_gateway/health")
+            assert health.status_code == 200  # Redis is up: the gateway serves
+            body = health.json()
+            assert body["database"] == "down" and body["status"] == "degraded" and body["record"]["pending"] == 1
+            own_redis.client().flushall()
+            time.sleep(0.3)
+            plain = httpx.get(f"{url}/v1/echo", headers=org)
+            assert plain.status_code == 200 and plain.headers["x-gateway-degraded"] == "redis"
+            spend = httpx.post(f"{url}/cheap-images", headers=org)
+            assert spend.status_code == 503 and spend.json()["type"] == "urn:gateway:unavailable"
+        finally:
+            private_pg.start()
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/_gateway/health").json()["database"] != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Restored from the record: the project made before the outage still counts.
+        assert httpx.post(f"{url}/projects", headers=org).status_code == 200
+        assert httpx.post(f"{url}/projects", headers=org).status_code == 403
+        status = httpx.get(f"{url}/_gateway/admin/billables/org-h", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        assert status["limits"]["projects"]["usage"] == 2
