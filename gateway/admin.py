@@ -219,7 +219,6 @@ class Endpoints:
         return JSONResponse(
             {"balance": status["credits"]["balance"], "credits": status["credits"], "sequence": result.sequence,
              "duplicate": result.duplicate},
-            status_code=200 if result.duplicate else 201,
         )
 
     async def set_limit(self, request: Request) -> Response:

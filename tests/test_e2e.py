@@ -346,7 +346,7 @@ def test_admin_plan_credits_limits_recharge_overage_status(env: Env) -> None:
     grant = {"amount": 500, "reason": "goodwill", "idempotency_key": f"k-{uuid.uuid4()}"}
     first = httpx.post(f"{base}/credits", json=grant, headers=env.admin())
     again = httpx.post(f"{base}/credits", json=grant, headers=env.admin())
-    assert first.status_code == 201 and again.status_code == 200
+    assert first.status_code == again.status_code == 200 and not first.json()["duplicate"]
     assert first.json()["balance"] == again.json()["balance"] == 515 and again.json()["duplicate"]  # 20 - 5 spent on pro + 500
     bad = httpx.post(f"{base}/credits", content=b"{not json", headers=env.admin())
     assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
