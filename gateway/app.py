@@ -18,7 +18,7 @@ from gateway.identity import KeyStore
 from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware
 from gateway.proxy import Proxy
-from gateway.reconcile import Reconciler, Rehydrator
+from gateway.reconcile import Reconciler, attach
 from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
@@ -53,9 +53,7 @@ class Gateway:
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
-        rehydrator = Rehydrator(self.db, self.grants)
-        self.engine.restore, self.engine.on_restored = rehydrator.restore, rehydrator.on_restored
-        self.reconciler = Reconciler(self.engine, self.db, interval=self.settings.reconcile_interval)
+        self.reconciler = attach(self.engine, self.db, self.grants, interval=self.settings.reconcile_interval)
         self.reconciler.start()
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):

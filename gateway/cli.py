@@ -212,7 +212,8 @@ async def _events_replay(settings: Settings, dead: bool, since: datetime | None,
 
 async def _reconcile(settings: Settings, *, once: bool) -> int:
     from gateway.engine import Engine
-    from gateway.reconcile import Reconciler
+    from gateway.grants import Grants
+    from gateway.reconcile import attach
     from gateway.store.db import Database
     from gateway.store.redis import open_redis
 
@@ -221,7 +222,8 @@ async def _reconcile(settings: Settings, *, once: bool) -> int:
     catalog = load_catalog(settings.plans)
     db = await Database.connect(settings.database_url, auto_upgrade=True)
     store = open_redis(settings.redis_url)
-    reconciler = Reconciler(Engine(store, catalog), db, interval=settings.reconcile_interval)
+    engine = Engine(store, catalog)
+    reconciler = attach(engine, db, Grants(db, engine), interval=settings.reconcile_interval)
     try:
         if once:
             flushed = await reconciler.run_once()

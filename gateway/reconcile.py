@@ -1,12 +1,9 @@
 """Redis decides, the record remembers (DESIGN §5): flushes to the database and restores from it.
 
-    reconciler = Reconciler(engine, db, Outbox(db), interval=1.0)
+    reconciler = attach(engine, db, grants, interval=1.0)   restores from the record, flushes to it
     reconciler.start()              every interval: flush what this process touched; the leader sweeps
     await reconciler.stop()         flushes once more and gives the lead back
     await reconciler.run_once()     `gateway reconcile --once`: sweep every Redis node, flush what the record lacks
-
-    rehydrator = Rehydrator(db, grants)
-    engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
 
 A flush writes absolute values, so a lost or repeated one does no harm: the billable's snapshot (its whole
 state, with the change counter `chg` and the Redis time it was read at), its usage totals, and its pending
@@ -16,8 +13,9 @@ cannot put an older state over a newer one.
 
 Any number of processes flush what they touched. One leads (a Redis lease that expires when its holder
 dies) and sweeps: every state hash on every node whose `chg` differs from the record's is flushed, so what
-a crashed process had not reported still reaches the record. While the database is down, dirty billables
-are kept (one entry each, however often they change) and flushed when it returns.
+a crashed process had not reported still reaches the record, and grants a crashed process recorded but
+never applied are applied. While the database is down, dirty billables are kept (one entry each, however
+often they change) and flushed when it returns.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +49,7 @@ _DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 _REDIS_ERRORS = (RedisUnavailable, RedisError)
 DB_TIMEOUT_S = 15.0
 RESTORE_TIMEOUT_S = 2.0
+STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
 EVENTS_PER_FLUSH = 1000
 _ROWS_PER_STATEMENT = 500  # well under both backends' bound-parameter limits
 
@@ -62,6 +61,7 @@ class Reconciler:
         db: Database,
         outbox: Outbox | None = None,
         *,
+        grants: Grants | None = None,
         interval: float = 1.0,
         sweep_interval: float | None = None,
         lease_seconds: float | None = None,
@@ -73,6 +73,7 @@ class Reconciler:
         self.engine = engine
         self.db = db
         self.outbox = outbox or Outbox(db)
+        self.grants = grants
         self.interval = interval
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(10 * interval, 2.0)
         # Long enough to survive a slow tick, short enough that a dead leader's sweep resumes soon.
@@ -184,7 +185,10 @@ class Reconciler:
         return await self.flush(list(self.dirty))
 
     async def sweep(self) -> int:
-        """Flush every billable whose state in Redis differs from the record's (its `chg` does)."""
+        """Flush every billable whose state in Redis differs from the record's (its `chg` does), and apply
+        grants a crashed process recorded but never applied."""
+        if self.grants is not None:
+            await self.apply_stranded_grants()
         flushed = 0
         found: list[str] = []
         async for billable in self.engine.billables():
@@ -195,6 +199,28 @@ class Reconciler:
         if found:
             flushed += await self._sweep_some(found)
         return flushed
+
+    async def apply_stranded_grants(self, older_than: float = STRANDED_GRANT_S) -> int:
+        """Apply the grants recorded more than `older_than` seconds ago and still not in Redis: the process
+        that recorded them died before applying (money first: recorded means it will be applied)."""
+        assert self.grants is not None
+        since = datetime.now(UTC) - timedelta(seconds=older_than)
+        try:
+            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+                found = await conn.execute(
+                    sa.select(credit_grants.c.billable)
+                    .where(credit_grants.c.applied_at.is_(None), credit_grants.c.created_at < since)
+                    .distinct()
+                )
+                billables = list(found.scalars())
+            for billable in billables:
+                await self.grants.apply(billable)
+        except _DB_ERRORS as exc:
+            self._database_down(exc)
+            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+        if billables:
+            log.info("applied the stranded grants of %d billables", len(billables))
+        return len(billables)
 
     async def _sweep_some(self, billables: list[str]) -> int:
         billables = list(dict.fromkeys(billables))  # SCAN may return a key twice
@@ -351,6 +377,16 @@ class Reconciler:
             log.warning("Redis did not answer a flush; keeping billables dirty: %s", exc)
         self.redis_ok = False
         self.error = f"redis: {exc}"[:500]
+
+
+def attach(engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0) -> Reconciler:
+    """Connect an engine to the record: Redis's lost states are restored from it, changes flushed to it.
+
+    Every engine that writes to Redis next to a record needs both: one that applied a grant to a state
+    Redis lost, without restoring it first, would hide the record's balance behind a fresh one."""
+    rehydrator = Rehydrator(db, grants)
+    engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
+    return Reconciler(engine, db, grants=grants, interval=interval)
 
 
 class Rehydrator:

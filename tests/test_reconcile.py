@@ -78,7 +78,7 @@ class Env:
         grants = Grants(self.db, engine)
         rehydrator = Rehydrator(self.db, grants)
         engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
-        return Proc(engine, grants, Reconciler(engine, self.db, interval=interval, **kw))
+        return Proc(engine, grants, Reconciler(engine, self.db, grants=grants, interval=interval, **kw))
 
     async def rows(self, table: sa.Table) -> list[dict[str, Any]]:
         async with self.db.engine.connect() as conn:
@@ -287,6 +287,29 @@ def test_the_lead_moves_when_its_holder_dies(empty_db_url: str) -> None:
             await second.reconciler.stop()
             await first.reconciler.tick()
             assert first.reconciler.leader
+
+    go(main())
+
+
+def test_the_sweep_applies_grants_a_dead_process_recorded_but_never_applied(empty_db_url: str) -> None:
+    """Money first: a grant committed to the record by a process that died before applying it reaches Redis."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            dying, alive = env.process(), env.process()
+            await dying.decide("org-g", "GET", "/anything")
+
+            async def crash(*args: Any) -> Any:
+                raise SystemExit("killed between the commit and Redis")
+
+            dying.engine.apply_grant = crash  # type: ignore[method-assign]
+            with pytest.raises(SystemExit):
+                await dying.grants.grant("org-g", 25, idempotency_key="stranded")
+            assert (await alive.engine.status("org-g"))["credits"]["purchased"] == 0
+            assert await alive.reconciler.apply_stranded_grants() == 0  # too recent: its process may be applying it
+            assert await alive.reconciler.apply_stranded_grants(older_than=0) == 1
+            assert (await alive.engine.status("org-g"))["credits"]["purchased"] == 25
+            assert await alive.reconciler.apply_stranded_grants(older_than=0) == 0
 
     go(main())
 
