@@ -26,8 +26,7 @@ _OUTCOMES: dict[str, tuple[int, str, str]] = {
 _RANK = {kind: i for i, kind in enumerate(_OUTCOMES)}
 
 
-@dataclass(frozen=True, slots=True)
-class Violation:
+class Violation(NamedTuple):
     """One violated policy: a feature, a limit, a rate limit or the credit balance."""
 
     name: str

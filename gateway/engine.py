@@ -174,55 +174,39 @@ class Engine:
                     f"{self._month}|{route.match if route else UNMATCHED}|{route.config.spend or '' if route else ''}",
                 ],
             )
-            out = json.loads(raw)
-            status = out.get("st")
-            if status == "stale":
-                resolved = self._resolve(billable, int(out["pv"]), out.get("asg"), out.get("sub"))
+            if raw[0] == "stale":
+                resolved = self._resolve(billable, int(raw[1]), raw[2], raw[3])
                 continue
-            if status == "missing":
+            if raw[0] == "missing":
                 await self.rehydrate(billable)
                 continue
             self.touched.add(billable)
-            return self._decision(billable, plan_name, route, compiled, out, hold_id)
+            return self._decision(billable, plan_name, route, compiled, raw, hold_id)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
     def _decision(
-        self, billable: str, plan: str, route: Route | None, compiled: _Compiled, out: dict[str, Any], hold_id: str
+        self, billable: str, plan: str, route: Route | None, compiled: _Compiled, reply: list[Any], hold_id: str
     ) -> Decision:
+        """The script's reply (see decide.lua's last lines; None stands for none) as a Decision."""
+        ok, now, policies_reply, violations_reply, events, credit, hold_reply = reply
         violations = list(compiled.denied)
-        for v in _list(out.get("v")):
-            violations.append(
-                Violation(
-                    name=v["n"],
-                    kind=v["k"],
-                    retry_after=v.get("ra"),
-                    usage=_int(v.get("u")),
-                    limit=_int(v.get("to")),
-                    cost=_int(v.get("c")),
-                    balance=_int(v.get("have")),
-                )
-            )
-        # Script numbers are whole; false stands for "none" (Lua tables cannot hold nil).
-        policies = [
-            PolicyState(
-                p[0],
-                p[1],
-                p[2],
-                None if p[3] is False else p[3],
-                None if p[4] is False else p[4],
-                None if p[5] is False or p[1] == "cap" else p[5],
-            )
-            for p in _list(out.get("p"))
-        ]
-        credit = out.get("cr") or {}
-        balance = _int(credit.get("bal")) if credit.get("show") else None
-        spends = route is not None and route.config.spend is not None
-        if spends and int(credit["a"]) >= 0:
-            policies.append(PolicyState(CREDITS, "credits", int(credit["a"]), None, balance, None))
-        admitted = bool(out["ok"]) and not compiled.denied
-        hold = out.get("h") if admitted else None
-        if hold is not None and hold_id:
-            hold["id"] = hold_id
+        violations += [Violation(*v) for v in violations_reply]
+        policies = [PolicyState(p[0], p[1], p[2], p[3], p[4], None if p[1] == "cap" else p[5]) for p in policies_reply]
+        balance: int | None = None
+        recharge = False
+        if credit:
+            allowance, shown, balance, recharge = credit[0], credit[1], credit[2], bool(credit[3])
+            if not shown:
+                balance = None
+            if route is not None and route.config.spend is not None and allowance >= 0:
+                policies.append(PolicyState(CREDITS, "credits", allowance, None, balance, None))
+        admitted = bool(ok) and not compiled.denied
+        hold: dict[str, Any] | None = None
+        if admitted and hold_reply:
+            cp, cb, window, allowance_held, usage_key, limits = hold_reply
+            hold = {"cp": cp, "cb": cb, "w": window, "a": allowance_held, "q": usage_key, "l": limits}
+            if hold_id:
+                hold["id"] = hold_id
         return Decision(
             admitted=admitted,
             billable=billable,
@@ -230,11 +214,11 @@ class Engine:
             route=route,
             violations=violations,
             policies=policies,
-            events=[self._event(billable, e) for e in _list(out.get("e"))],
+            events=[self._event(billable, json.loads(e)) for e in events] if events else [],
             credits=balance,
             hold=hold,
-            now=out["now"] / 1000,
-            recharge=bool(credit.get("recharge")),
+            now=now / 1000,
+            recharge=recharge,
         )
 
     def _event(self, billable: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -537,7 +521,7 @@ def window_of(code: str, state: dict[str, str], now_ms: int, calendar: str) -> t
         start = now_ms - now_ms % size
         return start, start + size
     bounds = json.loads(calendar)[code]
-    start_s, end_s = window_at(tuple(bounds), now_ms / 1000)  # type: ignore[arg-type]
+    start_s, end_s = window_at((bounds[0], bounds[1], bounds[2], bounds[3]), now_ms / 1000)
     return start_s * 1000, end_s * 1000
 
 

@@ -20,10 +20,10 @@ for i, f in ipairs(names) do F[f] = values[i] end
 
 local pv = tonumber(F.pv) or 0
 if pv ~= tonumber(ARGV[2]) then
-  return cjson.encode({st = 'stale', pv = pv, asg = F.asg, sub = F.sub})
+  return {'stale', pv, F.asg, F.sub}
 end
 if ARGV[7] == '1' and not F.hyd then
-  return cjson.encode({st = 'missing'})
+  return {'missing'}
 end
 
 local bounds = cjson.decode(ARGV[3])
@@ -73,6 +73,7 @@ end
 local admitted = not forced_deny
 local policies, violations, events, writes = {}, {}, {}, {}
 local function set(field, value) writes[#writes + 1] = field; writes[#writes + 1] = value end
+-- A violation: {name, kind, retry after, usage, limit, cost, balance}; false stands for none.
 local function violate(v) violations[#violations + 1] = v; admitted = false end
 local deny_events, deny_writes = {}, {}
 -- Events of an admission are sent only if it commits; a denial sends only its own (block, insufficient_credits).
@@ -90,7 +91,7 @@ for _, r in ipairs(spec.r or {}) do
   if allow_at > now then
     local wait = ceil_s(allow_at - now)
     if wait < 1 then wait = 1 end
-    violate({n = name, k = 'rate', ra = wait})
+    violate({name, 'rate', wait, false, false, false, false})
     policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
   else
     set('r:' .. name, new_tat)
@@ -118,7 +119,7 @@ for _, l in ipairs(spec.l or {}) do
   if to < 0 then
     state = 'unlimited'
   elseif c > to then
-    violate({n = n, k = 'size', u = usage, to = to, c = c})
+    violate({n, 'size', false, usage, to, c, false})
     state = 'denied'
   elseif after <= to then
     if p == '' and grace_at then
@@ -149,7 +150,7 @@ for _, l in ipairs(spec.l or {}) do
       state = 'denied'
       local wait = nil
       if p ~= '' then wait = ceil_s(we - now); if wait < 1 then wait = 1 end end
-      violate({n = n, k = (p == '' and 'cap' or 'allow'), ra = wait, u = usage, to = to, c = c})
+      violate({n, (p == '' and 'cap' or 'allow'), wait or false, usage, to, c, false})
       if not blocked_once then
         deny_writes[#deny_writes + 1] = 'b:' .. n
         deny_event('block', {limit = n, usage = usage})
@@ -164,7 +165,7 @@ for _, l in ipairs(spec.l or {}) do
     if remaining < 0 then remaining = 0 end
   end
   if we then reset = ceil_s(we - now) end
-  policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, l.w or false, remaining or false, reset or false, shown}
+  policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, l.w or false, remaining or false, reset or false}
   if state ~= 'denied' then
     if to >= 0 then held_limits[#held_limits + 1] = {n, c, ws or 0} end
     set('u:' .. n, after)
@@ -212,7 +213,7 @@ if cr then
   if unlimited then
     spent = spent + cost
   elseif cost > 0 and balance < cost then
-    violate({n = 'credits', k = 'credits', c = cost, have = balance})
+    violate({'credits', 'credits', false, false, false, cost, balance})
     deny_event('insufficient_credits', {needed = cost, balance = balance})
     cost = 0
   end
@@ -257,9 +258,9 @@ local function push_events(list)
   local items = {}
   for _, e in ipairs(list) do
     seq = seq + 1
-    local item = {seq = seq, type = e[1], at = now, plan = plan, data = e[2]}
+    local item = cjson.encode({seq = seq, type = e[1], at = now, plan = plan, data = e[2]})
     out_events[#out_events + 1] = item
-    items[#items + 1] = cjson.encode(item)
+    items[#items + 1] = item
   end
   redis.call('RPUSH', EV, unpack(items))
   redis.call('LTRIM', EV, -100000, -1)
@@ -291,5 +292,14 @@ else
   hold = nil
 end
 
-return cjson.encode({ok = admitted and 1 or 0, now = now, p = policies, v = violations, e = out_events,
-  cr = credit, h = hold})
+-- The reply is a plain array (cheaper than JSON on both sides); false stands for none:
+-- {admitted, now (ms), policies, violations, events (JSON each), credit {allowance, shown, balance,
+--  recharge} or false, hold {period credits, purchased credits, credit window, allowance, usage key,
+--  limits {{name, units, window}}} or false}.
+local credit_reply = false
+if credit then
+  credit_reply = {credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0}
+end
+local hold_reply = false
+if hold then hold_reply = {hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.l} end
+return {admitted and 1 or 0, now, policies, violations, out_events, credit_reply, hold_reply}

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -159,7 +159,7 @@ class RedisStore:
             "Check that it is running; routes follow on_redis_down meanwhile."
         )
 
-    async def run(self, name: str, keys: list[str], args: list[str | int | float | bytes]) -> Any:
+    async def run(self, name: str, keys: list[str], args: Sequence[str | int | float | bytes]) -> Any:
         """EVALSHA lua/<name>.lua; NOSCRIPT loads and retries once, a timeout is never retried."""
         s = script(name)
         if not self.breaker.allow():
@@ -190,7 +190,7 @@ class RedisStore:
         self.breaker.success()
         return reply
 
-    async def _run_pipelined(self, s: Script, keys: list[str], args: list[str | int | float | bytes]) -> Any:
+    async def _run_pipelined(self, s: Script, keys: list[str], args: Sequence[str | int | float | bytes]) -> Any:
         assert self.pipelined is not None
         try:
             try:
