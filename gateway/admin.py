@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ from starlette.routing import Route, Router
 
 from gateway.catalog import Catalog
 from gateway.engine import Engine
+from gateway.events import Outbox
 from gateway.errors import DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
 from gateway.grants import Grants
 from gateway.identity import KeyStore
@@ -61,6 +64,19 @@ def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, 
                 }
             )
     return {"billable": status["billable"], "plan": status["plan"], "target": target, "ok": not items, "items": items}
+
+
+def plan_changed(billable: str, before: str, after: str, source: str) -> dict[str, Any]:
+    """The plan_changed event of DESIGN §3 (sent through the outbox like every other event)."""
+    now = time.time()
+    return {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "type": "plan_changed",
+        "billable": billable,
+        "plan": after,
+        "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "data": {"from": before, "to": after, "source": source},
+    }
 
 
 class Endpoints:
@@ -198,10 +214,14 @@ class Endpoints:
             plan = body.get("plan")
             if plan not in self.catalog.plans:
                 return bad_request(f'Unknown plan {plan!r}: plans.toml has {", ".join(self.catalog.plans)}.')
+        before = (await self.engine.plan_of(billable)).name
         if self.grants is not None:
             await self.grants.record_assignment(billable, plan)
         await self.engine.set_assignment(billable, plan)
-        return JSONResponse(await self.engine.status(billable))
+        status = await self.engine.status(billable)
+        if status["plan"] != before and self.db is not None:
+            await Outbox(self.db).add([plan_changed(billable, before, status["plan"], status["plan_source"])])
+        return JSONResponse(status)
 
     async def grant_credits(self, request: Request) -> Response:
         body = await self._json(request)

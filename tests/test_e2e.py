@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -342,6 +343,10 @@ def test_admin_plan_credits_limits_recharge_overage_status(env: Env) -> None:
     assert httpx.post(f"{env.url}/v1/images", headers=auth(key)).status_code == 200
     assert httpx.put(f"{base}/plan", json={"plan": "gold"}, headers=env.admin()).status_code == 400
     assert httpx.delete(f"{base}/plan", headers=env.admin()).json()["plan_source"] == "default"
+    outbox = sqlite3.connect(env.app.settings.database_url.removeprefix("sqlite:///"))
+    changes = [json.loads(body)["data"] for (body,) in outbox.execute(
+        "select body from events_outbox where type = 'plan_changed' and billable = ? order by created_at", (billable,))]
+    assert changes == [{"from": "free", "to": "pro", "source": "assignment"}, {"from": "pro", "to": "free", "source": "default"}]
 
     grant = {"amount": 500, "reason": "goodwill", "idempotency_key": f"k-{uuid.uuid4()}"}
     first = httpx.post(f"{base}/credits", json=grant, headers=env.admin())
