@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 
 from gateway.admin import Endpoints
+from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
 from gateway.engine import Engine
 from gateway.events import Deliverer
@@ -22,6 +23,7 @@ from gateway.reconcile import Reconciler, attach
 from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
+from gateway.web.pricing import pricing_route
 
 log = logging.getLogger("gateway")
 
@@ -40,6 +42,8 @@ class Gateway:
     grants: Grants | None = None
     reconciler: Reconciler | None = None
     deliverer: Deliverer | None = None
+    book: PriceBook | None = None
+    billing: Any = None  # gateway.billing.Billing when GATEWAY_STRIPE_API_KEY is set
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -58,11 +62,20 @@ class Gateway:
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
+        # The pricing page reads the latest Stripe snapshot (or plans.toml alone); billing needs an API key.
+        self.book = PriceBook(self.db)
+        if self.settings.stripe_api_key:
+            from gateway.billing import Billing
+
+            self.billing = Billing(settings=self.settings, db=self.db, engine=self.engine, grants=self.grants, book=self.book)
+            await self.billing.start()
         if self.catalog.file.events.webhook_url:
             self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
             self.deliverer.start()
 
     async def stop(self) -> None:
+        if self.billing is not None:
+            await self.billing.stop()
         if self.reconciler is not None:
             await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
         if self.deliverer is not None:
@@ -101,6 +114,12 @@ class GatewayApp:
         async def identify(request: Request) -> str | None:
             return await middleware.identify(dict(request.scope))
 
+        assert gw.book is not None
+        public = [pricing_route(self.gateway.catalog, gw.book)]
+        if gw.billing is not None:
+            middleware.on_decision = gw.billing.on_decision  # auto-recharge when a spend took the lease
+            public += gw.billing.routes(identify)
+
         middleware.endpoints = Endpoints(
             engine=gw.engine,
             keys=gw.keys,
@@ -110,6 +129,8 @@ class GatewayApp:
             metrics=gw.metrics,
             identify=identify,
             admin_token=self.settings.admin_token,
+            extra_routes=public,
+            extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )
         self.middleware = middleware
         # Everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process: keep

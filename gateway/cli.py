@@ -1,4 +1,4 @@
-"""`gateway serve | demo | check | db upgrade | events replay | reconcile | usage`."""
+"""`gateway serve | demo | check | db upgrade | events replay | reconcile | usage | stripe sync`."""
 
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--json", action="store_true", help="print the JSON the admin API answers")
     for flag in ("--plans", "--redis-url", "--database-url"):
         usage.add_argument(flag)
+    stripe_cmd = commands.add_parser("stripe", help="Stripe: compare plans.toml with Stripe's products and prices")
+    stripe_cmd.add_argument("action", choices=["sync"])
+    stripe_cmd.add_argument("--push", action="store_true", help="create in Stripe what plans.toml has and Stripe lacks")
+    for flag in ("--plans", "--database-url"):
+        stripe_cmd.add_argument(flag)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -146,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_reconcile(settings, once=args.once))
         if args.command == "usage":
             return asyncio.run(_usage(settings, args.billable, args.period, as_json=args.json))
+        if args.command == "stripe":
+            return asyncio.run(_stripe_sync(settings, push=args.push))
         if args.command == "demo":
             from gateway.demo import run_demo
 
@@ -159,6 +166,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+
+
+async def _stripe_sync(settings: Settings, *, push: bool) -> int:
+    """`gateway stripe sync [--push]`: the differences as a table, the snapshot stored for every process."""
+    import stripe
+
+    from gateway.billing.client import close_client, stripe_client
+    from gateway.billing.sync import Progress, sync, table
+    from gateway.store.db import Database
+
+    catalog = load_catalog(settings.plans)
+    client = stripe_client(settings)
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    try:
+        result = await sync(client, db, catalog, push_missing=push, progress=Progress(sys.stderr))
+    except stripe.StripeError as exc:
+        print(f"gateway: Stripe answered: {exc.user_message or exc}", file=sys.stderr)
+        return 2
+    finally:
+        await close_client(client)
+        await db.close()
+    if push:
+        print(f"created in Stripe: {len(result.created)}" + "".join(f"\n  {d.item}: {d.stripe}" for d in result.created))
+        print()
+    print(table(result.differences))
+    state = "stored" if result.changed else "unchanged"
+    print(f"snapshot version {result.version} {state}; every gateway process reads it within seconds")
+    return 0
 
 
 def _serve(settings: Settings) -> int:

@@ -64,24 +64,41 @@ class Grants:
         return record
 
     async def _record(self, billable: str, amount: int, key: str, reason: str, source: str, amount_cents: int) -> GrantRecord:
-        grants = tables.credit_grants
         async with self.db.engine.begin() as conn:
-            found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
-            if found is not None:
-                return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True)
-            seq = await self._next_sequence(conn, billable)
-            await conn.execute(
-                grants.insert().values(
-                    billable=billable,
-                    seq=seq,
-                    amount=amount,
-                    reason=reason,
-                    idempotency_key=key,
-                    amount_cents=amount_cents,
-                    source=source,
-                    created_at=datetime.now(UTC),
-                )
+            return await self.record(conn, billable, amount, idempotency_key=key, reason=reason, source=source, amount_cents=amount_cents)
+
+    async def record(
+        self,
+        conn: AsyncConnection,
+        billable: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        reason: str = "",
+        source: str = "admin",
+        amount_cents: int = 0,
+    ) -> GrantRecord:
+        """Record a grant inside the caller's transaction (with what caused it); `apply` it after the commit.
+
+        A concurrent grant with the same key or number makes the transaction fail with IntegrityError."""
+        grants = tables.credit_grants
+        key = idempotency_key
+        found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
+        if found is not None:
+            return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True)
+        seq = await self._next_sequence(conn, billable)
+        await conn.execute(
+            grants.insert().values(
+                billable=billable,
+                seq=seq,
+                amount=amount,
+                reason=reason,
+                idempotency_key=key,
+                amount_cents=amount_cents,
+                source=source,
+                created_at=datetime.now(UTC),
             )
+        )
         return GrantRecord(billable, seq, amount, key, duplicate=False)
 
     async def _next_sequence(self, conn: AsyncConnection, billable: str) -> int:

@@ -96,7 +96,7 @@ def test_upgrade_from_empty_creates_every_table(empty_db_url: str) -> None:
         try:
             assert await db.revision() is None
             await db.upgrade()
-            assert await db.revision() == db.head() == "0001_initial"
+            assert await db.revision() == db.head() == "0002_billing"
             assert await table_names(db) == set(metadata.tables) | {"alembic_version"}
             await db.upgrade()
             await db.check_current()
@@ -155,7 +155,7 @@ def test_a_postgres_behind_is_refused(pg_url: str) -> None:
                 await conn.execute(sa.text("CREATE SCHEMA public"))
             shown = url
             expected = (
-                f"the database at {shown} is at revision base (empty), the gateway needs 0001_initial: "
+                f"the database at {shown} is at revision base (empty), the gateway needs {Database.head()}: "
                 "run `gateway db upgrade`"
             )
             with pytest.raises(ConfigError) as caught:

@@ -154,6 +154,8 @@ subscriptions = sa.Table(
     sa.Column("cancel_at_period_end", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("past_due_since", Time),
     sa.Column("updated_at", Time, nullable=False),
+    sa.Column("price", Text),  # the Stripe price of the item that names the plan
+    sa.Column("trial_end", Time),
     sa.Index("ix_subscriptions_billable", "billable"),
 )
 
@@ -229,6 +231,7 @@ stripe_events = sa.Table(
     sa.Column("id", Text, primary_key=True),
     sa.Column("type", Text, nullable=False),
     sa.Column("processed_at", Time, nullable=False),
+    sa.Column("billable", Text),  # whose state the event changed: a redelivery re-applies it to Redis
 )
 
 settings = sa.Table(

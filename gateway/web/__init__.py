@@ -1,0 +1,1 @@
+"""Pages the gateway serves to people: the pricing table."""
