@@ -135,8 +135,9 @@ class Reconciler:
         """One interval's work: flush what was touched; hold or take the lead; sweep when it is due."""
         try:
             await self.flush_dirty()
-        except Exception:  # noqa: BLE001 - logged where it failed; the loop goes on
-            pass
+        except Exception as exc:  # the billables stay dirty; the loop goes on
+            if not isinstance(exc, (DatabaseUnavailable, *_REDIS_ERRORS)):  # an outage is said once, when it begins
+                log.exception("a flush failed; its billables stay dirty")
         try:
             self.leader = await self.engine.store.lease(self.lease_key, self.holder, self.lease_ms)
         except _REDIS_ERRORS:
@@ -425,8 +426,10 @@ class Rehydrator:
             state["asg"] = plan
         else:
             state.pop("asg", None)
-        # A plan version no process can have cached: every process resolves the plan again.
+        # A plan version no process can have cached: every process resolves the plan again. That is a
+        # change, so the restored state is flushed like any other.
         state["pv"] = str(int(time.time() * 1000))
+        state["chg"] = str(int(state.get("chg", 0)) + 1)
         return state
 
     async def on_restored(self, billable: str, state: dict[str, str]) -> None:

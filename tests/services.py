@@ -222,9 +222,6 @@ class PostgresServer:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _as_owner(self) -> dict[str, object]:
-        return {"user": self.user, "group": self.user} if self.user else {}
-
     def _init(self) -> None:
         if self.user:
             shutil.chown(self.dir, self.user, self.user)
@@ -233,7 +230,7 @@ class PostgresServer:
                 [_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                  "--no-sync", "--no-instructions"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True,
-                **self._as_owner(),  # type: ignore[arg-type]
+                user=self.user, group=self.user,
             )
         self._initialized = True
 
@@ -250,8 +247,7 @@ class PostgresServer:
                 "-c", "full_page_writes=off", "-c", "max_connections=200"]
         with open(self.dir / "postgres.log", "ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                **self._as_owner(),  # type: ignore[arg-type]
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self.user, group=self.user,
             )
         try:
             _wait(self._ready, f"postgres on port {self.port}", timeout=30)
@@ -265,7 +261,7 @@ class PostgresServer:
             raise RuntimeError(f"postgres exited with {self.proc.returncode}")
         done = subprocess.run(
             [_pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
         )
         return done.returncode == 0
 

@@ -302,7 +302,7 @@ def test_the_sweep_applies_grants_a_dead_process_recorded_but_never_applied(empt
             async def crash(*args: Any) -> Any:
                 raise SystemExit("killed between the commit and Redis")
 
-            dying.engine.apply_grant = crash  # type: ignore[method-assign]
+            dying.engine.apply_grant = crash  # type: ignore[method-assign, assignment]
             with pytest.raises(SystemExit):
                 await dying.grants.grant("org-g", 25, idempotency_key="stranded")
             assert (await alive.engine.status("org-g"))["credits"]["purchased"] == 0
