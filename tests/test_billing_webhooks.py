@@ -143,6 +143,8 @@ def test_subscription_lifecycle_twice_and_out_of_order(stripe_api: Any, tmp_path
                 assert (await env.deliver({**event, "id": event["id"] + "_again"})).status_code == 200
             assert await plan(env, billable) == ("free", "default")
             assert await recorded_events(env) == 2 * len(sent)
+            # free → pro → scale → free → scale → free: one plan_changed each, none for the repeats.
+            assert await env.outbox(billable) == ["plan_changed"] * 5
 
     asyncio.run(main())
 

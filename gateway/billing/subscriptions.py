@@ -24,8 +24,10 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.billing.client import is_missing, plain
+from gateway.billing.payments import add_event, event_for
 from gateway.catalog import Catalog
-from gateway.engine import ACTIVE_STATUSES, Engine, Subscription
+from gateway.engine import ACTIVE_STATUSES, Engine, ResolvedPlan, Subscription
+from gateway.errors import RedisUnavailable, StateUnavailable
 from gateway.store.db import Database
 from gateway.store.db import subscriptions as table
 
@@ -138,12 +140,21 @@ class Subscriptions:
             raise
 
     async def record(
-        self, conn: AsyncConnection, facts: Facts, billable: str | None, *, reported_at: float, reported_past_due: bool = False
+        self,
+        conn: AsyncConnection,
+        facts: Facts,
+        billable: str | None,
+        *,
+        reported_at: float,
+        reported_past_due: bool = False,
+        cause: str | None = None,
     ) -> None:
-        """Upsert the row inside the caller's transaction.
+        """Upsert the row inside the caller's transaction, with a `plan_changed` event when the billable's plan
+        moves because of it (`cause`, the Stripe event id, makes that event's id: once however often seen).
 
         `reported_at` is when the Stripe event that brought this was created: a past_due grace runs from
         the first event that reported past_due (or an earlier one that did, arriving late)."""
+        before = await self._plan_now(billable) if billable else None
         found = (await conn.execute(sa.select(table).where(table.c.id == facts.id))).first()
         since: datetime | None = None
         if facts.status == "past_due":
@@ -166,11 +177,41 @@ class Subscriptions:
         }
         stmt = self.db.insert(table).values(id=facts.id, **values)
         await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+        if billable and before is not None and before.source != "assignment":
+            after = self._effective((await self.state_of(billable, conn))[0])
+            if after != before.name:
+                source = "subscription" if after != self.catalog.settings.default_plan else "default"
+                data = {"from": before.name, "to": after, "source": source, "subscription": facts.id}
+                reference = cause or f"{facts.id}:{facts.status}:{facts.plan}:{reported_at}"
+                await add_event(self.db, conn, event_for(billable, "plan_changed", reference, after, data))
 
-    async def state_of(self, billable: str) -> tuple[Subscription | None, tuple[float, float] | None]:
+    async def _plan_now(self, billable: str) -> ResolvedPlan | None:
+        try:
+            return await self.engine.plan_of(billable)
+        except (RedisUnavailable, StateUnavailable):
+            return None  # no plan_changed then; the subscription itself is still recorded
+
+    def _effective(self, sub: Subscription | None) -> str:
+        """The plan the engine resolves for this subscription now (no manual assignment)."""
+        if sub is not None and sub.status in ACTIVE_STATUSES:
+            return sub.plan
+        grace = self.catalog.settings.past_due_grace_seconds
+        if sub is not None and sub.status == "past_due" and sub.past_due_since is not None and (
+            self.engine.clock() < sub.past_due_since + grace
+        ):
+            return sub.plan
+        return self.catalog.settings.default_plan
+
+    async def state_of(
+        self, billable: str, conn: AsyncConnection | None = None
+    ) -> tuple[Subscription | None, tuple[float, float] | None]:
         """What the record says the billable subscribes to, and its billing window."""
-        async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(table).where(table.c.billable == billable))).all()
+        query = sa.select(table).where(table.c.billable == billable)
+        if conn is not None:
+            rows = (await conn.execute(query)).all()
+        else:
+            async with self.db.engine.connect() as own:
+                rows = (await own.execute(query)).all()
         counted = [r for r in rows if r.plan in self.catalog.plans and r.status in COUNTS]
         if not counted:
             return None, None

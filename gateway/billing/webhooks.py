@@ -221,7 +221,8 @@ class Webhooks:
 
             async def record(conn: AsyncConnection) -> None:
                 await self.subscriptions.record(
-                    conn, facts, billable, reported_at=float(event["created"]), reported_past_due=reported_past_due
+                    conn, facts, billable, reported_at=float(event["created"]), reported_past_due=reported_past_due,
+                    cause=event["id"],
                 )
 
             report = {"subscription": facts.id, "billable": billable, "plan": facts.plan, "status": facts.status}

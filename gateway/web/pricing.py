@@ -17,7 +17,7 @@ from gateway.billing.money import show, to_minor
 from gateway.billing.sync import PriceBook
 from gateway.catalog import CREDITS, Catalog, Plan
 
-PERIOD_WORDS = {"month": "month", "year": "year", "week": "week", "day": "day", "billing_cycle": "month"}
+PERIOD_WORDS = {"month": "a month", "week": "a week", "day": "a day", "billing_cycle": "per billing period"}
 
 STYLE = """
 *,*::before,*::after{box-sizing:border-box}
@@ -79,7 +79,7 @@ def _bullets(catalog: Catalog, plan: Plan) -> list[str]:
         per = f"/{limit.per}" if limit.per else ""
         out.append(f"{limit.to:,} {name.replace('_', ' ')}{per}")
     if plan.credits and not plan.is_unlimited(CREDITS):
-        out.append(f"{plan.credits:,} credits/{PERIOD_WORDS.get(plan.credits_per, plan.credits_per)}")
+        out.append(f"{plan.credits:,} credits {PERIOD_WORDS.get(plan.credits_per, 'every ' + plan.credits_per)}")
     return out
 
 
