@@ -82,6 +82,8 @@ def test_bad_signature_old_timestamp_and_malformed_body_are_refused(stripe_api: 
                                  ('{"id": "evt_1", "type": "customer.subscription.created", "data": {}}', "no data.object")):
                 r = await env.deliver({}, body=body)
                 assert r.status_code == 400 and reason in r.json()["detail"], r.text
+            huge = await env.deliver({}, body=" " * (1 << 20) + "{}")
+            assert huge.status_code == 413
             assert await plan(env, billable) == ("free", "default")
             assert await recorded_events(env) == 0
 
@@ -330,5 +332,39 @@ def test_product_and_price_events_resync_and_entitlements_are_reported(stripe_ap
 
             unknown = await env.deliver(fake.event("balance.available", {"object": "balance"}))
             assert unknown.status_code == 200 and unknown.json()["ignored"] is True
+
+    asyncio.run(main())
+
+
+def test_the_record_on_each_backend_takes_each_event_once(stripe_api: Any, empty_db_url: str) -> None:
+    """On SQLite and Postgres: concurrent deliveries of one event record it once with its effect; a paid pack and
+    its refund are granted once; the snapshot keeps one version per change."""
+    fake, url, prices = stripe_api
+
+    async def main() -> None:
+        async with billing_env(fake, url, empty_db_url) as env:
+            billable = env.billable()
+            customer = fake.add_customer(billable)
+            event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
+            answers = await asyncio.gather(*(env.deliver(event) for _ in range(4)))
+            assert sorted(r.json()["duplicate"] for r in answers) == [False, True, True, True]
+            assert await plan(env, billable) == ("pro", "subscription")
+
+            r = await env.admin("POST", f"/_gateway/admin/billables/{billable}/packs/starter/checkout", {})
+            paid = fake.complete_checkout(r.json()["id"])
+            pack = [fake.event("checkout.session.completed", paid),
+                    fake.event("payment_intent.succeeded", fake.view("payment_intents", paid["payment_intent"]))]
+            await asyncio.gather(*(env.deliver(e) for e in pack * 2))
+            refund = fake.refund(paid["payment_intent"], 900)
+            await asyncio.gather(*(env.deliver(fake.event("refund.created", refund)) for _ in range(2)))
+            credits = (await env.status(billable))["credits"]
+            assert (credits["purchased"], credits["debt"]) == (0, 0)
+            assert await env.outbox(billable) == ["plan_changed"]
+
+            from gateway.billing.sync import store_snapshot
+
+            assert await store_snapshot(env.db, {"plans": {}}) == (1, True)
+            assert await store_snapshot(env.db, {"plans": {}}) == (1, False)
+            assert await store_snapshot(env.db, {"plans": {"pro": {}}}) == (2, True)
 
     asyncio.run(main())

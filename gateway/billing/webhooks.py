@@ -48,6 +48,7 @@ from gateway.store.db import Database, credit_grants, stripe_events
 log = logging.getLogger("gateway.billing")
 
 TOLERANCE_S = 300
+MAX_BODY = 1 << 20  # Stripe's events are a few KiB; anything this large is not one
 
 Record = Callable[[AsyncConnection], Awaitable[None]]
 
@@ -66,7 +67,7 @@ class Change:
 
 
 def _problem(status: int, detail: str) -> JSONResponse:
-    title = {400: "Bad request", 503: "Service unavailable"}.get(status, "Error")
+    title = {400: "Bad request", 413: "Payload too large", 503: "Service unavailable"}.get(status, "Error")
     return JSONResponse(
         {"type": "urn:gateway:stripe-webhook", "title": title, "status": status, "detail": detail},
         status_code=status,
@@ -110,7 +111,12 @@ class Webhooks:
     # ---- HTTP -------------------------------------------------------------------------------------------
 
     async def endpoint(self, request: Request) -> Response:
-        raw = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _problem(413, f"The body is larger than {MAX_BODY} bytes: not a Stripe event.")
+        raw = bytes(body)
         if not self.secret:
             # Not a 400: Stripe keeps the events and retries until the operator sets the secret.
             return _problem(503, "GATEWAY_STRIPE_WEBHOOK_SECRET is not set: events cannot be verified.")
@@ -122,7 +128,7 @@ class Webhooks:
         if isinstance(event, str):
             return _problem(400, event)
         try:
-            body = await self.process(event)
+            result = await self.process(event)
         except (SQLAlchemyError, OSError, DatabaseUnavailable) as exc:
             log.warning("Stripe event %s not processed, the database did not answer: %s", event["id"], exc)
             return _problem(503, "The database did not answer; Stripe will deliver this event again.")
@@ -131,7 +137,7 @@ class Webhooks:
         except stripe.StripeError as exc:
             log.warning("Stripe event %s not processed, the Stripe API failed: %s", event["id"], exc)
             return _problem(503, "The Stripe API did not answer; Stripe will deliver this event again.")
-        return JSONResponse({"received": True, "id": event["id"], "type": event["type"], **body})
+        return JSONResponse({"received": True, "id": event["id"], "type": event["type"], **result})
 
     def verify(self, raw: bytes, header: str | None) -> str | None:
         """None when the body is signed by the secret within the tolerance, else the reason it is not."""
