@@ -17,11 +17,12 @@ from starlette.routing import Route, Router
 
 from gateway.catalog import Catalog
 from gateway.engine import Engine
-from gateway.events import Outbox
 from gateway.errors import DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
+from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.problems import bad_request, problem
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
@@ -29,18 +30,6 @@ from gateway.usage import PERIOD, current_period, usage_report
 log = logging.getLogger("gateway.admin")
 
 Identify = Callable[[Request], Awaitable[str | None]]
-
-
-def problem(status: int, type_: str, title: str, detail: str) -> JSONResponse:
-    return JSONResponse(
-        {"type": type_, "title": title, "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-    )
-
-
-def bad_request(detail: str) -> JSONResponse:
-    return problem(400, "urn:gateway:bad-request", "Bad request", detail)
 
 
 def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, Any]:

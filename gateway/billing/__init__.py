@@ -35,6 +35,7 @@ from gateway.billing.webhooks import Webhooks
 from gateway.decision import Decision
 from gateway.engine import Engine
 from gateway.grants import Grants
+from gateway.problems import bad_request, problem
 from gateway.settings import Settings
 from gateway.store.db import Database
 
@@ -43,20 +44,8 @@ log = logging.getLogger("gateway.billing")
 Identify = Callable[[Request], Awaitable[str | None]]
 
 
-def _problem(status: int, type_: str, title: str, detail: str) -> JSONResponse:
-    return JSONResponse(
-        {"type": type_, "title": title, "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-    )
-
-
-def _bad(detail: str) -> JSONResponse:
-    return _problem(400, "urn:gateway:bad-request", "Bad request", detail)
-
-
 def _stripe_down(exc: stripe.StripeError) -> JSONResponse:
-    return _problem(502, "urn:gateway:stripe", "Stripe error", f"Stripe answered: {exc.user_message or exc}")
+    return problem(502, "urn:gateway:stripe", "Stripe error", f"Stripe answered: {exc.user_message or exc}")
 
 
 class Billing:
@@ -126,7 +115,7 @@ class Billing:
         async def client_checkout(request: Request) -> Response:
             billable = await identify(request)
             if billable is None:
-                return _problem(401, "urn:gateway:unauthorized", "Unauthorized",
+                return problem(401, "urn:gateway:unauthorized", "Unauthorized",
                                 "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>.")
             return await self._checkout(request, billable)
 
@@ -153,16 +142,16 @@ class Billing:
             return body
         customer = body.get("customer")
         if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
-            return _bad('Send {"customer": "cus_..."} to link a customer, or no body to create one.')
+            return bad_request('Send {"customer": "cus_..."} to link a customer, or no body to create one.')
         try:
             linked = await self.customers.link(billable, customer)
             # Subscriptions that arrived before the link now have their billable.
             async for sub in each(self.client.v1.subscriptions.list_async, {"customer": linked, "status": "all"}):
                 await self.repair.subscription(sub["id"])
         except UnknownCustomer as exc:
-            return _problem(404, "urn:gateway:not-found", "Not found", str(exc))
+            return problem(404, "urn:gateway:not-found", "Not found", str(exc))
         except CustomerConflict as exc:
-            return _problem(409, "urn:gateway:conflict", "Conflict", str(exc))
+            return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
         except stripe.StripeError as exc:
             return _stripe_down(exc)
         return JSONResponse({"customer": linked, "billable": billable})
@@ -174,13 +163,13 @@ class Billing:
         success = body.get("success_url") or self.catalog.settings.upgrade_url
         cancel = body.get("cancel_url")
         if not isinstance(success, str) or not success.startswith(("http://", "https://")):
-            return _bad('Send {"success_url": "https://..."} (where Checkout returns the customer); plans.toml names no upgrade_url.')
+            return bad_request('Send {"success_url": "https://..."} (where Checkout returns the customer); plans.toml names no upgrade_url.')
         if cancel is not None and (not isinstance(cancel, str) or not cancel.startswith(("http://", "https://"))):
-            return _bad("cancel_url must be an http(s) URL.")
+            return bad_request("cancel_url must be an http(s) URL.")
         try:
             session = await self.packs.checkout(billable, request.path_params["pack"], success_url=success, cancel_url=cancel)
         except UnknownPack as exc:
-            return _problem(404, "urn:gateway:not-found", "Not found", str(exc))
+            return problem(404, "urn:gateway:not-found", "Not found", str(exc))
         except stripe.StripeError as exc:
             return _stripe_down(exc)
         return JSONResponse(session, status_code=201)
@@ -193,9 +182,9 @@ async def _json(request: Request) -> dict[str, Any] | JSONResponse:
     try:
         body = json.loads(raw)
     except ValueError:
-        return _bad("The body is not valid JSON.")
+        return bad_request("The body is not valid JSON.")
     if not isinstance(body, dict):
-        return _bad("The body must be a JSON object.")
+        return bad_request("The body must be a JSON object.")
     return body
 
 
