@@ -21,6 +21,7 @@ often they change) and flushed when it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -51,7 +52,6 @@ DB_TIMEOUT_S = 15.0
 RESTORE_TIMEOUT_S = 2.0
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
 EVENTS_PER_FLUSH = 1000
-_ROWS_PER_STATEMENT = 500  # well under both backends' bound-parameter limits
 
 
 class Reconciler:
@@ -75,7 +75,9 @@ class Reconciler:
         self.outbox = outbox or Outbox(db)
         self.grants = grants
         self.interval = interval
-        self.sweep_interval = sweep_interval if sweep_interval is not None else max(10 * interval, 2.0)
+        # A sweep reads every state hash (about 3 s of one core per 100,000 billables), so not too often: a
+        # process that takes the lead sweeps at once, which covers a dead leader's billables.
+        self.sweep_interval = sweep_interval if sweep_interval is not None else max(30 * interval, 10.0)
         # Long enough to survive a slow tick, short enough that a dead leader's sweep resumes soon.
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(3 * interval, 2.0)))
         self.lease_key = f"{engine.prefix}:reconcile:leader"
@@ -93,10 +95,12 @@ class Reconciler:
         self.error = ""
         self.leader = False
         self.flushed = 0  # billables written since start
-        # Told which billables a flush just committed (the benchmark measures lag with it); must not block.
-        self.on_flushed: Callable[[list[str]], None] | None = None
+        # Told which snapshots a flush just committed (the benchmark measures lag with it); must not block.
+        self.on_flushed: Callable[[list[tuple[str, Snapshot]]], None] | None = None
         self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._sweeping: asyncio.Task[None] | None = None
+        self._statements: tuple[Any, Any] | None = None
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -106,13 +110,12 @@ class Reconciler:
 
     async def stop(self) -> None:
         """Stop the loop, flush what is dirty once more, and give the lead back."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._sweeping):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._sweeping = None
         try:
             async with asyncio.timeout(DB_TIMEOUT_S):
                 await self.flush_dirty()
@@ -142,15 +145,21 @@ class Reconciler:
             self.leader = await self.engine.store.lease(self.lease_key, self.holder, self.lease_ms)
         except _REDIS_ERRORS:
             self.leader = False
-        if self.leader and self.clock() >= self._next_sweep:
+        sweeping = self._sweeping is not None and not self._sweeping.done()
+        if self.leader and not sweeping and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_interval
-            try:
-                swept = await self.sweep()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("the sweep stopped: %s", exc)
-            else:
-                if swept:
-                    log.info("the sweep flushed %d billables no process had reported", swept)
+            # A task of its own: over many billables a sweep takes seconds, and what this process touches
+            # meanwhile must still reach the record within the interval.
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep_logged(), name="gateway-sweep")
+
+    async def _sweep_logged(self) -> None:
+        try:
+            swept = await self.sweep()
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.warning("the sweep stopped: %s", exc)
+        else:
+            if swept:
+                log.info("the sweep flushed %d billables no process had reported", swept)
 
     async def run_once(self) -> int:
         """One full pass: sweep every node and flush what the record lacks, then what this process touched."""
@@ -257,10 +266,12 @@ class Reconciler:
             while queue and not failed:
                 batch = queue.popleft()
                 try:
-                    written += await self._flush_batch(batch, force)
+                    done = await self._flush_batch(batch, force)
                 except Exception as exc:  # noqa: BLE001 - kept dirty and reported below
                     failed.append(exc)
                     self._keep(batch)
+                else:
+                    written += done  # after the await: `written += await ...` would lose other workers' counts
 
         await asyncio.gather(*(worker() for _ in range(min(self.parallel, len(queue)) or 1)))
         for batch in queue:
@@ -320,7 +331,7 @@ class Reconciler:
         self.redis_ok = True
         self.flushed += len(writes)
         if self.on_flushed is not None and writes:
-            self.on_flushed([b for b, _ in writes])
+            self.on_flushed(writes)
         return len(writes)
 
     async def _write(self, writes: list[tuple[str, Snapshot]]) -> None:
@@ -341,31 +352,35 @@ class Reconciler:
             key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
         )
         states = {billable: snap.state for billable, snap in writes}
+        snapshot_upsert, usage_upsert = self._upserts()
         async with self.db.engine.begin() as conn:
-            written: set[str] = set()
-            for chunk in _chunks(rows, _ROWS_PER_STATEMENT):
-                insert = self.db.insert(snapshots).values(chunk)
-                upsert = insert.on_conflict_do_update(
-                    index_elements=[snapshots.c.billable],
-                    set_={"state": insert.excluded.state, "chg": insert.excluded.chg, "updated_at": insert.excluded.updated_at},
-                    # A snapshot read earlier (by a slower process) never replaces a later one.
-                    where=sa.and_(snapshots.c.chg != insert.excluded.chg, snapshots.c.updated_at <= insert.excluded.updated_at),
-                ).returning(snapshots.c.billable)
-                written.update((await conn.execute(upsert)).scalars())
+            # One statement each, compiled once and cached; the driver sends the rows in multi-row pages.
+            written = set((await conn.execute(snapshot_upsert, rows)).scalars())
             usage = [
                 {"billable": billable, "period": r.period, "route": r.route, "operation": r.operation,
                  "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents}
                 for billable in sorted(written)
                 for r in rows_from_state(states[billable], per_dollar)
             ]
-            for chunk in _chunks(usage, _ROWS_PER_STATEMENT):
-                insert = self.db.insert(usage_totals).values(chunk)
-                await conn.execute(
-                    insert.on_conflict_do_update(
-                        index_elements=[usage_totals.c.billable, usage_totals.c.period, usage_totals.c.route, usage_totals.c.operation],
-                        set_={c: insert.excluded[c] for c in ("requests", "units", "credits", "amount_cents")},
-                    )
-                )
+            if usage:
+                await conn.execute(usage_upsert, usage)
+
+    def _upserts(self) -> tuple[Any, Any]:
+        if self._statements is None:
+            insert = self.db.insert(snapshots)
+            snapshot_upsert = insert.on_conflict_do_update(
+                index_elements=[snapshots.c.billable],
+                set_={"state": insert.excluded.state, "chg": insert.excluded.chg, "updated_at": insert.excluded.updated_at},
+                # A snapshot read earlier (by a slower process) never replaces a later one.
+                where=sa.and_(snapshots.c.chg != insert.excluded.chg, snapshots.c.updated_at <= insert.excluded.updated_at),
+            ).returning(snapshots.c.billable)
+            insert = self.db.insert(usage_totals)
+            usage_upsert = insert.on_conflict_do_update(
+                index_elements=[usage_totals.c.billable, usage_totals.c.period, usage_totals.c.route, usage_totals.c.operation],
+                set_={c: insert.excluded[c] for c in ("requests", "units", "credits", "amount_cents")},
+            )
+            self._statements = (snapshot_upsert, usage_upsert)
+        return self._statements
 
     def _database_down(self, exc: BaseException) -> None:
         if self.database_ok:
@@ -448,7 +463,3 @@ class Rehydrator:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc
 
-
-def _chunks(items: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

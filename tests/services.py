@@ -210,8 +210,9 @@ class PostgresServer:
     (fsync, synchronous_commit): the tests kill the server, never the machine. As root, the server runs
     as the `postgres` user, which owns the data directory (postgres refuses to run as root)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, *extra: str, port: int | None = None) -> None:
         self.port = port or free_port()
+        self.extra = list(extra)  # more postgres flags; a later -c wins (durability back on for a benchmark)
         self.dir = Path(tempfile.mkdtemp(prefix=f"gw-pg-{self.port}-"))
         self.data = self.dir / "data"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -244,7 +245,7 @@ class PostgresServer:
                 raise RuntimeError("initdb failed:\n" + (self.dir / "initdb.log").read_text(errors="replace")) from None
         argv = [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off", "-c", "max_connections=200"]
+                "-c", "full_page_writes=off", "-c", "max_connections=200", *self.extra]
         with open(self.dir / "postgres.log", "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self.user, group=self.user,

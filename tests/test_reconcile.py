@@ -248,7 +248,7 @@ def test_the_sweep_finds_what_a_dead_process_never_reported(empty_db_url: str) -
 
     async def main() -> None:
         async with environment(empty_db_url) as env:
-            dead, alive = env.process(), env.process()
+            dead, alive = env.process(), env.process(batch=4, parallel=3)  # many small batches at once
             for i in range(30):
                 await dead.decide(f"lost-{i}", "POST", "/projects")
             await alive.decide("kept", "POST", "/projects")
