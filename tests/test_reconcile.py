@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from engine_support import BASE
 from http_servers import serve_in_thread
-from services import PostgresServer, RedisServer, shared_redis_url
+from services import PostgresServer, RedisCluster, RedisServer, shared_redis_url
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -259,6 +259,27 @@ def test_the_sweep_finds_what_a_dead_process_never_reported(empty_db_url: str) -
             assert rows == {f"lost-{i}" for i in range(30)} | {"kept"}
             assert await alive.reconciler.sweep() == 0  # the record is current now
             assert await alive.reconciler.run_once() == 0
+
+    go(main())
+
+
+@pytest.mark.cluster
+def test_the_sweep_covers_every_cluster_node(empty_db_url: str, redis_cluster: RedisCluster) -> None:
+    """On a cluster the sweep finds unreported billables on every primary, whatever their ids; the lease works."""
+
+    async def main() -> None:
+        async with environment(empty_db_url, redis_cluster.url) as env:
+            dead, alive = env.process(), env.process(batch=7)
+            billables = [f"org-{i}" for i in range(40)] + ["a}b", "{x}", "ü:☃", "gw:{evil}"]
+            for b in billables:
+                await dead.decide(b, "POST", "/projects")
+            nodes = {await env.store.client.cluster_keyslot(dead.engine.keys(b)[0]) * 3 // 16384 for b in billables}
+            assert nodes == {0, 1, 2}
+            lease = alive.reconciler.lease_key
+            assert await env.store.lease(lease, "one", 1000) and not await env.store.lease(lease, "two", 1000)
+            assert await alive.reconciler.sweep() == len(billables)
+            assert {r["billable"] for r in await env.rows(tables.snapshots)} == set(billables)
+            assert await alive.reconciler.sweep() == 0
 
     go(main())
 
