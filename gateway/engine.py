@@ -482,8 +482,11 @@ class Engine:
         return [None if v is None else int(v) for v in values]
 
     async def status(self, billable: str) -> dict[str, Any]:
-        """The status body of DESIGN §3, from one snapshot."""
+        """The status body of DESIGN §3, from one snapshot (of the restored state, when Redis lost it)."""
         snap = await self.snapshot(billable)
+        if self.restore is not None and "hyd" not in snap.state:
+            await self.rehydrate(billable)  # else the answer would show a fresh quota the next request will not give
+            snap = await self.snapshot(billable)
         resolved = self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
         return status_body(self.catalog, billable, resolved, snap, self._calendar())
 

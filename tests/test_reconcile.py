@@ -430,6 +430,8 @@ def test_rehydration_brings_back_counts_caps_allowances_and_grants(
                 own_redis.start()
             # A fresh process (empty caches, its own connections), as after a deploy or a failover.
             q = env.process(redis_url=own_redis.url)
+            shown = await q.engine.status("org")  # the status restores too: it never shows a fresh quota
+            assert shown["limits"]["projects"]["usage"] == 2 and shown["credits"]["purchased"] == 57
             capped = await q.decide("org", "POST", "/projects")
             assert capped.status == 403  # the cap it had used up stays used
             after = await q.engine.status("org")
