@@ -50,6 +50,7 @@ _DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 _REDIS_ERRORS = (RedisUnavailable, RedisError)
 DB_TIMEOUT_S = 15.0
 RESTORE_TIMEOUT_S = 2.0
+RESTORE_BATCH = 500  # billables read from the record in one go when many restore at once
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
 EVENTS_PER_FLUSH = 1000
 
@@ -417,35 +418,75 @@ class Rehydrator:
         self.grants = grants
         self.timeout = timeout
         self._grants_after: dict[str, list[tuple[int, int]]] = {}
+        # Restores asked for in the same moment (a Redis restart under load) share one read of the record.
+        self._waiting: dict[str, asyncio.Future[dict[str, str] | None]] = {}
+        self._batch_scheduled = False
 
     async def restore(self, billable: str) -> dict[str, str] | None:
+        future = self._waiting.get(billable)
+        if future is None:
+            future = self._waiting[billable] = asyncio.get_running_loop().create_future()
+            if not self._batch_scheduled:
+                self._batch_scheduled = True
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._read_batch()))
+        async with asyncio.timeout(self.timeout):
+            return await asyncio.shield(future)
+
+    async def _read_batch(self) -> None:
+        self._batch_scheduled = False
+        waiting, self._waiting = self._waiting, {}
+        for chunk in _chunks(list(waiting), RESTORE_BATCH):
+            try:
+                found = await self._read(chunk)
+            except Exception as exc:  # noqa: BLE001 - each waiting restore gets the error
+                for billable in chunk:
+                    if not waiting[billable].done():
+                        waiting[billable].set_exception(exc)
+                continue
+            for billable in chunk:
+                if not waiting[billable].done():
+                    waiting[billable].set_result(found.get(billable))
+
+    async def _read(self, billables: list[str]) -> dict[str, dict[str, str] | None]:
+        """The snapshots, manual plans and later grants of these billables, in three queries."""
         async with asyncio.timeout(self.timeout), self.db.engine.connect() as conn:
-            row = (await conn.execute(sa.select(snapshots.c.state).where(snapshots.c.billable == billable))).first()
-            plan = (
-                await conn.execute(sa.select(plan_assignments.c.plan).where(plan_assignments.c.billable == billable))
-            ).scalar()
-            state: dict[str, str] | None = json.loads(row.state) if row is not None else None
-            after = int((state or {}).get("c:seq", 0) or 0)
-            lost = (
-                await conn.execute(
-                    sa.select(credit_grants.c.seq, credit_grants.c.amount)
-                    .where(credit_grants.c.billable == billable, credit_grants.c.seq > after)
-                    .order_by(credit_grants.c.seq)
+            states = {
+                b: json.loads(state)
+                for b, state in await conn.execute(
+                    sa.select(snapshots.c.billable, snapshots.c.state).where(snapshots.c.billable.in_(billables))
                 )
-            ).all()
-        self._grants_after[billable] = [(int(s), int(a)) for s, a in lost]
-        if state is None and plan is None:
-            return None
-        state = dict(state or {})
-        if plan is not None:
-            state["asg"] = plan
-        else:
-            state.pop("asg", None)
-        # A plan version no process can have cached: every process resolves the plan again. That is a
-        # change, so the restored state is flushed like any other.
-        state["pv"] = str(int(time.time() * 1000))
-        state["chg"] = str(int(state.get("chg", 0)) + 1)
-        return state
+            }
+            plans = dict(
+                (await conn.execute(
+                    sa.select(plan_assignments.c.billable, plan_assignments.c.plan).where(plan_assignments.c.billable.in_(billables))
+                )).all()
+            )
+            grants: dict[str, list[tuple[int, int]]] = {}
+            for b, seq, amount in await conn.execute(
+                sa.select(credit_grants.c.billable, credit_grants.c.seq, credit_grants.c.amount)
+                .where(credit_grants.c.billable.in_(billables))
+                .order_by(credit_grants.c.billable, credit_grants.c.seq)
+            ):
+                if int(seq) > int((states.get(b) or {}).get("c:seq", 0) or 0):
+                    grants.setdefault(b, []).append((int(seq), int(amount)))
+        found: dict[str, dict[str, str] | None] = {}
+        for billable in billables:
+            self._grants_after[billable] = grants.get(billable, [])
+            state, plan = states.get(billable), plans.get(billable)
+            if state is None and plan is None:
+                found[billable] = None
+                continue
+            state = dict(state or {})
+            if plan is not None:
+                state["asg"] = plan
+            else:
+                state.pop("asg", None)
+            # A plan version no process can have cached: every process resolves the plan again. That is a
+            # change, so the restored state is flushed like any other.
+            state["pv"] = str(int(time.time() * 1000))
+            state["chg"] = str(int(state.get("chg", 0)) + 1)
+            found[billable] = state
+        return found
 
     async def on_restored(self, billable: str, state: dict[str, str]) -> None:
         lost = self._grants_after.pop(billable, None)
@@ -463,3 +504,8 @@ class Rehydrator:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc
 
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
