@@ -178,7 +178,7 @@ class KeyStore:
         query = sa.select(api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
             api_keys.c.id == key_id
         )
-        async with self.db.engine.connect() as conn:
+        async with self.db.reader.connect() as conn:
             row = (await conn.execute(query)).first()
         self._failed_at = None
         if row is None or row.revoked_at is not None:

@@ -449,7 +449,7 @@ class Rehydrator:
 
     async def _read(self, billables: list[str]) -> dict[str, dict[str, str] | None]:
         """The snapshots, manual plans and later grants of these billables, in three queries."""
-        async with asyncio.timeout(self.timeout), self.db.engine.connect() as conn:
+        async with asyncio.timeout(self.timeout), self.db.reader.connect() as conn:
             states = {
                 b: json.loads(state)
                 for b, state in await conn.execute(

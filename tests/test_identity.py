@@ -24,10 +24,11 @@ def go(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class CountingEngine:
-    """The database's engine, counting every connection or transaction taken from it."""
+    """The database's engines (writer and reader), counting every connection or transaction taken."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, reader: Any) -> None:
         self.engine = engine
+        self.reader = reader
         self.calls = 0
 
     def connect(self) -> Any:
@@ -42,6 +43,20 @@ class CountingEngine:
         return getattr(self.engine, name)
 
 
+class _Reads:
+    """The reader side of a CountingEngine, counted in the same total."""
+
+    def __init__(self, counter: CountingEngine) -> None:
+        self.counter = counter
+
+    def connect(self) -> Any:
+        self.counter.calls += 1
+        return self.counter.reader.connect()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.counter.reader, name)
+
+
 async def open_db(url: str) -> Database:
     db = await Database.connect(url)
     await db.upgrade()
@@ -49,8 +64,9 @@ async def open_db(url: str) -> Database:
 
 
 def counted(db: Database) -> CountingEngine:
-    engine = CountingEngine(db.engine)
+    engine = CountingEngine(db.engine, db.reader)
     db.engine = engine  # type: ignore[assignment]
+    db.reader = _Reads(engine)  # type: ignore[assignment]
     return engine
 
 

@@ -248,8 +248,11 @@ settings = sa.Table(
 class Database:
     """One async engine over the record, and the schema's revision."""
 
-    def __init__(self, engine: AsyncEngine, url: URL) -> None:
+    def __init__(self, engine: AsyncEngine, url: URL, reader: AsyncEngine | None = None) -> None:
         self.engine = engine
+        # Reads on the request path (restores, key lookups) use `reader`: on SQLite its transactions
+        # begin DEFERRED, so WAL lets them run beside a flush instead of queueing for the write lock.
+        self.reader = reader or engine
         self.url = url
         self.is_sqlite = url.get_backend_name() == "sqlite"
         self.shown = _shown(url)
@@ -258,15 +261,18 @@ class Database:
     async def connect(cls, url: str | None = None, *, auto_upgrade: bool = False) -> Database:
         """An engine for the URL; no I/O unless `auto_upgrade`, which upgrades SQLite and checks a Postgres."""
         parsed = make_url(database_url(url))
+        reader = None
         if parsed.get_backend_name() == "sqlite":
             engine = create_async_engine(parsed)
             _configure_sqlite(engine)
+            reader = create_async_engine(parsed)
+            _configure_sqlite(reader, immediate=False)
         else:
             # A Postgres restart leaves dead pooled connections: check each on checkout rather than fail a request.
             engine = create_async_engine(
                 parsed, pool_pre_ping=True, connect_args={"timeout": CONNECT_TIMEOUT_S}
             )
-        db = cls(engine, parsed)
+        db = cls(engine, parsed, reader)
         if auto_upgrade:
             try:
                 if db.is_sqlite:
@@ -280,6 +286,8 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.reader is not self.engine:
+            await self.reader.dispose()
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query within a short timeout; never raises."""
@@ -348,7 +356,7 @@ class Database:
             raise DatabaseUnavailable(f"the database at {self.shown} did not answer: {exc}") from exc
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, immediate: bool = True) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # SQLAlchemy, not the driver, begins transactions (see _on_begin).
@@ -365,7 +373,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # Postgres (SELECT ... FOR UPDATE, then UPDATE) is then serialized too, instead of failing with
         # "database is locked" when two transactions that both read try to write. DDL becomes
         # transactional as well, so a migration applies whole or not at all.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 # ---- Alembic, run on a connection we already hold --------------------------------------------------------
