@@ -419,8 +419,8 @@ class Engine:
     # ---- state for the record -----------------------------------------------------------------------
 
     async def snapshot(self, billable: str) -> Snapshot:
-        out = json.loads(await self.store.run("snapshot", self.keys(billable), []))
-        return Snapshot(out["now"], _pairs(out["state"]), _pairs(out["holds"]), int(out["pending"]))
+        now, state, holds, pending = await self.store.run("snapshot", self.keys(billable), [])
+        return Snapshot(int(now), _pairs(state), _pairs(holds), int(pending))
 
     async def restore_state(self, billable: str, state: dict[str, str]) -> bool:
         """Put back state saved from a snapshot; whatever Redis holds already is live and wins."""
@@ -633,4 +633,4 @@ def _int(value: Any) -> int | None:
 
 def _pairs(flat: Any) -> dict[str, str]:
     items = _list(flat)
-    return {items[i]: items[i + 1] for i in range(0, len(items), 2)}
+    return dict(zip(items[::2], items[1::2]))
