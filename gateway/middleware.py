@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -65,6 +66,7 @@ class GatewayMiddleware:
         metrics: Metrics | None = None,
         max_body: int = 10 * 1024 * 1024,
         on_decision: Callable[[Decision], None] | None = None,
+        freeze_gc: bool = True,
     ) -> None:
         if keys is None and billable is None and billable_header is None:
             raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
@@ -79,11 +81,24 @@ class GatewayMiddleware:
         self.max_body = max_body
         # Told of every decision that emitted events or started an auto-recharge; must not block.
         self.on_decision = on_decision
+        # After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of
+        # the collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/).
+        self.freeze_gc = freeze_gc
         self._warned_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
+            if kind == "lifespan" and self.freeze_gc:
+
+                async def send_and_freeze(message: Message) -> None:
+                    if message["type"] == "lifespan.startup.complete":
+                        gc.collect()
+                        gc.freeze()
+                    await send(message)
+
+                await self.app(scope, receive, send_and_freeze)
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]

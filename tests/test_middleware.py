@@ -308,3 +308,15 @@ def test_real_redis_backend() -> None:
             await store.close()
 
     assert asyncio.run(fresh_status())["limits"]["projects"]["usage"] == 2
+
+
+def test_startup_heap_is_frozen_out_of_the_collector(engine: Engine) -> None:
+    """After the app's startup the middleware freezes the heap (gc.freeze), unless told not to."""
+    import gc
+
+    gc.unfreeze()
+    with TestClient(GatewayMiddleware(Starlette(), engine=engine, billable=billable_from_header, freeze_gc=False)):
+        assert gc.get_freeze_count() == 0
+    with TestClient(GatewayMiddleware(Starlette(), engine=engine, billable=billable_from_header)):
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()
