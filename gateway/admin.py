@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -22,7 +21,7 @@ from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.problems import bad_request, problem
+from gateway.problems import bad_request, json_body, problem
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
@@ -141,22 +140,10 @@ class Endpoints:
 
         return guarded
 
-    async def _json(self, request: Request) -> dict[str, Any] | JSONResponse:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return bad_request("The body is not valid JSON.")
-        if not isinstance(body, dict):
-            return bad_request("The body must be a JSON object.")
-        return body
-
     # ---- keys ---------------------------------------------------------------------------------------
 
     async def create_key(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         billable, name = body.get("billable"), body.get("name", "")
@@ -197,7 +184,7 @@ class Endpoints:
         billable = request.path_params["billable"]
         plan: str | None = None
         if request.method == "PUT":
-            body = await self._json(request)
+            body = await json_body(request)
             if isinstance(body, JSONResponse):
                 return body
             plan = body.get("plan")
@@ -213,7 +200,7 @@ class Endpoints:
         return JSONResponse(status)
 
     async def grant_credits(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         amount, key, reason = body.get("amount"), body.get("idempotency_key"), body.get("reason", "")
@@ -231,7 +218,7 @@ class Endpoints:
         )
 
     async def set_limit(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         usage = body.get("usage")
@@ -245,7 +232,7 @@ class Endpoints:
         return JSONResponse(status["limits"].get(request.path_params["limit"], {"usage": usage}))
 
     async def auto_recharge(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         enabled, amount, threshold = body.get("enabled"), body.get("amount_cents"), body.get("threshold")

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import stripe
 from starlette.requests import Request
@@ -35,7 +33,7 @@ from gateway.billing.webhooks import Webhooks
 from gateway.decision import Decision
 from gateway.engine import Engine
 from gateway.grants import Grants
-from gateway.problems import bad_request, problem
+from gateway.problems import bad_request, json_body, problem
 from gateway.settings import Settings
 from gateway.store.db import Database
 
@@ -137,7 +135,7 @@ class Billing:
 
     async def link_customer(self, request: Request) -> Response:
         billable = request.path_params["billable"]
-        body = await _json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         customer = body.get("customer")
@@ -157,7 +155,7 @@ class Billing:
         return JSONResponse({"customer": linked, "billable": billable})
 
     async def _checkout(self, request: Request, billable: str) -> Response:
-        body = await _json(request)
+        body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         success = body.get("success_url") or self.catalog.settings.upgrade_url
@@ -173,19 +171,6 @@ class Billing:
         except stripe.StripeError as exc:
             return _stripe_down(exc)
         return JSONResponse(session, status_code=201)
-
-
-async def _json(request: Request) -> dict[str, Any] | JSONResponse:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return bad_request("The body is not valid JSON.")
-    if not isinstance(body, dict):
-        return bad_request("The body must be a JSON object.")
-    return body
 
 
 __all__ = ["Billing"]
