@@ -10,12 +10,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +25,7 @@ from starlette.websockets import WebSocket
 
 from gateway.app import GatewayApp
 from gateway.client import parse_limits
+from gateway.engine import Engine
 from gateway.settings import Settings
 from http_servers import serve_in_thread
 from services import RedisServer, shared_redis_url
@@ -204,6 +206,7 @@ class Env:
     url: str
     seen: Seen
     app: GatewayApp
+    billables: list[str] = field(default_factory=list)
 
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN}"}
@@ -212,6 +215,7 @@ class Env:
         billable = billable or f"org-{uuid.uuid4().hex[:8]}"
         r = httpx.post(f"{self.url}/_gateway/admin/keys", json={"billable": billable, "name": "t"}, headers=self.admin())
         assert r.status_code == 201, r.text
+        self.billables.append(billable)
         return billable, r.json()["key"]
 
 
@@ -230,8 +234,15 @@ def running(tmp_path: Path, *, redis_url: str | None, unmatched: str = "", **ove
             **overrides,
         )
         app = GatewayApp(settings)
+        env = Env(url="", seen=seen, app=app)
         with serve_in_thread(app) as url:
-            yield Env(url, seen, app)
+            env.url = url
+            yield env
+    if redis_url is not None:
+        # The billables' keys (and the reconciler's lease) on a shared Redis go with the test.
+        with redis.Redis.from_url(redis_url) as client:
+            for billable in env.billables:
+                client.delete(*Engine(app.gateway.store, app.gateway.catalog).keys(billable))
 
 
 @pytest.fixture
