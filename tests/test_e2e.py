@@ -455,6 +455,7 @@ def test_oversized_body_is_413(tmp_path: Path) -> None:
 def test_trusted_header_mode(tmp_path: Path) -> None:
     """With --billable-header, the named header names the billable; without it the request is 401."""
     with running(tmp_path, redis_url=shared_redis_url(), billable_header="X-Org") as e:
+        e.billables.append("acme-trusted")
         ok = httpx.get(f"{e.url}/v1/anything", headers={"X-Org": "acme-trusted"})
         missing = httpx.get(f"{e.url}/v1/anything")
     assert ok.status_code == 200 and ok.json()["billable"] == "acme-trusted"
