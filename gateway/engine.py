@@ -593,7 +593,7 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: S
         rate_limits[rate.name] = {
             "limit": rate.burst,
             "remaining": max(0, min(rate.burst, remaining)),
-            "reset": _iso((tat if tat > now else now) / 1000),
+            "reset": _iso(tat / 1000),
         }
     return {
         "billable": billable,
@@ -619,10 +619,6 @@ def _iso(seconds: float) -> str:
 def _list(value: Any) -> list[Any]:
     # cjson encodes an empty Lua table as {}.
     return value if isinstance(value, list) else []
-
-
-def _opt(value: Any) -> int | None:
-    return None if value is False or value is None else int(value)
 
 
 def _int(value: Any) -> int | None:

@@ -128,21 +128,13 @@ class Grants:
             for seq, amount in pending:
                 result = await self.engine.apply_grant(billable, seq, amount)
                 if result.status == "gap":
-                    # Redis is behind the record (restored from an older snapshot): replay the missing ones first.
-                    async with self.db.engine.connect() as conn:
-                        missing = (
-                            await conn.execute(
-                                sa.select(grants.c.seq, grants.c.amount)
-                                .where(grants.c.billable == billable, grants.c.seq > result.last_sequence, grants.c.seq <= seq)
-                                .order_by(grants.c.seq)
-                            )
-                        ).all()
-                    for earlier_seq, earlier_amount in missing:
-                        await self.engine.apply_grant(billable, earlier_seq, earlier_amount)
+                    # Redis is behind the record (restored from an older snapshot): replay from what it holds.
+                    await self.replay(billable, result.last_sequence)
+            if pending:
                 async with self.db.engine.begin() as conn:
                     await conn.execute(
                         grants.update()
-                        .where(grants.c.billable == billable, grants.c.seq == seq)
+                        .where(grants.c.billable == billable, grants.c.seq.in_([seq for seq, _ in pending]))
                         .values(applied_at=datetime.now(UTC))
                     )
 

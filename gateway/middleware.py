@@ -11,7 +11,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from gateway.catalog import Catalog, Operation, Route
@@ -39,7 +39,9 @@ class KeyLookup(Protocol):
     async def authenticate(self, presented: str) -> str | None: ...
 
 
-def problem_response(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> tuple[Message, Message]:  # type: ignore[assignment]
+def problem_response(
+    status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> tuple[Message, Message]:
     payload = json.dumps(body, separators=(",", ":")).encode()
     start = {
         "type": "http.response.start",
