@@ -242,6 +242,11 @@ class GatewayMiddleware:
 
         await self.app(scope, receive, send_flagged)
 
+    async def _bad_request(self, send: Send, detail: str) -> None:
+        start, body = problem_response(400, {"type": _BAD_REQUEST, "title": "Bad request", "status": 400, "detail": detail})
+        await send(start)
+        await send(body)
+
     async def _price_from_request(
         self, scope: Scope, receive: Receive, send: Send, operation: Operation, headers: list[tuple[bytes, bytes]]
     ) -> tuple[int, Receive] | None:
@@ -250,7 +255,10 @@ class GatewayMiddleware:
         assert source is not None
         if source.where == "request.header":
             units = header_units(headers, source.path)
-            return operation.price(units or 0), receive
+            if units is None:
+                await self._bad_request(send, f"This operation is priced from the request: send a {source.path} header with a number.")
+                return None
+            return operation.price(units), receive
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -278,13 +286,7 @@ class GatewayMiddleware:
             doc = None
         units = json_path(doc, source.path) if doc is not None else None
         if units is None:
-            start, body = problem_response(
-                400,
-                {"type": _BAD_REQUEST, "title": "Bad request", "status": 400,
-                 "detail": f"This operation is priced from the request: send a JSON body with a number at {source.path}."},
-            )
-            await send(start)
-            await send(body)
+            await self._bad_request(send, f"This operation is priced from the request: send a JSON body with a number at {source.path}.")
             return None
         replayed = False
 

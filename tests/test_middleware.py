@@ -320,3 +320,14 @@ def test_startup_heap_is_frozen_out_of_the_collector(engine: Engine) -> None:
     with TestClient(GatewayMiddleware(Starlette(), engine=engine, billable=billable_from_header)):
         assert gc.get_freeze_count() > 0
     gc.unfreeze()
+
+
+def test_request_header_priced_operation_needs_its_header() -> None:
+    """An operation priced from a request header spends its price, and a request without the header is 400."""
+    text = BASE.replace('[operations.priced]\nper_unit = 2\nunits = "request.json:n"', '[operations.priced]\nper_unit = 2\nunits = "request.header:X-Units"')
+    engine = Engine(open_redis(None), parse_catalog(text), prefix=f"gwt{uuid.uuid4().hex[:10]}")
+    with TestClient(starlette_app(engine)) as client:
+        ok = client.post("/priced", headers={"x-org": "h", "x-units": "3"})
+        missing = client.post("/priced", headers={"x-org": "h"})
+    assert ok.status_code == 200 and ok.headers["x-credits-remaining"] == "4"
+    assert missing.status_code == 400 and "X-Units" in missing.json()["detail"]

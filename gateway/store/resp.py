@@ -85,7 +85,7 @@ class PipelinedConnection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Lock | None = None
 
-    async def call(self, *args: bytes | str | int | float) -> Any:
+    async def call(self, *args: bytes | str | float) -> Any:
         transport = self._transport
         if transport is None or transport.is_closing():
             await self._connect()
@@ -161,7 +161,7 @@ class PipelinedConnection:
                     loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=context),
                     self.timeout,
                 )
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from exc
             self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
             self._transport = transport
