@@ -161,9 +161,7 @@ class GatewayMiddleware:
             return
 
         upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
-        scope = {**scope, "headers": upstream_headers}
-        scope.setdefault("state", {})
-        scope["state"] = {**scope["state"], "gateway": decision}
+        scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
         if kind == "websocket":
             await self.app(scope, receive, send)
             return
