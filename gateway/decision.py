@@ -94,32 +94,35 @@ class Decision:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy, RateLimit, X-RateLimit-*, Retry-After, X-Credits-Remaining, X-Gateway-Degraded."""
         out: list[tuple[bytes, bytes]] = []
-        shown = [p for p in self.policies if p.quota >= 0]
+        shown: list[tuple[str, int, int | None]] = []
+        items: list[str] = []
+        tight: PolicyState | None = None
+        tight_key = (2.0, 0)  # (share left, units left) of the tightest policy: the X-RateLimit-* one
+        for p in self.policies:
+            name, _, quota, window, remaining, reset = p
+            if quota < 0:
+                continue
+            shown.append((name, quota, window))
+            left = remaining if remaining is not None and remaining > 0 else 0
+            items.append(f"{_sf_string(name)};r={left}" if reset is None else f"{_sf_string(name)};r={left};t={reset}")
+            if remaining is not None and quota > 0:
+                key = (left / quota, left)
+                if key < tight_key:
+                    tight, tight_key = p, key
         if shown:
-            out.append((b"ratelimit-policy", _policy_header(tuple((p.name, p.quota, p.window) for p in shown))))
-            items = []
-            tight: PolicyState | None = None
-            tight_key = (2.0, 0)
-            for p in shown:
-                remaining = p.remaining if p.remaining is not None and p.remaining > 0 else 0
-                name = _sf_string(p.name)
-                items.append(f"{name};r={remaining}" if p.reset is None else f"{name};r={remaining};t={p.reset}")
-                if p.remaining is not None and p.quota > 0:
-                    key = (remaining / p.quota, remaining)
-                    if key < tight_key:
-                        tight, tight_key = p, key
+            out.append((b"ratelimit-policy", _policy_header(tuple(shown))))
             out.append((b"ratelimit", ", ".join(items).encode()))
             if tight is not None:
-                out.append((b"x-ratelimit-limit", str(tight.quota).encode()))
-                out.append((b"x-ratelimit-remaining", str(tight_key[1]).encode()))
+                out.append((b"x-ratelimit-limit", b"%d" % tight.quota))
+                out.append((b"x-ratelimit-remaining", b"%d" % tight_key[1]))
                 if tight.reset is not None:
-                    out.append((b"x-ratelimit-reset", str(int(self.now) + tight.reset).encode()))
+                    out.append((b"x-ratelimit-reset", b"%d" % (int(self.now) + tight.reset)))
                 out.append((b"x-ratelimit-resource", tight.name.encode()))
-        retry = self.retry_after
+        retry = self.retry_after if self.violations else None
         if retry is not None:
-            out.append((b"retry-after", str(retry).encode()))
+            out.append((b"retry-after", b"%d" % retry))
         if self.credits is not None:
-            out.append((b"x-credits-remaining", str(self.credits).encode()))
+            out.append((b"x-credits-remaining", b"%d" % self.credits))
         if self.degraded:
             out.append((b"x-gateway-degraded", b"redis"))
         return out
@@ -144,6 +147,7 @@ class Decision:
         return json.dumps(self.problem(catalog), separators=(",", ":")).encode()
 
 
+@functools.lru_cache(maxsize=4096)
 @functools.lru_cache(maxsize=4096)
 def _sf_string(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'

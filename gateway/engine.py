@@ -16,6 +16,7 @@ one hash tag, `<prefix>:{<billable>}`:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -140,8 +141,7 @@ class Engine:
     # ---- keys -------------------------------------------------------------------------------------
 
     def keys(self, billable: str) -> list[str]:
-        # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
-        base = f"{self.prefix}:{{{quote(billable, safe='')}}}"
+        base = f"{self.prefix}:{{{_tag(billable)}}}"
         return [base, base + ":ev", base + ":holds"]
 
     # ---- deciding ---------------------------------------------------------------------------------
@@ -625,6 +625,12 @@ def _int(value: Any) -> int | None:
     if value is None or value == "" or value is False:
         return None
     return int(float(value))
+
+
+@functools.lru_cache(maxsize=65536)
+def _tag(billable: str) -> str:
+    # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
+    return quote(billable, safe="")
 
 
 def _pairs(flat: Any) -> dict[str, str]:

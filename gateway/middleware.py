@@ -148,7 +148,10 @@ class GatewayMiddleware:
             return
         finally:
             self.metrics.latency(time.perf_counter() - started)
-        self.metrics.decided("admitted" if decision.admitted else "denied", decision.violated_policies)
+        if decision.admitted:
+            self.metrics.decided("admitted")
+        else:
+            self.metrics.decided("denied", decision.violated_policies)
         if decision.events or decision.recharge:
             self.metrics.events(decision.events)
             if self.on_decision is not None:

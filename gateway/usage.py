@@ -46,8 +46,7 @@ def rows_from_state(state: dict[str, str], credits_per_dollar: int) -> list[Usag
     """The usage totals a billable's state holds, one row per (period, route, operation)."""
     found: dict[tuple[str, str, str], dict[str, int]] = {}
     for field, value in state.items():
-        column = _COLUMNS.get(field[:2])
-        if column is None or field[2:3] != ":":
+        if field[:1] != "q" or field[2:3] != ":" or (column := _COLUMNS.get(field[:2])) is None:
             continue
         period, _, rest = field[3:].partition("|")
         route, _, operation = rest.rpartition("|")

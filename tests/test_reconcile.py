@@ -477,6 +477,33 @@ def test_concurrent_first_requests_restore_once_and_a_new_billable_starts_empty(
     go(main())
 
 
+def test_restores_asked_for_during_a_read_share_the_next_one(empty_db_url: str, own_redis: RedisServer) -> None:
+    """After a Redis loss under load, first requests arriving tick after tick are read from the record in a
+    few batches (one read in flight at a time), not one read per tick queued on the reader."""
+
+    async def main() -> None:
+        async with environment(empty_db_url, own_redis.url) as env:
+            q = env.process()
+            rehydrator = getattr(q.engine.restore, "__self__")
+            assert isinstance(rehydrator, Rehydrator)
+            reads: list[int] = []
+            read = rehydrator._read
+
+            async def counting(billables: list[str]) -> dict[str, dict[str, str] | None]:
+                reads.append(len(billables))
+                return await read(billables)
+
+            rehydrator._read = counting  # type: ignore[method-assign]
+            decisions = []
+            for wave in range(20):
+                decisions += [asyncio.ensure_future(q.decide(f"org-{wave}-{i}", "POST", "/projects")) for i in range(5)]
+                await asyncio.sleep(0)
+            assert all(d.admitted for d in await asyncio.gather(*decisions))
+            assert sum(reads) == 100 and len(reads) <= 5, reads
+
+    go(main())
+
+
 def test_a_settle_or_release_never_writes_over_lost_state(empty_db_url: str, own_redis: RedisServer) -> None:
     """A hold settled after Redis lost the state stays charged, and a release waits for the restore."""
 

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import ssl as ssl_module
 import time
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 
@@ -27,27 +27,10 @@ class ConnectionLost(ConnectionError):
     """Redis did not answer in time, or the connection broke: the outcome of calls in flight is unknown."""
 
 
-def pack(args: tuple[bytes | str | int | float, ...]) -> bytes:
-    text = [f"*{len(args)}\r\n"]
-    for arg in args:
-        if isinstance(arg, bytes):
-            break
-        value = arg if isinstance(arg, str) else str(arg)
-        text.append(f"${len(value)}\r\n{value}\r\n")
-    else:
-        joined = "".join(text)
-        if joined.isascii():  # then string lengths are byte lengths: encode once
-            return joined.encode()
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        else:
-            data = str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+def _pack(args: tuple[bytes | str | float, ...]) -> bytes:
+    # hiredis's stub declares a one-element tuple; pack_command takes any number of arguments.
+    packed: bytes = hiredis.pack_command(cast(Any, args))
+    return packed
 
 
 class _Protocol(asyncio.Protocol):
@@ -92,7 +75,7 @@ class PipelinedConnection:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((time.monotonic(), future))
-        self._buffer.append(pack(args))
+        self._buffer.append(_pack(args))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -173,7 +156,7 @@ class PipelinedConnection:
             for command in setup:
                 future: asyncio.Future[Any] = loop.create_future()
                 self._pending.append((time.monotonic(), future))
-                transport.write(pack(command))
+                transport.write(_pack(command))
                 await asyncio.wait_for(future, self.timeout)
 
     def close(self) -> None:
