@@ -150,7 +150,7 @@ class GatewayApp:
                 if message["type"] == "lifespan.startup":
                     try:
                         await self._startup()
-                    except Exception as exc:  # the server prints this and exits
+                    except Exception as exc:  # noqa: BLE001 - the server prints this and exits
                         log.error("gateway could not start: %s", exc)
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return

@@ -288,7 +288,7 @@ class Reconciler:
 
     async def _flush_batch(self, billables: list[str], force: bool) -> int:
         try:
-            snaps = await asyncio.gather(*(self.engine.snapshot(b) for b in billables))
+            snaps = await self.engine.snapshots(billables)
             writes: list[tuple[str, Snapshot]] = []
             for billable, snap in zip(billables, snaps, strict=True):
                 if "hyd" not in snap.state:

@@ -106,6 +106,32 @@ def test_noscript_after_script_flush(private_redis: RedisServer) -> None:
     go(main())
 
 
+def test_run_many_is_one_write_and_survives_script_flush(private_redis: RedisServer) -> None:
+    """Many calls of one script go out together (no task each): every reply in order; after SCRIPT FLUSH,
+    one load and the batch again; a stopped server fails the batch as unavailable."""
+    keys = [f"x:{{{i}}}:1" for i in range(300)]
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        assert store.pipelined is not None
+        for _ in range(2):
+            replies = await store.run_many("_ping", [([k], [f"arg{i}"]) for i, k in enumerate(keys)])
+            for i, (k, reply) in enumerate(zip(keys, replies, strict=True)):
+                assert_pinged(list(reply), k, f"arg{i}")
+            with private_redis.client() as c:
+                c.script_flush()
+        assert await store.run_many("_ping", []) == []
+        private_redis.stop()
+        with pytest.raises(RedisUnavailable):
+            await store.run_many("_ping", [([k], ["x"]) for k in keys[:3]])
+        await store.close()
+
+    try:
+        go(main())
+    finally:
+        private_redis.start()
+
+
 def test_noscript_after_restart(private_redis: RedisServer) -> None:
     """A restarted server (scripts and data lost) is used again without a failed call."""
 
