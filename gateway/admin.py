@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -296,6 +297,12 @@ class Endpoints:
         if record is not None:
             # Catch-up: billables waiting for the record, and how long the oldest has waited.
             body["record"] = {k: record[k] for k in ("pending", "lag_seconds", "leader")}
+        if db_up and self.db is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    body["events"] = await Outbox(self.db).backlog()
+            except Exception as exc:  # noqa: BLE001 - health answers whatever the outbox does
+                log.warning("health: could not count the event outbox: %s", exc)
         return JSONResponse(body, status_code=200 if redis_up else 503)
 
     async def prometheus(self, request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -57,7 +58,10 @@ class Gateway:
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
-        self.reconciler = attach(self.engine, self.db, self.grants, interval=self.settings.reconcile_interval)
+        self.reconciler = attach(
+            self.engine, self.db, self.grants, interval=self.settings.reconcile_interval,
+            events_retention=timedelta(days=self.settings.events_retention_days),
+        )  # fmt: skip
         self.reconciler.start()
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):

@@ -119,6 +119,27 @@ class Outbox:
         async with self.db.engine.begin() as conn:
             await conn.execute(stmt, rows)
 
+    async def prune(self, older_than: timedelta) -> int:
+        """Forget the events emitted more than `older_than` ago, whatever became of them: by then each was
+        delivered, dead-lettered (18 attempts take hours) or, with no webhook configured, never sent."""
+        cutoff = datetime.now(UTC) - older_than
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(sa.delete(events_outbox).where(events_outbox.c.created_at < cutoff))
+        return int(result.rowcount)
+
+    async def backlog(self) -> dict[str, Any]:
+        """Events still to deliver, dead-lettered ones, and how long the oldest waiting one has waited."""
+        t = events_outbox.c
+        async with self.db.reader.connect() as conn:
+            waiting, oldest = (
+                await conn.execute(
+                    sa.select(sa.func.count(), sa.func.min(t.created_at)).where(t.delivered_at.is_(None), t.dead_at.is_(None))
+                )
+            ).one()
+            dead = (await conn.execute(sa.select(sa.func.count()).where(t.dead_at.is_not(None)))).scalar_one()
+        waited = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+        return {"waiting": int(waiting), "dead": int(dead), "oldest_waiting_seconds": round(max(waited, 0.0), 3)}
+
 
 async def replay(db: Database, *, dead: bool = False, since: datetime | None = None, event_id: str | None = None) -> int:
     """Put events out of the queue back in it, due now, with their attempts reset; returns how many.

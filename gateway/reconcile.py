@@ -53,6 +53,7 @@ RESTORE_TIMEOUT_S = 2.0
 RESTORE_BATCH = 500  # billables read from the record in one go when many restore at once
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
 EVENTS_PER_FLUSH = 1000
+PRUNE_EVERY_S = 3600.0  # the leader forgets old events from the outbox this often
 
 
 class Reconciler:
@@ -68,6 +69,7 @@ class Reconciler:
         lease_seconds: float | None = None,
         batch: int = 500,
         parallel: int | None = None,
+        events_retention: timedelta = timedelta(days=7),
         holder: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -87,6 +89,7 @@ class Reconciler:
         # SQLite takes one writer at a time: more would only wait on its lock.
         self.parallel = parallel or (1 if db.is_sqlite else 4)
         self.clock = clock
+        self.events_retention = events_retention
         # Billables to flush, each with when it was first seen dirty: one entry however often it changes.
         self.dirty: dict[str, float] = {}
         # The change counter this process last saw the record hold, per billable: unchanged is skipped.
@@ -99,6 +102,7 @@ class Reconciler:
         # Told which snapshots a flush just committed (the benchmark measures lag with it); must not block.
         self.on_flushed: Callable[[list[tuple[str, Snapshot]]], None] | None = None
         self._next_sweep = 0.0
+        self._next_prune = 0.0
         self._task: asyncio.Task[None] | None = None
         self._sweeping: asyncio.Task[None] | None = None
         self._statements: tuple[Any, Any] | None = None
@@ -152,6 +156,15 @@ class Reconciler:
             # A task of its own: over many billables a sweep takes seconds, and what this process touches
             # meanwhile must still reach the record within the interval.
             self._sweeping = asyncio.get_running_loop().create_task(self._sweep_logged(), name="gateway-sweep")
+        if self.leader and self.clock() >= self._next_prune:
+            self._next_prune = self.clock() + PRUNE_EVERY_S
+            try:
+                pruned = await self.outbox.prune(self.events_retention)
+            except _DB_ERRORS as exc:
+                log.warning("could not prune the event outbox (next try in an hour): %s", exc)
+            else:
+                if pruned:
+                    log.info("pruned %d events older than %s from the outbox", pruned, self.events_retention)
 
     async def _sweep_logged(self) -> None:
         try:
@@ -396,14 +409,16 @@ class Reconciler:
         self.error = f"redis: {exc}"[:500]
 
 
-def attach(engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0) -> Reconciler:
+def attach(
+    engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0, events_retention: timedelta = timedelta(days=7)
+) -> Reconciler:
     """Connect an engine to the record: Redis's lost states are restored from it, changes flushed to it.
 
     Every engine that writes to Redis next to a record needs both: one that applied a grant to a state
     Redis lost, without restoring it first, would hide the record's balance behind a fresh one."""
     rehydrator = Rehydrator(db, grants)
     engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
-    return Reconciler(engine, db, grants=grants, interval=interval)
+    return Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention)
 
 
 class Rehydrator:
@@ -451,27 +466,32 @@ class Rehydrator:
             self._reading = None
 
     async def _read(self, billables: list[str]) -> dict[str, dict[str, str] | None]:
-        """The snapshots, manual plans and later grants of these billables, in three queries."""
+        """The snapshots, manual plans and grants of these billables, in one query (one round trip: under
+        load each costs a turn of the event loop)."""
+        none = sa.cast(sa.null(), credit_grants.c.seq.type)
+        query = sa.union_all(
+            sa.select(sa.literal("s"), snapshots.c.billable, snapshots.c.state, none, none)
+            .where(snapshots.c.billable.in_(billables)),
+            sa.select(sa.literal("p"), plan_assignments.c.billable, plan_assignments.c.plan, none, none)
+            .where(plan_assignments.c.billable.in_(billables)),
+            sa.select(sa.literal("g"), credit_grants.c.billable, sa.cast(sa.null(), sa.Text), credit_grants.c.seq, credit_grants.c.amount)
+            .where(credit_grants.c.billable.in_(billables)),
+        )  # fmt: skip
+        states: dict[str, dict[str, str]] = {}
+        plans: dict[str, str] = {}
+        all_grants: list[tuple[str, int, int]] = []
         async with asyncio.timeout(self.timeout), self.db.reader.connect() as conn:
-            states = {
-                b: json.loads(state)
-                for b, state in await conn.execute(
-                    sa.select(snapshots.c.billable, snapshots.c.state).where(snapshots.c.billable.in_(billables))
-                )
-            }
-            plans = dict(
-                (await conn.execute(
-                    sa.select(plan_assignments.c.billable, plan_assignments.c.plan).where(plan_assignments.c.billable.in_(billables))
-                )).all()
-            )
-            grants: dict[str, list[tuple[int, int]]] = {}
-            for b, seq, amount in await conn.execute(
-                sa.select(credit_grants.c.billable, credit_grants.c.seq, credit_grants.c.amount)
-                .where(credit_grants.c.billable.in_(billables))
-                .order_by(credit_grants.c.billable, credit_grants.c.seq)
-            ):
-                if int(seq) > int((states.get(b) or {}).get("c:seq", 0) or 0):
-                    grants.setdefault(b, []).append((int(seq), int(amount)))
+            for kind, billable, text, seq, amount in await conn.execute(query):
+                if kind == "s":
+                    states[billable] = json.loads(text)
+                elif kind == "p":
+                    plans[billable] = text
+                else:
+                    all_grants.append((billable, int(seq), int(amount)))
+        grants: dict[str, list[tuple[int, int]]] = {}
+        for b, seq, amount in sorted(all_grants):
+            if seq > int((states.get(b) or {}).get("c:seq", 0) or 0):
+                grants.setdefault(b, []).append((seq, amount))
         found: dict[str, dict[str, str] | None] = {}
         for billable in billables:
             self._grants_after[billable] = grants.get(billable, [])

@@ -25,6 +25,7 @@ ENVIRONMENT = {
     "max_body": "GATEWAY_MAX_BODY",
     "admin_token": "GATEWAY_ADMIN_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
+    "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
     "stripe_webhook_secret": "GATEWAY_STRIPE_WEBHOOK_SECRET",
     "stripe_api_base": "GATEWAY_STRIPE_API_BASE",
@@ -45,6 +46,7 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     admin_token: str | None = field(default=None, repr=False)
     webhook_secret: str | None = field(default=None, repr=False)
+    events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_webhook_secret: str | None = field(default=None, repr=False)
     stripe_api_base: str | None = None
@@ -67,7 +69,7 @@ class Settings:
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:
-    kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float}.get(name)
+    kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float, "events_retention_days": float}.get(name)
     if kind is None:
         return str(raw)
     try:

@@ -388,6 +388,7 @@ def test_health_and_metrics(env: Env) -> None:
     health = httpx.get(f"{env.url}/_gateway/health").json()
     assert {k: health[k] for k in ("status", "redis", "database")} == {"status": "ok", "redis": "up", "database": "up"}
     assert set(health["record"]) == {"pending", "lag_seconds", "leader"}
+    assert set(health["events"]) == {"waiting", "dead", "oldest_waiting_seconds"}
     metrics = httpx.get(f"{env.url}/_gateway/metrics").text
     assert 'gateway_decisions_total{outcome="admitted",policy=""}' in metrics
     assert 'gateway_decisions_total{outcome="denied",policy="hd"}' in metrics

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,34 @@ def test_add_twice_is_one_row(empty_db_url: str) -> None:
             row = found[e["id"]]
             assert row.body == event_body(e) and json.loads(row.body) == e
             assert (row.billable, row.type, row.attempts, row.delivered_at, row.dead_at) == ("org_1", "warning", 0, None, None)
+
+    asyncio.run(main())
+
+
+def test_backlog_counts_and_prune_forgets_old_events_whatever_became_of_them(empty_db_url: str) -> None:
+    """The backlog (shown by /_gateway/health) counts waiting and dead events; pruning drops events older than
+    the retention, delivered, dead or never sent, and keeps the recent ones."""
+
+    async def main() -> None:
+        async with database(empty_db_url) as db:
+            outbox = Outbox(db)
+            assert await outbox.backlog() == {"waiting": 0, "dead": 0, "oldest_waiting_seconds": 0.0}
+            old = [event(i) for i in range(3)]
+            recent = [event(10), event(11)]
+            await outbox.add(old + recent)
+            t = events_outbox.c
+            long_ago = datetime.now(UTC) - timedelta(days=8)
+            async with db.engine.begin() as conn:
+                await conn.execute(sa.update(events_outbox).where(t.id.in_([e["id"] for e in old])).values(created_at=long_ago))
+                await conn.execute(sa.update(events_outbox).where(t.id == old[0]["id"]).values(delivered_at=long_ago))
+                await conn.execute(sa.update(events_outbox).where(t.id == old[1]["id"]).values(dead_at=long_ago))
+                await conn.execute(sa.update(events_outbox).where(t.id == recent[0]["id"]).values(dead_at=datetime.now(UTC)))
+            backlog = await outbox.backlog()
+            assert (backlog["waiting"], backlog["dead"]) == (2, 2)  # old[2] and recent[1] wait; old[1], recent[0] dead
+            assert 8 * 86400 - 60 < backlog["oldest_waiting_seconds"] < 8 * 86400 + 60
+            assert await outbox.prune(timedelta(days=7)) == 3
+            assert set(await rows(db)) == {e["id"] for e in recent}
+            assert await outbox.prune(timedelta(days=7)) == 0
 
     asyncio.run(main())
 

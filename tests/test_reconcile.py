@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,30 @@ def test_the_lead_moves_when_its_holder_dies(empty_db_url: str) -> None:
     go(main())
 
 
+def test_only_the_leader_prunes_the_outbox_and_at_most_hourly(empty_db_url: str) -> None:
+    """Events older than the retention leave the outbox on the leader's tick; a follower never prunes."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            leader = env.process(events_retention=timedelta(days=1))
+            follower = env.process(events_retention=timedelta(days=1))
+            old = {"id": f"evt_{uuid.uuid4().hex}", "type": "warning", "billable": "org", "plan": "free",
+                   "occurred_at": "2026-11-01T00:00:00Z", "data": {}}  # fmt: skip
+            await leader.reconciler.outbox.add([old])
+            async with env.db.engine.begin() as conn:
+                await conn.execute(sa.update(tables.events_outbox).values(created_at=datetime.now(UTC) - timedelta(days=2)))
+            await leader.reconciler.tick()
+            assert leader.reconciler.leader and await env.rows(tables.events_outbox) == []
+            await leader.reconciler.outbox.add([{**old, "id": f"evt_{uuid.uuid4().hex}"}])
+            async with env.db.engine.begin() as conn:
+                await conn.execute(sa.update(tables.events_outbox).values(created_at=datetime.now(UTC) - timedelta(days=2)))
+            await follower.reconciler.tick()
+            await leader.reconciler.tick()  # pruned an hour ago at most: not again yet
+            assert not follower.reconciler.leader and len(await env.rows(tables.events_outbox)) == 1
+
+    go(main())
+
+
 def test_the_sweep_applies_grants_a_dead_process_recorded_but_never_applied(empty_db_url: str) -> None:
     """Money first: a grant committed to the record by a process that died before applying it reaches Redis."""
 
@@ -484,7 +509,7 @@ def test_restores_asked_for_during_a_read_share_the_next_one(empty_db_url: str, 
     async def main() -> None:
         async with environment(empty_db_url, own_redis.url) as env:
             q = env.process()
-            rehydrator = getattr(q.engine.restore, "__self__")
+            rehydrator = q.engine.restore.__self__  # type: ignore[union-attr]  # the bound Rehydrator.restore
             assert isinstance(rehydrator, Rehydrator)
             reads: list[int] = []
             read = rehydrator._read
