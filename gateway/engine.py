@@ -136,6 +136,7 @@ class Engine:
         self._compiled: dict[tuple[str, int], _Compiled] = {}
         self._bounds: tuple[float, str] = (0.0, "")
         self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
+        self._month_start = 0.0
         self._restoring: dict[str, asyncio.Future[None]] = {}
 
     # ---- keys -------------------------------------------------------------------------------------
@@ -248,7 +249,30 @@ class Engine:
         self._bounds = (min(b[2] for b in bounds.values()), text)
         start = datetime.fromtimestamp(bounds["m"][1], zone)
         self._month = f"{start.year:04d}-{start.month:02d}"
+        self._month_start = bounds["m"][1]
         return text
+
+    # ---- usage counters of past months ----------------------------------------------------------------
+
+    def past_usage(self, state: dict[str, str]) -> dict[str, str]:
+        """The usage counters (`qr:`/`qu:`/`qc:`) of months over long enough that no hold can change them.
+
+        Once the record has them, Redis need not keep them: a billable's hash would otherwise grow by a
+        few fields a month for as long as it lives."""
+        self._calendar()
+        if self.clock() < self._month_start + 2 * self.hold_ttl:
+            return {}
+        month = self._month
+        return {f: v for f, v in state.items() if f[:3] in _USAGE_PREFIXES and f[3:10] < month}
+
+    async def forget_usage(self, billable: str, counters: dict[str, str]) -> int:
+        """Drop these counters (as `past_usage` found them, and now in the record) unless they changed since."""
+        if not counters:
+            return 0
+        forgotten = int(await self.store.run("forget", self.keys(billable)[:1], [x for kv in counters.items() for x in kv]))
+        if forgotten:
+            self.touched.add(billable)
+        return forgotten
 
     def _compile(self, plan_name: str, route: Route | None) -> _Compiled:
         key = (plan_name, route.index if route else -1)
@@ -629,6 +653,9 @@ def _int(value: Any) -> int | None:
     if value is None or value == "" or value is False:
         return None
     return int(float(value))
+
+
+_USAGE_PREFIXES = frozenset({"qr:", "qu:", "qc:"})
 
 
 @functools.lru_cache(maxsize=65536)

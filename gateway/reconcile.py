@@ -337,8 +337,10 @@ class Reconciler:
             await asyncio.gather(
                 *(self.engine.ack_events(b, len(batch.events), through=batch.mark) for b, batch in zip(with_events, batches))
             )
+            for billable, snap in writes:  # past months' usage is in the record now
+                await self.engine.forget_usage(billable, self.engine.past_usage(snap.state))
         except _REDIS_ERRORS as exc:
-            self._redis_down(exc)  # the events stay pending; they are in the outbox already
+            self._redis_down(exc)  # the events stay pending (they are in the outbox already), past usage stays
         for billable, batch in zip(with_events, batches, strict=True):
             if len(batch.events) >= EVENTS_PER_FLUSH:
                 self._keep([billable])  # more are waiting

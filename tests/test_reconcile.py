@@ -337,6 +337,37 @@ def test_only_the_leader_prunes_the_outbox_and_at_most_hourly(empty_db_url: str)
     go(main())
 
 
+def test_past_months_usage_leaves_redis_once_recorded(empty_db_url: str) -> None:
+    """A month's usage counters stay in the billable's Redis hash until the month is over (plus twice the
+    hold lifetime, so no late settle can change them) and the record has them; then they are dropped."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            now = [datetime(2026, 10, 20, 12, tzinfo=UTC).timestamp()]
+            engine = Engine(env.store, CATALOG, prefix=env.prefix, clock=lambda: now[0], hold_ttl=3600)
+            reconciler = Reconciler(engine, env.db)
+
+            async def month_of(moment: datetime) -> dict[str, str]:
+                now[0] = moment.timestamp()
+                assert (await engine.decide("org", CATALOG.route_for("GET", "/anything"))).admitted
+                await reconciler.flush_dirty()
+                return {f: v for f, v in (await engine.snapshot("org")).state.items() if f.startswith("qr:")}
+
+            october = await month_of(datetime(2026, 10, 20, 12, tzinfo=UTC))
+            assert [f[3:10] for f in october] == ["2026-10"]
+            early = await month_of(datetime(2026, 11, 1, 1, tzinfo=UTC))  # within 2 h of the month's start
+            assert sorted(f[3:10] for f in early) == ["2026-10", "2026-11"]
+            later = await month_of(datetime(2026, 11, 1, 3, tzinfo=UTC))
+            assert [f[3:10] for f in later] == ["2026-11"]
+            usage = {r["period"]: r["requests"] for r in await env.rows(tables.usage_totals)}
+            assert usage == {"2026-10": 1, "2026-11": 2}  # October's total stays in the record
+            await reconciler.flush_dirty()  # forgetting changed the state: the snapshot is rewritten without it
+            row = await env.snapshot_row("org")
+            assert row is not None and not any(f.startswith("qr:2026-10") for f in json.loads(row["state"]))
+
+    go(main())
+
+
 def test_the_sweep_applies_grants_a_dead_process_recorded_but_never_applied(empty_db_url: str) -> None:
     """Money first: a grant committed to the record by a process that died before applying it reaches Redis."""
 

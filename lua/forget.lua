@@ -1,0 +1,13 @@
+-- Forget usage counters of a month that is over and already in the record: each field only while it
+-- still holds the value the record was given (a later change keeps it for the next flush).
+-- KEYS: 1 state hash. ARGV: field, value, field, value, ...
+-- Answers how many fields were forgotten; forgetting bumps `chg`, so the next flush rewrites the snapshot.
+local forgotten = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    forgotten = forgotten + 1
+  end
+end
+if forgotten > 0 then redis.call('HINCRBY', KEYS[1], 'chg', 1) end
+return forgotten
