@@ -172,7 +172,12 @@ class Endpoints:
         )
 
     async def revoke_key(self, request: Request) -> Response:
-        if self.keys is None or not await self.keys.revoke(request.path_params["key_id"]):
+        try:
+            found = self.keys is not None and await self.keys.revoke(request.path_params["key_id"])
+        except RedisUnavailable as exc:
+            detail = f"{exc} The key is revoked in the record; other gateway processes may accept it for a few minutes: revoke it again."
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", detail)
+        if not found:
             return problem(404, "urn:gateway:not-found", "Not found", "No such API key.")
         return Response(status_code=204)
 

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware
 from gateway.proxy import Proxy
 from gateway.reconcile import Reconciler, attach
+from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
@@ -54,7 +55,7 @@ class Gateway:
     async def start(self) -> None:
         self.db = await Database.connect(self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"))
         await self.db.check_current()
-        self.keys = KeyStore(self.db) if not self.settings.billable_header else None
+        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=RevocationFeed(self.store))
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.

@@ -1,16 +1,19 @@
 """API keys: `gw_<id>_<secret>`, shown once, kept as a keyed hash, checked on every request.
 
 The hot path is `KeyStore.authenticate`: a malformed key is refused without I/O; a known key is answered
-from memory for at most TTL seconds (so a revocation anywhere is seen everywhere within that); an
+from memory for at most TTL seconds (so a revocation anywhere is seen everywhere within that), or for
+minutes while this process hears the revocation feed (`gateway.revocations`) less than TTL ago; an
 unknown id is remembered for a few seconds; concurrent lookups of one id share one query.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import string
@@ -21,9 +24,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import DatabaseUnavailable, RedisUnavailable
+from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ _KEY = re.compile(rf"gw_([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGT
 PEPPER_SETTING = "api_key_pepper"
 
 TTL_S = 1.0  # how long a key's answer is trusted: the bound on how late a revocation is seen
+LONG_TTL_S = 300.0  # how long while the revocation feed is heard (it tells of revocations sooner)
 NEGATIVE_TTL_S = 5.0
 NEGATIVE_MAX = 10_000
 POSITIVE_MAX = 100_000
@@ -111,10 +117,14 @@ class KeyStore:
         negative_ttl: float = NEGATIVE_TTL_S,
         negative_max: int = NEGATIVE_MAX,
         positive_max: int = POSITIVE_MAX,
+        feed: RevocationFeed | None = None,
+        long_ttl: float = LONG_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.ttl = ttl
+        self.feed = feed
+        self.long_ttl = long_ttl
         self.negative_ttl = negative_ttl
         self.negative_max = negative_max
         self.positive_max = positive_max
@@ -124,8 +134,14 @@ class KeyStore:
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id → when it was found missing or revoked
         self._lookups: dict[str, asyncio.Future[_Known | None]] = {}
+        self._asked: dict[str, _Known | None] = {}  # ids for the next query, with what was known of each
+        self._reading: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._synced_at: float | None = None  # when the last poll of the feed that answered was sent
+        self._revoked_at: dict[str, float] = {}  # ids the feed named lately, with when (for lookups in flight)
+        self._reset_at = -math.inf  # when the feed last said to forget every key
 
     # ---- the hot path ----------------------------------------------------------------------------------
 
@@ -136,9 +152,11 @@ class KeyStore:
         if parsed is None:
             return None
         key_id = parsed[0]
+        if self.feed is not None and self._follower is None:
+            self._follower = asyncio.create_task(self._follow(self.feed), name="gateway-key-revocations")
         now = self.clock()
         known = self._known.get(key_id)
-        if known is None or now - known.fetched_at >= self.ttl:
+        if known is None or not self._trusted(known, now):
             seen = self._unknown.get(key_id)
             if seen is not None and now - seen < self.negative_ttl:
                 return None
@@ -157,45 +175,106 @@ class KeyStore:
             task.add_done_callback(self._background.discard)
         return known.billable
 
+    def _trusted(self, known: _Known, now: float) -> bool:
+        age = now - known.fetched_at
+        if age < self.ttl:
+            return True
+        # Heard the feed less than TTL ago: every revocation older than TTL has reached this process.
+        return self._synced_at is not None and now - self._synced_at < self.ttl and age < self.long_ttl
+
+    async def _follow(self, feed: RevocationFeed) -> None:
+        """Poll the revocation feed for as long as the store lives; drop each key it names."""
+        failing = False
+        while True:
+            asked = self.clock()
+            try:
+                revoked, reset = await feed.poll()
+            except (RedisUnavailable, RedisError) as exc:
+                if not failing:
+                    log.warning("cannot hear API key revocations (%s); asking the record about each key every %gs", exc, self.ttl)
+                failing = True
+            else:
+                if failing:
+                    log.info("hearing API key revocations again")
+                failing = False
+                if reset:
+                    self._known.clear()
+                    self._reset_at = asked
+                for key_id in revoked:
+                    self._known.pop(key_id, None)
+                    self._revoked_at[key_id] = asked
+                self._synced_at = asked
+                for key_id, at in list(self._revoked_at.items()):
+                    if asked - at > 10 * self.ttl:
+                        del self._revoked_at[key_id]
+            await asyncio.sleep(feed.interval)
+
     async def _lookup(self, key_id: str, stale: _Known | None) -> _Known | None:
-        """The record's answer for an id, shared by every caller that asks while it is on its way."""
+        """The record's answer for an id, shared by every caller that asks while it is on its way.
+
+        One query is in flight at a time; the ids asked for meanwhile go together in the next one (a query
+        per key, after a restart or a lost feed, queued hundreds of them on the reader)."""
         if self._failed_at is not None and self.clock() - self._failed_at < RETRY_AFTER_FAILURE_S:
             return self._fallback(key_id, stale, None)
         pending = self._lookups.get(key_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(key_id, stale))
-            self._lookups[key_id] = pending
-            pending.add_done_callback(lambda done: self._looked_up(key_id, done))
+            pending = self._lookups[key_id] = asyncio.get_running_loop().create_future()
+            pending.add_done_callback(_retrieve)
+            self._asked[key_id] = stale
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read_batches())
         try:
             # Shielded: one caller giving up (its client left) must not cancel the others' answer.
             return await asyncio.shield(pending)
         except _DB_ERRORS as exc:
             return self._fallback(key_id, stale, exc)
 
-    async def _fetch(self, key_id: str, stale: _Known | None) -> _Known | None:
+    async def _read_batches(self) -> None:
+        try:
+            while self._asked:
+                asked, self._asked = self._asked, {}
+                # Left in `_lookups` until answered: who asks for these ids meanwhile waits for this query.
+                futures = {key_id: self._lookups[key_id] for key_id in asked}
+                failure: Exception | None = None
+                try:
+                    found = await self._fetch(asked)
+                except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                    found, failure = {}, exc
+                for key_id, future in futures.items():
+                    del self._lookups[key_id]
+                    if future.done():
+                        continue
+                    if failure is not None:
+                        future.set_exception(failure)
+                    else:
+                        future.set_result(found.get(key_id))
+        finally:
+            self._reading = None
+
+    async def _fetch(self, asked: dict[str, _Known | None]) -> dict[str, _Known]:
         # The clock is read before asking: the answer is then never trusted past TTL after the question.
         asked_at = self.clock()
-        query = sa.select(api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
-            api_keys.c.id == key_id
+        query = sa.select(api_keys.c.id, api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
+            api_keys.c.id.in_(list(asked))
         )
         async with self.db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+            rows = {row.id: row for row in await conn.execute(query)}
         self._failed_at = None
-        if row is None or row.revoked_at is not None:
-            self._forget(key_id)
-            return None
-        known = _Known(row.billable, row.hash, asked_at, stale.touched_at if stale else None)
-        self._unknown.pop(key_id, None)
-        self._known[key_id] = known
-        self._known.move_to_end(key_id)
+        found: dict[str, _Known] = {}
+        for key_id, stale in asked.items():
+            row = rows.get(key_id)
+            if row is None or row.revoked_at is not None or self._revoked_at.get(key_id, -math.inf) >= asked_at:
+                self._forget(key_id)  # (the feed named it while the record was answering: revoked since)
+                continue
+            known = found[key_id] = _Known(row.billable, row.hash, asked_at, stale.touched_at if stale else None)
+            if self._reset_at >= asked_at:
+                continue  # answered, but not kept: the feed lost track while the record was answering
+            self._unknown.pop(key_id, None)
+            self._known[key_id] = known
+            self._known.move_to_end(key_id)
         while len(self._known) > self.positive_max:
             self._known.popitem(last=False)
-        return known
-
-    def _looked_up(self, key_id: str, done: asyncio.Future[_Known | None]) -> None:
-        self._lookups.pop(key_id, None)
-        if not done.cancelled():
-            done.exception()  # retrieved here too, so a failure nobody awaited any more is not reported as lost
+        return found
 
     def _fallback(self, key_id: str, stale: _Known | None, exc: BaseException | None) -> _Known | None:
         """The record is down: decisions go on for keys this process knows; an unseen key cannot be checked."""
@@ -293,7 +372,10 @@ class KeyStore:
         return [KeyInfo(r.id, r.name, r.created_at, r.last_used_at, r.revoked_at is not None) for r in rows]
 
     async def revoke(self, key_id: str) -> bool:
-        """Revoke the key (again is fine); False when there is no such key. Other processes follow within TTL."""
+        """Revoke the key (again is fine); False when there is no such key. Other processes follow within TTL.
+
+        With a feed the revocation is announced too; when Redis cannot take it this raises RedisUnavailable
+        (the record has it: revoking again announces it)."""
         now = sa.literal(datetime.now(UTC), api_keys.c.revoked_at.type)
         update = (
             api_keys.update()
@@ -304,12 +386,27 @@ class KeyStore:
             found = (await conn.execute(update)).rowcount == 1
         if found:
             self._forget(key_id)
+            if self.feed is not None:
+                try:
+                    await self.feed.publish(key_id)
+                except RedisError as exc:
+                    raise RedisUnavailable(f"Redis did not take the revocation of {key_id}: {exc}") from exc
         return found
 
     async def close(self) -> None:
-        """Wait for the last-used updates still on their way."""
+        """Stop following the feed; wait for the last-used updates still on their way."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _retrieve(done: asyncio.Future[_Known | None]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved here too, so a failure nobody awaited any more is not reported as lost
 
 
 def _digest(pepper: bytes, key: str) -> str:

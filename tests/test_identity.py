@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import DatabaseUnavailable, RedisUnavailable
 from gateway.identity import KEY_LENGTH, KeyStore, key_from_headers, parse_key
+from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
-from services import free_port
+from gateway.store.redis import open_redis
+from services import RedisServer, free_port
 
 T = TypeVar("T")
 KEY = "gw_AbCdEf012345_0123456789abcdefghijABCDEFGHIJ01"
@@ -410,3 +412,81 @@ def test_a_known_key_outlives_a_database_outage(empty_db_url: str) -> None:
             await down.close()
 
     with_keys(empty_db_url, test, clock=lambda: now[0])
+
+
+# ---- the revocation feed (real Redis) ---------------------------------------------------------------------
+
+
+def test_with_the_feed_keys_are_trusted_for_minutes_and_a_revocation_still_lands_within_a_second(
+    empty_db_url: str, private_redis: RedisServer
+) -> None:
+    """Two processes hearing the revocation feed: a cached key costs no query after TTL, and a key revoked
+    through one is refused by the other within a second; the feed survives a Redis that lost it."""
+
+    async def main() -> None:
+        store_a, store_b = open_redis(private_redis.url), open_redis(private_redis.url)
+        db_a, db_b = await open_db(empty_db_url), await Database.connect(empty_db_url)
+        a = KeyStore(db_a, feed=RevocationFeed(store_a, interval=0.05))
+        b = KeyStore(db_b, feed=RevocationFeed(store_b, interval=0.05))
+        try:
+            ci, laptop = await a.create("org_1", "ci"), await a.create("org_1", "laptop")
+            assert await b.authenticate(ci.key) == "org_1" and await b.authenticate(laptop.key) == "org_1"
+            await asyncio.sleep(0.2)  # the last-used updates of the first use land before counting
+            engine = counted(db_b)
+            await asyncio.sleep(1.5)  # past TTL: without the feed each key would be asked about again
+            assert await b.authenticate(ci.key) == "org_1" and await b.authenticate(laptop.key) == "org_1"
+            assert engine.calls == 0
+
+            assert await a.revoke(ci.id)
+            revoked_at = time.monotonic()
+            while await b.authenticate(ci.key) is not None:
+                assert time.monotonic() - revoked_at < 1.0
+                await asyncio.sleep(0.02)
+            assert await b.authenticate(laptop.key) == "org_1"  # only the revoked key was dropped
+
+            calls = engine.calls
+            private_redis.client().flushall()  # the feed is lost: every trusted key is asked about again
+            await asyncio.sleep(0.3)
+            assert await b.authenticate(laptop.key) == "org_1" and engine.calls == calls + 1
+        finally:
+            for keys, db in ((a, db_a), (b, db_b)):
+                await keys.close()
+                await db.close()
+            await store_a.close()
+            await store_b.close()
+
+    go(main())
+
+
+def test_without_redis_the_feed_falls_back_to_asking_the_record_each_second(
+    empty_db_url: str, private_redis: RedisServer
+) -> None:
+    """A process that cannot hear the feed trusts a key for TTL only, so a revocation made straight in the
+    record still lands within a second; revoking while Redis is down says so (the record has it)."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        db = await open_db(empty_db_url)
+        keys = KeyStore(db, feed=RevocationFeed(store, interval=0.05))
+        try:
+            created = await keys.create("org_1", "ci")
+            assert await keys.authenticate(created.key) == "org_1"
+            private_redis.stop()
+            await asyncio.sleep(0.2)
+            async with db.engine.begin() as conn:  # another process revoked it while Redis was away
+                await conn.execute(sa.update(api_keys).values(revoked_at=sa.func.current_timestamp()))
+            began = time.monotonic()
+            while await keys.authenticate(created.key) is not None:
+                assert time.monotonic() - began < 1.2
+                await asyncio.sleep(0.02)
+            other = await keys.create("org_1", "other")
+            with pytest.raises(RedisUnavailable):
+                await keys.revoke(other.id)
+            assert await keys.authenticate(other.key) is None  # revoked here, and in the record
+        finally:
+            await keys.close()
+            await db.close()
+            await store.close()
+            private_redis.start()
+
+    go(main())
