@@ -137,7 +137,8 @@ class KeyStore:
         self._asked: dict[str, _Known | None] = {}  # ids for the next query, with what was known of each
         self._reading: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._to_touch: set[str] = set()  # ids whose last use is still to be recorded
+        self._touching: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._synced_at: float | None = None  # when the last poll of the feed that answered was sent
         self._revoked_at: dict[str, float] = {}  # ids the feed named lately, with when (for lookups in flight)
@@ -170,9 +171,9 @@ class KeyStore:
             return None
         if known.touched_at is None or now - known.touched_at >= TOUCH_EVERY.total_seconds():
             known.touched_at = now
-            task = asyncio.create_task(self._touch(key_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._to_touch.add(key_id)
+            if self._touching is None:
+                self._touching = asyncio.create_task(self._touch_batches())
         return known.billable
 
     def _trusted(self, known: _Known, now: float) -> bool:
@@ -294,13 +295,23 @@ class KeyStore:
         while len(self._unknown) > self.negative_max:
             self._unknown.popitem(last=False)
 
-    async def _touch(self, key_id: str) -> None:
+    async def _touch_batches(self) -> None:
+        """Record last uses, one write at a time for every key used meanwhile (a write per key, on SQLite,
+        queued a thousand writers behind its one lock)."""
+        try:
+            while self._to_touch:
+                ids, self._to_touch = sorted(self._to_touch), set()
+                await self._touch(ids)
+        finally:
+            self._touching = None
+
+    async def _touch(self, ids: list[str]) -> None:
         now = datetime.now(UTC)
         # The condition keeps it to once a minute across processes too.
         update = (
             api_keys.update()
             .where(
-                api_keys.c.id == key_id,
+                api_keys.c.id.in_(ids),
                 sa.or_(api_keys.c.last_used_at.is_(None), api_keys.c.last_used_at <= now - TOUCH_EVERY),
             )
             .values(last_used_at=now)
@@ -308,8 +319,8 @@ class KeyStore:
         try:
             async with self.db.engine.begin() as conn:
                 await conn.execute(update)
-        except Exception:
-            log.warning("could not record the last use of API key %s", key_id, exc_info=True)
+        except _DB_ERRORS as exc:
+            log.warning("could not record the last use of %d API keys (it is only informative): %s", len(ids), exc)
 
     # ---- the pepper ------------------------------------------------------------------------------------
 
@@ -400,8 +411,8 @@ class KeyStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._touching is not None:
+            await asyncio.gather(self._touching, return_exceptions=True)
 
 
 def _retrieve(done: asyncio.Future[_Known | None]) -> None:

@@ -316,11 +316,11 @@ def test_a_failing_last_used_update_is_logged_not_raised(
         created = await keys.create("org_1", "ci")
         real_touch = keys._touch
 
-        async def broken(key_id: str) -> None:
+        async def broken(ids: list[str]) -> None:
             db_down = await Database.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
             keys.db, saved = db_down, keys.db
             try:
-                await real_touch(key_id)
+                await real_touch(ids)
             finally:
                 keys.db = saved
                 await db_down.close()
@@ -328,7 +328,29 @@ def test_a_failing_last_used_update_is_logged_not_raised(
         keys._touch = broken  # type: ignore[method-assign]
         assert await keys.authenticate(created.key) == "org_1"
         await keys.close()
-        assert "could not record the last use of API key" in caplog.text
+        assert "could not record the last use of 1 API keys" in caplog.text
+
+    with_keys(empty_db_url, test)
+
+
+def test_last_uses_are_recorded_in_one_write_for_many_keys(empty_db_url: str) -> None:
+    """A burst of first uses (a restart under load) records last_used_at in a few writes, not one per key."""
+
+    async def test(keys: KeyStore, db: Database) -> None:
+        created = [await keys.create(f"org_{i}", "ci") for i in range(40)]
+        writes: list[int] = []
+        real_touch = keys._touch
+
+        async def counting(ids: list[str]) -> None:
+            writes.append(len(ids))
+            await real_touch(ids)
+
+        keys._touch = counting  # type: ignore[method-assign]
+        assert await asyncio.gather(*(keys.authenticate(c.key) for c in created)) == [f"org_{i}" for i in range(40)]
+        await keys.close()
+        assert sum(writes) == 40 and len(writes) <= 2, writes
+        async with db.engine.connect() as conn:
+            assert (await conn.execute(sa.select(sa.func.count()).where(api_keys.c.last_used_at.is_not(None)))).scalar_one() == 40
 
     with_keys(empty_db_url, test)
 
