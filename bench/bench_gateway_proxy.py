@@ -1,4 +1,7 @@
-"""gateway-proxy: the full `gateway serve` app proxying to UPSTREAM_URL (billable from the trusted X-Api-Key header)."""
+"""gateway-proxy: the full `gateway serve` app proxying to UPSTREAM_URL.
+
+The peers' harness sends keys the gateway did not issue, so by default the billable is the trusted
+X-Api-Key header. With GATEWAY_BENCH_DB (bench/proxy_keys.sh) it checks real API keys against that record."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from common import REDIS_URL
 from gateway.app import GatewayApp
 from gateway.settings import Settings
 
+record = os.environ.get("GATEWAY_BENCH_DB")
 # Settings.load: GATEWAY_* variables (e.g. GATEWAY_RECONCILE_INTERVAL) still apply where no value is given here.
 app = GatewayApp(
     Settings.load(
@@ -18,8 +22,8 @@ app = GatewayApp(
             "plans": str(Path(__file__).with_name("plans.toml")),
             "upstream": os.environ["UPSTREAM_URL"],
             "redis_url": REDIS_URL,
-            "database_url": f"sqlite:///{tempfile.mkdtemp(prefix='gwbench-')}/gateway.db",
-            "billable_header": "x-api-key",
+            "database_url": f"sqlite:///{record or tempfile.mkdtemp(prefix='gwbench-') + '/gateway.db'}",
+            **({} if record else {"billable_header": "x-api-key"}),
         }
     )
 )

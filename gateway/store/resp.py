@@ -70,24 +70,17 @@ class PipelinedConnection:
         self._connecting: asyncio.Lock | None = None
 
     async def call(self, *args: bytes | str | float) -> Any:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            await self._connect()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((time.monotonic(), future))
-        self._buffer.append(_pack(args))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self.timeout, self._check)
+        (future,) = await self._submit((args,))
         return await future
 
     async def call_many(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[Any]:
         """Several commands in one write; each reply in order, a ReplyError or ConnectionLost in its place.
 
         No task or coroutine per command: the reconciler reads hundreds of states at once this way."""
+        return list(await asyncio.gather(*await self._submit(commands), return_exceptions=True))
+
+    async def _submit(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[asyncio.Future[Any]]:
+        """Queue the commands for this tick's write; one future per reply."""
         transport = self._transport
         if transport is None or transport.is_closing():
             await self._connect()
@@ -104,7 +97,7 @@ class PipelinedConnection:
             loop.call_soon(self._flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        return futures
 
     def _flush(self) -> None:
         self._flush_scheduled = False
