@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import re
@@ -48,6 +49,7 @@ NEGATIVE_MAX = 10_000
 POSITIVE_MAX = 100_000
 TOUCH_EVERY = timedelta(minutes=1)
 RETRY_AFTER_FAILURE_S = 1.0
+BATCH = 500  # key ids in one query (SQLite caps a statement's parameters)
 _DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 
 
@@ -233,7 +235,9 @@ class KeyStore:
     async def _read_batches(self) -> None:
         try:
             while self._asked:
-                asked, self._asked = self._asked, {}
+                asked = dict(itertools.islice(self._asked.items(), BATCH))
+                for key_id in asked:
+                    del self._asked[key_id]
                 # Left in `_lookups` until answered: who asks for these ids meanwhile waits for this query.
                 futures = {key_id: self._lookups[key_id] for key_id in asked}
                 failure: Exception | None = None
@@ -300,7 +304,8 @@ class KeyStore:
         queued a thousand writers behind its one lock)."""
         try:
             while self._to_touch:
-                ids, self._to_touch = sorted(self._to_touch), set()
+                ids = sorted(self._to_touch)[:BATCH]
+                self._to_touch.difference_update(ids)
                 await self._touch(ids)
         finally:
             self._touching = None
