@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gateway.catalog import load_catalog  # noqa: E402
-from gateway.engine import Engine, Snapshot  # noqa: E402
-from gateway.reconcile import Reconciler  # noqa: E402
-from gateway.store.db import Database, snapshots, usage_totals  # noqa: E402
-from gateway.store.redis import open_redis  # noqa: E402
-from services import PostgresServer, RedisServer  # noqa: E402
+from services import PostgresServer, RedisServer
+
+from gateway.catalog import load_catalog
+from gateway.engine import Engine, Snapshot
+from gateway.reconcile import Reconciler
+from gateway.store.db import Database, snapshots, usage_totals
+from gateway.store.redis import open_redis
 
 DURABLE = ("-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "full_page_writes=on")
 

@@ -23,9 +23,9 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.catalog import load_catalog  # noqa: E402
-from gateway.engine import Engine  # noqa: E402
-from gateway.store.redis import open_redis  # noqa: E402
+from gateway.catalog import load_catalog
+from gateway.engine import Engine
+from gateway.store.redis import open_redis
 
 DECISIONS = 2000
 

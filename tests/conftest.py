@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-
 from services import RedisCluster, RedisServer, delete_prefix, shared_redis_url
 
 

@@ -238,7 +238,7 @@ values = st.one_of(
 )
 
 
-def serialize(value: int | float | bool | str) -> str:
+def serialize(value: float | bool | str) -> str:
     if isinstance(value, bool):
         return "?1" if value else "?0"
     if isinstance(value, int):

@@ -10,12 +10,12 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
-
 from engine_support import Harness, harness
+from services import shared_redis_url
+
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.store.redis import open_redis
-from services import shared_redis_url
 
 CATALOG = """
 [catalog]
@@ -111,7 +111,7 @@ def test_four_processes_never_overspend_credits() -> None:
     """2,000 concurrent spends of 1 credit against 500: exactly 500 admitted, never below zero."""
     admitted, events, balances = _run_processes("/spend")
     assert admitted == 500
-    assert min(balances) == 0 and sorted(set(balances)) == list(range(0, 500))
+    assert min(balances) == 0 and sorted(set(balances)) == list(range(500))
     assert events["credits_depleted:"] == 1 and events["insufficient_credits:"] == 1500
 
 

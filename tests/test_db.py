@@ -12,12 +12,12 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from services import free_port
 from sqlalchemy.engine import Connection
 
 from gateway.errors import ConfigError, DatabaseUnavailable
 from gateway.store import db as tables
 from gateway.store.db import Database, _alembic_config, database_url, metadata
-from services import free_port
 
 T = TypeVar("T")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+from engine_support import BASE
 from fastapi import Depends, FastAPI
 from starlette.testclient import TestClient
 
-from engine_support import BASE
 from gateway.catalog import parse_catalog
 from gateway.decision import Decision
 from gateway.dependencies import Guard

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from http_servers import serve_in_thread
+from services import RedisServer, shared_redis_url
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,8 +29,6 @@ from gateway.app import GatewayApp
 from gateway.client import parse_limits
 from gateway.engine import Engine
 from gateway.settings import Settings
-from http_servers import serve_in_thread
-from services import RedisServer, shared_redis_url
 
 ADMIN = "admin-secret"
 
@@ -520,7 +520,6 @@ def test_websocket_admitted_then_proxied_and_refused_without_key(env: Env) -> No
         assert ws.recv(timeout=5) == billable
         ws.send("ping")
         assert ws.recv(timeout=5) == "ping"
-    with pytest.raises(Exception) as refused:
-        with ws_client.connect(ws_url) as ws:
-            ws.recv(timeout=5)
+    with pytest.raises(Exception) as refused, ws_client.connect(ws_url) as ws:
+        ws.recv(timeout=5)
     assert "401" in str(refused.value)

@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-
 from engine_support import BASE, Harness, body, harness, headers
-from gateway.engine import Subscription
 from services import shared_redis_url
+
+from gateway.engine import Subscription
 
 T = TypeVar("T")
 Go = Callable[[Callable[[Harness], Awaitable[T]]], T]
@@ -286,7 +286,7 @@ def test_denied_request_consumes_nothing(go: Go[None]) -> None:
         denied = await h.decide("org", "POST", "/cheap-images")
         after = await h.engine.snapshot("org")
         assert denied.status == 402
-        keep = lambda s: {k: v for k, v in s.items() if k not in {"chg", "eseq"}}  # noqa: E731
+        keep = lambda s: {k: v for k, v in s.items() if k not in {"chg", "eseq"}}
         assert keep(before.state) == keep(after.state)
 
     go(fn)

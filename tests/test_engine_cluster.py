@@ -7,7 +7,6 @@ import socket
 import threading
 
 import pytest
-
 from engine_support import Harness, harness
 from services import RedisCluster, RedisServer
 

@@ -9,13 +9,13 @@ from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
+from services import RedisServer, free_port
 
 from gateway.errors import DatabaseUnavailable, RedisUnavailable
 from gateway.identity import KEY_LENGTH, KeyStore, key_from_headers, parse_key
 from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
 from gateway.store.redis import open_redis
-from services import RedisServer, free_port
 
 T = TypeVar("T")
 KEY = "gw_AbCdEf012345_0123456789abcdefghijABCDEFGHIJ01"

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from engine_support import BASE
 from fastapi import FastAPI
+from services import shared_redis_url
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -19,12 +20,10 @@ from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from engine_support import BASE
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
-from services import shared_redis_url
 
 
 def make_engine(url: str | None = None) -> Engine:
@@ -201,9 +200,8 @@ def test_websocket_admitted_and_refused(engine: Engine) -> None:
     with TestClient(starlette_app(engine)) as client:
         with client.websocket_connect("/ws", headers={"x-org": "w"}) as ws:
             assert ws.receive_text() == "w"
-        with pytest.raises(Exception):
-            with client.websocket_connect("/ws") as ws:
-                ws.receive_text()
+        with pytest.raises(Exception), client.websocket_connect("/ws") as ws:
+            ws.receive_text()
 
 
 async def _raw(app: Any, path: str, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:

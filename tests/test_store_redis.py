@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+from services import RedisCluster, RedisServer, shared_redis_url
 
 from gateway.errors import ConfigError, RedisUnavailable
 from gateway.store.redis import Breaker, RedisStore, open_redis, script
-from services import RedisCluster, RedisServer, shared_redis_url
 
 T = TypeVar("T")
 
