@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from services import RedisCluster, RedisServer, shared_redis_url
+from services import RedisCluster, RedisServer, free_port, shared_redis_url
 
 from gateway.errors import ConfigError, RedisUnavailable
 from gateway.store.redis import Breaker, RedisStore, open_redis, script
@@ -125,6 +125,11 @@ def test_run_many_is_one_write_and_survives_script_flush(private_redis: RedisSer
         with pytest.raises(RedisUnavailable):
             await store.run_many("_ping", [([k], ["x"]) for k in keys[:3]])
         await store.close()
+        never = open_redis(f"redis://127.0.0.1:{free_port()}/0")  # nothing ever listened: cannot connect
+        with pytest.raises(RedisUnavailable, match="did not answer"):
+            await never.run_many("_ping", [([k], ["x"]) for k in keys[:3]])
+        assert never.breaker.failures == 1
+        await never.close()
 
     try:
         go(main())

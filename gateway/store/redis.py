@@ -226,10 +226,13 @@ class RedisStore:
         s = script(name)
         self._admit()
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for keys, args in calls]
-        replies = await self.pipelined.call_many(commands)
-        if any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-            await self.pipelined.call("SCRIPT", "LOAD", s.text)
+        try:
             replies = await self.pipelined.call_many(commands)
+            if any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+                await self.pipelined.call("SCRIPT", "LOAD", s.text)
+                replies = await self.pipelined.call_many(commands)
+        except ConnectionLost as exc:  # could not connect: nothing was sent
+            replies = [exc]
         for reply in replies:
             if isinstance(reply, ConnectionLost):
                 self.breaker.failure(str(reply))
