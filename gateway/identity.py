@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import itertools
 import logging
 import math
 import re
@@ -28,6 +27,7 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisUnavailable
 from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
@@ -135,12 +135,11 @@ class KeyStore:
         self._pepper_lock = asyncio.Lock()
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id → when it was found missing or revoked
-        self._lookups: dict[str, asyncio.Future[_Known | None]] = {}
-        self._asked: dict[str, _Known | None] = {}  # ids for the next query, with what was known of each
-        self._reading: asyncio.Task[None] | None = None
+        # One query at a time for each; the ids asked for meanwhile go together in the next one (a query or
+        # a write per key, after a start or a lost feed, queued hundreds on SQLite's reader and writer).
+        self._lookups: Coalescer[str, _Known] = Coalescer(self._fetch, size=BATCH)
+        self._touches: Coalescer[str, None] = Coalescer(self._touch, size=BATCH)
         self._failed_at: float | None = None
-        self._to_touch: set[str] = set()  # ids whose last use is still to be recorded
-        self._touching: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._synced_at: float | None = None  # when the last poll of the feed that answered was sent
         self._revoked_at: dict[str, float] = {}  # ids the feed named lately, with when (for lookups in flight)
@@ -173,9 +172,7 @@ class KeyStore:
             return None
         if known.touched_at is None or now - known.touched_at >= TOUCH_EVERY.total_seconds():
             known.touched_at = now
-            self._to_touch.add(key_id)
-            if self._touching is None:
-                self._touching = asyncio.create_task(self._touch_batches())
+            self._touches.add(key_id)
         return known.billable
 
     def _trusted(self, known: _Known, now: float) -> bool:
@@ -213,64 +210,30 @@ class KeyStore:
             await asyncio.sleep(feed.interval)
 
     async def _lookup(self, key_id: str, stale: _Known | None) -> _Known | None:
-        """The record's answer for an id, shared by every caller that asks while it is on its way.
-
-        One query is in flight at a time; the ids asked for meanwhile go together in the next one (a query
-        per key, after a restart or a lost feed, queued hundreds of them on the reader)."""
+        """The record's answer for an id, shared by every caller that asks while it is on its way."""
         if self._failed_at is not None and self.clock() - self._failed_at < RETRY_AFTER_FAILURE_S:
             return self._fallback(key_id, stale, None)
-        pending = self._lookups.get(key_id)
-        if pending is None:
-            pending = self._lookups[key_id] = asyncio.get_running_loop().create_future()
-            pending.add_done_callback(_retrieve)
-            self._asked[key_id] = stale
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read_batches())
         try:
-            # Shielded: one caller giving up (its client left) must not cancel the others' answer.
-            return await asyncio.shield(pending)
+            return await self._lookups.get(key_id)
         except _DB_ERRORS as exc:
             return self._fallback(key_id, stale, exc)
 
-    async def _read_batches(self) -> None:
-        try:
-            while self._asked:
-                asked = dict(itertools.islice(self._asked.items(), BATCH))
-                for key_id in asked:
-                    del self._asked[key_id]
-                # Left in `_lookups` until answered: who asks for these ids meanwhile waits for this query.
-                futures = {key_id: self._lookups[key_id] for key_id in asked}
-                failure: Exception | None = None
-                try:
-                    found = await self._fetch(asked)
-                except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-                    found, failure = {}, exc
-                for key_id, future in futures.items():
-                    del self._lookups[key_id]
-                    if future.done():
-                        continue
-                    if failure is not None:
-                        future.set_exception(failure)
-                    else:
-                        future.set_result(found.get(key_id))
-        finally:
-            self._reading = None
-
-    async def _fetch(self, asked: dict[str, _Known | None]) -> dict[str, _Known]:
+    async def _fetch(self, ids: list[str]) -> dict[str, _Known]:
         # The clock is read before asking: the answer is then never trusted past TTL after the question.
         asked_at = self.clock()
         query = sa.select(api_keys.c.id, api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
-            api_keys.c.id.in_(list(asked))
+            api_keys.c.id.in_(ids)
         )
         async with self.db.reader.connect() as conn:
             rows = {row.id: row for row in await conn.execute(query)}
         self._failed_at = None
         found: dict[str, _Known] = {}
-        for key_id, stale in asked.items():
+        for key_id in ids:
             row = rows.get(key_id)
             if row is None or row.revoked_at is not None or self._revoked_at.get(key_id, -math.inf) >= asked_at:
                 self._forget(key_id)  # (the feed named it while the record was answering: revoked since)
                 continue
+            stale = self._known.get(key_id)
             known = found[key_id] = _Known(row.billable, row.hash, asked_at, stale.touched_at if stale else None)
             if self._reset_at >= asked_at:
                 continue  # answered, but not kept: the feed lost track while the record was answering
@@ -299,18 +262,8 @@ class KeyStore:
         while len(self._unknown) > self.negative_max:
             self._unknown.popitem(last=False)
 
-    async def _touch_batches(self) -> None:
-        """Record last uses, one write at a time for every key used meanwhile (a write per key, on SQLite,
-        queued a thousand writers behind its one lock)."""
-        try:
-            while self._to_touch:
-                ids = sorted(self._to_touch)[:BATCH]
-                self._to_touch.difference_update(ids)
-                await self._touch(ids)
-        finally:
-            self._touching = None
-
-    async def _touch(self, ids: list[str]) -> None:
+    async def _touch(self, ids: list[str]) -> dict[str, None]:
+        """Record the last use of these keys (it is only informative: a failure is logged, not raised)."""
         now = datetime.now(UTC)
         # The condition keeps it to once a minute across processes too.
         update = (
@@ -326,6 +279,7 @@ class KeyStore:
                 await conn.execute(update)
         except _DB_ERRORS as exc:
             log.warning("could not record the last use of %d API keys (it is only informative): %s", len(ids), exc)
+        return {}
 
     # ---- the pepper ------------------------------------------------------------------------------------
 
@@ -416,13 +370,7 @@ class KeyStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
-        if self._touching is not None:
-            await asyncio.gather(self._touching, return_exceptions=True)
-
-
-def _retrieve(done: asyncio.Future[_Known | None]) -> None:
-    if not done.cancelled():
-        done.exception()  # retrieved here too, so a failure nobody awaited any more is not reported as lost
+        await self._touches.drain()
 
 
 def _digest(pepper: bytes, key: str) -> str:

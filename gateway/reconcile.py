@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.coalesce import Coalescer
 from gateway.engine import Engine, EventBatch, Snapshot
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
@@ -437,37 +438,13 @@ class Rehydrator:
         self._grants_after: dict[str, list[tuple[int, int]]] = {}
         # One read of the record at a time; the restores asked for while it runs (a Redis restart under load)
         # share the next one. A read per request instead queued hundreds on the reader: 150 ms each.
-        self._waiting: dict[str, asyncio.Future[dict[str, str] | None]] = {}
-        self._reading: asyncio.Task[None] | None = None
+        self._reads: Coalescer[str, dict[str, str]] = Coalescer(self._read, size=RESTORE_BATCH)
 
     async def restore(self, billable: str) -> dict[str, str] | None:
-        future = self._waiting.get(billable)
-        if future is None:
-            future = self._waiting[billable] = asyncio.get_running_loop().create_future()
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read_batches())
         async with asyncio.timeout(self.timeout):
-            return await asyncio.shield(future)
+            return await self._reads.get(billable)
 
-    async def _read_batches(self) -> None:
-        try:
-            while self._waiting:
-                waiting, self._waiting = self._waiting, {}
-                for chunk in _chunks(list(waiting), RESTORE_BATCH):
-                    try:
-                        found = await self._read(chunk)
-                    except Exception as exc:  # noqa: BLE001 - each waiting restore gets the error
-                        for billable in chunk:
-                            if not waiting[billable].done():
-                                waiting[billable].set_exception(exc)
-                        continue
-                    for billable in chunk:
-                        if not waiting[billable].done():
-                            waiting[billable].set_result(found.get(billable))
-        finally:
-            self._reading = None
-
-    async def _read(self, billables: list[str]) -> dict[str, dict[str, str] | None]:
+    async def _read(self, billables: list[str]) -> dict[str, dict[str, str]]:
         """The snapshots, manual plans and grants of these billables, in one query (one round trip: under
         load each costs a turn of the event loop)."""
         none = sa.cast(sa.null(), credit_grants.c.seq.type)
@@ -494,12 +471,11 @@ class Rehydrator:
         for b, seq, amount in sorted(all_grants):
             if seq > int((states.get(b) or {}).get("c:seq", 0) or 0):
                 grants.setdefault(b, []).append((seq, amount))
-        found: dict[str, dict[str, str] | None] = {}
+        found: dict[str, dict[str, str]] = {}  # the record knows nothing of the others: they start new
         for billable in billables:
             self._grants_after[billable] = grants.get(billable, [])
             state, plan = states.get(billable), plans.get(billable)
             if state is None and plan is None:
-                found[billable] = None
                 continue
             state = dict(state or {})
             if plan is not None:
@@ -528,9 +504,3 @@ class Rehydrator:
         except _DB_ERRORS as exc:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc
-
-
-
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

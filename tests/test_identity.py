@@ -316,16 +316,16 @@ def test_a_failing_last_used_update_is_logged_not_raised(
         created = await keys.create("org_1", "ci")
         real_touch = keys._touch
 
-        async def broken(ids: list[str]) -> None:
+        async def broken(ids: list[str]) -> dict[str, None]:
             db_down = await Database.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
             keys.db, saved = db_down, keys.db
             try:
-                await real_touch(ids)
+                return await real_touch(ids)
             finally:
                 keys.db = saved
                 await db_down.close()
 
-        keys._touch = broken  # type: ignore[method-assign]
+        keys._touches.fetch = broken
         assert await keys.authenticate(created.key) == "org_1"
         await keys.close()
         assert "could not record the last use of 1 API keys" in caplog.text
@@ -341,11 +341,11 @@ def test_last_uses_are_recorded_in_one_write_for_many_keys(empty_db_url: str) ->
         writes: list[int] = []
         real_touch = keys._touch
 
-        async def counting(ids: list[str]) -> None:
+        async def counting(ids: list[str]) -> dict[str, None]:
             writes.append(len(ids))
-            await real_touch(ids)
+            return await real_touch(ids)
 
-        keys._touch = counting  # type: ignore[method-assign]
+        keys._touches.fetch = counting
         assert await asyncio.gather(*(keys.authenticate(c.key) for c in created)) == [f"org_{i}" for i in range(40)]
         await keys.close()
         assert sum(writes) == 40 and len(writes) <= 2, writes

@@ -545,11 +545,11 @@ def test_restores_asked_for_during_a_read_share_the_next_one(empty_db_url: str, 
             reads: list[int] = []
             read = rehydrator._read
 
-            async def counting(billables: list[str]) -> dict[str, dict[str, str] | None]:
+            async def counting(billables: list[str]) -> dict[str, dict[str, str]]:
                 reads.append(len(billables))
                 return await read(billables)
 
-            rehydrator._read = counting  # type: ignore[method-assign]
+            rehydrator._reads.fetch = counting
             decisions = []
             for wave in range(20):
                 decisions += [asyncio.ensure_future(q.decide(f"org-{wave}-{i}", "POST", "/projects")) for i in range(5)]
