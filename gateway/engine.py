@@ -33,6 +33,7 @@ from gateway.decision import Decision, PolicyState, Violation
 from gateway.errors import StateUnavailable
 from gateway.periods import Period, calendar_bounds, window_at
 from gateway.store.redis import RedisStore
+from gateway.usage import counter_period
 
 log = logging.getLogger("gateway.engine")
 
@@ -263,7 +264,7 @@ class Engine:
         if self.clock() < self._month_start + 2 * self.hold_ttl:
             return {}
         month = self._month
-        return {f: v for f, v in state.items() if f[:3] in _USAGE_PREFIXES and f[3:10] < month}
+        return {f: v for f, v in state.items() if (period := counter_period(f)) is not None and period < month}
 
     async def forget_usage(self, billable: str, counters: dict[str, str]) -> int:
         """Drop these counters (as `past_usage` found them, and now in the record) unless they changed since."""
@@ -653,9 +654,6 @@ def _int(value: Any) -> int | None:
     if value is None or value == "" or value is False:
         return None
     return int(float(value))
-
-
-_USAGE_PREFIXES = frozenset({"qr:", "qu:", "qc:"})
 
 
 @functools.lru_cache(maxsize=65536)

@@ -42,6 +42,7 @@ from gateway.engine import Engine, EventBatch, Snapshot
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
 from gateway.grants import Grants
+from gateway.settings import Settings
 from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
 from gateway.usage import rows_from_state
 
@@ -55,6 +56,7 @@ RESTORE_BATCH = 500  # billables read from the record in one go when many restor
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
 EVENTS_PER_FLUSH = 1000
 PRUNE_EVERY_S = 3600.0  # the leader forgets old events from the outbox this often
+EVENTS_RETENTION = timedelta(days=Settings.events_retention_days)  # the outbox keeps an event this long
 
 
 class Reconciler:
@@ -70,7 +72,7 @@ class Reconciler:
         lease_seconds: float | None = None,
         batch: int = 500,
         parallel: int | None = None,
-        events_retention: timedelta = timedelta(days=7),
+        events_retention: timedelta = EVENTS_RETENTION,
         holder: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -413,7 +415,7 @@ class Reconciler:
 
 
 def attach(
-    engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0, events_retention: timedelta = timedelta(days=7)
+    engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0, events_retention: timedelta = EVENTS_RETENTION
 ) -> Reconciler:
     """Connect an engine to the record: Redis's lost states are restored from it, changes flushed to it.
 

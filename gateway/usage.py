@@ -42,11 +42,18 @@ def cents(credits: int, credits_per_dollar: int) -> int:
     return (credits * 100 * 2 + credits_per_dollar) // (credits_per_dollar * 2)
 
 
+def counter_period(field: str) -> str | None:
+    """The YYYY-MM of a usage counter's field in a billable's state; None for any other field."""
+    if field[2:3] != ":" or field[:2] not in _COLUMNS:
+        return None
+    return field[3:].partition("|")[0]
+
+
 def rows_from_state(state: dict[str, str], credits_per_dollar: int) -> list[UsageRow]:
     """The usage totals a billable's state holds, one row per (period, route, operation)."""
     found: dict[tuple[str, str, str], dict[str, int]] = {}
     for field, value in state.items():
-        if field[:1] != "q" or field[2:3] != ":" or (column := _COLUMNS.get(field[:2])) is None:
+        if (column := _COLUMNS.get(field[:2])) is None or field[2:3] != ":":
             continue
         period, _, rest = field[3:].partition("|")
         route, _, operation = rest.rpartition("|")

@@ -70,20 +70,21 @@ class PipelinedConnection:
         self._connecting: asyncio.Lock | None = None
 
     async def call(self, *args: bytes | str | float) -> Any:
-        (future,) = await self._submit((args,))
+        if self._transport is None or self._transport.is_closing():
+            await self._connect()
+        (future,) = self._submit((args,))
         return await future
 
     async def call_many(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[Any]:
         """Several commands in one write; each reply in order, a ReplyError or ConnectionLost in its place.
 
         No task or coroutine per command: the reconciler reads hundreds of states at once this way."""
-        return list(await asyncio.gather(*await self._submit(commands), return_exceptions=True))
-
-    async def _submit(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[asyncio.Future[Any]]:
-        """Queue the commands for this tick's write; one future per reply."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        if self._transport is None or self._transport.is_closing():
             await self._connect()
+        return list(await asyncio.gather(*self._submit(commands), return_exceptions=True))
+
+    def _submit(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[asyncio.Future[Any]]:
+        """Queue the commands for this tick's write (the connection is up); one future per reply."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures: list[asyncio.Future[Any]] = []
