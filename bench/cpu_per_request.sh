@@ -3,31 +3,19 @@
 # for aiohttp-proxy, gateway-proxy, and gateway-proxy with its reconciler idle (the flush's share), same wrk
 # settings as ../shared/bench/run.sh. Usage: bench/cpu_per_request.sh   (DURATION=8s ROUNDS=3)
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-PEERS=$HERE/../../shared/bench
-PY=${PY:-/tmp/benchvenv/bin/python}
 DURATION=${DURATION:-8s}; ROUNDS=${ROUNDS:-3}
-export BENCH_KEYS=1000 PYTHONPATH="$HERE:$PEERS/peers"
-port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-UP=$(port)
-"$PY" -m uvicorn upstream:app --host 127.0.0.1 --port "$UP" --loop uvloop --http httptools --no-access-log \
-  --log-level error & PIDS+=($!)
-export UPSTREAM_URL=http://127.0.0.1:$UP
+UP=$(port); serve upstream "$UP"; export UPSTREAM_URL=http://127.0.0.1:$UP
 measure() {  # $1 label, $2 module, then VAR=value for the app
-  local p; p=$(port)
-  env "${@:3}" "$PY" -m uvicorn "$2:app" --host 127.0.0.1 --port "$p" --loop uvloop --http httptools \
-    --no-access-log --log-level error 2>/dev/null & PIDS+=($!); local pid=$!
-  for _ in $(seq 100); do curl -s -o /dev/null -H 'X-Api-Key: ready' "http://127.0.0.1:$p/hello" && break; sleep 0.1; done
+  local p before result after; p=$(port)
+  serve "$2" "$p" "${@:3}"
   redis-cli -n 9 flushdb >/dev/null
   wrk -t2 -c64 -d3s -s "$PEERS/keys.lua" "http://127.0.0.1:$p/hello" >/dev/null
-  local before result after
-  before=$(ticks "$pid")
+  before=$(ticks "$SERVED")
   result=$(wrk -t2 -c64 -d"$DURATION" -s "$PEERS/keys.lua" "http://127.0.0.1:$p/hello" | grep '^RESULT')
-  after=$(ticks "$pid")
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  after=$(ticks "$SERVED")
+  stop "$SERVED"
   local requests=${result#*requests=}; requests=${requests%% *}
   local rps=${result#*rps=}; rps=${rps%% *}
   echo "$1 $rps $(( (after - before) * 1000000 / $(getconf CLK_TCK) / requests ))"
