@@ -31,6 +31,7 @@ from gateway.reconcile import attach
 from gateway.store.db import Database
 from gateway.store.redis import open_redis
 
+
 async def decide_all(engine: Engine, billables: list[str], rate: float) -> list[float]:
     """Start one decision per billable, `rate` a second; the latency of each."""
     route = engine.catalog.route_for("GET", "/hello")
@@ -62,7 +63,7 @@ async def main(n: int, rate: float) -> None:
         began = time.perf_counter()
         latencies = sorted(await decide_all(engine, billables, rate))
         took = time.perf_counter() - began
-        p: Any = lambda q: latencies[int(q * (len(latencies) - 1))] * 1000  # noqa: E731
+        p: Any = lambda q: latencies[int(q * (len(latencies) - 1))] * 1000
         print(
             f"{n} first decisions after a Redis loss, {rate:,.0f} arriving a second, served in {took:.2f} s; "
             f"latency p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {p(1):.1f} ms, mean {statistics.mean(latencies) * 1000:.1f} ms"
