@@ -79,21 +79,18 @@ async def measure(port: int) -> None:
     sent = [line for line in lines if line.startswith("+") and '"' in line and "lua]" not in line]
     print(f"client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted({line.split(chr(34))[1] for line in sent})})")
 
-    # Client CPU per script call: the pipelined connection (resp.py) against redis-py's, alone and 64 at once.
+    # Client CPU per script call through the store (pipelined connection, resp.py), alone and 64 at once.
     store = open_redis(url)
-    for path in ("pipelined", "redis-py"):
-        if path == "redis-py":
-            store.pipelined = None
-        for concurrent in (1, 64):
+    for concurrent in (1, 64):
 
-            async def calls(n: int) -> None:
-                for _ in range(n):
-                    await store.run("_ping", ["k:{a}"], ["x"])
+        async def calls(n: int) -> None:
+            for _ in range(n):
+                await store.run("_ping", ["k:{a}"], ["x"])
 
-            await calls(100)
-            cpu = time.process_time()
-            await asyncio.gather(*(calls(4000 // concurrent) for _ in range(concurrent)))
-            print(f"client CPU per call, {path}, {concurrent} at once: {(time.process_time() - cpu) / 4000 * 1e6:.1f} us")
+        await calls(100)
+        cpu = time.process_time()
+        await asyncio.gather(*(calls(4000 // concurrent) for _ in range(concurrent)))
+        print(f"client CPU per call, {concurrent} at once: {(time.process_time() - cpu) / 4000 * 1e6:.1f} us")
     await store.close()
 
     example = load_catalog(ROOT / "plans.toml")

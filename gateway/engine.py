@@ -483,7 +483,7 @@ class Engine:
         return (await self.read_events(billable, limit)).events
 
     async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
-        raw = [json.loads(item) for item in await self.store.client.lrange(self.keys(billable)[1], 0, limit - 1)]
+        raw = [json.loads(item) for item in await self.store.read_list(self.keys(billable)[1], limit)]
         mark = (int(raw[-1]["seq"]), int(raw[-1]["at"])) if raw else None
         return EventBatch([self._event(billable, e) for e in raw], mark)
 
@@ -495,7 +495,7 @@ class Engine:
         if count <= 0:
             return
         if through is None:
-            await self.store.client.ltrim(self.keys(billable)[1], count, -1)
+            await self.store.trim_list(self.keys(billable)[1], count)
         else:
             await self.store.run("ack", self.keys(billable)[1:2], [count, through[0], through[1]])
 

@@ -3,6 +3,7 @@
     GatewayError
     ├── CatalogError        plans.toml is wrong: every problem, each with its dotted place
     ├── RedisUnavailable    Redis cannot be reached (or the circuit breaker is open)
+    ├── RedisReplyError     Redis answered with an error (a script failed, a command was refused)
     ├── StateUnavailable    a billable's lost state cannot be restored (the record is unreachable)
     ├── DatabaseUnavailable the record cannot be read or written (grants refused, unknown keys refused)
     └── ConfigError         a setting (flag or environment variable) is wrong
@@ -40,6 +41,10 @@ class CatalogError(GatewayError):
 
 class RedisUnavailable(GatewayError):
     """Redis did not answer; the route's on_redis_down decides what the client gets."""
+
+
+class RedisReplyError(GatewayError):
+    """Redis answered, with an error: a script failed or the server refused the command (not an outage)."""
 
 
 class StateUnavailable(GatewayError):

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.coalesce import Coalescer
-from gateway.errors import DatabaseUnavailable, RedisUnavailable
+from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable
 from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
 
@@ -189,7 +188,7 @@ class KeyStore:
             asked = self.clock()
             try:
                 revoked, reset = await feed.poll()
-            except (RedisUnavailable, RedisError) as exc:
+            except (RedisUnavailable, RedisReplyError) as exc:
                 if not failing:
                     log.warning("cannot hear API key revocations (%s); asking the record about each key every %gs", exc, self.ttl)
                 failing = True
@@ -359,7 +358,7 @@ class KeyStore:
             if self.feed is not None:
                 try:
                     await self.feed.publish(key_id)
-                except RedisError as exc:
+                except RedisReplyError as exc:
                     raise RedisUnavailable(f"Redis did not take the revocation of {key_id}: {exc}") from exc
         return found
 

@@ -34,12 +34,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.coalesce import Coalescer
 from gateway.engine import Engine, EventBatch, Snapshot
-from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.settings import Settings
@@ -49,7 +48,7 @@ from gateway.usage import rows_from_state
 log = logging.getLogger("gateway.reconcile")
 
 _DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
-_REDIS_ERRORS = (RedisUnavailable, RedisError)
+_REDIS_ERRORS = (RedisUnavailable, RedisReplyError)
 DB_TIMEOUT_S = 15.0
 RESTORE_TIMEOUT_S = 2.0
 RESTORE_BATCH = 500  # billables read from the record in one go when many restore at once

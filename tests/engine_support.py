@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from services import raw_redis
+
 from gateway.catalog import Catalog, parse_catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
@@ -124,8 +126,9 @@ def run(coro: Awaitable[T]) -> T:
 class Harness:
     """An engine on one backend, with a fresh prefix so tests never share keys."""
 
-    def __init__(self, store: RedisStore, catalog: Catalog, prefix: str) -> None:
+    def __init__(self, store: RedisStore, catalog: Catalog, prefix: str, raw: Any) -> None:
         self.store = store
+        self.raw = raw  # a redis-py client of the same Redis, to look at and change it from outside
         self.catalog = catalog
         self.prefix = prefix
         self.engine = Engine(store, catalog, prefix=prefix)
@@ -139,16 +142,16 @@ class Harness:
         return await (engine or self.engine).decide(billable, route, **kw)
 
     async def field(self, billable: str, name: str) -> str | None:
-        value = await self.store.client.hget(self.engine.keys(billable)[0], name)
+        value = await self.raw.hget(self.engine.keys(billable)[0], name)
         return value.decode() if isinstance(value, bytes) else value
 
     async def set_field(self, billable: str, name: str, value: str | int) -> None:
         """Test-only time travel: move a stored instant, as if it happened earlier."""
-        await self.store.client.hset(self.engine.keys(billable)[0], name, value)
+        await self.raw.hset(self.engine.keys(billable)[0], name, value)
 
     async def cleanup(self) -> None:
         async for key in self.store.scan(f"{self.prefix}:*"):
-            await self.store.client.delete(key)
+            await self.raw.delete(key)
 
 
 @contextmanager
@@ -160,13 +163,14 @@ def harness(url: str | None, catalog_text: str = BASE) -> Iterator[Callable[[Cal
     def go(fn: Callable[[Harness], Awaitable[T]]) -> T:
         async def main() -> T:
             store = open_redis(url)
-            h = Harness(store, catalog, prefix)
+            h = Harness(store, catalog, prefix, raw_redis(url))
             try:
                 return await fn(h)
             finally:
                 if url is not None:
                     await h.cleanup()
                 await store.close()
+                await h.raw.aclose()
 
         return asyncio.run(main())
 

@@ -17,14 +17,32 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
+import redis.asyncio
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
 
 def shared_redis_url() -> str:
     return os.environ.get("GATEWAY_TEST_REDIS_URL", SHARED_URL)
+
+
+def raw_redis(url: str | None) -> Any:
+    """An async redis-py client of the Redis behind `url` (None: this process's emulation), to look at or
+    change what the gateway stores from outside it. Tests only: the gateway itself has no raw client."""
+    if url is None:
+        import fakeredis
+
+        from gateway.store.embedded import server
+
+        return fakeredis.FakeAsyncRedis(server=server(), decode_responses=True)
+    if url.startswith("redis+cluster://"):
+        nodes = [redis.asyncio.cluster.ClusterNode(h, int(p)) for h, _, p in
+                 (part.rpartition(":") for part in url[len("redis+cluster://"):].split(","))]
+        return redis.asyncio.RedisCluster(startup_nodes=nodes, decode_responses=True, socket_timeout=5)
+    return redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=5)
 
 
 def free_port() -> int:

@@ -427,7 +427,7 @@ def test_snapshot_and_restore(go: Go[None]) -> None:
         await h.decide("org", "POST", "/projects")
         snap = await h.engine.snapshot("org")
         for key in h.engine.keys("org"):
-            await h.store.client.delete(key)
+            await h.raw.delete(key)
         assert await h.engine.restore_state("org", snap.state)
         assert not await h.engine.restore_state("org", {"c:p": "999"})
         assert (await h.decide("org", "POST", "/projects")).admitted

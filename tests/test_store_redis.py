@@ -9,10 +9,12 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from services import RedisCluster, RedisServer, free_port, shared_redis_url
+from services import RedisCluster, RedisServer, free_port, raw_redis, shared_redis_url
 
-from gateway.errors import ConfigError, RedisUnavailable
+from gateway.errors import ConfigError, RedisReplyError, RedisUnavailable
+from gateway.store.cluster import key_slot
 from gateway.store.redis import Breaker, RedisStore, open_redis, script
+from gateway.store.resp import PipelinedConnection
 
 T = TypeVar("T")
 
@@ -48,11 +50,20 @@ def test_embedded_emulation_runs_the_same_scripts() -> None:
         a, b = open_redis(None), open_redis(None)
         assert a.embedded and not a.is_cluster
         assert_pinged(list(await a.run("_ping", ["x:{a}:1"], ["hello"])))
-        await a.client.set("x:{a}:shared", "1")
-        assert await b.client.get("x:{a}:shared") == "1"
+        raw = raw_redis(None)
+        await raw.set("x:{a}:shared", "1")
+        await raw.hset("x:{a}:h", "f", "v")
+        assert await b.fields(["x:{a}:h", "x:{a}:none"], "f") == ["v", None]
         assert await a.ping() and await a.eviction_policy() == "noeviction"
         assert [k async for k in b.scan("x:{a}:shared")] == ["x:{a}:shared"]
-        await a.client.delete("x:{a}:shared")
+        await raw.rpush("x:{a}:l", "1", "2", "3")
+        assert await a.read_list("x:{a}:l", 2) == ["1", "2"]
+        await a.trim_list("x:{a}:l", 2)
+        assert await b.read_list("x:{a}:l", 10) == ["3"]
+        with pytest.raises(RedisReplyError, match="not an integer"):  # a script's own error, not an outage
+            await a.run("lease", ["x:{a}:lease"], ["me", "soon"])
+        await raw.delete("x:{a}:shared", "x:{a}:h", "x:{a}:l")
+        await raw.aclose()
         await a.close()
         await b.close()
 
@@ -113,7 +124,6 @@ def test_run_many_is_one_write_and_survives_script_flush(private_redis: RedisSer
 
     async def main() -> None:
         store = open_redis(private_redis.url)
-        assert store.pipelined is not None
         for _ in range(2):
             replies = await store.run_many("_ping", [([k], [f"arg{i}"]) for i, k in enumerate(keys)])
             for i, (k, reply) in enumerate(zip(keys, replies, strict=True)):
@@ -125,10 +135,11 @@ def test_run_many_is_one_write_and_survives_script_flush(private_redis: RedisSer
         with pytest.raises(RedisUnavailable):
             await store.run_many("_ping", [([k], ["x"]) for k in keys[:3]])
         await store.close()
-        never = open_redis(f"redis://127.0.0.1:{free_port()}/0")  # nothing ever listened: cannot connect
+        port = free_port()
+        never = open_redis(f"redis://127.0.0.1:{port}/0")  # nothing ever listened: cannot connect
         with pytest.raises(RedisUnavailable, match="did not answer"):
             await never.run_many("_ping", [([k], ["x"]) for k in keys[:3]])
-        assert never.breaker.failures == 1
+        assert never.breakers()[f"127.0.0.1:{port}"].failures == 1  # one failed write, not one per call
         await never.close()
 
     try:
@@ -147,7 +158,7 @@ def test_noscript_after_restart(private_redis: RedisServer) -> None:
         await asyncio.sleep(0.05)  # the loop sees the pooled socket close, as it would during a real restart
         private_redis.start()
         assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
-        assert store.breaker.state == "closed"
+        assert store.breakers()[f"127.0.0.1:{private_redis.port}"].state == "closed"
         await store.close()
 
     try:
@@ -156,29 +167,29 @@ def test_noscript_after_restart(private_redis: RedisServer) -> None:
         private_redis.start()
 
 
-def test_breaker_opens_answers_without_io_and_recovers(private_redis: RedisServer) -> None:
+def test_breaker_opens_answers_without_io_and_recovers(private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped server fails fast; after 3 failures no I/O at all; after a restart it recovers by itself."""
 
     async def main() -> None:
         store = open_redis(private_redis.url, cooldown=0.2)
+        breaker = store.breakers()[f"127.0.0.1:{private_redis.port}"]
         assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
         private_redis.stop()
         for _ in range(3):
             with pytest.raises(RedisUnavailable, match=r"Redis at redis://127\.0\.0\.1:\d+/0 did not answer"):
                 await store.run("_ping", ["x:{a}:1"], ["hello"])
-        assert store.breaker.state == "open"
+        assert breaker.state == "open"
 
         calls = 0
-        # Scripts go through the pipelined connection on a single server: count what it sends.
-        assert store.pipelined is not None
-        real = store.pipelined.call
+        # Everything a single server is sent goes through its pipelined connection: count that.
+        real = PipelinedConnection.call
 
-        async def counting(*args: Any, **kwargs: Any) -> Any:
+        async def counting(self: PipelinedConnection, *args: Any, **kwargs: Any) -> Any:
             nonlocal calls
             calls += 1
-            return await real(*args, **kwargs)
+            return await real(self, *args, **kwargs)
 
-        store.pipelined.call = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(PipelinedConnection, "call", counting)
         for _ in range(100):
             with pytest.raises(RedisUnavailable, match="circuit open after 3 failures"):
                 await store.run("_ping", ["x:{a}:1"], ["hello"])
@@ -188,7 +199,7 @@ def test_breaker_opens_answers_without_io_and_recovers(private_redis: RedisServe
         await asyncio.sleep(0.25)
         assert_pinged(list(await store.run("_ping", ["x:{a}:1"], ["hello"])))
         assert calls == 3  # the probe: EVALSHA (NOSCRIPT on the fresh server), SCRIPT LOAD, EVALSHA
-        assert store.breaker.state == "closed"
+        assert breaker.state == "closed"
         await store.close()
 
     try:
@@ -230,9 +241,11 @@ def test_ping_never_raises() -> None:
 
 
 class SilentRedis:
-    """Answers +OK to every command except EVALSHA, which it receives and never answers."""
+    """Answers +OK to every command except EVALSHA, which it receives and never answers; as a cluster
+    node (`cluster=True`) it answers CLUSTER SLOTS with itself as the master of every slot."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cluster: bool = False) -> None:
+        self.cluster = cluster
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)
         self.port = self.listener.getsockname()[1]
@@ -257,8 +270,11 @@ class SilentRedis:
                 buf += data
                 commands, buf = _parse(buf)
                 for args in commands:
-                    self.commands.append(args[0].upper())
-                    if args[0].upper() != b"EVALSHA":
+                    name = args[0].upper()
+                    self.commands.append(name)
+                    if name == b"CLUSTER" and self.cluster:
+                        conn.sendall(b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n" % self.port)
+                    elif name != b"EVALSHA":
                         conn.sendall(b"+OK\r\n")
 
     def close(self) -> None:
@@ -305,16 +321,21 @@ def test_timeout_is_not_retried() -> None:
     assert silent.commands.count(b"EVALSHA") == 1
 
 
-@pytest.mark.cluster
-def test_retries_are_off_in_every_client(redis_cluster: RedisCluster) -> None:
-    """redis-py's own retries (10 by default in redis-py 8) are off for single servers and clusters."""
-    single = open_redis("redis://127.0.0.1:1/0")
-    assert single.client.connection_pool.connection_kwargs["retry"].get_retries() == 0
-    assert single.client.connection_pool.max_connections == 64
-    cluster = open_redis(redis_cluster.url)
-    assert cluster.client.retry.get_retries() == 0
-    go(single.close())
-    go(cluster.close())
+def test_timeout_on_a_cluster_master_is_not_retried() -> None:
+    """On a cluster too, a script whose master never answers is sent once: RedisUnavailable, no retry."""
+    silent = SilentRedis(cluster=True)
+
+    async def main() -> None:
+        store = open_redis(f"redis+cluster://127.0.0.1:{silent.port}", socket_timeout=0.2)
+        with pytest.raises(RedisUnavailable, match="did not answer: no answer within 0.2s"):
+            await store.run("_ping", ["x:{a}:1"], ["hello"])
+        await store.close()
+
+    try:
+        go(main())
+    finally:
+        silent.close()
+    assert silent.commands.count(b"EVALSHA") == 1
 
 
 @pytest.mark.cluster
@@ -328,11 +349,17 @@ def test_cluster_runs_scripts_on_every_node(redis_cluster: RedisCluster) -> None
         for _ in range(2):
             for t in tags:
                 assert_pinged(list(await store.run("_ping", [f"x:{{{t}}}:1"], ["hi"])), f"x:{{{t}}}:1", "hi")
-        owners = {store.client.get_node_from_key(f"x:{{{t}}}:1").name for t in tags}
+        owners = {key_slot(f"x:{{{t}}}:1") * 3 // 16384 for t in tags}  # the fixture splits the slots in thirds
         assert len(owners) == 3
+        raw = raw_redis(redis_cluster.url)
         for t in tags:
-            await store.client.set(f"scan:{{{t}}}", "1")
+            await raw.hset(f"scan:{{{t}}}", "f", t)
         assert sorted([k async for k in store.scan("scan:*")]) == sorted(f"scan:{{{t}}}" for t in tags)
+        # One pipelined HGET per master, each reply in its key's place.
+        assert await store.fields([f"scan:{{{t}}}" for t in [*tags, "none"]], "f") == [*tags, None]
+        for t in tags:
+            await raw.delete(f"scan:{{{t}}}")
+        await raw.aclose()
         assert await store.eviction_policy() == "noeviction"
         assert await store.ping()
         await store.close()
@@ -348,9 +375,8 @@ def test_cluster_runs_scripts_on_every_node(redis_cluster: RedisCluster) -> None
 def test_unreachable_cluster_is_unavailable() -> None:
     """A cluster none of whose startup nodes answers is RedisUnavailable, like a single server."""
     store = open_redis(f"redis+cluster://127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}")
-    with pytest.raises(RedisUnavailable, match="did not answer: Redis Cluster cannot be connected"):
+    with pytest.raises(RedisUnavailable, match="cannot be connected: no node answered CLUSTER SLOTS"):
         go(store.run("_ping", ["x:{a}:1"], ["v"]))
-    assert store.breaker.failures == 1
     go(store.close())
 
 

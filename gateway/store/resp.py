@@ -5,7 +5,8 @@ timeout per call; at gateway load that costs more than the decision. Here every 
 event-loop tick is packed into one buffer and written once, replies are parsed by hiredis and matched
 to their callers in order, and a single watchdog enforces the timeout. A call that times out fails with
 every call still in flight and the connection is dropped: none of them is ever retried (a script may
-have run), which is the rule for mutating scripts.
+have run), which is the rule for mutating scripts. There is no pool to run dry: every caller queues on
+the one connection, so being busy is never mistaken for being down.
 """
 
 from __future__ import annotations
@@ -19,16 +20,26 @@ from typing import Any, cast
 
 import hiredis
 
+from gateway.errors import RedisReplyError
 
-class ReplyError(Exception):
+Arg = bytes | str | int | float
+Command = tuple[Arg, ...]
+
+
+class ReplyError(RedisReplyError):
     """An error reply from Redis (the command or script failed; Redis itself answered)."""
+
+    @property
+    def code(self) -> str:
+        """The error's first word: NOSCRIPT, MOVED, ASK, LOADING, ERR ..."""
+        return str(self).split(" ", 1)[0]
 
 
 class ConnectionLost(ConnectionError):
     """Redis did not answer in time, or the connection broke: the outcome of calls in flight is unknown."""
 
 
-def _pack(args: tuple[bytes | str | float, ...]) -> bytes:
+def _pack(args: Command) -> bytes:
     # hiredis's stub declares a one-element tuple; pack_command takes any number of arguments.
     packed: bytes = hiredis.pack_command(cast(Any, args))
     return packed
@@ -39,10 +50,13 @@ class _Protocol(asyncio.Protocol):
         self.owner = owner
 
     def data_received(self, data: bytes) -> None:
-        self.owner._received(data)
+        if self.owner._protocol is self:
+            self.owner._received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner._lost(ConnectionLost(f"connection closed ({exc or 'by the server'})"))
+        # A connection dropped earlier (timed out, replaced) must not take its successor down with it.
+        if self.owner._protocol is self:
+            self.owner._lost(ConnectionLost(f"connection closed ({exc or 'by the server'})"))
 
 
 class PipelinedConnection:
@@ -62,20 +76,25 @@ class PipelinedConnection:
         self.tls = tls
         self.timeout = timeout
         self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None
         self._reader: Any = None
         self._pending: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[None] | None = None
 
-    async def call(self, *args: bytes | str | float) -> Any:
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def call(self, command: Command) -> Any:
         if self._transport is None or self._transport.is_closing():
             await self._connect()
-        (future,) = self._submit((args,))
+        (future,) = self._submit((command,))
         return await future
 
-    async def call_many(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[Any]:
+    async def call_many(self, commands: Sequence[Command]) -> list[Any]:
         """Several commands in one write; each reply in order, a ReplyError or ConnectionLost in its place.
 
         No task or coroutine per command: the reconciler reads hundreds of states at once this way."""
@@ -83,7 +102,7 @@ class PipelinedConnection:
             await self._connect()
         return list(await asyncio.gather(*self._submit(commands), return_exceptions=True))
 
-    def _submit(self, commands: Sequence[tuple[bytes | str | float, ...]]) -> list[asyncio.Future[Any]]:
+    def _submit(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
         """Queue the commands for this tick's write (the connection is up); one future per reply."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -137,6 +156,7 @@ class PipelinedConnection:
 
     def _lost(self, exc: Exception) -> None:
         transport, self._transport = self._transport, None
+        self._protocol = None
         self._buffer.clear()
         pending, self._pending = self._pending, collections.deque()
         for _, future in pending:
@@ -149,32 +169,50 @@ class PipelinedConnection:
             transport.abort()
 
     async def _connect(self) -> None:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._transport is not None and not self._transport.is_closing():
-                return
-            loop = asyncio.get_running_loop()
-            context = ssl_module.create_default_context() if self.tls else None
+        """Connect once for every caller waiting: a refused or timed-out attempt fails them all at once."""
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.ensure_future(self._open())
+            attempt.add_done_callback(self._attempted)
+        await asyncio.shield(attempt)
+
+    def _attempted(self, attempt: asyncio.Future[None]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # every waiter was given it
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        context = ssl_module.create_default_context() if self.tls else None
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        protocol = self._protocol = _Protocol(self)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: protocol, self.host, self.port, ssl=context),
+                self.timeout,
+            )
+        except (TimeoutError, OSError) as exc:
+            raise ConnectionLost(f"cannot connect to {self.address}: {exc or 'timed out'}") from exc
+        setup: list[Command] = []
+        if self.password is not None:
+            setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            setup.append(("SELECT", self.db))
+        # Nobody else writes until the setup is answered: a command must never run in the wrong database.
+        for command in setup:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._pending.append((time.monotonic(), future))
+            transport.write(_pack(command))
             try:
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=context),
-                    self.timeout,
-                )
-            except (TimeoutError, OSError) as exc:
-                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from exc
-            self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
-            self._transport = transport
-            setup: list[tuple[bytes | str | int, ...]] = []
-            if self.password is not None:
-                setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
-            if self.db:
-                setup.append(("SELECT", self.db))
-            for command in setup:
-                future: asyncio.Future[Any] = loop.create_future()
-                self._pending.append((time.monotonic(), future))
-                transport.write(_pack(command))
                 await asyncio.wait_for(future, self.timeout)
+            except (ReplyError, ConnectionLost, TimeoutError) as exc:
+                self._protocol = None
+                transport.abort()
+                self._pending.clear()
+                what = "AUTH" if command[0] == "AUTH" else f"SELECT {self.db}"
+                raise ConnectionLost(f"{self.address} refused {what}: {exc or 'no answer'}") from exc
+        self._transport = transport
 
     def close(self) -> None:
         self._lost(ConnectionLost("closed"))
