@@ -114,6 +114,7 @@ class GatewayApp:
             billable_header=self.settings.billable_header,
             metrics=gw.metrics,
             max_body=self.settings.max_body,
+            processes=self.settings.processes,
         )
 
         async def identify(request: Request) -> str | None:

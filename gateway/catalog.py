@@ -24,7 +24,7 @@ from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
 
 AfterLimit = Literal["block_usage", "just_warn", "grace_then_block"]
-OnRedisDown = Literal["open", "closed"]
+OnRedisDown = Literal["open", "closed", "local"]
 DEFAULT_WARN_AT = (0.6, 0.8, 0.95)
 DEFAULT_GRACE = "7d"
 CREDITS = "credits"

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
-from gateway.catalog import CREDITS, Catalog, Limit, Plan, Route
+from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
 from gateway.errors import StateUnavailable
 from gateway.periods import Period, calendar_bounds, window_at
@@ -108,6 +108,16 @@ class _Compiled:
     spec: str
     denied: tuple[Violation, ...]
     metered: bool
+    rates: tuple[RateLimit, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Offline:
+    """What this process knows of a request without Redis (on_redis_down = "local")."""
+
+    plan: str  # as this process last resolved it; the default plan for a billable it never saw
+    denied: tuple[Violation, ...]  # the route's features that plan lacks
+    rates: tuple[RateLimit, ...]  # the plan's and the route's rate limits
 
 
 class Engine:
@@ -275,6 +285,16 @@ class Engine:
             self.touched.add(billable)
         return forgotten
 
+    def offline(self, billable: str, route: Route | None) -> Offline:
+        """The plan, features and rate limits of a request as far as they are known without Redis."""
+        resolved = self._plans.get(billable)
+        if resolved is None or resolved.expires_at <= self.clock():
+            plan = self.catalog.settings.default_plan
+        else:
+            plan = resolved.name
+        compiled = self._compile(plan, route)
+        return Offline(plan, compiled.denied, compiled.rates)
+
     def _compile(self, plan_name: str, route: Route | None) -> _Compiled:
         key = (plan_name, route.index if route else -1)
         found = self._compiled.get(key)
@@ -318,7 +338,7 @@ class Engine:
             fields += [f"{kind}:{limit['n']}" for kind in ("u", "g", "t", "b", "w")]
         fields += ["c:w", "c:s", "c:p", "c:d", "c:thr", "ar:on", "ar:lease", "ar:n", "ar:m"]
         spec["f"] = fields  # what the script reads, fetched in one HMGET
-        return _Compiled(json.dumps(spec, separators=(",", ":")), tuple(denied), metered)
+        return _Compiled(json.dumps(spec, separators=(",", ":")), tuple(denied), metered, tuple(rates))
 
     # ---- after the upstream answered ----------------------------------------------------------------
 

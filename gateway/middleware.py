@@ -19,6 +19,7 @@ from gateway.decision import Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.identity import key_from_headers
+from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
 
@@ -69,6 +70,7 @@ class GatewayMiddleware:
         max_body: int = 10 * 1024 * 1024,
         on_decision: Callable[[Decision], None] | None = None,
         freeze_gc: bool = True,
+        processes: int = 1,
     ) -> None:
         if keys is None and billable is None and billable_header is None:
             raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
@@ -86,6 +88,8 @@ class GatewayMiddleware:
         # After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of
         # the collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/).
         self.freeze_gc = freeze_gc
+        # on_redis_down = "local": this process's share of the rate limits (`processes` share them).
+        self.local = LocalLimits(processes)
         self._warned_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -221,24 +225,39 @@ class GatewayMiddleware:
         if policy is None:
             spends = route is not None and route.config.spend is not None
             policy = "closed" if spends else self.catalog.settings.on_redis_down
+        if policy == "local" and route is not None and (route.config.limit or route.config.spend or route.config.release):
+            policy = "closed"  # caps, allowances and credits live in Redis only: no share of them to keep here
         if policy == "closed":
             self.metrics.decided("unavailable", ())
             await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "unavailable")]))
             return
+        decision: Decision | None = None
+        if policy == "local":
+            known = self.engine.offline(billable, route)
+            decision = self.local.decide(billable, known.plan, route, known.denied, known.rates)
+            if not decision.admitted:
+                self.metrics.decided("denied", decision.violated_policies)
+                await self._deny(scope, send, decision)
+                return
         self.metrics.degraded()
         now = time.monotonic()
         if now - self._warned_at > 10:  # one line per outage, not one per request
             self._warned_at = now
-            log.warning("deciding open without Redis: %s", exc)
-        degraded = [(b"x-gateway-degraded", b"redis")]
-        scope = {**scope, "headers": clean + [(b"x-billable-id", billable.encode())]}
+            how = "with this process's share of the rate limits" if decision else "open"
+            log.warning("deciding %s without Redis: %s", how, exc)
+        added = decision.headers() if decision is not None else [(b"x-gateway-degraded", b"redis")]
+        upstream = clean + [(b"x-billable-id", billable.encode())]
+        if decision is not None:
+            upstream.append((b"x-plan", (decision.plan or "").encode()))
+            scope = {**scope, "state": {**scope.get("state", {}), "gateway": decision}}
+        scope = {**scope, "headers": upstream}
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
 
         async def send_flagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *degraded]}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         await self.app(scope, receive, send_flagged)

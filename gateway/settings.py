@@ -29,6 +29,7 @@ ENVIRONMENT = {
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
     "stripe_webhook_secret": "GATEWAY_STRIPE_WEBHOOK_SECRET",
     "stripe_api_base": "GATEWAY_STRIPE_API_BASE",
+    "processes": "GATEWAY_PROCESSES",
 }
 
 
@@ -50,6 +51,8 @@ class Settings:
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_webhook_secret: str | None = field(default=None, repr=False)
     stripe_api_base: str | None = None
+    # Processes sharing the rate limits of on_redis_down = "local" (each enforces limit / processes).
+    processes: int = 1
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -65,11 +68,16 @@ class Settings:
             if raw is None:
                 continue
             values[f.name] = _convert(f.name, raw, source)
+        if "processes" not in values:  # by default, the number of workers
+            workers = values.get("workers") or flags.get("workers") or environ.get("GATEWAY_WORKERS")
+            if workers:
+                values["processes"] = _convert("processes", workers, "GATEWAY_WORKERS")
         return cls(**values)
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:
-    kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float, "events_retention_days": float}.get(name)
+    kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float,
+            "events_retention_days": float, "processes": int}.get(name)
     if kind is None:
         return str(raw)
     try:

@@ -131,16 +131,25 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters without replicas, slots assigned by hand (faster than redis-cli --cluster create)."""
+    """Masters, and `replicas` replicas of each, slots assigned by hand (faster than redis-cli --cluster create).
 
-    def __init__(self, masters: int = 3) -> None:
+    A master that dies degrades only its own slots (`cluster-require-full-coverage no`: Redis itself would
+    otherwise refuse every slot until the failover), and its replica takes over after `node_timeout_ms`
+    plus the election (`cluster-replica-validity-factor 0`: a replica always may)."""
+
+    def __init__(self, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+        total = masters * (1 + replicas)
         # Explicit bus ports: the default (port + 10000) may be taken or above 65535.
-        self.bus_ports = [free_port() for _ in range(masters)]
+        self.bus_ports = [free_port() for _ in range(total)]
         self.servers = [
             RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                        "--cluster-port", str(bus), "--cluster-node-timeout", "2000")
+                        "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
+                        "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
+                        "--cluster-allow-replica-migration", "no", "--repl-diskless-sync-delay", "0")
             for bus in self.bus_ports
         ]
+        self.masters = self.servers[:masters]
+        self.replicas = self.servers[masters:]
         self.startup_seconds = 0.0
 
     @property
@@ -152,8 +161,8 @@ class RedisCluster:
         for server in self.servers:
             server.start()
         clients = [s.client() for s in self.servers]
-        n = len(self.servers)
-        for i, c in enumerate(clients):
+        n = len(self.masters)
+        for i, c in enumerate(clients[:n]):
             c.cluster("ADDSLOTSRANGE", i * 16384 // n, (i + 1) * 16384 // n - 1)
         # Every pair meets directly: no waiting for gossip to introduce them.
         for i, c in enumerate(clients):
@@ -161,10 +170,30 @@ class RedisCluster:
                 if i != j:
                     c.cluster("MEET", "127.0.0.1", s.port, bus)
         for c in clients:
+            _wait(partial(_knows, c, len(clients)), "the cluster's nodes to meet")
+        for i, c in enumerate(clients[n:]):
+            master_id = clients[i % n].execute_command("CLUSTER", "MYID")
+            # Until the handshake with the master is over, the replica knows it under another id.
+            _wait(partial(c.execute_command, "CLUSTER", "REPLICATE", master_id), "a replica to follow its master")
+        for c in clients:
             with c:
-                _wait(partial(_formed, c, n), "the cluster to form")
+                _wait(partial(_formed, c), "the cluster to form", timeout=30)
         self.startup_seconds = time.monotonic() - began
         return self
+
+    def owner(self, slot: int) -> RedisServer:
+        """The server that is master of `slot` now, as a live node sees it."""
+        for server in self.servers:
+            if server.proc is None:
+                continue
+            try:
+                with server.client() as c:
+                    for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            return next(s for s in self.servers if s.port == int(master[1]))
+            except redis.RedisError:
+                continue
+        raise RuntimeError(f"no live node names a master of slot {slot}")
 
     def stop(self) -> None:
         for s in self.servers:
@@ -183,9 +212,16 @@ class RedisCluster:
         self.stop()
 
 
-def _formed(c: redis.Redis, n: int) -> bool:
-    info = c.cluster("INFO")
-    return bool(info["cluster_state"] == "ok" and info["cluster_known_nodes"] == str(n))
+def _knows(c: redis.Redis, n: int) -> bool:
+    return bool(c.cluster("INFO")["cluster_known_nodes"] == str(n))
+
+
+def _formed(c: redis.Redis) -> bool:
+    """The cluster is ok as this node sees it, and a replica's link to its master is up."""
+    if c.cluster("INFO")["cluster_state"] != "ok":
+        return False
+    info = c.info("replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
 
 
 def delete_prefix(url: str, prefix: str) -> int:

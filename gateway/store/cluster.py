@@ -6,7 +6,9 @@ breaker: a dead master refuses only its own slots. The map follows the cluster:
 
 - MOVED (a slot changed hands) or ASK (a slot is being migrated) means the command did not run, so it
   is sent again where the reply says (after ASKING, for ASK); a MOVED also updates the map and asks for
-  a refresh. A lost connection or a timeout is never sent again (a script may have run).
+  a refresh. TRYAGAIN (a billable's keys are split between the two nodes of a migration) did not run
+  either: it is sent again after a short wait, for up to TRYAGAIN_FOR seconds. A lost connection or a
+  timeout is never sent again (a script may have run).
 - Whenever a node fails, refuses (its breaker is open) or cannot serve, a background task reads the map
   again, and keeps reading it, and probing the failing masters, every REFRESH_INTERVAL until every
   master answers: after a failover the promoted replica is found within that interval.
@@ -28,6 +30,8 @@ from gateway.store.resp import Command, ReplyError
 
 SLOTS = 16384
 REDIRECTS = 5  # a slot that moves more often than this within one call is not settling: unavailable
+TRYAGAIN_FOR = 1.0  # seconds a call waits for a slot's migration to let it through
+_REDIRECTED = frozenset({"MOVED", "ASK", "TRYAGAIN"})
 REFRESH_INTERVAL = 0.2  # seconds between map reads while some master fails
 
 
@@ -98,7 +102,9 @@ class Cluster:
         if node is None:
             raise self._unserved(slot)
         asking = False
-        for _ in range(REDIRECTS):
+        redirects = 0
+        wait, waited = 0.01, 0.0
+        while True:
             try:
                 if not asking:
                     return await node.call(command)
@@ -107,9 +113,18 @@ class Cluster:
                     raise reply
                 return reply
             except ReplyError as exc:
+                if exc.code == "TRYAGAIN" and waited < TRYAGAIN_FOR:
+                    await asyncio.sleep(wait)
+                    waited, wait = waited + wait, min(wait * 2, 0.1)
+                    continue
                 target = _redirect(exc, node)
                 if target is None:
                     raise
+                redirects += 1
+                if redirects > REDIRECTS:
+                    raise RedisUnavailable(
+                        f"Redis Cluster {self.label} redirected slot {slot} {REDIRECTS} times in one call: it is resharding"
+                    ) from exc
                 node = self.node(*target)
                 asking = exc.code == "ASK"
                 if asking:
@@ -118,7 +133,6 @@ class Cluster:
                     if self._slots is not None:
                         self._slots[slot] = node
                     self.trouble()  # a MOVED slot rarely moves alone: read the whole map again
-        raise RedisUnavailable(f"Redis Cluster {self.label} redirected slot {slot} {REDIRECTS} times: it is resharding")
 
     async def call_many(self, commands: Sequence[tuple[str, Command]]) -> list[Any]:
         """Each command to its key's master, one write per master; each reply or error in its place."""
@@ -142,7 +156,7 @@ class Cluster:
                 out[i] = reply
 
         await asyncio.gather(*(send(node, indexes) for node, indexes in groups.items()))
-        moved = [i for i, r in enumerate(out) if isinstance(r, ReplyError) and r.code in ("MOVED", "ASK")]
+        moved = [i for i, r in enumerate(out) if isinstance(r, ReplyError) and r.code in _REDIRECTED]
         if moved:
             again = await asyncio.gather(*(self.call(*commands[i]) for i in moved), return_exceptions=True)
             for i, reply in zip(moved, again, strict=True):

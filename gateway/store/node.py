@@ -17,7 +17,8 @@ from gateway.store.breaker import Breaker
 from gateway.store.resp import Command, ConnectionLost, ReplyError
 
 # Replies saying the command was refused before it ran, because the server cannot serve it right now.
-NOT_SERVING = frozenset({"LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY"})
+# (TRYAGAIN, a slot halfway through a migration, is the cluster transport's: it waits and sends again.)
+NOT_SERVING = frozenset({"LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "BUSY"})
 
 
 class Connection(Protocol):

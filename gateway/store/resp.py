@@ -3,10 +3,11 @@
 redis-py checks a connection out of a pool, packs and writes each command on its own and arms a
 timeout per call; at gateway load that costs more than the decision. Here every call made in one
 event-loop tick is packed into one buffer and written once, replies are parsed by hiredis and matched
-to their callers in order, and a single watchdog enforces the timeout. A call that times out fails with
-every call still in flight and the connection is dropped: none of them is ever retried (a script may
-have run), which is the rule for mutating scripts. There is no pool to run dry: every caller queues on
-the one connection, so being busy is never mistaken for being down.
+to their callers in order, and a single watchdog enforces the timeout: the connection is dead when a
+command has waited `timeout` seconds and Redis has sent nothing meanwhile. A connection that fails
+fails every call still in flight and is dropped: none of them is ever retried (a script may have run),
+which is the rule for mutating scripts. There is no pool to run dry: every caller queues on the one
+connection, and a long queue that Redis keeps answering is busy, never mistaken for down.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class PipelinedConnection:
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._answered = 0.0  # when Redis last sent a reply (monotonic)
         self._connecting: asyncio.Future[None] | None = None
 
     @property
@@ -127,6 +129,7 @@ class PipelinedConnection:
             self._transport.write(data)
 
     def _received(self, data: bytes) -> None:
+        self._answered = time.monotonic()
         self._reader.feed(data)
         while True:
             reply = self._reader.gets()
@@ -147,7 +150,8 @@ class PipelinedConnection:
         self._watchdog = None
         if not self._pending:
             return
-        started, _ = self._pending[0]
+        # Waiting behind other replies that keep coming is being busy: only silence counts.
+        started = max(self._pending[0][0], self._answered)
         waited = time.monotonic() - started
         if waited >= self.timeout:
             self._lost(ConnectionLost(f"no answer within {self.timeout:g}s"))
