@@ -1,7 +1,9 @@
 """Engine measurements on a private redis-server: client commands per decision, the script's own time
-per call, and the memory one billable's keys take.
+per call, and the memory one billable's keys take; and client commands per decision on a private
+3-master Redis Cluster.
 
-    .venv/bin/python bench/measure_engine.py          # starts and stops its own redis-server
+    .venv/bin/python bench/measure_engine.py          # starts and stops its own redis-server and cluster
+    .venv/bin/python bench/measure_engine.py --quick  # 200 decisions instead of 2000: the counts only
 
 Route measured: bench/plans.toml's GET /hello (a rate limit, a monthly allowance and a credit spend).
 Memory: one billable of the example plans.toml after a pro-plan workout (every route it has).
@@ -9,6 +11,7 @@ Memory: one billable of the example plans.toml after a pro-plan workout (every r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import subprocess
@@ -22,6 +25,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from services import RedisCluster
 
 from gateway.catalog import load_catalog
 from gateway.engine import Engine
@@ -34,6 +40,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def client_sent(lines: list[str]) -> list[str]:
+    """The commands in MONITOR lines that a client sent (not those a script ran inside Redis)."""
+    return [line.split('"')[1] for line in lines if line.startswith("+") and '"' in line and "lua]" not in line]
 
 
 def monitor(port: int, lines: list[str], stop: threading.Event) -> None:
@@ -76,8 +87,8 @@ async def measure(port: int) -> None:
     await asyncio.sleep(0.3)
     stop.set()
     watcher.join()
-    sent = [line for line in lines if line.startswith("+") and '"' in line and "lua]" not in line]
-    print(f"client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted({line.split(chr(34))[1] for line in sent})})")
+    sent = client_sent(lines)
+    print(f"client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted(set(sent))})")
 
     # Client CPU per script call through the store (pipelined connection, resp.py), alone and 64 at once.
     store = open_redis(url)
@@ -113,7 +124,37 @@ async def measure(port: int) -> None:
     await engine.store.close()
 
 
+async def measure_cluster(url: str, ports: list[int]) -> None:
+    """Client commands per decision on a cluster, counted by MONITOR on every master."""
+    bench = load_catalog(ROOT / "bench" / "plans.toml")
+    store = open_redis(url)
+    engine = Engine(store, bench)
+    route = bench.route_for("GET", "/hello")
+    for i in range(100):
+        await engine.decide(f"b{i}", route)
+    lines: list[list[str]] = [[] for _ in ports]
+    stop = threading.Event()
+    watchers = [threading.Thread(target=monitor, args=(port, out, stop)) for port, out in zip(ports, lines, strict=True)]
+    for watcher in watchers:
+        watcher.start()
+    await asyncio.sleep(0.3)
+    for i in range(DECISIONS):
+        await engine.decide(f"b{i % 100}", route)
+    await asyncio.sleep(0.3)
+    stop.set()
+    for watcher in watchers:
+        watcher.join()
+    sent = [command for out in lines for command in client_sent(out)]
+    print(f"cluster (3 masters), client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted(set(sent))})")
+    await store.close()
+
+
 def main() -> None:
+    global DECISIONS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 decisions: the command counts, not the timings")
+    if parser.parse_args().quick:
+        DECISIONS = 200
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
@@ -131,6 +172,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+    with RedisCluster() as cluster:
+        asyncio.run(measure_cluster(cluster.url, [s.port for s in cluster.masters]))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,39 @@ limit = "exports"
 """
 
 
+@pytest.mark.cluster
+def test_one_evalsha_per_decision_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    """On a cluster too, a decision sends exactly one command to one master: EVALSHA (no map reads,
+    no pings, no ASKING on a settled cluster)."""
+    billables = [f"org-{i}" for i in range(12)]
+
+    async def fn(h: Harness) -> None:
+        assert len({key_slot(h.engine.keys(b)[0]) * 3 // 16384 for b in billables}) == 3  # every master
+        for b in billables:
+            await h.engine.set_assignment(b, "pro")
+            await h.engine.apply_grant(b, 1, 10_000)
+            for _ in range(2):  # warm: plans cached, scripts loaded on every master
+                await h.decide(b, "POST", "/images")
+        lines: list[list[str]] = [[] for _ in redis_cluster.masters]
+        stop = threading.Event()
+        watchers = [threading.Thread(target=_monitor, args=(m.port, out, stop)) for m, out in zip(redis_cluster.masters, lines, strict=True)]
+        for w in watchers:
+            w.start()
+        await asyncio.sleep(0.3)
+        for b in billables * 5:
+            assert (await h.decide(b, "POST", "/images")).admitted
+        await asyncio.sleep(0.3)
+        stop.set()
+        for w in watchers:
+            w.join()
+        commands = [line.split('"')[1].upper() for out in lines for line in out
+                    if line.startswith("+") and "lua]" not in line and '"' in line]
+        assert commands == ["EVALSHA"] * len(billables) * 5, commands[:10]
+
+    with harness(redis_cluster.url, _ONE_CALL_CATALOG) as go:
+        go(fn)
+
+
 def test_noscript_after_flush_and_restart_is_transparent(private_redis: RedisServer) -> None:
     """After SCRIPT FLUSH the engine reloads its scripts and the decision goes through once."""
 
