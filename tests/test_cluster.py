@@ -17,11 +17,11 @@ import pytest
 import redis
 from services import RedisCluster, RedisServer, raw_redis
 
-from gateway.catalog import Catalog, parse_catalog
+from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.errors import RedisUnavailable
 from gateway.store.cluster import key_slot
-from gateway.store.redis import RedisStore, open_redis
+from gateway.store.redis import open_redis
 
 CATALOG = """
 [catalog]
@@ -238,6 +238,12 @@ def _finish(cluster: RedisCluster, slot: int, target: RedisServer) -> None:
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner)
 
 
+def _errors(server: RedisServer, code: str) -> int:
+    """How many `code` error replies (MOVED, ASK, TRYAGAIN ...) the server has sent."""
+    with server.client() as c:
+        return int(c.info("errorstats").get(f"errorstat_{code}", {}).get("count", 0))
+
+
 async def _decide_many(engine: Engine, billable: str, path: str, n: int) -> None:
     route = engine.catalog.route_for("POST", path)
     for _ in range(n):
@@ -256,8 +262,10 @@ def test_moved_after_a_slot_migration(own_cluster: RedisCluster) -> None:
         engine = Engine(store, parse_catalog(CATALOG))
         await _decide_many(engine, billable, "/open", 3)  # the map says masters[0]
         _migrate(own_cluster, slot, own_cluster.masters[2])
+        moved = _errors(own_cluster.masters[0], "MOVED")
         await _decide_many(engine, billable, "/open", 3)
         assert (await engine.snapshot(billable)).state["u:open"] == "6"
+        assert _errors(own_cluster.masters[0], "MOVED") == moved + 1  # then the map knew
         _migrate(own_cluster, slot, own_cluster.masters[0])  # and back: the fixture's thirds again
         await _decide_many(engine, billable, "/open", 1)
         assert (await engine.snapshot(billable)).state["u:open"] == "7"
@@ -292,13 +300,62 @@ def test_ask_and_tryagain_during_a_slot_migration(own_cluster: RedisCluster) -> 
         assert (await engine.snapshot(split)).state["u:open"] == "2"
         assert (await engine.snapshot(whole)).state["u:open"] == "1"
         await engine.settle(held, give_back_limits=False, credits_owed=1)
-        with own_cluster.masters[0].client() as c:
-            errors = c.info("errorstats")
-        assert errors.get("errorstat_TRYAGAIN", {}).get("count", 0) > 0, errors
+        assert _errors(own_cluster.masters[1], "ASK") > 0 and _errors(own_cluster.masters[0], "TRYAGAIN") > 0
         _migrate(own_cluster, slot, own_cluster.masters[1])  # back where it was
         await store.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.cluster
+def test_a_restarted_master_is_used_again_within_a_second(own_cluster: RedisCluster) -> None:
+    """A master without a replica dies and comes back (empty): meanwhile only its billables are degraded,
+    and once it serves writes again the gateway uses it within a second, not after a breaker's cool-down."""
+    catalog = parse_catalog(CATALOG)
+    route = catalog.route_for("POST", "/open")
+    victim = own_cluster.masters[2]
+    down, up = _billable_on(_third(2), "down"), _billable_on(_third(0), "up")
+
+    def serving() -> float:
+        deadline = time.monotonic() + 60
+        with redis.Redis(port=victim.port, socket_timeout=1) as c:
+            while time.monotonic() < deadline:
+                try:
+                    c.set(f"probe:{{{down}}}", "1")  # CLUSTERDOWN until the node takes writes again
+                    return time.monotonic()
+                except redis.RedisError:
+                    time.sleep(0.005)
+        raise AssertionError("the restarted master never served its slots")
+
+    async def main() -> tuple[float, float]:
+        store = open_redis(own_cluster.url)
+        engine = Engine(store, catalog)
+        for b in (down, up):
+            assert (await engine.decide(b, route)).admitted
+        victim.stop()
+        breaker = store.breakers()[f"127.0.0.1:{victim.port}"]
+        deadline = time.monotonic() + 30
+        while breaker.cooldown < 2.0:  # its probes fail: the breaker alone would now wait 2 s and more
+            assert time.monotonic() < deadline, "the breaker never backed off"
+            with pytest.raises(RedisUnavailable):
+                await engine.decide(down, route)
+            assert (await engine.decide(up, route)).admitted  # the other masters do not notice
+            await asyncio.sleep(0.01)
+        victim.start()
+        served = asyncio.ensure_future(asyncio.to_thread(serving))
+        while True:
+            try:
+                if (await engine.decide(down, route)).admitted:
+                    break
+            except RedisUnavailable:
+                await asyncio.sleep(0.01)
+        decided = time.monotonic()
+        await store.close()
+        return await served, decided
+
+    served, decided = asyncio.run(main())
+    print(f"restarted master: serving writes, then used by the gateway {decided - served:+.2f} s later")
+    assert decided - served <= 1.0
 
 
 async def _wait_async(check: Any, what: str, timeout: float = 10.0) -> None:
@@ -312,11 +369,7 @@ async def _wait_async(check: Any, what: str, timeout: float = 10.0) -> None:
 # ---- a master dies: failover under load ------------------------------------------------------------------
 
 
-def _catalog() -> Catalog:
-    return parse_catalog(CATALOG)
-
-
-def _cluster_healed(cluster: RedisCluster, victim: RedisServer, slot: int, tag: str) -> float:
+def _cluster_healed(cluster: RedisCluster, victim: RedisServer, tag: str) -> float:
     """Wait until the victim's slot takes a write on its promoted replica (the cluster's own recovery)."""
     replica = cluster.replicas[cluster.masters.index(victim)]
     deadline = time.monotonic() + 60
@@ -336,7 +389,7 @@ def test_a_dead_master_degrades_only_its_slots_and_recovers_with_the_cluster() -
     """3 masters + 3 replicas under load; one master is killed (SIGKILL). Billables on the other masters
     are never degraded; the dead master's are degraded until the cluster has failed over, plus at most a
     second; no grant is lost (each applied exactly once, none out of order)."""
-    catalog = _catalog()
+    catalog = parse_catalog(CATALOG)
     route = catalog.route_for("POST", "/open")
     with RedisCluster(replicas=1, node_timeout_ms=1000) as cluster:
         victim = cluster.masters[0]
@@ -348,7 +401,7 @@ def test_a_dead_master_degrades_only_its_slots_and_recovers_with_the_cluster() -
         problems: list[str] = []
 
         async def main() -> tuple[float, float]:
-            store: RedisStore = open_redis(cluster.url)
+            store = open_redis(cluster.url)
             engine = Engine(store, catalog)
             for b in dead + alive:
                 assert (await engine.decide(b, route)).admitted
@@ -383,7 +436,7 @@ def test_a_dead_master_degrades_only_its_slots_and_recovers_with_the_cluster() -
             await _wait_async(lambda: len(outcomes) > 500, "load before the kill")
             killed = time.monotonic()
             victim.stop()  # SIGKILL by PID
-            healed = await asyncio.to_thread(_cluster_healed, cluster, victim, key_slot(f"gw:{{{dead_tag}}}"), dead_tag)
+            healed = await asyncio.to_thread(_cluster_healed, cluster, victim, dead_tag)
             # Load goes on until the dead master's billables have been decided for 1.5 s past the healing.
             await _wait_async(lambda: outcomes[-1][0] > healed + 1.5, "load after the failover", timeout=30)
             stop.set()
