@@ -392,6 +392,23 @@ def test_bad_urls_name_the_accepted_forms(url: str) -> None:
     assert "redis://" in str(info.value) and "redis+cluster://HOST:PORT" in str(info.value)
 
 
+def test_a_refused_database_number_is_named_and_nothing_runs_elsewhere(private_redis: RedisServer) -> None:
+    """DB 99 on a 16-database server: RedisUnavailable naming SELECT 99 and what to check; no command
+    reached the server (none may run in database 0 while SELECT is refused)."""
+    with private_redis.client() as c:
+        c.config_resetstat()
+
+    async def main() -> None:
+        store = open_redis(f"redis://127.0.0.1:{private_redis.port}/99")
+        with pytest.raises(RedisUnavailable, match=r"refused SELECT 99: ERR DB index is out of range\. Check the URL"):
+            await store.run("_ping", ["x:{a}:1"], ["hello"])
+        assert await store.ping() is False
+        await store.close()
+
+    go(main())
+    assert script_calls(private_redis) == (0, 0)
+
+
 def test_password_is_not_shown() -> None:
     """Messages name the URL without its password."""
     store = open_redis(f"redis://user:s3cret@127.0.0.1:{_closed_port()}/0", socket_timeout=0.2)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from gateway.errors import RedisUnavailable
 from gateway.store.breaker import Breaker
-from gateway.store.resp import Command, ConnectionLost, ReplyError
+from gateway.store.resp import Command, ConnectionLost, ReplyError, SetupRefused
 
 # Replies saying the command was refused before it ran, because the server cannot serve it right now.
 # (TRYAGAIN, a slot halfway through a migration, is the cluster transport's: it waits and sends again.)
@@ -53,11 +53,9 @@ class Node:
     def address(self) -> str:
         return self.conn.address
 
-    def unavailable(self, reason: str) -> RedisUnavailable:
-        return RedisUnavailable(
-            f"Redis at {self.label} did not answer: {reason.rstrip('.')}. "
-            "Check that it is running; routes follow on_redis_down meanwhile."
-        )
+    def unavailable(self, reason: str, *, hint: str = "Check that it is running") -> RedisUnavailable:
+        reason = reason if reason.endswith((".", "?", "!")) else reason + "."
+        return RedisUnavailable(f"Redis at {self.label} did not answer: {reason} {hint}; routes follow on_redis_down meanwhile.")
 
     def _refused(self) -> RedisUnavailable:
         if self.on_trouble is not None:
@@ -68,6 +66,8 @@ class Node:
         self.breaker.failure(str(exc))
         if self.on_trouble is not None:
             self.on_trouble()
+        if isinstance(exc, SetupRefused):
+            return self.unavailable(str(exc), hint="Check the URL's user, password and database number")
         return self.unavailable(str(exc))
 
     def _not_serving(self, exc: ReplyError) -> RedisUnavailable:

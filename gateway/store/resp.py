@@ -40,6 +40,10 @@ class ConnectionLost(ConnectionError):
     """Redis did not answer in time, or the connection broke: the outcome of calls in flight is unknown."""
 
 
+class SetupRefused(ConnectionLost):
+    """Redis refused the connection's AUTH or SELECT: the URL's user, password or database is wrong."""
+
+
 def _pack(args: Command) -> bytes:
     # hiredis's stub declares a one-element tuple; pack_command takes any number of arguments.
     packed: bytes = hiredis.pack_command(cast(Any, args))
@@ -215,7 +219,9 @@ class PipelinedConnection:
                 transport.abort()
                 self._pending.clear()
                 what = "AUTH" if command[0] == "AUTH" else f"SELECT {self.db}"
-                raise ConnectionLost(f"{self.address} refused {what}: {exc or 'no answer'}") from exc
+                raise (SetupRefused if isinstance(exc, ReplyError) else ConnectionLost)(
+                    f"{self.address} refused {what}: {exc or 'no answer'}"
+                ) from exc
         self._transport = transport
 
     def close(self) -> None:
