@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -77,17 +78,7 @@ async def measure(port: int) -> None:
     print(f"decisions: {DECISIONS} one at a time, {elapsed / DECISIONS * 1e6:.0f} us each (wall, client and server)")
     print(f"evalsha usec_per_call (the script's own time inside Redis): {stats['usec_per_call']:.2f}")
     # MONITOR slows Redis down, so the count is taken in a run of its own.
-    lines: list[str] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=monitor, args=(port, lines, stop))
-    watcher.start()
-    await asyncio.sleep(0.3)
-    for i in range(DECISIONS):
-        await engine.decide(f"b{i % 100}", route)
-    await asyncio.sleep(0.3)
-    stop.set()
-    watcher.join()
-    sent = client_sent(lines)
+    sent = await commands_per_decision(engine, route, [port])
     print(f"client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted(set(sent))})")
 
     # Client CPU per script call through the store (pipelined connection, resp.py), alone and 64 at once.
@@ -124,14 +115,8 @@ async def measure(port: int) -> None:
     await engine.store.close()
 
 
-async def measure_cluster(url: str, ports: list[int]) -> None:
-    """Client commands per decision on a cluster, counted by MONITOR on every master."""
-    bench = load_catalog(ROOT / "bench" / "plans.toml")
-    store = open_redis(url)
-    engine = Engine(store, bench)
-    route = bench.route_for("GET", "/hello")
-    for i in range(100):
-        await engine.decide(f"b{i}", route)
+async def commands_per_decision(engine: Engine, route: Any, ports: list[int]) -> list[str]:
+    """The commands clients sent to these servers (MONITOR on each) during DECISIONS decisions."""
     lines: list[list[str]] = [[] for _ in ports]
     stop = threading.Event()
     watchers = [threading.Thread(target=monitor, args=(port, out, stop)) for port, out in zip(ports, lines, strict=True)]
@@ -144,7 +129,18 @@ async def measure_cluster(url: str, ports: list[int]) -> None:
     stop.set()
     for watcher in watchers:
         watcher.join()
-    sent = [command for out in lines for command in client_sent(out)]
+    return [command for out in lines for command in client_sent(out)]
+
+
+async def measure_cluster(url: str, ports: list[int]) -> None:
+    """Client commands per decision on a cluster, counted by MONITOR on every master."""
+    bench = load_catalog(ROOT / "bench" / "plans.toml")
+    store = open_redis(url)
+    engine = Engine(store, bench)
+    route = bench.route_for("GET", "/hello")
+    for i in range(100):
+        await engine.decide(f"b{i}", route)
+    sent = await commands_per_decision(engine, route, ports)
     print(f"cluster (3 masters), client-sent commands per decision: {len(sent) / DECISIONS:.2f} ({sorted(set(sent))})")
     await store.close()
 
