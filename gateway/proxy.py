@@ -83,7 +83,11 @@ _WEBSOCKET_ENDS = frozenset({aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED
 
 
 class Proxy:
-    """An ASGI app forwarding http and websocket requests to `upstream`, streaming both ways."""
+    """An ASGI app forwarding http and websocket requests to `upstream`, streaming both ways.
+
+    The upstream's address stays behind it: a Location or Content-Location on the upstream's origin
+    comes back path-absolute, and its own error answers name the upstream only in the log.
+    """
 
     def __init__(
         self,
@@ -288,7 +292,7 @@ class Proxy:
         else:
             status, kind, title = 502, "bad-gateway", "Bad Gateway"
             detail = "The upstream could not be reached."
-        logger.warning("%s: the upstream %s: %s (%s)", title, self.upstream, detail, _reason(exc))
+        logger.warning("%s from the upstream %s: %s", title, self.upstream, _reason(exc))
         return status, kind, title, detail
 
     async def _too_large(self, send: Send) -> None:
