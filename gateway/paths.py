@@ -9,7 +9,7 @@ Made canonical: escapes of unreserved characters decoded (`%2e` is `.`, `%77` is
 slashes merged, `.` and `..` segments removed (RFC 3986 §5.2.4, after merging, as envoy and nginx do),
 characters a path may not hold raw (`{`, `"`, UTF-8 bytes) percent-encoded. Other escapes (`%20`) stay
 as they were sent. Refused: an encoded `/`, `\\`, `?`, `#` or `;` (the upstream may split on it or
-not), a raw `\\` (some servers read it as `/`), `#` or `;` parameter, a control character raw or
+not), a raw `\\` (some servers read it as `/`), `#`, `?` or `;` parameter, a control character raw or
 encoded, a `%` without two hex digits, invalid or overlong UTF-8, a `..` above the root, and a path
 that does not start with `/`.
 """
@@ -30,7 +30,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _RAW_OK = _UNRESERVED | frozenset(b"!$&'()*+,=:@")
 # Octets whose escape is refused rather than kept: the upstream may decode them into delimiters.
 _ENCODED_DELIMITERS = {0x2F: '"/"', 0x5C: '"\\"', 0x3F: '"?"', 0x23: '"#"', 0x3B: '";"'}
-_RAW_REFUSED = {0x23: 'a raw "#"', 0x5C: 'a raw "\\" (some servers read it as "/")', 0x3B: 'a ";" parameter'}
+_RAW_REFUSED = {0x23: 'a raw "#"', 0x3F: 'a raw "?"', 0x5C: 'a raw "\\" (some servers read it as "/")',
+                0x3B: 'a ";" parameter'}
 _SHOWN = 64  # characters of a segment quoted in a refusal
 
 

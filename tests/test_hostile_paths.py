@@ -83,6 +83,8 @@ CASES = [
     Case("POST", b"/v1\\images", None),
     Case("POST", b"/v1/x/..\\images", None),
     Case("POST", b"/v1/images#x", None, wire="/v1/images"),
+    Case("POST", b"/v1/x/../images?x=1", "/v1/images"),
+    Case("POST", b"/v1/images\\?/../../cheap", None),
     Case("POST", b"/v1/images;x=1", None),
     Case("POST", b"/v1;x=1/images", None),
     Case("POST", b"/v1/images/;", None),
@@ -287,12 +289,13 @@ class Recorder:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def call_asgi(app: Any, method: str, raw: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, str | None]:
+async def call_asgi(app: Any, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, str | None]:
     """One request as uvicorn would hand it over: `path` decoded from the raw path, `raw_path` as sent."""
+    raw, _, query = target.partition(b"?")
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": unquote(raw.decode("latin-1")), "raw_path": raw,
-        "query_string": b"", "root_path": "", "headers": headers,
+        "query_string": query, "root_path": "", "headers": headers,
         "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
     }  # fmt: skip
     requests = [{"type": "http.request", "body": b"", "more_body": False}]
