@@ -349,3 +349,16 @@ def test_middleware_alone_hands_the_app_clean_headers(key_prefix: str) -> None:
     assert (b"connection", b"keep-alive") in got
     assert not [k for k, _ in got if spelled(k.decode()) in ("x-http-method-override", "x-api-key")]
     assert (b"authorization", UPSTREAM_TOKEN.encode()) in got
+
+
+def test_trust_forwarded_setting() -> None:
+    """GATEWAY_TRUST_FORWARDED reads as a boolean (default off), the flag wins, and a bad value names itself."""
+    from gateway.errors import ConfigError
+    from gateway.settings import Settings
+
+    assert Settings.load(environ={}).trust_forwarded is False
+    assert Settings.load(environ={"GATEWAY_TRUST_FORWARDED": "true"}).trust_forwarded is True
+    assert Settings.load(environ={"GATEWAY_TRUST_FORWARDED": "0"}).trust_forwarded is False
+    assert Settings.load({"trust_forwarded": True}, environ={"GATEWAY_TRUST_FORWARDED": "off"}).trust_forwarded is True
+    with pytest.raises(ConfigError, match="GATEWAY_TRUST_FORWARDED: expected true or false, got 'maybe'"):
+        Settings.load(environ={"GATEWAY_TRUST_FORWARDED": "maybe"})
