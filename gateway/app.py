@@ -99,8 +99,9 @@ class GatewayApp:
         self.gateway = Gateway.from_settings(settings)
         self.settings = settings
         self.upstream: Any = upstream_app or Proxy(
-            settings.upstream or "", timeout=settings.upstream_timeout, max_body=settings.max_body
-        )
+            settings.upstream or "", timeout=settings.upstream_timeout, max_body=settings.max_body,
+            trust_forwarded=settings.trust_forwarded,
+        )  # fmt: skip
         self.middleware: GatewayMiddleware | None = None
 
     async def _startup(self) -> None:

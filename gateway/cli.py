@@ -98,6 +98,10 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--billable-header", help="trust this header to name the billable instead of API keys")
     parser.add_argument("--upstream-timeout", help="seconds (default 60)")
     parser.add_argument("--max-body", help="bytes (default 10 MiB)")
+    parser.add_argument(
+        "--trust-forwarded", action="store_true", default=None,
+        help="append to the client's X-Forwarded-* instead of dropping them: only behind a load balancer (GATEWAY_TRUST_FORWARDED)",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +206,11 @@ def _serve(settings: Settings) -> int:
     from gateway.app import GatewayApp
 
     app = GatewayApp(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False)
+    # uvicorn's proxy_headers would believe a loopback client's X-Forwarded-For about who it is.
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False,
+        proxy_headers=settings.trust_forwarded,
+    )  # fmt: skip
     return 0
 
 

@@ -78,7 +78,15 @@ async def _demo(settings: Settings) -> int:
     upstream = uvicorn.Server(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
     app = GatewayApp(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            lifespan="on",
+            log_level="info",
+            access_log=False,
+            proxy_headers=settings.trust_forwarded,
+        )
     )
     upstream_task = asyncio.create_task(upstream.serve())
     server_task = asyncio.create_task(server.serve())

@@ -79,16 +79,23 @@ def parse_key(text: str) -> tuple[str, str] | None:
 
 
 def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The key from `Authorization: Bearer KEY`, else `X-Api-Key: KEY` (ASGI raw headers, lower-case names)."""
-    api_key = None
+    """The key from `X-Api-Key` or `Authorization: Bearer` (ASGI raw headers, lower-case names).
+
+    A gateway key (`gw_...`) wins, X-Api-Key's first: then a Bearer token beside it is the upstream's
+    own (an LLM API's). With no gateway key in either, the Bearer token, else X-Api-Key, is presented.
+    """
+    api_key = bearer = None
     for name, value in headers:
-        if name == b"authorization":
+        if name == b"authorization" and bearer is None:
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
-                return token.strip().decode("latin-1")
+                bearer = token.strip().decode("latin-1")
         elif name == b"x-api-key" and api_key is None and value.strip():
             api_key = value.strip().decode("latin-1")
-    return api_key
+    for candidate in (api_key, bearer):
+        if candidate is not None and candidate.startswith(PREFIX):
+            return candidate
+    return bearer if bearer is not None else api_key
 
 
 def _random(length: int) -> str:

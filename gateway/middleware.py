@@ -18,10 +18,12 @@ from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.headers import forwardable
 from gateway.identity import key_from_headers
 from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
+from gateway.paths import BadPath, canonical, encoded
 
 log = logging.getLogger("gateway.middleware")
 
@@ -32,7 +34,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BillableFn = Callable[[Scope], "str | None | Awaitable[str | None]"]
 
-_STRIPPED = (b"x-billable-id", b"x-plan")
 _BAD_REQUEST = "urn:gateway:bad-request"
 
 
@@ -54,6 +55,12 @@ def problem_response(
         ],
     }
     return start, {"type": "http.response.body", "body": payload, "more_body": False}
+
+
+def bad_request(detail: str) -> dict[str, Any]:
+    """The 400 problem, with the `error` member SDKs made for LLM APIs show."""
+    return {"type": _BAD_REQUEST, "title": "Bad request", "status": 400, "detail": detail,
+            "error": {"message": detail, "type": "bad-request", "code": 400}}
 
 
 class GatewayMiddleware:
@@ -107,13 +114,25 @@ class GatewayMiddleware:
                 return
             await self.app(scope, receive, send)
             return
+        # Everything below (the /_gateway endpoints, public routes, matching, the app) sees one canonical path.
+        raw_path: bytes | None = scope.get("raw_path")
+        if raw_path is None:  # optional in ASGI: the decoded path, encoded again
+            raw_path = encoded(scope["path"])
+            scope = {**scope, "raw_path": raw_path}
+        try:
+            found = canonical(raw_path)
+        except BadPath as exc:
+            await self._bad_path(scope, send, exc.detail)
+            return
+        if found is not None:
+            scope = {**scope, "raw_path": found[0], "path": found[1]}
         path: str = scope["path"]
         if path.startswith("/_gateway") and self.endpoints is not None and (len(path) == 9 or path[9] == "/"):
             await self.endpoints(scope, receive, send)
             return
         method = scope["method"] if kind == "http" else "GET"
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        clean = [(k, v) for k, v in headers if k not in _STRIPPED]
+        clean = forwardable(headers)
         route = self.catalog.route_for(method, path)
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
@@ -262,8 +281,21 @@ class GatewayMiddleware:
 
         await self.app(scope, receive, send_flagged)
 
+    async def _bad_path(self, scope: Scope, send: Send, detail: str) -> None:
+        """A path that cannot be made canonical: 400 before identity, nothing charged."""
+        self.metrics.decided("bad_request", ())
+        start, body = problem_response(400, bad_request(detail))
+        if scope["type"] == "http":
+            await send(start)
+            await send(body)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await send({**start, "type": "websocket.http.response.start"})
+            await send({**body, "type": "websocket.http.response.body"})
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": _BAD_REQUEST})
+
     async def _bad_request(self, send: Send, detail: str) -> None:
-        start, body = problem_response(400, {"type": _BAD_REQUEST, "title": "Bad request", "status": 400, "detail": detail})
+        start, body = problem_response(400, bad_request(detail))
         await send(start)
         await send(body)
 

@@ -26,13 +26,15 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote_from_bytes, urlsplit
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 from yarl import URL
+
+from gateway.headers import spelled
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -48,15 +50,15 @@ Headers = list[tuple[bytes, bytes]]
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade"}
 )
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 # Request headers the proxy handles itself: hop-by-hop ones, and those it sets.
-_REQUEST_SPECIAL = _HOP_BY_HOP | {
+_REQUEST_SPECIAL = _HOP_BY_HOP | _FORWARDED | {
     b"host",
     b"content-length",
     # uvicorn already answered the client's 100-continue; the upstream gets the body straight away.
     b"expect",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
+    # CGI upstreams read a "Proxy" header as the HTTP_PROXY variable ("httpoxy").
+    b"proxy",
 }
 # aiohttp writes its own handshake; the client's key and offers are for the client's hop only.
 _WEBSOCKET_SPECIAL = _REQUEST_SPECIAL | {
@@ -68,6 +70,9 @@ _WEBSOCKET_SPECIAL = _REQUEST_SPECIAL | {
 }
 # The ASGI server adds its own Date and Server (as nginx does); passing the upstream's would double them.
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
+# Response headers naming a URL, rewritten when it is the upstream's so a client stays behind the gateway.
+_LOCATIONS = frozenset({b"location", b"content-location"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Headers aiohttp would add on its own: a proxy sends only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _URL_SAFE = "!$&'()*+,;=:@/?%~-._"
@@ -78,7 +83,11 @@ _WEBSOCKET_ENDS = frozenset({aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED
 
 
 class Proxy:
-    """An ASGI app forwarding http and websocket requests to `upstream`, streaming both ways."""
+    """An ASGI app forwarding http and websocket requests to `upstream`, streaming both ways.
+
+    The upstream's address stays behind it: a Location or Content-Location on the upstream's origin
+    comes back path-absolute, and its own error answers name the upstream only in the log.
+    """
 
     def __init__(
         self,
@@ -87,6 +96,7 @@ class Proxy:
         timeout: float = 60.0,
         max_body: int = 10 * 1024 * 1024,
         connect_timeout: float = 5.0,
+        trust_forwarded: bool = False,
     ) -> None:
         url = URL(upstream)
         if url.scheme not in ("http", "https") or not url.host:
@@ -94,9 +104,13 @@ class Proxy:
         self.timeout = timeout
         self.max_body = max_body
         self.connect_timeout = connect_timeout
+        # Behind a load balancer the client's X-Forwarded-* are the balancer's: appended to, not dropped.
+        self.trust_forwarded = trust_forwarded
         # A base path on the upstream ("http://api:8000/v2") prefixes every forwarded path.
-        self._prefix = str(url.origin()) + url.raw_path.rstrip("/")
-        self.upstream = self._prefix  # for messages: no credentials, no trailing slash
+        self._base = url.raw_path.rstrip("/")
+        self._prefix = str(url.origin()) + self._base
+        self.upstream = self._prefix  # for the log only: no credentials, no trailing slash
+        self._origin = (url.scheme, url.host.lower(), url.port)
         self._timeouts = aiohttp.ClientTimeout(
             total=None, connect=timeout, sock_connect=connect_timeout, sock_read=timeout
         )
@@ -147,7 +161,7 @@ class Proxy:
             await _problem(
                 send, 413, "payload-too-large", "Payload Too Large",
                 f"The request body of {length} bytes is over the {self.max_body}-byte limit,"
-                f" so it was not sent to {self.upstream}.",
+                " so it was not sent upstream.",
             )  # fmt: skip
             return
         message = await receive()
@@ -201,7 +215,7 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": _response_headers(response.raw_headers, status),
+                    "headers": _response_headers(response.raw_headers, status, self._relocated),
                 }
             )
             # The upstream's Content-Length tells which chunk is the last, saving an empty final message.
@@ -262,31 +276,30 @@ class Proxy:
             await self._too_large(send)
             return
         status, kind, title, detail = self._failure(exc)
-        logger.warning("%s: %s", title, detail)
         await _problem(send, status, kind, title, detail)
 
     def _failure(self, exc: BaseException) -> tuple[int, str, str, str]:
+        """The answer for a failed upstream request; the log names the upstream, the answer never does."""
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return (
-                504, "upstream-timeout", "Gateway Timeout",
-                f"The upstream {self.upstream} did not accept a connection in time.",
-            )  # fmt: skip
-        if isinstance(exc, TimeoutError):
-            return (
-                504, "upstream-timeout", "Gateway Timeout",
-                f"The upstream {self.upstream} did not answer within {self.timeout:g} seconds.",
-            )  # fmt: skip
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            detail = f"The upstream {self.upstream} closed the connection without answering."
+            status, kind, title = 504, "upstream-timeout", "Gateway Timeout"
+            detail = "The upstream did not accept a connection in time."
+        elif isinstance(exc, TimeoutError):
+            status, kind, title = 504, "upstream-timeout", "Gateway Timeout"
+            detail = f"The upstream did not answer within {self.timeout:g} seconds."
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            status, kind, title = 502, "bad-gateway", "Bad Gateway"
+            detail = "The upstream closed the connection without answering."
         else:
-            detail = f"The upstream {self.upstream} could not be reached: {_reason(exc)}."
-        return 502, "bad-gateway", "Bad Gateway", detail
+            status, kind, title = 502, "bad-gateway", "Bad Gateway"
+            detail = "The upstream could not be reached."
+        logger.warning("%s from the upstream %s: %s", title, self.upstream, _reason(exc))
+        return status, kind, title, detail
 
     async def _too_large(self, send: Send) -> None:
         await _problem(
             send, 413, "payload-too-large", "Payload Too Large",
             f"The request body grew past the {self.max_body}-byte limit,"
-            f" so the request to {self.upstream} was abandoned.",
+            " so the request upstream was abandoned.",
         )  # fmt: skip
 
     # -- websocket ----------------------------------------------------------------------------------
@@ -305,7 +318,8 @@ class Proxy:
                 max_msg_size=self.max_body,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            detail = f"The upstream {self.upstream} answered {exc.status} instead of accepting the WebSocket."
+            detail = f"The upstream answered {exc.status} instead of accepting the WebSocket."
+            logger.warning("websocket %s refused: the upstream %s answered %s", scope["path"], self.upstream, exc.status)
             await self._refuse(scope, send, 502, "bad-gateway", "Bad Gateway", detail)
             return
         except (aiohttp.ClientError, OSError) as exc:
@@ -373,7 +387,6 @@ class Proxy:
     async def _refuse(
         self, scope: Scope, send: Send, status: int, kind: str, title: str, detail: str
     ) -> None:
-        logger.warning("websocket %s refused: %s", scope["path"], detail)
         if "websocket.http.response" in (scope.get("extensions") or {}):
             headers, body = _problem_body(status, kind, title, detail)
             await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
@@ -389,22 +402,27 @@ class Proxy:
         """The headers to send upstream, and the request's Content-Length (-1 when it has none)."""
         out: list[tuple[str, str]] = []
         length = -1
-        host = forwarded_for = connection = None
+        host = connection = None
+        chain: dict[bytes, bytes] = {}  # the client's X-Forwarded-*, kept only when trusted
         for name, value in scope["headers"]:
-            if name in special or name.startswith(b"proxy-"):
+            # WSGI and CGI upstreams read "X_Forwarded_For" as X-Forwarded-For: any spelling is special.
+            key = spelled(name)
+            if key in special or key.startswith(b"proxy-"):
                 if name == b"content-length":
                     length = int(value)
                     out.append(("content-length", value.decode("latin-1")))
                 elif name == b"host":
                     host = value
-                elif name == b"x-forwarded-for":
-                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 elif name == b"connection":
                     connection = value if connection is None else connection + b"," + value
+                elif name in _FORWARDED and self.trust_forwarded:
+                    chain[name] = value if name not in chain else chain[name] + b", " + value
                 continue
             out.append((name.decode("latin-1"), value.decode("latin-1")))
         if connection is not None:
             out = _without_named(out, connection)
+        # Added after the hop-by-hop pass: a client's Connection cannot remove them.
+        forwarded_for = chain.get(b"x-forwarded-for")
         client = scope.get("client")
         if client:
             address = client[0].encode("latin-1")
@@ -416,10 +434,33 @@ class Proxy:
                 forwarded_for += b", " + address
         if forwarded_for is not None:
             out.append(("x-forwarded-for", forwarded_for.decode("latin-1")))
-        out.append(("x-forwarded-proto", _FORWARDED_PROTO.get(scope.get("scheme", "http"), "http")))
-        if host is not None:
-            out.append(("x-forwarded-host", host.decode("latin-1")))
+        proto = chain.get(b"x-forwarded-proto") or _FORWARDED_PROTO.get(scope.get("scheme", "http"), "http").encode()
+        out.append(("x-forwarded-proto", proto.decode("latin-1")))
+        forwarded_host = chain.get(b"x-forwarded-host") or host
+        if forwarded_host is not None:
+            out.append(("x-forwarded-host", forwarded_host.decode("latin-1")))
         return out, length
+
+    def _relocated(self, value: bytes) -> bytes:
+        """A URL on the upstream's origin (and under its base path) as a path-absolute reference."""
+        try:
+            url = urlsplit(value.decode("latin-1").strip())
+            scheme = (url.scheme or self._origin[0]).lower()
+            port = url.port or _DEFAULT_PORTS.get(scheme)
+        except ValueError:  # not a URL we can read: not one we could have written either
+            return value
+        if not url.netloc or (scheme, (url.hostname or "").lower(), port) != self._origin:
+            return value
+        path = url.path or "/"
+        if self._base and (path == self._base or path.startswith(self._base + "/")):
+            path = path[len(self._base) :] or "/"
+        # "//host" or "/\host" would be read as another origin: one slash, backslashes encoded.
+        path = "/" + path.lstrip("/").replace("\\", "%5C")
+        if url.query:
+            path += "?" + url.query
+        if url.fragment:
+            path += "#" + url.fragment
+        return path.encode("latin-1")
 
     def _target(self, scope: Scope) -> str:
         raw = scope.get("raw_path")
@@ -475,7 +516,9 @@ class _Abandon(Exception):
     """Raised inside the request body stream to make aiohttp drop the upstream request."""
 
 
-def _response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers:
+def _response_headers(
+    raw: Iterable[tuple[bytes, bytes]], status: int, relocated: Callable[[bytes], bytes]
+) -> Headers:
     out: Headers = []
     connection = None
     for name, value in raw:
@@ -484,6 +527,8 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Header
             if name == b"connection":
                 connection = value
             continue
+        if name in _LOCATIONS:
+            value = relocated(value)
         out.append((name, value))
     if connection is not None:
         named = _connection_tokens(connection)

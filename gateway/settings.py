@@ -23,6 +23,7 @@ ENVIRONMENT = {
     "billable_header": "GATEWAY_BILLABLE_HEADER",
     "upstream_timeout": "GATEWAY_UPSTREAM_TIMEOUT",
     "max_body": "GATEWAY_MAX_BODY",
+    "trust_forwarded": "GATEWAY_TRUST_FORWARDED",
     "admin_token": "GATEWAY_ADMIN_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
     "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
@@ -45,6 +46,7 @@ class Settings:
     billable_header: str | None = None
     upstream_timeout: float = 60.0
     max_body: int = DEFAULT_MAX_BODY
+    trust_forwarded: bool = False  # the client's X-Forwarded-* are a load balancer's: appended to, not dropped
     admin_token: str | None = field(default=None, repr=False)
     webhook_secret: str | None = field(default=None, repr=False)
     events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
@@ -75,7 +77,16 @@ class Settings:
         return cls(**values)
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(name: str, raw: Any, source: str) -> Any:
+    if name == "trust_forwarded":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).strip().lower() not in _BOOLEANS:
+            raise ConfigError(f"{source}: expected true or false, got {raw!r}")
+        return _BOOLEANS[str(raw).strip().lower()]
     kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float,
             "events_retention_days": float, "processes": int}.get(name)
     if kind is None:
