@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
 
@@ -74,7 +75,7 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         if self.proc is not None and self.proc.poll() is None:
             return self
         argv = [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -102,7 +103,7 @@ class RedisServer:
         self.proc.wait(timeout=10)
         self.proc = None
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -129,7 +130,7 @@ class RedisCluster:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
 
-    def start(self) -> RedisCluster:
+    def start(self) -> Self:
         began = time.monotonic()
         for server in self.servers:
             server.start()
@@ -152,7 +153,7 @@ class RedisCluster:
         for s in self.servers:
             s.__exit__(None, None, None)
 
-    def __enter__(self) -> RedisCluster:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
@@ -235,7 +236,7 @@ class PostgresServer:
             )
         self._initialized = True
 
-    def start(self) -> PostgresServer:
+    def start(self) -> Self:
         if self.proc is not None and self.proc.poll() is None:
             return self
         if not self._initialized:
@@ -279,7 +280,7 @@ class PostgresServer:
                 self.proc.wait(timeout=10)
         self.proc = None
 
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -25,8 +25,10 @@ def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
     async def hd() -> dict[str, bool]:
         return {"ok": True}
 
+    spend_image = gate.spend("image")
+
     @app.post("/image")
-    async def image(decision: Decision = Depends(gate.spend("image"))) -> dict[str, int | None]:
+    async def image(decision: Decision = Depends(spend_image)) -> dict[str, int | None]:
         return {"credits": decision.credits}
 
     if with_middleware:
@@ -36,7 +38,7 @@ def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
 
 def test_feature_dependency_denies_with_problem_json() -> None:
     """require_feature answers 403 problem+json naming the upgrade when the plan lacks the feature."""
-    app, engine = make_app(with_middleware=False)
+    app, _ = make_app(with_middleware=False)
     with TestClient(app) as client:
         denied = client.post("/hd", headers={"x-org": "a"})
         assert denied.status_code == 403 and denied.headers["content-type"] == "application/problem+json"
