@@ -23,7 +23,7 @@ from gateway.proxy import Proxy
 from gateway.reconcile import Reconciler, attach
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
-from gateway.store.db import Database
+from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
 
@@ -49,13 +49,20 @@ class Gateway:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
+        """Everything a setting can get wrong is found here, before a server starts (no I/O yet)."""
         catalog = load_catalog(settings.plans)
+        database_url(settings.database_url)
+        for warning in catalog.warnings:
+            log.warning("%s: %s", catalog.source, warning)
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
     async def start(self) -> None:
         self.db = await Database.connect(self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"))
         await self.db.check_current()
-        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=RevocationFeed(self.store))
+        # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
+        # without a shared Redis the record is asked about each key every second instead.
+        feed = RevocationFeed(self.store) if self.settings.redis_url else None
+        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.

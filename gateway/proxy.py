@@ -34,6 +34,8 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
+from gateway.problems import problem_body
+
 logger = logging.getLogger("gateway.proxy")
 
 POOL_LIMIT = 256
@@ -528,9 +530,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _problem_body(status: int, kind: str, title: str, detail: str) -> tuple[Headers, bytes]:
-    body = json.dumps(
-        {"type": f"urn:gateway:{kind}", "title": title, "status": status, "detail": detail}
-    ).encode()
+    body = json.dumps(problem_body(status, f"urn:gateway:{kind}", title, detail)).encode()
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", b"%d" % len(body))]
     if status == 413:
         # The unread rest of the body would otherwise be parsed off the connection.

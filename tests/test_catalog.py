@@ -42,7 +42,7 @@ def test_example_loads_with_every_element() -> None:
     assert enterprise.is_unlimited("credits") and enterprise.meta == {"support_tier": "dedicated"}
     assert catalog.plan_for_price("price_pro_29") == "pro"
     chat = catalog.operations["chat"]
-    assert chat.metered and chat.hold == 2000 and chat.price(1234.2) == 1235 and chat.price(10**9) == 20000
+    assert chat.metered and chat.hold == 50 and chat.price(1234.2) == 1235 and chat.price(10**9) == 20000
     assert catalog.operations["generate_image"].cost == 1
     assert catalog.packs["starter"].credits == 1000 and catalog.packs["starter"].bonus == 100
     assert catalog.feature_title("flux_hd_access") == "Flux HD"
