@@ -150,14 +150,18 @@ def _parser() -> argparse.ArgumentParser:
                     "within a second.")
     key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = _command(key_actions, "create", "a new key for a billable, printed once")
-    create.add_argument("billable", help="the customer the key identifies (e.g. org_1)")
+    create.add_argument("billable", metavar="BILLABLE", help="the customer the key identifies (e.g. org_1)")
     create.add_argument("--name", default="", help="a label to tell keys apart (e.g. ci)")
+    _settings_flags(create, "database_url")
     listed = _command(key_actions, "list", "a billable's keys: id, name, created, last used, revoked (never a secret)")
-    listed.add_argument("billable", help="the customer whose keys to list")
-    revoke = _command(key_actions, "revoke", "revoke a key by its id, on every gateway within a second")
+    listed.add_argument("billable", metavar="BILLABLE", help="the customer whose keys to list")
+    _settings_flags(listed, "database_url")
+    revoke = _command(key_actions, "revoke", "revoke a key by its id, on every gateway within a second",
+                      "Revoke a key by its id. In the record first; then, with --redis-url, announced on the Redis "
+                      "your gateways run on, so each refuses it within a second (gateways on the in-process "
+                      "emulation ask the record every second).")
     revoke.add_argument("key_id", metavar="ID", help="the key's id (the part after gw_, as keys list shows it)")
-    for action in (create, listed, revoke):
-        _settings_flags(action, "redis_url", "database_url")
+    _settings_flags(revoke, "redis_url", "database_url")
 
     db = _command(commands, "db", "the record's schema", "The record's schema (Alembic migrations).")
     db_actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -179,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--once", action="store_true", help="one full pass (sweep every node, flush), then exit")
     _settings_flags(reconcile, "plans", "redis_url", "database_url", "reconcile_interval")
     usage = _command(commands, "usage", "a billable's usage in a month, per route and operation, from the record")
-    usage.add_argument("billable", help="the customer (e.g. org_1)")
+    usage.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
     usage.add_argument("--period", help="YYYY-MM (default: this month, flushed from Redis first when --redis-url is set)")
     usage.add_argument("--json", action="store_true", help="print the JSON the admin API answers")
     _settings_flags(usage, "plans", "redis_url", "database_url")
@@ -205,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     except GatewayError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
+        # One line: a driver's message may trail a second one ("Background on this error at: ...").
+        print(f"gateway: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -223,6 +228,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     settings = Settings.load(flags)
+    _record_folder(settings)
     if args.command == "keys":
         return asyncio.run(_keys(settings, args))
     if args.command == "db":
@@ -244,6 +250,14 @@ def _run(args: argparse.Namespace) -> int:
     if not settings.upstream:
         raise ConfigError("gateway serve needs the API to protect: --upstream URL or GATEWAY_UPSTREAM")
     return _serve(settings)
+
+
+def _record_folder(settings: Settings) -> None:
+    from gateway.store.db import sqlite_path
+
+    path = sqlite_path(settings.database_url)
+    if path is not None and not path.parent.is_dir():
+        raise ConfigError(f"the folder of the record {settings.database_url} does not exist: create {path.parent} or pass another --database-url")
 
 
 def _existing_record(settings: Settings) -> None:
@@ -318,8 +332,9 @@ async def _revoke_key(keys: Any, settings: Settings, key_id: str) -> int:
         found = await keys.revoke(key_id)
     except RedisUnavailable as exc:
         raise GatewayError(
-            f"{exc}. The record has the revocation, but gateways that did not hear it may accept the key for a "
-            f"few minutes: run `gateway keys revoke {key_id}` again when Redis is back"
+            f"revoked {key_id} in the record, but Redis did not take the announcement ({str(exc).rstrip('.')}); "
+            f"gateways that did not hear it may accept the key for a few minutes: run `gateway keys revoke {key_id}` "
+            "again when Redis is back"
         ) from None
     if not found:
         raise ConfigError(f"no API key {key_id} in the record: `gateway keys list BILLABLE` shows the ids")
@@ -449,7 +464,9 @@ async def _usage(settings: Settings, billable: str, period: str | None, *, as_js
     from gateway.store.db import Database
     from gateway.usage import PERIOD, current_period, render, usage_report
 
-    catalog = load_catalog(settings.plans) if settings.redis_url or os.path.exists(settings.plans) else None
+    # The catalog only gives the timezone (and the flush); the record has the usage without it.
+    named = settings.plans != Settings().plans
+    catalog = load_catalog(settings.plans) if settings.redis_url or named or os.path.exists(settings.plans) else None
     current = current_period(catalog.settings.zone if catalog else UTC, time.time())
     period = period or current
     if not PERIOD.match(period):
@@ -457,6 +474,7 @@ async def _usage(settings: Settings, billable: str, period: str | None, *, as_js
     db = await Database.connect(settings.database_url, auto_upgrade=True)
     try:
         if period == current and settings.redis_url and catalog is not None:
+            logging.getLogger("gateway.reconcile").setLevel(logging.ERROR)  # the failure is this command's one line
             await _flush_one(settings, catalog, db, billable)
         try:
             report = await usage_report(db, billable, period)
