@@ -281,6 +281,8 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.action != "create":
         _existing_record(settings)
+    elif not args.billable:
+        raise ConfigError("name the billable the key is for, e.g. gateway keys create org_1")
     store = open_redis(settings.redis_url) if settings.redis_url and args.action == "revoke" else None
     db = await Database.connect(settings.database_url, auto_upgrade=True)
     keys = KeyStore(db, feed=RevocationFeed(store) if store is not None else None)
@@ -300,8 +302,6 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _create_key(keys: Any, billable: str, name: str) -> int:
-    if not billable:
-        raise ConfigError("name the billable the key is for, e.g. gateway keys create org_1")
     try:
         created = await keys.create(billable, name)
     except ValueError as exc:  # the billable id rule
