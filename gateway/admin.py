@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -22,7 +23,7 @@ from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.problems import bad_request, json_body, problem
+from gateway.problems import bad_request, http_problem, json_body, problem
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
@@ -121,7 +122,12 @@ class Endpoints:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await self.router(scope, receive, send)
+        try:
+            # With "app" in the scope the router raises for an unknown path or method (else it answers plain
+            # text): every answer under /_gateway is problem+json.
+            await self.router(scope if "app" in scope else {**scope, "app": self}, receive, send)
+        except HTTPException as exc:
+            await http_problem(exc, scope["method"], scope["path"])(scope, receive, send)
 
     # ---- guards -------------------------------------------------------------------------------------
 

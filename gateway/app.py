@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
@@ -18,12 +19,12 @@ from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identity import KeyStore
 from gateway.metrics import Metrics
-from gateway.middleware import ASGIApp, GatewayMiddleware
+from gateway.middleware import ASGIApp, BillableFn, GatewayMiddleware
 from gateway.proxy import Proxy
 from gateway.reconcile import Reconciler, attach
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
-from gateway.store.db import Database
+from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
 
@@ -49,13 +50,20 @@ class Gateway:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
+        """Everything a setting can get wrong is found here, before a server starts (no I/O yet)."""
         catalog = load_catalog(settings.plans)
+        database_url(settings.database_url)
+        for warning in catalog.warnings:
+            log.warning("%s: %s", catalog.source, warning)
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
     async def start(self) -> None:
         self.db = await Database.connect(self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"))
         await self.db.check_current()
-        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=RevocationFeed(self.store))
+        # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
+        # without a shared Redis the record is asked about each key every second instead.
+        feed = RevocationFeed(self.store) if self.settings.redis_url else None
+        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
         self.engine = Engine(self.store, self.catalog)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
@@ -93,18 +101,37 @@ class Gateway:
 
 
 class GatewayApp:
-    """The ASGI app `gateway serve` runs: lifespan starts the gateway, requests go through the middleware."""
+    """The whole gateway as one ASGI app: what `gateway serve` runs, and what an app is wrapped in.
 
-    def __init__(self, settings: Settings, upstream_app: ASGIApp | None = None) -> None:
+    Lifespan starts the gateway (the record, reconciliation, events, the admin API under /_gateway), then
+    the wrapped app's own lifespan; requests go through the middleware to the wrapped app, or to the proxy
+    in front of `settings.upstream` when there is none. `GatewayApp.wrap(app, ...)` builds one from keyword
+    settings, as `gateway serve` does from flags.
+    """
+
+    def __init__(self, settings: Settings, upstream_app: ASGIApp | None = None, *, billable: BillableFn | None = None) -> None:
         self.gateway = Gateway.from_settings(settings)
         self.settings = settings
         self.upstream: Any = upstream_app or Proxy(
             settings.upstream or "", timeout=settings.upstream_timeout, max_body=settings.max_body,
             trust_forwarded=settings.trust_forwarded,
         )  # fmt: skip
+        self.billable = billable  # the app names the billable (a callable over the ASGI scope), instead of keys
         self.middleware: GatewayMiddleware | None = None
+        self._inner: _Lifespan | None = None
 
-    async def _startup(self) -> None:
+    @classmethod
+    def wrap(cls, app: ASGIApp, *, billable: BillableFn | None = None, **settings: Any) -> GatewayApp:
+        """`app` behind the whole gateway. Settings are keyword arguments named as `gateway serve`'s flags
+        (`plans`, `redis_url`, `database_url`, `admin_token`, `billable_header`, ...), else the GATEWAY_*
+        environment, else the defaults; `billable` names the billable from the ASGI scope (else API keys)."""
+        known = {f.name for f in fields(Settings)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(known))}")
+        return cls(Settings.load(settings), upstream_app=app, billable=billable)
+
+    async def _startup(self, scope: dict[str, Any]) -> None:
         gw = self.gateway
         await gw.start()
         assert gw.engine is not None
@@ -112,10 +139,12 @@ class GatewayApp:
             self.upstream,
             engine=gw.engine,
             keys=gw.keys,
+            billable=self.billable,
             billable_header=self.settings.billable_header,
             metrics=gw.metrics,
             max_body=self.settings.max_body,
             processes=self.settings.processes,
+            freeze_gc=False,  # done below, once the wrapped app has started too
         )
 
         async def identify(request: Request) -> str | None:
@@ -140,12 +169,16 @@ class GatewayApp:
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )
         self.middleware = middleware
+        self._inner = _Lifespan(self.upstream, scope)
+        await self._inner.startup()
         # Everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process: keep
         # it out of the collector's scans, which otherwise cost more than the decision under load.
         gc.collect()
         gc.freeze()
 
     async def _shutdown(self) -> None:
+        if self._inner is not None:
+            await self._inner.shutdown()
         if hasattr(self.upstream, "aclose"):
             await self.upstream.aclose()
         await self.gateway.stop()
@@ -156,7 +189,7 @@ class GatewayApp:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     try:
-                        await self._startup()
+                        await self._startup(scope)
                     except Exception as exc:  # noqa: BLE001 - the server prints this and exits
                         log.error("gateway could not start: %s", exc)
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -168,6 +201,43 @@ class GatewayApp:
                     return
         assert self.middleware is not None, "the gateway serves requests after lifespan startup"
         await self.middleware(scope, receive, send)
+
+
+class _Lifespan:
+    """The wrapped app's own lifespan, run inside the gateway's: its startup after the gateway's, its
+    shutdown before. An app that does not speak lifespan (it raises on it) is run without, as servers do."""
+
+    def __init__(self, app: ASGIApp, scope: dict[str, Any]) -> None:
+        self.app = app
+        self.scope = scope
+        self._to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        self._task = asyncio.create_task(self._run())
+        await self._to_app.put({"type": "lifespan.startup"})
+        answer = await self._from_app.get()
+        if answer["type"] == "lifespan.startup.failed":
+            raise RuntimeError(f"the app did not start: {answer.get('message', '')}")
+
+    async def shutdown(self) -> None:
+        if self._task is None or self._task.done():
+            return
+        await self._to_app.put({"type": "lifespan.shutdown"})
+        answer = await self._from_app.get()
+        await self._task
+        if answer["type"] == "lifespan.shutdown.failed":
+            log.error("the app did not shut down cleanly: %s", answer.get("message", ""))
+
+    async def _run(self) -> None:
+        try:
+            await self.app(self.scope, self._to_app.get, self._from_app.put)
+        except Exception as exc:  # noqa: BLE001 - an app without lifespan support raises on it
+            log.debug("the app does not handle lifespan (%s): run without it", exc)
+        # Whatever it did not answer, it has nothing more to say.
+        await self._from_app.put({"type": "lifespan.startup.complete"})
+        await self._from_app.put({"type": "lifespan.shutdown.complete"})
 
 
 __all__ = ["Gateway", "GatewayApp"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -392,6 +393,8 @@ class Catalog:
     file: CatalogFile
     routes: tuple[Route, ...]
     source: str = "plans.toml"
+    # What loads but will surprise (a route no plan can afford): printed by `gateway check`, logged at start.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def settings(self) -> CatalogSettings:
@@ -457,8 +460,18 @@ def load_catalog(path: str | Path) -> Catalog:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CatalogError([Problem("", f"{path} not found: pass --plans PATH or set GATEWAY_PLANS")], str(path))
-    return parse_catalog(text, str(path))
+        message = f"{path} not found: pass --plans PATH or set GATEWAY_PLANS"
+    except IsADirectoryError:
+        message = f"{path} is a directory: name the catalog file in it, e.g. {path / 'plans.toml'}"
+    except PermissionError:
+        message = f"{path} cannot be read (permission denied): make it readable or pass another --plans"
+    except UnicodeDecodeError as exc:
+        message = f"{path} is not UTF-8 text (byte {exc.start} is not): save it as UTF-8"
+    except OSError as exc:
+        message = f"{path} cannot be read: {exc.strerror or exc}"
+    else:
+        return parse_catalog(text, str(path))
+    raise CatalogError([Problem("", message)], str(path))
 
 
 def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
@@ -478,6 +491,7 @@ def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
     problems = list(_lint(parsed))
     if problems:
         raise CatalogError(problems, source)
+    warnings = tuple(_warnings(parsed))
     routes = tuple(
         Route(
             index=i,
@@ -488,7 +502,7 @@ def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
         )
         for i, route in enumerate(parsed.routes)
     )
-    return Catalog(file=parsed, routes=routes, source=source)
+    return Catalog(file=parsed, routes=routes, source=source, warnings=warnings)
 
 
 def _place(loc: Iterable[int | str]) -> str:
@@ -526,7 +540,9 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
         kind = error["type"]
         place = _place(loc)
         if kind == "extra_forbidden":
-            message = f'unknown key "{loc[-1]}": remove it or check its spelling'
+            near = _nearest(str(loc[-1]), _known_keys(loc[:-1]))
+            hint = f'did you mean "{near}"?' if near else "remove it or check its spelling"
+            message = f'unknown key "{loc[-1]}": {hint}'
         elif kind == "missing":
             message = "required: add it"
         elif kind == "literal_error":
@@ -540,7 +556,61 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
             message = str(error["msg"]).removeprefix("Value error, ")
         # A union reports one error per member; the first is the most useful, and one per place is enough.
         problems.setdefault(place + "\0" + message if kind == "extra_forbidden" else place, Problem(place, message))
-    return list(problems.values())
+    # A table given where a string or a table will do, with a problem inside: the problem inside is the one.
+    found = list(problems.values())
+    inner = {p.place for p in found}
+    return [
+        p for p in found
+        if not (p.message.startswith("expected ") and any(q.startswith((p.place + ".", p.place + "[")) for q in inner))
+    ]
+
+
+def _known_keys(loc: Iterable[int | str]) -> set[str]:
+    """The keys the table at `loc` may hold: its model's fields, found by following `loc` through the types."""
+    found: list[Any] = [CatalogFile]
+    for part in loc:
+        found = [child for kind in found for child in _step(kind, part)]
+    return {name for kind in found if isinstance(kind, type) and issubclass(kind, BaseModel) for name in kind.model_fields}
+
+
+def _step(kind: Any, part: int | str) -> list[Any]:
+    """The types one step of an error's place leads to from `kind` (a field, a table's key, a list's item)."""
+    if isinstance(kind, type) and part == kind.__name__:
+        return [kind]  # pydantic names the member of a union it tried
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        field_info = kind.model_fields.get(str(part))
+        return _members(field_info.annotation) if field_info is not None else []
+    if get_origin(kind) in (dict, tuple, list):
+        args = [a for a in get_args(kind) if a is not Ellipsis]
+        return _members(args[-1]) if args else []
+    return []
+
+
+def _members(kind: Any) -> list[Any]:
+    if get_origin(kind) in (Union, types.UnionType):
+        return [m for a in get_args(kind) for m in _members(a)]
+    return [kind]
+
+
+def _nearest(word: str, known: Iterable[str]) -> str | None:
+    """The known word within two edits of `word` (the closest, then the first in order), for "did you mean"."""
+    best: tuple[int, str] | None = None
+    for candidate in sorted(known):
+        distance = _edits(word, candidate)
+        if distance <= 2 and (best is None or distance < best[0]):
+            best = (distance, candidate)
+    return best[1] if best else None
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
 
 
 def _reference_lints(raw: dict[str, Any]) -> Iterable[Problem]:
@@ -643,3 +713,24 @@ def _lint(parsed: CatalogFile) -> Iterable[Problem]:
     for name, pack in parsed.packs.items():
         if pack.stripe_price is not None and pack.stripe_price in seen_prices:
             yield Problem(f"packs.{name}.stripe_price", f'price "{pack.stripe_price}" is already the price of plan "{seen_prices[pack.stripe_price]}"')
+
+
+def _warnings(parsed: CatalogFile) -> Iterable[Problem]:
+    """What loads but surprises: a route a plan opens whose hold is more than the plan's credits, so a
+    billable on that plan is refused (402) until it buys credits."""
+    for route in parsed.routes:
+        operation = parsed.operations.get(route.spend) if route.spend else None
+        if operation is None:
+            continue
+        hold = operation.hold if operation.per_unit is not None else (operation.cost or 0)
+        for name, plan in parsed.plans.items():
+            opens = all(plan.allows_feature(f) for f in route.features) and (
+                route.limit is None or route.limit in plan.limits or plan.is_unlimited(route.limit)
+            )
+            if not opens or plan.is_unlimited(CREDITS) or plan.credits is None or hold <= plan.credits:
+                continue
+            yield Problem(f"plans.{name}", f"{route.match} holds {hold} credits; the plan has {plan.credits} {_per_words(plan.credits_per)}")
+
+
+def _per_words(per: str) -> str:
+    return {"month": "a month", "week": "a week", "day": "a day", "billing_cycle": "a billing cycle"}.get(per, f"every {per}")

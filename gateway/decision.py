@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from gateway.catalog import CREDITS, Catalog, Route
+from gateway.problems import problem_body
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -24,6 +25,15 @@ _OUTCOMES: dict[str, tuple[int, str, str]] = {
     "no_route": (404, "urn:gateway:no-route", "No route"),
 }
 _RANK = {kind: i for i, kind in enumerate(_OUTCOMES)}
+
+# The 401's sentence names what this gateway identifies a billable by.
+API_KEY_REQUIRED = "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>."
+APP_NAMED_NONE = "The app named no billable for this request: sign in first, or send the credentials the app expects."
+
+
+def header_required(header: str) -> str:
+    """The 401's sentence in trusted-header mode."""
+    return f"This gateway reads the billable from the {header} header: send {header}: <billable id>."
 
 
 class Violation(NamedTuple):
@@ -127,27 +137,23 @@ class Decision:
             out.append((b"x-gateway-degraded", b"redis"))
         return out
 
-    def problem(self, catalog: Catalog) -> dict[str, Any]:
+    def problem(self, catalog: Catalog, *, unauthorized: str = API_KEY_REQUIRED) -> dict[str, Any]:
+        """The problem+json body; `unauthorized` is the 401's sentence, naming how this gateway identifies."""
         deciding = self.deciding
         assert deciding is not None, "an admitted decision has no problem"
         status, type_, title = _OUTCOMES[deciding.kind]
-        body: dict[str, Any] = {
-            "type": type_,
-            "title": title,
-            "status": status,
-            "detail": detail(self, catalog),
-            "plan": self.plan,
-            "violated_policies": self.violated_policies,
-        }
+        members: dict[str, Any] = {}
+        if status not in (400, 401):  # no billable yet, so no plan and no policy
+            members["plan"] = self.plan
+            members["violated_policies"] = [name for name in self.violated_policies if name]
         if catalog.settings.upgrade_url:
-            body["upgrade_url"] = catalog.settings.upgrade_url
-        return body
+            members["upgrade_url"] = catalog.settings.upgrade_url
+        return problem_body(status, type_, title, detail(self, catalog, unauthorized=unauthorized), **members)
 
     def problem_body(self, catalog: Catalog) -> bytes:
         return json.dumps(self.problem(catalog), separators=(",", ":")).encode()
 
 
-@functools.lru_cache(maxsize=4096)
 @functools.lru_cache(maxsize=4096)
 def _sf_string(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -197,7 +203,7 @@ def _would_admit(plan: Any, v: Violation, catalog: Catalog) -> bool:
     return True  # rates are not sold by plan in the sentences: waiting is the answer
 
 
-def detail(decision: Decision, catalog: Catalog) -> str:
+def detail(decision: Decision, catalog: Catalog, *, unauthorized: str = API_KEY_REQUIRED) -> str:
     """The human sentence of a denial, in the words pricing libraries made familiar."""
     plan_title = catalog.plan_title(decision.plan or "")
     target = upgrade_plan(decision, catalog)
@@ -234,7 +240,7 @@ def detail(decision: Decision, catalog: Catalog) -> str:
         elif v.kind == "no_route":
             s = "No route matches this request."
         else:
-            s = "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>."
+            s = unauthorized
         sentences.append(s)
     return " ".join(dict.fromkeys(sentences))
 

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
+import secrets
 import socket
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Generator
+from typing import TYPE_CHECKING
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.catalog import Events
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
 
 DEMO_BILLABLE = "demo_org"
 
@@ -65,18 +76,43 @@ def _free_port() -> int:
 
 
 def run_demo(settings: Settings) -> int:
-    return asyncio.run(_demo(settings))
+    """The demo on a fresh record each run (deleted when it stops), so every run starts the same way."""
+    with tempfile.TemporaryDirectory(prefix="gateway-demo-") as folder:
+        demo = dataclasses.replace(
+            settings, upstream=None, redis_url=None, billable_header=None, database_url=f"sqlite:///{folder}/gateway.db",
+            admin_token=settings.admin_token or secrets.token_urlsafe(16),
+        )
+        logging.getLogger("gateway.store.db").setLevel(logging.WARNING)  # a fresh record every run is no news
+        try:
+            return asyncio.run(_demo(demo))
+        except KeyboardInterrupt:  # Ctrl+C: both servers have stopped
+            return 0
+
+
+class _DemoAPI(uvicorn.Server):
+    """The demo API's server: it leaves Ctrl+C to the gateway's, which stops it after itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 async def _demo(settings: Settings) -> int:
-    import uvicorn
-
     from gateway.app import GatewayApp
 
     upstream_port = _free_port()
     settings.upstream = f"http://127.0.0.1:{upstream_port}"
-    upstream = uvicorn.Server(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
+    # Started (quietly) before the gateway's server sets uvicorn's log level: one set of start lines.
+    upstream = _DemoAPI(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
+    upstream_task = asyncio.create_task(upstream.serve())
+    while not upstream.started:
+        if upstream_task.done():
+            return 1
+        await asyncio.sleep(0.05)
     app = GatewayApp(settings)
+    catalog = app.gateway.catalog
+    # The catalog's webhook receiver is an example's; the demo sends its events nowhere.
+    app.gateway.catalog = dataclasses.replace(catalog, file=catalog.file.model_copy(update={"events": Events()}))
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -88,47 +124,58 @@ async def _demo(settings: Settings) -> int:
             proxy_headers=settings.trust_forwarded,
         )
     )
-    upstream_task = asyncio.create_task(upstream.serve())
     server_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if server_task.done():
-            upstream.should_exit = True
-            await upstream_task
-            return 1
-        await asyncio.sleep(0.05)
+    try:
+        while not server.started:
+            if server_task.done():
+                return 1
+            await asyncio.sleep(0.05)
+        print(await _welcome(app, settings), flush=True)
+        await server_task
+        return 0
+    finally:
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # the demo API's stop is not news
+        upstream.should_exit = True
+        await upstream_task
+
+
+async def _welcome(app: GatewayApp, settings: Settings) -> str:
+    """A key for the demo billable, and what to try with it."""
     keys = app.gateway.keys
     assert keys is not None
     created = await keys.create(DEMO_BILLABLE, "demo")
-    assert app.gateway.grants is not None
-    # Enough purchased credits for the metered chat route, granted once (money first, idempotent).
-    await app.gateway.grants.grant(DEMO_BILLABLE, 5000, reason="demo welcome credits", idempotency_key="demo-welcome")
+    catalog = app.gateway.catalog
+    plan = catalog.settings.default_plan
+    credits = catalog.plans[plan].credits or 0
+    chat = catalog.operations.get("chat")
+    hold = chat.hold if chat is not None else 0
     base = f"http://{settings.host}:{settings.port}"
-    auth = f'-H "Authorization: Bearer {created.key}"'
-    print(
-        f"""
-The gateway is running at {base} in front of a demo API, on the embedded defaults
-(in-process Redis emulation, {settings.database_url}), with the plans of {settings.plans}.
+    auth = '-H "Authorization: Bearer $KEY"'
+    return f"""
+The gateway is running at {base} in front of a demo API, with the plans of {settings.plans}, on the
+in-process Redis emulation and a fresh record ({settings.database_url}, deleted when the demo stops).
 
-API key for billable "{DEMO_BILLABLE}" (plan "{app.gateway.catalog.settings.default_plan}"): {created.key}
+A key for billable "{DEMO_BILLABLE}", on the default plan {catalog.plan_title(plan)} ({credits} credits a month). In another shell:
 
-  # an allowed call
-  curl -s {base}/v1/hello {auth}
-  # its headers: RateLimit-Policy, RateLimit, X-RateLimit-*, X-Credits-Remaining
-  curl -s -D - -o /dev/null {base}/v1/hello {auth}
-  # a denial: the free plan lacks Flux HD (403 problem+json naming the plan to upgrade to)
+  export KEY={created.key}
+
+  # 200, and what is left: RateLimit-Policy, RateLimit, X-RateLimit-* (the burst), X-Credits-Remaining
+  curl -i {base}/v1/hello {auth}
+  # 403 problem+json: {catalog.plan_title(plan)} lacks Flux HD, and the sentence names the plan that has it
   curl -s -X POST {base}/v1/images {auth}
-
-  # more: a metered LLM-style call (reserve held, settled to the tokens in the answer; add ?stream=1),
-  # a project (the free plan's cap is 1: the second is 403), and what the key has left
-  curl -s -X POST {base}/v1/chat {auth} -d 'hello there'
+  # 200, metered: {hold} credits held (X-Credits-Remaining shows them held), then settled to the tokens the answer reports
+  curl -i -X POST {base}/v1/chat {auth} -d 'hello there'
+  # 200 the first time, then 403: {catalog.plan_title(plan)} allows 1 project
   curl -s -X POST {base}/v1/projects {auth}
+  # 200: the plan, limits and credits this key has left
   curl -s {base}/_gateway/usage {auth}
 
+The admin API (its token is GATEWAY_ADMIN_TOKEN, or a new one each run):
+
+  export ADMIN={settings.admin_token}
+
+  # 201: a key for another customer, shown once
+  curl -s -X POST {base}/_gateway/admin/keys -H "Authorization: Bearer $ADMIN" -d '{{"billable": "org_2", "name": "ci"}}'
+
 Press Ctrl+C to stop.
-""",
-        flush=True,
-    )
-    await server_task
-    upstream.should_exit = True
-    await upstream_task
-    return 0
+"""

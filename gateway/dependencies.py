@@ -10,8 +10,12 @@
     @app.post("/v1/images")
     async def images(decision: Decision = Depends(gate.spend("generate_image"))): ...
 
-Without the middleware in front, each dependency is one decision (one script call); behind the
-middleware, `require_feature` reads the decision the middleware already made.
+Without the middleware in front, each dependency is one decision (one script call) under the endpoint's
+own route (`POST /v1/images` in the usage history), and the answer carries the decision's headers
+(RateLimit, X-RateLimit-*, X-Credits-Remaining) as the middleware's do, when the endpoint returns data
+(FastAPI drops a dependency's headers from a Response the endpoint builds itself: add `decision.headers()`
+to it). Behind the middleware, `require_feature` reads the decision the middleware already made, and the
+middleware's headers are the ones sent.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.catalog import Route, RouteConfig
-from gateway.decision import Decision, Violation
+from gateway.decision import APP_NAMED_NONE, Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import RedisUnavailable, StateUnavailable
 
@@ -68,36 +72,43 @@ class Guard:
         return str(found)
 
     def _deny(self, decision: Decision) -> None:
-        raise Denied(decision.status, decision.problem(self.catalog), decision.headers())
+        raise Denied(decision.status, decision.problem(self.catalog, unauthorized=APP_NAMED_NONE), decision.headers())
 
-    def _route(self, features: tuple[str, ...], spend: str | None) -> Route:
-        """A route of the dependency's own, compiled once (the catalog's matching is not involved)."""
-        key = (*features, "|", spend or "")
+    def _route(self, request: Request, features: tuple[str, ...], spend: str | None) -> Route:
+        """The endpoint's route (`POST /v1/images`) with the dependency's needs, compiled once for each."""
+        endpoint = request.scope.get("route")
+        path = getattr(endpoint, "path", None) or "/"  # the template ("/v1/items/{id}"): one entry per endpoint
+        key = (request.method, path, *features, "|", spend or "")
         route = self._routes.get(key)
         if route is None:
-            config = RouteConfig(match="* /", features=features, spend=spend, cost=1)
+            # Not validated as a catalog match (a framework's path may say "{id:int}"): it is never matched,
+            # only named in the usage history.
+            config = RouteConfig.model_construct(match=f"{request.method} {path}", features=features, spend=spend, cost=1)
             # Negative indexes keep these apart from the catalog's routes in the engine's compile cache.
             route = Route(index=-2 - len(self._routes), config=config, method="*", pattern=_ANY, rate=None)
             self._routes[key] = route
         return route
 
-    async def _decide(self, request: Request, features: tuple[str, ...], spend: str | None) -> Decision:
+    async def _decide(self, request: Request, response: Response, features: tuple[str, ...], spend: str | None) -> Decision:
         billable = await self._billable(request)
         try:
-            decision = await self.engine.decide(billable, self._route(features, spend))
+            decision = await self.engine.decide(billable, self._route(request, features, spend))
         except (RedisUnavailable, StateUnavailable):
             self._deny(Decision(False, billable, None, violations=[Violation("", "unavailable")]))
-            raise AssertionError("unreachable")
+            raise AssertionError("unreachable") from None
         if not decision.admitted:
             self._deny(decision)
+        if request.scope.get("state", {}).get("gateway") is None:  # behind the middleware, its headers are sent
+            for name, value in decision.headers():
+                response.headers.append(name.decode(), value.decode())
         return decision
 
-    def require_feature(self, *features: str) -> Callable[[Request], Awaitable[Decision | None]]:
+    def require_feature(self, *features: str) -> Callable[[Request, Response], Awaitable[Decision | None]]:
         unknown = [f for f in features if f not in self.catalog.feature_names]
         if unknown:
             raise ValueError(f"unknown feature(s) {', '.join(unknown)}: plans.toml names {', '.join(sorted(self.catalog.feature_names))}")
 
-        async def dependency(request: Request) -> Decision | None:
+        async def dependency(request: Request, response: Response) -> Decision | None:
             decided: Decision | None = request.scope.get("state", {}).get("gateway")
             if decided is not None and decided.plan is not None:
                 plan = self.catalog.plans[decided.plan]
@@ -105,17 +116,17 @@ class Guard:
                 if missing:
                     self._deny(Decision(False, decided.billable, decided.plan, violations=[Violation(f, "feature") for f in missing]))
                 return decided
-            return await self._decide(request, tuple(features), None)
+            return await self._decide(request, response, tuple(features), None)
 
         return dependency
 
-    def spend(self, operation: str) -> Callable[[Request], Awaitable[Decision]]:
+    def spend(self, operation: str) -> Callable[[Request, Response], Awaitable[Decision]]:
         if operation not in self.catalog.operations:
             raise ValueError(f"unknown operation {operation!r}: plans.toml defines {', '.join(self.catalog.operations) or 'none'}")
         if self.catalog.operations[operation].metered:
             raise ValueError(f"{operation!r} is priced from the answer: route it through the middleware, which settles it")
 
-        async def dependency(request: Request) -> Decision:
-            return await self._decide(request, (), operation)
+        async def dependency(request: Request, response: Response) -> Decision:
+            return await self._decide(request, response, (), operation)
 
         return dependency

@@ -35,6 +35,10 @@ class CatalogError(GatewayError):
     def __init__(self, problems: list[Problem], source: str = "plans.toml") -> None:
         self.problems = problems
         self.source = source
+        if len(problems) == 1 and not problems[0].place:  # the file itself (not found, not TOML): one line
+            message = problems[0].message
+            super().__init__(f"gateway: {message}" if message.startswith(source) else f"gateway: {source}: {message}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from gateway.catalog import Catalog, Operation, Route
-from gateway.decision import Decision, Violation
+from gateway.decision import API_KEY_REQUIRED, APP_NAMED_NONE, Decision, Violation, header_required
 from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.headers import forwardable
@@ -24,6 +24,7 @@ from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, canonical, encoded
+from gateway.problems import problem_body
 
 log = logging.getLogger("gateway.middleware")
 
@@ -58,9 +59,7 @@ def problem_response(
 
 
 def bad_request(detail: str) -> dict[str, Any]:
-    """The 400 problem, with the `error` member SDKs made for LLM APIs show."""
-    return {"type": _BAD_REQUEST, "title": "Bad request", "status": 400, "detail": detail,
-            "error": {"message": detail, "type": "bad-request", "code": 400}}
+    return problem_body(400, _BAD_REQUEST, "Bad request", detail)
 
 
 class GatewayMiddleware:
@@ -98,6 +97,14 @@ class GatewayMiddleware:
         # on_redis_down = "local": this process's share of the rate limits (`processes` share them).
         self.local = LocalLimits(processes)
         self._warned_at = 0.0
+        # A 401 names what identifies a billable here; API keys are asked for with a Bearer challenge.
+        self._challenge: list[tuple[bytes, bytes]]
+        if billable is not None:
+            self._unauthorized, self._challenge = APP_NAMED_NONE, []
+        elif billable_header is not None:
+            self._unauthorized, self._challenge = header_required(billable_header), []
+        else:
+            self._unauthorized, self._challenge = API_KEY_REQUIRED, [(b"www-authenticate", b"Bearer")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -216,16 +223,16 @@ class GatewayMiddleware:
     # ---- answers the gateway gives itself -----------------------------------------------------------
 
     async def _deny(self, scope: Scope, send: Send, decision: Decision) -> None:
-        if scope["type"] == "websocket":
-            # Refuse the handshake: with the denial response where the server supports it, else close.
-            if "websocket.http.response" in scope.get("extensions", {}):
-                start, body = problem_response(decision.status, decision.problem(self.catalog), decision.headers())
-                await send({**start, "type": "websocket.http.response.start"})
-                await send({**body, "type": "websocket.http.response.body"})
-            else:
-                await send({"type": "websocket.close", "code": 1008, "reason": decision.problem_type or ""})
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": decision.problem_type or ""})
             return
-        start, body = problem_response(decision.status, decision.problem(self.catalog), decision.headers())
+        headers = decision.headers()
+        if decision.status == 401:
+            headers += self._challenge
+        start, body = problem_response(decision.status, decision.problem(self.catalog, unauthorized=self._unauthorized), headers)
+        if scope["type"] == "websocket":
+            # Refuse the handshake with the denial response (the server supports it).
+            start, body = {**start, "type": "websocket.http.response.start"}, {**body, "type": "websocket.http.response.body"}
         await send(start)
         await send(body)
 
@@ -320,11 +327,8 @@ class GatewayMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                start, body = problem_response(
-                    413,
-                    {"type": "urn:gateway:payload-too-large", "title": "Payload Too Large", "status": 413,
-                     "detail": f"The request body is over the {self.max_body}-byte limit, so it was not read."},
-                )
+                detail = f"The request body is over the {self.max_body}-byte limit, so it was not read."
+                start, body = problem_response(413, problem_body(413, "urn:gateway:payload-too-large", "Payload Too Large", detail))
                 await send(start)
                 await send(body)
                 return None

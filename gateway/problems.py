@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+_LAST_WORD = re.compile(r"[^:#/]+$")
+
+
+def problem_body(status: int, type_: str, title: str, detail: str, **members: Any) -> dict[str, Any]:
+    """A problem+json body (RFC 9457), with the `error` member that SDKs made for LLM APIs show (DESIGN §3)."""
+    found = _LAST_WORD.search(type_)
+    error = {"message": detail, "type": found[0] if found else type_, "code": status}
+    return {"type": type_, "title": title, "status": status, "detail": detail, **members, "error": error}
+
 
 def problem(status: int, type_: str, title: str, detail: str) -> JSONResponse:
+    # The gateway's own endpoints take bearer tokens (the admin token, a client's key): a 401 says so.
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(
-        {"type": type_, "title": title, "status": status, "detail": detail},
+        problem_body(status, type_, title, detail),
         status_code=status,
+        headers=headers,
         media_type="application/problem+json",
     )
+
+
+def http_problem(exc: HTTPException, method: str, path: str) -> JSONResponse:
+    """Starlette's routing answers (an unknown path, a method an endpoint lacks) as problem+json."""
+    if exc.status_code == 404:
+        return problem(404, "urn:gateway:not-found", "Not found", f"No gateway endpoint at {path}: the README lists them.")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        response = problem(405, "urn:gateway:method-not-allowed", "Method not allowed", f"{path} takes {allowed}, not {method}.")
+        response.headers["allow"] = allowed
+        return response
+    return problem(exc.status_code, "urn:gateway:error", "Error", str(exc.detail))
 
 
 def bad_request(detail: str) -> JSONResponse:

@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from gateway.headers import spelled
+from gateway.problems import problem_body
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -573,9 +574,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _problem_body(status: int, kind: str, title: str, detail: str) -> tuple[Headers, bytes]:
-    body = json.dumps(
-        {"type": f"urn:gateway:{kind}", "title": title, "status": status, "detail": detail}
-    ).encode()
+    body = json.dumps(problem_body(status, f"urn:gateway:{kind}", title, detail)).encode()
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", b"%d" % len(body))]
     if status == 413:
         # The unread rest of the body would otherwise be parsed off the connection.

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
 
@@ -89,6 +90,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         return _BOOLEANS[str(raw).strip().lower()]
     kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float,
             "events_retention_days": float, "processes": int}.get(name)
+    if name == "upstream":
+        return _upstream(str(raw), source)
     if kind is None:
         return str(raw)
     try:
@@ -98,3 +101,15 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     if value <= 0 or (name == "port" and value > 65535):
         raise ConfigError(f"{source}: {raw!r} is out of range")
     return value
+
+
+def _upstream(text: str, source: str) -> str:
+    try:
+        url = urlsplit(text)
+        usable = url.scheme in ("http", "https") and bool(url.hostname)
+        url.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ConfigError(f"{source}: the upstream is an http:// or https:// URL, like http://127.0.0.1:9000, not {text!r}")
+    return text

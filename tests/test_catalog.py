@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.catalog import Catalog, load_catalog, parse_catalog
 from gateway.errors import CatalogError
@@ -41,7 +42,7 @@ def test_example_loads_with_every_element() -> None:
     assert enterprise.is_unlimited("credits") and enterprise.meta == {"support_tier": "dedicated"}
     assert catalog.plan_for_price("price_pro_29") == "pro"
     chat = catalog.operations["chat"]
-    assert chat.metered and chat.hold == 2000 and chat.price(1234.2) == 1235 and chat.price(10**9) == 20000
+    assert chat.metered and chat.hold == 50 and chat.price(1234.2) == 1235 and chat.price(10**9) == 20000
     assert catalog.operations["generate_image"].cost == 1
     assert catalog.packs["starter"].credits == 1000 and catalog.packs["starter"].bonus == 100
     assert catalog.feature_title("flux_hd_access") == "Flux HD"
@@ -178,7 +179,7 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def test_catalog_is_immutable() -> None:
     """The loaded catalog cannot be changed by accident."""
     catalog = load_catalog(EXAMPLE)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         catalog.plans["free"].credits = 5  # type: ignore[misc]
 
 
@@ -197,3 +198,53 @@ def test_references_checked_even_when_the_shape_is_wrong() -> None:
     assert any(p.startswith("plans.free.credits: expected a whole number") for p in found)
     assert any(p.startswith('catalog.default_plan: plan "gold" does not exist') for p in found)
     assert any(p.startswith('routes[0].spend: unknown operation "nope"') for p in found)
+
+
+def test_unknown_keys_get_did_you_mean() -> None:
+    """A key within two edits of a known one at the same place is suggested; a far one is not."""
+    found = problems(
+        MINIMAL + 'rate_limt = "5/second"\nlimits.p = { tto = 1 }\nrate_limit = { limit = 1, prr = "1s" }\n'
+        "[[route]]\nmatch = \"GET /x\"\n[operations.x]\ncots = 1\n[catalog2]\n"
+    )
+    assert 'plans.free.rate_limt: unknown key "rate_limt": did you mean "rate_limit"?' in found
+    assert 'plans.free.limits.p.tto: unknown key "tto": did you mean "to"?' in found
+    assert 'plans.free.rate_limit.prr: unknown key "prr": did you mean "per"?' in found
+    assert 'route: unknown key "route": did you mean "routes"?' in found
+    assert 'operations.x.cots: unknown key "cots": did you mean "cost"?' in found
+    assert 'catalog2: unknown key "catalog2": did you mean "catalog"?' in found
+    # The table form of rate_limit was understood: no "expected a string" beside the problem inside it.
+    assert not any(p.startswith("plans.free.rate_limit: expected") for p in found)
+    assert problems(MINIMAL + "zebra = 1\n") == ['plans.free.zebra: unknown key "zebra": remove it or check its spelling']
+
+
+def test_a_hold_larger_than_a_plans_credits_is_a_warning() -> None:
+    """A route a plan opens (features and limit) that holds more than the plan's credits loads, with a warning
+    naming both numbers; plans without the route's features, unlimited or without credits are not named."""
+    text = MINIMAL.replace('allows = ["api_access"]', 'allows = ["api_access"]\ncredits = 100') + (
+        '[plans.pro]\nallows = ["api_access", "hd"]\ncredits = 500\ncredits_per = "week"\n'
+        '[plans.max]\nallows = ["api_access", "hd"]\nunlimited = ["credits"]\n'
+        '[plans.payg]\nallows = ["api_access", "hd"]\n'
+        '[operations.chat]\nper_unit = 1\nunits = "response.json:usage.total_tokens"\nreserve = 2000\n'
+        '[operations.render]\ncost = 300\n'
+        '[[routes]]\nmatch = "POST /v1/chat"\nfeatures = ["api_access"]\nspend = "chat"\n'
+        '[[routes]]\nmatch = "POST /v1/render"\nfeatures = ["hd"]\nspend = "render"\n'
+        '[[routes]]\nmatch = "POST /v1/cheap"\nspend = "render"\n'
+    )
+    catalog = parse_catalog(text)
+    assert [str(w) for w in catalog.warnings] == [
+        "plans.free: POST /v1/chat holds 2000 credits; the plan has 100 a month",
+        "plans.pro: POST /v1/chat holds 2000 credits; the plan has 500 a week",
+        "plans.free: POST /v1/cheap holds 300 credits; the plan has 100 a month",
+    ]
+    assert load_catalog(EXAMPLE).warnings == ()
+
+
+def test_a_catalog_that_cannot_be_read_says_why(tmp_path: Path) -> None:
+    """A directory or a file that is not UTF-8 is one problem naming the file and what to do."""
+    with pytest.raises(CatalogError) as info:
+        load_catalog(tmp_path)
+    assert str(info.value) == f"gateway: {tmp_path} is a directory: name the catalog file in it, e.g. {tmp_path / 'plans.toml'}"
+    latin = tmp_path / "plans.toml"
+    latin.write_bytes(b'[catalog]\ndefault_plan = "fr\xe9e"\n')
+    with pytest.raises(CatalogError, match="is not UTF-8 text"):
+        load_catalog(latin)

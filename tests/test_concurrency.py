@@ -7,7 +7,7 @@ import multiprocessing
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from engine_support import Harness, harness
@@ -119,8 +119,8 @@ def test_clock_skew_of_five_seconds_still_one_window_and_one_grace() -> None:
     """Two engines whose clocks straddle a day boundary 5 s apart still count one window and start one grace."""
     text = CATALOG.replace('limits.calls = { to = 1000, per = "month", after_limit = "grace_then_block", grace_max = 100 }',
                            'limits.calls = { to = 3, per = "day", after_limit = "grace_then_block", grace = "1h" }')
-    tomorrow = (datetime.utcnow() + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    midnight = (tomorrow - datetime(1970, 1, 1)).total_seconds()
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    midnight = tomorrow.timestamp()
 
     async def fn(h: Harness) -> None:
         # Redis says today; one process believes it is just past midnight, the other just before.

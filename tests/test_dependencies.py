@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from engine_support import BASE
@@ -25,8 +26,10 @@ def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
     async def hd() -> dict[str, bool]:
         return {"ok": True}
 
+    spend_image = gate.spend("image")
+
     @app.post("/image")
-    async def image(decision: Decision = Depends(gate.spend("image"))) -> dict[str, int | None]:
+    async def image(decision: Decision = Depends(spend_image)) -> dict[str, int | None]:
         return {"credits": decision.credits}
 
     if with_middleware:
@@ -36,7 +39,7 @@ def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
 
 def test_feature_dependency_denies_with_problem_json() -> None:
     """require_feature answers 403 problem+json naming the upgrade when the plan lacks the feature."""
-    app, engine = make_app(with_middleware=False)
+    app, _ = make_app(with_middleware=False)
     with TestClient(app) as client:
         denied = client.post("/hd", headers={"x-org": "a"})
         assert denied.status_code == 403 and denied.headers["content-type"] == "application/problem+json"
@@ -61,3 +64,20 @@ def test_behind_the_middleware_the_feature_check_reuses_its_decision() -> None:
     with TestClient(app) as client:
         assert client.post("/hd", headers={"x-org": "c"}).status_code == 403
     assert "c" in engine.touched
+
+
+def test_guard_answers_carry_the_headers_and_record_the_endpoints_route() -> None:
+    """An admitted answer has the middleware's headers (RateLimit, X-Credits-Remaining); a denial too; the
+    usage history counts the endpoint's own route, not a catch-all."""
+    app, engine = make_app(with_middleware=False)
+    with TestClient(app) as client:
+        admitted = client.post("/image", headers={"x-org": "d"})
+        assert admitted.status_code == 200 and admitted.headers["x-credits-remaining"] == "5"
+        assert "ratelimit-policy" in admitted.headers and "ratelimit" in admitted.headers
+        assert admitted.headers["x-ratelimit-resource"]
+        client.post("/image", headers={"x-org": "d"})
+        denied = client.post("/image", headers={"x-org": "d"})
+        assert denied.status_code == 402 and denied.headers["x-credits-remaining"] == "0"
+    snapshot = asyncio.run(engine.snapshot("d"))
+    counted = {field.split("|", 1)[1]: value for field, value in snapshot.state.items() if field.startswith("qr:")}
+    assert counted == {"POST /image|image": "2"}

@@ -501,10 +501,9 @@ def test_embedded_defaults(tmp_path: Path) -> None:
 def test_upstream_dying_mid_stream_is_charged_what_was_seen(env: Env) -> None:
     """A stream the upstream cuts short is charged the units it reported before dying, not the whole reserve."""
     billable, key = env.key()
-    with pytest.raises(httpx.HTTPError):
-        with httpx.stream("GET", f"{env.url}/v1/stream-die", headers=auth(key), timeout=5) as r:
-            for _ in r.iter_lines():
-                pass
+    with pytest.raises(httpx.HTTPError), httpx.stream("GET", f"{env.url}/v1/stream-die", headers=auth(key), timeout=5) as r:
+        for _ in r.iter_lines():
+            pass
     time.sleep(0.3)
     status = httpx.get(f"{env.url}/_gateway/admin/billables/{billable}", headers=env.admin()).json()
     assert status["credits"]["balance"] == 20 - 4 and status["credits"]["held"] == 0

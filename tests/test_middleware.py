@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
@@ -200,7 +200,7 @@ def test_websocket_admitted_and_refused(engine: Engine) -> None:
     with TestClient(starlette_app(engine)) as client:
         with client.websocket_connect("/ws", headers={"x-org": "w"}) as ws:
             assert ws.receive_text() == "w"
-        with pytest.raises(Exception), client.websocket_connect("/ws") as ws:
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws") as ws:
             ws.receive_text()
 
 

@@ -43,6 +43,7 @@ from gateway.billing.subscriptions import Subscriptions, invoice_subscription, r
 from gateway.billing.sync import PriceBook, read_stripe, snapshot_of, write_snapshot
 from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.grants import Grants
+from gateway.problems import problem
 from gateway.store.db import Database, credit_grants, stripe_events
 
 log = logging.getLogger("gateway.billing")
@@ -68,11 +69,7 @@ class Change:
 
 def _problem(status: int, detail: str) -> JSONResponse:
     title = {400: "Bad request", 413: "Payload too large", 503: "Service unavailable"}.get(status, "Error")
-    return JSONResponse(
-        {"type": "urn:gateway:stripe-webhook", "title": title, "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-    )
+    return problem(status, "urn:gateway:stripe-webhook", title, detail)
 
 
 def _id(value: Any) -> str | None:

@@ -69,6 +69,14 @@ def database_url(url: str | None) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
+def sqlite_path(url: str | None) -> Path | None:
+    """The file of a SQLite record (None for Postgres or an in-memory SQLite)."""
+    parsed = make_url(database_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _shown(url: URL) -> str:
     """The URL as the user would write it, without its password."""
     base = url.drivername.split("+")[0]
