@@ -36,7 +36,8 @@ def http_problem(exc: HTTPException, method: str, path: str) -> JSONResponse:
     if exc.status_code == 404:
         return problem(404, "urn:gateway:not-found", "Not found", f"No gateway endpoint at {path}: the README lists them.")
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        # Starlette builds Allow from a set: sorted, the same answer every time.
+        allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
         response = problem(405, "urn:gateway:method-not-allowed", "Method not allowed", f"{path} takes {allowed}, not {method}.")
         response.headers["allow"] = allowed
         return response
