@@ -53,10 +53,12 @@ class Gateway:
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
     async def start(self) -> None:
-        self.db = await Database.connect(self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"))
+        self.db = await Database.connect(
+            self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
+        )
         await self.db.check_current()
         self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=RevocationFeed(self.store))
-        self.engine = Engine(self.store, self.catalog)
+        self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
         self.reconciler = attach(

@@ -35,7 +35,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.coalesce import Coalescer
 from gateway.engine import Engine, EventBatch, Snapshot
@@ -48,9 +47,8 @@ from gateway.usage import rows_from_state
 
 log = logging.getLogger("gateway.reconcile")
 
-_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 _REDIS_ERRORS = (RedisUnavailable, RedisError)
-DB_TIMEOUT_S = 15.0
+STOP_FLUSH_S = 15.0  # the last flush when a process stops (each of its record operations has its own deadline)
 RESTORE_TIMEOUT_S = 2.0
 RESTORE_BATCH = 500  # billables read from the record in one go when many restore at once
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
@@ -125,7 +123,7 @@ class Reconciler:
                     await task
         self._task = self._sweeping = None
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S):
+            async with asyncio.timeout(STOP_FLUSH_S):
                 await self.flush_dirty()
         except Exception as exc:  # noqa: BLE001 - shutting down: say what stays unflushed, never hang
             log.warning("stopping with %d billables not flushed (the leader's sweep will): %s", len(self.dirty), exc)
@@ -163,7 +161,7 @@ class Reconciler:
             self._next_prune = self.clock() + PRUNE_EVERY_S
             try:
                 pruned = await self.outbox.prune(self.events_retention)
-            except _DB_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("could not prune the event outbox (next try in an hour): %s", exc)
             else:
                 if pruned:
@@ -233,7 +231,7 @@ class Reconciler:
         assert self.grants is not None
         since = datetime.now(UTC) - timedelta(seconds=older_than)
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+            async with self.db.engine.connect() as conn:
                 found = await conn.execute(
                     sa.select(credit_grants.c.billable)
                     .where(credit_grants.c.applied_at.is_(None), credit_grants.c.created_at < since)
@@ -242,9 +240,9 @@ class Reconciler:
                 billables = list(found.scalars())
             for billable in billables:
                 await self.grants.apply(billable)
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+            raise
         if billables:
             log.info("applied the stranded grants of %d billables", len(billables))
         return len(billables)
@@ -258,14 +256,14 @@ class Reconciler:
 
     async def _recorded(self, billables: list[str]) -> dict[str, int]:
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+            async with self.db.engine.connect() as conn:
                 found = await conn.execute(
                     sa.select(snapshots.c.billable, snapshots.c.chg).where(snapshots.c.billable.in_(billables))
                 )
                 return {row.billable: int(row.chg) for row in found}
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+            raise
 
     # ---- flushing -----------------------------------------------------------------------------------
 
@@ -321,14 +319,13 @@ class Reconciler:
             self._redis_down(exc)
             raise
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S):
-                # Events enter the outbox before the snapshot that counts them: a crash between the two
-                # leaves `chg` unrecorded, so the billable is flushed again (the outbox ignores repeats).
-                await self.outbox.add([e for batch in batches for e in batch.events])
-                await self._write(writes)
-        except _DB_ERRORS as exc:
+            # Events enter the outbox before the snapshot that counts them: a crash between the two
+            # leaves `chg` unrecorded, so the billable is flushed again (the outbox ignores repeats).
+            await self.outbox.add([e for batch in batches for e in batch.events])
+            await self._write(writes)
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not take a flush: {exc}") from exc
+            raise
         self.database_ok = True
         if len(self.recorded) > 1_000_000:
             self.recorded.clear()  # only an optimization: forgetting costs one redundant write each
@@ -503,6 +500,6 @@ class Rehydrator:
                     # Another process restored an older snapshot first: replay from what Redis holds.
                     await self.grants.replay(billable, result.last_sequence)
                     return
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc
