@@ -210,8 +210,8 @@ class Reconciler:
         return await self.flush(list(self.dirty))
 
     async def sweep(self) -> int:
-        """Flush every billable whose state in Redis differs from the record's (its `chg` does), and apply
-        grants a crashed process recorded but never applied."""
+        """Flush every billable whose state in Redis differs from the record's (its `chg` does), apply grants a
+        crashed process recorded but never applied, and drop holds whose settle never came (past GATEWAY_HOLD_TTL)."""
         if self.grants is not None:
             await self.apply_stranded_grants()
         flushed = 0
@@ -249,6 +249,7 @@ class Reconciler:
 
     async def _sweep_some(self, billables: list[str]) -> int:
         billables = list(dict.fromkeys(billables))  # SCAN may return a key twice
+        await self.engine.expire_holds(billables)  # before the counters: an expiry is a change to flush
         counters = await self.engine.change_counters(billables)
         recorded = await self._recorded(billables)
         stale = [b for b, chg in zip(billables, counters, strict=True) if chg is not None and recorded.get(b) != chg]
