@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
 from gateway.engine import Engine
+from gateway.errors import ConfigError, RedisUnavailable
 from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identity import KeyStore
@@ -28,6 +32,8 @@ from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
 
 log = logging.getLogger("gateway")
+
+CHECK_TIMEOUT_S = 3.0  # a start-up check of Redis or the upstream: said, never waited on for long
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Gateway:
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
     async def start(self) -> None:
+        await self.check_redis()
         self.db = await Database.connect(
             self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
         )
@@ -80,6 +87,27 @@ class Gateway:
             self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
             self.deliverer.start()
 
+    async def check_redis(self) -> None:
+        """Say at start what is wrong with Redis: unreachable is a line (routes follow on_redis_down until it
+        answers); a Redis that answers but refuses the URL (a database index it lacks) is a setting to fix."""
+        if self.store.embedded:
+            return
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await self.store.fields(["gw:{start-up check}"], "chg")
+        except (RedisUnavailable, TimeoutError) as exc:
+            tls = " If that port speaks no TLS, the URL is redis://, not rediss://." if self.store.url.startswith("rediss:") else ""
+            log.warning(
+                "%s Starting anyway (the catalog's on_redis_down: %s).%s",
+                exc or f"Redis at {self.store.url} did not answer within {CHECK_TIMEOUT_S:g}s.",
+                self.catalog.settings.on_redis_down, tls,
+            )
+        except RedisError as exc:
+            raise ConfigError(
+                f"Redis at {self.store.url} refused the connection: {exc}. Fix GATEWAY_REDIS_URL "
+                "(a database index must be one the server has: 0 to 15 unless redis.conf `databases` says more)"
+            ) from exc
+
     async def stop(self) -> None:
         if self.billing is not None:
             await self.billing.stop()
@@ -105,9 +133,12 @@ class GatewayApp:
         )
         self.middleware: GatewayMiddleware | None = None
 
-    async def _startup(self) -> None:
+    async def startup(self) -> None:
+        """Connect the gateway (the lifespan's startup; `gateway serve` calls it directly)."""
         gw = self.gateway
         await gw.start()
+        if isinstance(self.upstream, Proxy):
+            await _check_upstream(self.upstream.upstream)
         assert gw.engine is not None
         middleware = GatewayMiddleware(
             self.upstream,
@@ -145,7 +176,7 @@ class GatewayApp:
         gc.collect()
         gc.freeze()
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if hasattr(self.upstream, "aclose"):
             await self.upstream.aclose()
         await self.gateway.stop()
@@ -156,18 +187,34 @@ class GatewayApp:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     try:
-                        await self._startup()
+                        await self.startup()
                     except Exception as exc:  # noqa: BLE001 - the server prints this and exits
                         log.error("gateway could not start: %s", exc)
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
-                    await self._shutdown()
+                    await self.shutdown()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         assert self.middleware is not None, "the gateway serves requests after lifespan startup"
         await self.middleware(scope, receive, send)
+
+
+async def _check_upstream(upstream: str) -> None:
+    """An upstream that does not accept connections is a start-up line, not a failure (requests get 502)."""
+    url = urlsplit(upstream)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    except TimeoutError:
+        reason = f"no answer within {CHECK_TIMEOUT_S:g}s"
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    else:
+        writer.close()
+        return
+    log.warning("the upstream %s does not accept connections (%s): starting anyway; requests get 502 until it does", upstream, reason)
 
 
 __all__ = ["Gateway", "GatewayApp"]

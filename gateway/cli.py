@@ -98,6 +98,10 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--billable-header", help="trust this header to name the billable instead of API keys")
     parser.add_argument("--upstream-timeout", help="seconds (default 60)")
     parser.add_argument("--max-body", help="bytes (default 10 MiB)")
+    parser.add_argument("--workers", help="processes on the port, each a whole gateway (GATEWAY_WORKERS, default 1; needs --redis-url)")
+    parser.add_argument("--header-timeout", help="seconds to receive a request's headers (GATEWAY_HEADER_TIMEOUT, default 10)")
+    parser.add_argument("--body-timeout", help="seconds a request body may sit idle (GATEWAY_BODY_TIMEOUT, default 30)")
+    parser.add_argument("--max-connections", help="open client connections per process; more get 503 (GATEWAY_MAX_CONNECTIONS, default 10000)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,13 +201,9 @@ async def _stripe_sync(settings: Settings, *, push: bool) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
+    from gateway.server import serve
 
-    from gateway.app import GatewayApp
-
-    app = GatewayApp(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False)
-    return 0
+    return serve(settings)
 
 
 async def _db_upgrade(settings: Settings) -> int:

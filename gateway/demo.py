@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.errors import ConfigError
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
 
 DEMO_BILLABLE = "demo_org"
 
@@ -58,36 +62,21 @@ demo_api = Starlette(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_demo(settings: Settings) -> int:
-    return asyncio.run(_demo(settings))
+    from gateway.server import bind, serve
+    from gateway.serving import serving
+
+    if settings.workers > 1:
+        raise ConfigError("gateway demo runs in one process: --workers is for gateway serve")
+    listening = bind(settings.host, settings.port)  # before any other start-up work
+    api = bind("127.0.0.1", 0)
+    settings.upstream = f"http://127.0.0.1:{api.getsockname()[1]}"
+    return serve(settings, listening=listening, alongside=lambda: serving(demo_api, api), started=_welcome)
 
 
-async def _demo(settings: Settings) -> int:
-    import uvicorn
-
-    from gateway.app import GatewayApp
-
-    upstream_port = _free_port()
-    settings.upstream = f"http://127.0.0.1:{upstream_port}"
-    upstream = uvicorn.Server(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
-    app = GatewayApp(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False)
-    )
-    upstream_task = asyncio.create_task(upstream.serve())
-    server_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if server_task.done():
-            upstream.should_exit = True
-            await upstream_task
-            return 1
-        await asyncio.sleep(0.05)
+async def _welcome(app: GatewayApp) -> None:
+    """Once the gateway serves: a key for the demo billable, its welcome credits, and what to try."""
+    settings = app.settings
     keys = app.gateway.keys
     assert keys is not None
     created = await keys.create(DEMO_BILLABLE, "demo")
@@ -120,7 +109,3 @@ Press Ctrl+C to stop.
 """,
         flush=True,
     )
-    await server_task
-    upstream.should_exit = True
-    await upstream_task
-    return 0
