@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -21,7 +21,7 @@ from http_servers import serve_in_thread
 from services import free_port
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 ADMIN = "served-admin"
@@ -41,6 +41,10 @@ limits.projects = { to = 100 }
 
 [[routes]]
 match = "POST /chat"
+spend = "chat"
+
+[[routes]]
+match = "GET /stream"
 spend = "chat"
 
 [[routes]]
@@ -72,7 +76,8 @@ class Upstream:
 
 @contextlib.contextmanager
 def upstream() -> Iterator[Upstream]:
-    """POST /chat?sleep=S answers after S seconds with 5 tokens of usage; everything else at once."""
+    """POST /chat?sleep=S answers after S seconds with 5 tokens of usage; GET /stream sends an event every 0.2 s
+    (`events` of them, then the usage); everything else answers at once."""
     seen = Upstream()
 
     async def answer(request: Request) -> Response:
@@ -89,7 +94,22 @@ def upstream() -> Iterator[Upstream]:
                 seen.in_flight -= 1
                 seen.answered += 1
 
-    app = Starlette(routes=[Route("/{rest:path}", answer, methods=["GET", "POST", "DELETE"])])
+    async def stream(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            with seen.lock:
+                seen.in_flight += 1
+            try:
+                for _ in range(int(request.query_params.get("events", "100"))):
+                    yield b'data: {"delta": "x"}\n\n'
+                    await asyncio.sleep(0.2)
+                yield b'data: {"usage": {"total_tokens": 5}}\n\n'
+            finally:
+                with seen.lock:
+                    seen.in_flight -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/stream", stream), Route("/{rest:path}", answer, methods=["GET", "POST", "DELETE"])])
     with serve_in_thread(app) as url:
         seen.url = url
         yield seen

@@ -5,16 +5,20 @@ GATEWAY_HOLD_TTL, kept as charged: on the billable's next request (decide.lua), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from engine_support import BASE, Harness, harness
-from services import shared_redis_url
+from served import Served, upstream, wait_until
+from services import RedisServer, shared_redis_url
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
@@ -160,3 +164,49 @@ def test_the_sweep_ends_the_holds_of_a_billable_that_makes_no_request(tmp_path: 
             await db.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_sigkill_with_ten_streams_in_flight_keeps_them_charged_and_their_holds_end(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """SIGKILL of a `gateway serve` with 10 metered streams in flight: their reserves stay charged (its settle never
+    comes), and with GATEWAY_HOLD_TTL=2 the billable's holds hash is empty within seconds of its next request
+    through another gateway; the balance is what it was, the reserves kept."""
+    env = {"GATEWAY_REDIS_URL": private_redis.url, "GATEWAY_HOLD_TTL": "2"}
+    with upstream() as up, Served(tmp_path, up.url, env=env, name="a") as a, Served(tmp_path, up.url, env=env, name="b") as b:
+        a.start()
+        r = httpx.post(f"{a.url}/_gateway/admin/billables/s/credits", headers=a.admin(), timeout=10,
+                       json={"amount": 1000, "reason": "streams", "idempotency_key": "streams"})
+        assert r.status_code == 200, r.text
+
+        async def streams() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                async def one() -> None:
+                    with contextlib.suppress(httpx.HTTPError):
+                        async with client.stream("GET", f"{a.url}/stream", headers={"X-Org": "s"}) as response:
+                            assert response.status_code == 200
+                            async for _ in response.aiter_bytes():
+                                pass  # until the gateway dies
+
+                running = [asyncio.create_task(one()) for _ in range(10)]
+                await asyncio.to_thread(wait_until, lambda: up.in_flight == 10, "10 streams in flight", 30)
+                with private_redis.client() as c:
+                    assert c.hlen("gw:{s}:holds") == 10
+                a.signal(signal.SIGKILL)
+                await asyncio.gather(*running)
+
+        asyncio.run(streams())
+        a.exit_status(timeout=10)
+        with private_redis.client() as c:
+            assert int(c.hget("gw:{s}", "c:p") or 0) == 1000 - 10 * 20  # the reserves, kept as charged
+        b.start()
+
+        def emptied() -> bool:
+            assert httpx.get(f"{b.url}/v1/x", headers={"X-Org": "s"}, timeout=10).status_code == 200
+            with private_redis.client() as c:
+                return c.hlen("gw:{s}:holds") == 0
+
+        wait_until(emptied, "the holds of the dead process to end", 15)
+        with private_redis.client() as c:
+            assert int(c.hget("gw:{s}", "c:p") or 0) == 800 and c.hget("gw:{s}", "hx") is None
