@@ -81,9 +81,9 @@ def serve(
     try:
         # No I/O yet (the store connects on first use): a forked worker inherits it unused.
         app = GatewayApp(settings)
-    except GatewayError as exc:
+    except Exception as exc:  # noqa: BLE001 - a catalog or a setting: one line (a catalog's problems each on theirs)
         sock.close()
-        print(f"gateway: {exc}", file=sys.stderr)
+        print(f"gateway: cannot start: {_line(exc)}", file=sys.stderr)
         return STARTUP_FAILED
     if settings.workers > 1:
         return _supervise(sock, app, settings)
@@ -99,8 +99,12 @@ def _run_loop(
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        status, clean = runner.run(_run(sock, app, settings, alongside, started, ready))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            status, clean = runner.run(_run(sock, app, settings, alongside, started, ready))
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return STARTUP_FAILED
     if not clean:
         # Something outlived the grace (a database connection's thread would keep the interpreter alive).
         logging.shutdown()

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.errors import GatewayError
 from gateway.server import BACKLOG
 from gateway.settings import Settings
 
@@ -137,8 +138,8 @@ async def serving(app: Any, sock: socket.socket, settings: Settings | None = Non
     task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway-http")
     while not server.started:
         if task.done():
-            task.result()  # its error, if any
-            raise RuntimeError("the HTTP server stopped while starting")
+            reason = task.exception() if not task.cancelled() else None
+            raise GatewayError(f"the HTTP server did not start on {sock.getsockname()}: {reason or 'it stopped'}")
         await asyncio.sleep(0.01)
     try:
         yield server

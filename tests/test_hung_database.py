@@ -20,6 +20,7 @@ from fake_stripe import FakeStripe, sign
 from http_servers import serve_in_thread
 from served import Served, upstream, wait_until
 from services import PostgresServer, RedisServer
+from test_kill import fresh_database
 
 from gateway.store import db as tables
 from gateway.store.db import Database
@@ -35,21 +36,6 @@ IN_TIME = DEADLINE + 5.0
 def pg() -> Iterator[PostgresServer]:
     with PostgresServer() as server:
         yield server
-
-
-def fresh_database(pg: PostgresServer) -> str:
-    async def main() -> None:
-        db = await Database.connect(pg.url)
-        try:
-            async with db.engine.begin() as conn:
-                await conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-                await conn.execute(sa.text("CREATE SCHEMA public"))
-            await db.upgrade()
-        finally:
-            await db.close()
-
-    asyncio.run(main())
-    return pg.url
 
 
 async def count(url: str, query: Any) -> Any:
