@@ -147,20 +147,22 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def connected_to(pid: int, port: int) -> bool:
-    """Whether process `pid` holds a TCP connection to 127.0.0.1:`port` (from /proc: its sockets' inodes)."""
+def holds_connections(pid: int, port: int) -> bool:
+    """Whether process `pid` holds an established TCP connection on local port `port` (from /proc: its
+    sockets' inodes against the kernel's table)."""
     mine = _socket_inodes(pid)
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        if remote_port == port and fields[9] in mine:
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and fields[9] in mine:
             return True
     return False
 
 
 def test_two_workers_share_one_port_and_decide_exactly(tmp_path: Path, private_redis: RedisServer) -> None:
     """`--workers 2`: two whole gateways on one port, both deciding, exactly: 600 concurrent requests against a cap
-    of 300 are 300 admitted and 300 refused; both workers proxied some; SIGTERM ends both and the parent, 0."""
+    of 300, over connections both workers hold, are 300 admitted and 300 refused; SIGTERM ends both and the
+    parent with 0."""
     catalog = CATALOG.replace("limits.projects = { to = 100 }", "limits.projects = { to = 300 }")
     env = redis_env(private_redis)
     with upstream() as up, Served(tmp_path, up.url, env=env, args=["--workers", "2"], catalog=catalog) as gw:
@@ -171,17 +173,25 @@ def test_two_workers_share_one_port_and_decide_exactly(tmp_path: Path, private_r
         assert len(workers) == 2
 
         async def main() -> Counter[int]:
-            # A connection each: a burst of connections may all go to whichever worker wakes first.
-            limits = httpx.Limits(max_connections=50, max_keepalive_connections=0)
-            async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            # The kernel gives each connection to whichever worker accepts first: open connections until both
+            # workers hold some, then send every request over them.
+            deadline = time.monotonic() + 60
+            while True:
+                client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=50, max_keepalive_connections=50))
+                await asyncio.gather(*(client.get(f"{gw.url}/_gateway/health") for _ in range(50)))
+                if all(holds_connections(pid, gw.port) for pid in workers):
+                    break
+                await client.aclose()
+                assert time.monotonic() < deadline, "one worker never accepted a connection"
+            try:
                 answers = await asyncio.gather(
                     *(client.post(f"{gw.url}/projects", headers={"X-Org": "cap"}) for _ in range(600))
                 )
+            finally:
+                await client.aclose()
             return Counter(r.status_code for r in answers)
 
         assert asyncio.run(main()) == Counter({200: 300, 403: 300})
-        upstream_port = int(up.url.rsplit(":", 1)[1])
-        assert all(connected_to(pid, upstream_port) for pid in workers), ("a worker proxied nothing", gw.log()[-2000:])
         with private_redis.client() as c:
             assert c.hget("gw:{cap}", "u:projects") == "300"
         gw.signal(signal.SIGTERM)
