@@ -17,7 +17,7 @@ from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
 from gateway.engine import Engine
-from gateway.errors import ConfigError, RedisUnavailable
+from gateway.errors import ConfigError, DatabaseUnavailable, RedisUnavailable
 from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identity import KeyStore
@@ -60,10 +60,13 @@ class Gateway:
 
     async def start(self) -> None:
         await self.check_redis()
-        self.db = await Database.connect(
-            self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
-        )
-        await self.db.check_current()
+        try:
+            self.db = await Database.connect(
+                self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
+            )
+            await self.db.check_current()
+        except DatabaseUnavailable as exc:
+            raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
         self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=RevocationFeed(self.store))
         self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)
         self.grants = Grants(self.db, self.engine)

@@ -83,6 +83,18 @@ def test_a_redis_database_index_the_server_lacks_is_named_at_start(tmp_path: Pat
     assert "Traceback" not in gw.log()
 
 
+def test_an_unreachable_database_fails_the_start_with_one_line(tmp_path: Path) -> None:
+    """The record is needed to start (keys, grants, the schema's revision): a Postgres that refuses connections
+    ends the start at once with one line naming it and what to check."""
+    url = f"postgresql://postgres@127.0.0.1:{closed_port()}/gone"
+    with upstream() as up:
+        gw = Served(tmp_path, up.url, env={"GATEWAY_DATABASE_URL": url}).launch()
+        code, _ = gw.exit_status(timeout=60)
+    problems = [line for line in gw.log().splitlines() if line.startswith("gateway:")]
+    assert code != 0 and len(problems) == 1, gw.log()
+    assert url in problems[0] and "GATEWAY_DATABASE_URL" in problems[0] and "Traceback" not in gw.log()
+
+
 # ---- shutdown ---------------------------------------------------------------------------------------------
 
 
