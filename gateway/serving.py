@@ -97,8 +97,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._reading != "body":
             return
         now = self.loop.time()
-        if self.flow.read_paused:  # the app has not taken what came yet: the client is not idle
-            self._body_at = now
+        if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+            self._body_at = now  # the app has not taken what came, or not asked for the body yet: not the client's wait
         idle = now - self._body_at
         if idle < self.body_timeout:
             self._timer = self.loop.call_later(self.body_timeout - idle, self._body_idle)
