@@ -125,6 +125,7 @@ async def _run(
     signals: list[int] = []
     server: HTTPServer | None = None
     starting: asyncio.Task[None] | None = None
+    status = 0
 
     def on_signal(sig: int) -> None:
         signals.append(sig)
@@ -159,14 +160,22 @@ async def _run(
                         _say_serving(sock, settings)
                     if started is not None:
                         await started(app)
-                    await stop.wait()
-                    log.info("stopping: no new connections; the requests in flight have %gs to finish", drain)
+                    told = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait([told, server.task], return_when=asyncio.FIRST_COMPLETED)
+                    told.cancel()
+                    if server.task.done():
+                        ended = server.task
+                        log.error("the HTTP server stopped on its own: %s",
+                                  "cancelled" if ended.cancelled() else ended.exception() or "no error")
+                        status = 1
+                    else:
+                        log.info("stopping: no new connections; the requests in flight have %gs to finish", drain)
             finally:
                 clean = await _close(app, reserve)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return (0 if clean else 1), clean
+    return (status if clean else 1), clean
 
 
 async def _close(app: Any, budget: float) -> bool:

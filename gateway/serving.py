@@ -113,7 +113,9 @@ def guarded(header_timeout: float, body_timeout: float) -> type[GuardedProtocol]
 
 
 class HTTPServer(uvicorn.Server):
-    """uvicorn's server without its signal handling: `_run` owns SIGTERM and SIGINT."""
+    """uvicorn's server without its signal handling (gateway/server.py owns SIGTERM and SIGINT); `task` serves."""
+
+    task: asyncio.Task[None]
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -135,7 +137,7 @@ async def serving(app: Any, sock: socket.socket, settings: Settings | None = Non
         backlog=BACKLOG, **limits,
     )  # fmt: skip
     server = HTTPServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway-http")
+    task = server.task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway-http")
     while not server.started:
         if task.done():
             reason = task.exception() if not task.cancelled() else None
