@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -277,10 +276,7 @@ class Endpoints:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", "No database: usage comes from the record.")
         if period == current and self.reconciler is not None:
             await self.reconciler.flush([billable], force=True)  # the answer includes the last second's use
-        try:
-            return JSONResponse(await usage_report(self.db, billable, period))
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+        return JSONResponse(await usage_report(self.db, billable, period))
 
     # ---- the client's own, and the operator's probes -------------------------------------------------
 

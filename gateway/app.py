@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
@@ -15,6 +16,7 @@ from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
 from gateway.engine import Engine
+from gateway.errors import ConfigError, DatabaseUnavailable, RedisRefused, RedisUnavailable
 from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identity import KeyStore
@@ -29,6 +31,8 @@ from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
 
 log = logging.getLogger("gateway")
+
+CHECK_TIMEOUT_S = 3.0  # a start-up check of Redis or the upstream: said, never waited on for long
 
 
 @dataclass
@@ -58,13 +62,19 @@ class Gateway:
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
     async def start(self) -> None:
-        self.db = await Database.connect(self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"))
-        await self.db.check_current()
+        await self.check_redis()
+        try:
+            self.db = await Database.connect(
+                self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
+            )
+            await self.db.check_current()
+        except DatabaseUnavailable as exc:
+            raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
         # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
         # without a shared Redis the record is asked about each key every second instead.
         feed = RevocationFeed(self.store) if self.settings.redis_url else None
         self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
-        self.engine = Engine(self.store, self.catalog)
+        self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)
         self.grants = Grants(self.db, self.engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
         self.reconciler = attach(
@@ -85,6 +95,27 @@ class Gateway:
         if self.catalog.file.events.webhook_url:
             self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
             self.deliverer.start()
+
+    async def check_redis(self) -> None:
+        """Say at start what is wrong with Redis: unreachable is a line (routes follow on_redis_down until it
+        answers); a Redis that answers but refuses the URL (a database index it lacks) is a setting to fix."""
+        if self.store.embedded:
+            return
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await self.store.fields(["gw:{start-up check}"], "chg")
+        except RedisRefused as exc:
+            raise ConfigError(
+                f"Redis at {self.store.url} refused the connection: {exc}. Fix GATEWAY_REDIS_URL "
+                "(a database index must be one the server has: 0 to 15 unless redis.conf `databases` says more)"
+            ) from exc
+        except (RedisUnavailable, TimeoutError) as exc:
+            tls = " If that port speaks no TLS, the URL is redis://, not rediss://." if self.store.url.startswith("rediss:") else ""
+            log.warning(
+                "%s Starting anyway (the catalog's on_redis_down: %s).%s",
+                exc or f"Redis at {self.store.url} did not answer within {CHECK_TIMEOUT_S:g}s.",
+                self.catalog.settings.on_redis_down, tls,
+            )
 
     async def stop(self) -> None:
         if self.billing is not None:
@@ -131,9 +162,13 @@ class GatewayApp:
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(known))}")
         return cls(Settings.load(settings), upstream_app=app, billable=billable)
 
-    async def _startup(self, scope: dict[str, Any]) -> None:
+    async def startup(self, scope: dict[str, Any] | None = None) -> None:
+        """Connect the gateway, then start the wrapped app (the lifespan's startup; `gateway serve` calls
+        it directly, without a lifespan scope)."""
         gw = self.gateway
         await gw.start()
+        if isinstance(self.upstream, Proxy):
+            await _check_upstream(self.upstream.upstream)
         assert gw.engine is not None
         middleware = GatewayMiddleware(
             self.upstream,
@@ -169,14 +204,14 @@ class GatewayApp:
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )
         self.middleware = middleware
-        self._inner = _Lifespan(self.upstream, scope)
+        self._inner = _Lifespan(self.upstream, scope or {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}})
         await self._inner.startup()
         # Everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process: keep
         # it out of the collector's scans, which otherwise cost more than the decision under load.
         gc.collect()
         gc.freeze()
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self._inner is not None:
             await self._inner.shutdown()
         if hasattr(self.upstream, "aclose"):
@@ -189,14 +224,14 @@ class GatewayApp:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     try:
-                        await self._startup(scope)
+                        await self.startup(scope)
                     except Exception as exc:  # noqa: BLE001 - the server prints this and exits
                         log.error("gateway could not start: %s", exc)
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
-                    await self._shutdown()
+                    await self.shutdown()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         assert self.middleware is not None, "the gateway serves requests after lifespan startup"
@@ -238,6 +273,22 @@ class _Lifespan:
         # Whatever it did not answer, it has nothing more to say.
         await self._from_app.put({"type": "lifespan.startup.complete"})
         await self._from_app.put({"type": "lifespan.shutdown.complete"})
+
+
+async def _check_upstream(upstream: str) -> None:
+    """An upstream that does not accept connections is a start-up line, not a failure (requests get 502)."""
+    url = urlsplit(upstream)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    except TimeoutError:
+        reason = f"no answer within {CHECK_TIMEOUT_S:g}s"
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    else:
+        writer.close()
+        return
+    log.warning("the upstream %s does not accept connections (%s): starting anyway; requests get 502 until it does", upstream, reason)
 
 
 __all__ = ["Gateway", "GatewayApp"]

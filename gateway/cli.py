@@ -114,6 +114,10 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
         "--trust-forwarded", action="store_true", default=None,
         help="append to the client's X-Forwarded-* instead of dropping them: only behind a load balancer (GATEWAY_TRUST_FORWARDED)",
     )  # fmt: skip
+    parser.add_argument("--workers", help="processes on the port, each a whole gateway (GATEWAY_WORKERS, default 1; needs --redis-url)")
+    parser.add_argument("--header-timeout", help="seconds to receive a request's headers (GATEWAY_HEADER_TIMEOUT, default 10)")
+    parser.add_argument("--body-timeout", help="seconds a request body may sit idle (GATEWAY_BODY_TIMEOUT, default 30)")
+    parser.add_argument("--max-connections", help="open client connections per process; more get 503 (GATEWAY_MAX_CONNECTIONS, default 10000)")
 
 
 def _settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -376,17 +380,9 @@ async def _stripe_sync(settings: Settings, *, push: bool) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
+    from gateway.server import serve
 
-    from gateway.app import GatewayApp
-
-    app = GatewayApp(settings)
-    # uvicorn's proxy_headers would believe a loopback client's X-Forwarded-For about who it is.
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, lifespan="on", log_level="info", access_log=False,
-        proxy_headers=settings.trust_forwarded,
-    )  # fmt: skip
-    return 0
+    return serve(settings)
 
 
 async def _db_upgrade(settings: Settings) -> int:

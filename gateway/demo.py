@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import secrets
-import socket
 import tempfile
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.catalog import Events
+from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -69,74 +67,36 @@ demo_api = Starlette(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_demo(settings: Settings) -> int:
     """The demo on a fresh record each run (deleted when it stops), so every run starts the same way."""
+    from gateway.server import bind, serve
+    from gateway.serving import serving
+
+    if settings.workers > 1:
+        raise ConfigError("gateway demo runs in one process: --workers is for gateway serve")
+    listening = bind(settings.host, settings.port)  # before any other start-up work
+    api = bind("127.0.0.1", 0)
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as folder:
         demo = dataclasses.replace(
-            settings, upstream=None, redis_url=None, billable_header=None, database_url=f"sqlite:///{folder}/gateway.db",
-            admin_token=settings.admin_token or secrets.token_urlsafe(16),
-        )
+            settings, upstream=f"http://127.0.0.1:{api.getsockname()[1]}", redis_url=None, billable_header=None,
+            database_url=f"sqlite:///{folder}/gateway.db", admin_token=settings.admin_token or secrets.token_urlsafe(16),
+        )  # fmt: skip
         logging.getLogger("gateway.store.db").setLevel(logging.WARNING)  # a fresh record every run is no news
-        try:
-            return asyncio.run(_demo(demo))
-        except KeyboardInterrupt:  # Ctrl+C: both servers have stopped
-            return 0
+        return serve(demo, listening=listening, alongside=lambda: serving(demo_api, api), started=_say_welcome, make_app=_app)
 
 
-class _DemoAPI(uvicorn.Server):
-    """The demo API's server: it leaves Ctrl+C to the gateway's, which stops it after itself."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-async def _demo(settings: Settings) -> int:
+def _app(settings: Settings) -> GatewayApp:
     from gateway.app import GatewayApp
 
-    upstream_port = _free_port()
-    settings.upstream = f"http://127.0.0.1:{upstream_port}"
-    # Started (quietly) before the gateway's server sets uvicorn's log level: one set of start lines.
-    upstream = _DemoAPI(uvicorn.Config(demo_api, host="127.0.0.1", port=upstream_port, log_level="warning"))
-    upstream_task = asyncio.create_task(upstream.serve())
-    while not upstream.started:
-        if upstream_task.done():
-            return 1
-        await asyncio.sleep(0.05)
     app = GatewayApp(settings)
     catalog = app.gateway.catalog
     # The catalog's webhook receiver is an example's; the demo sends its events nowhere.
     app.gateway.catalog = dataclasses.replace(catalog, file=catalog.file.model_copy(update={"events": Events()}))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            lifespan="on",
-            log_level="info",
-            access_log=False,
-            proxy_headers=settings.trust_forwarded,
-        )
-    )
-    server_task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if server_task.done():
-                return 1
-            await asyncio.sleep(0.05)
-        print(await _welcome(app, settings), flush=True)
-        await server_task
-        return 0
-    finally:
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # the demo API's stop is not news
-        upstream.should_exit = True
-        await upstream_task
+    return app
+
+
+async def _say_welcome(app: GatewayApp) -> None:
+    print(await _welcome(app, app.settings), flush=True)
 
 
 async def _welcome(app: GatewayApp, settings: Settings) -> str:

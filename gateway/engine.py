@@ -530,6 +530,17 @@ class Engine:
         values = await self.store.fields([self.keys(b)[0] for b in billables], "chg")
         return [None if v is None else int(v) for v in values]
 
+    async def expire_holds(self, billables: list[str]) -> list[str]:
+        """Drop the holds past their lifetime (kept as charged: their settle never came) of the billables whose
+        oldest hold is due; answers those billables. Two pipelined round trips, the second only when one is due."""
+        due_at = await self.store.fields([self.keys(b)[0] for b in billables], "hx")
+        now_ms = self.clock() * 1000
+        due = [b for b, at in zip(billables, due_at, strict=True) if at is not None and float(at) <= now_ms]
+        if due:
+            await self.store.run_many("expire", [(self.keys(b)[::2], ()) for b in due])
+            self.touched.update(due)
+        return due
+
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, from one snapshot (of the restored state, when Redis lost it)."""
         snap = await self.snapshot(billable)

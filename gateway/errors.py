@@ -3,6 +3,7 @@
     GatewayError
     ├── CatalogError        plans.toml is wrong: every problem, each with its dotted place
     ├── RedisUnavailable    Redis cannot be reached (or the circuit breaker is open)
+    │   └── RedisRefused    Redis answered but refused the connection's set-up (AUTH, SELECT): a setting to fix
     ├── RedisReplyError     Redis answered with an error (a script failed, a command was refused)
     ├── StateUnavailable    a billable's lost state cannot be restored (the record is unreachable)
     ├── DatabaseUnavailable the record cannot be read or written (grants refused, unknown keys refused)
@@ -45,6 +46,10 @@ class CatalogError(GatewayError):
 
 class RedisUnavailable(GatewayError):
     """Redis did not answer; the route's on_redis_down decides what the client gets."""
+
+
+class RedisRefused(RedisUnavailable):
+    """Redis refused AUTH or SELECT: the URL's user, password or database number is wrong."""
 
 
 class RedisReplyError(GatewayError):

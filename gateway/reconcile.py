@@ -34,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.coalesce import Coalescer
 from gateway.engine import Engine, EventBatch, Snapshot
@@ -47,9 +46,8 @@ from gateway.usage import rows_from_state
 
 log = logging.getLogger("gateway.reconcile")
 
-_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 _REDIS_ERRORS = (RedisUnavailable, RedisReplyError)
-DB_TIMEOUT_S = 15.0
+STOP_FLUSH_S = 15.0  # the last flush when a process stops (each of its record operations has its own deadline)
 RESTORE_TIMEOUT_S = 2.0
 RESTORE_BATCH = 500  # billables read from the record in one go when many restore at once
 STRANDED_GRANT_S = 5.0  # a live grant is applied within milliseconds of its commit
@@ -124,7 +122,7 @@ class Reconciler:
                     await task
         self._task = self._sweeping = None
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S):
+            async with asyncio.timeout(STOP_FLUSH_S):
                 await self.flush_dirty()
         except Exception as exc:  # noqa: BLE001 - shutting down: say what stays unflushed, never hang
             log.warning("stopping with %d billables not flushed (the leader's sweep will): %s", len(self.dirty), exc)
@@ -162,7 +160,7 @@ class Reconciler:
             self._next_prune = self.clock() + PRUNE_EVERY_S
             try:
                 pruned = await self.outbox.prune(self.events_retention)
-            except _DB_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("could not prune the event outbox (next try in an hour): %s", exc)
             else:
                 if pruned:
@@ -211,8 +209,8 @@ class Reconciler:
         return await self.flush(list(self.dirty))
 
     async def sweep(self) -> int:
-        """Flush every billable whose state in Redis differs from the record's (its `chg` does), and apply
-        grants a crashed process recorded but never applied."""
+        """Flush every billable whose state in Redis differs from the record's (its `chg` does), apply grants a
+        crashed process recorded but never applied, and drop holds whose settle never came (past GATEWAY_HOLD_TTL)."""
         if self.grants is not None:
             await self.apply_stranded_grants()
         flushed = 0
@@ -232,7 +230,7 @@ class Reconciler:
         assert self.grants is not None
         since = datetime.now(UTC) - timedelta(seconds=older_than)
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+            async with self.db.engine.connect() as conn:
                 found = await conn.execute(
                     sa.select(credit_grants.c.billable)
                     .where(credit_grants.c.applied_at.is_(None), credit_grants.c.created_at < since)
@@ -241,15 +239,16 @@ class Reconciler:
                 billables = list(found.scalars())
             for billable in billables:
                 await self.grants.apply(billable)
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+            raise
         if billables:
             log.info("applied the stranded grants of %d billables", len(billables))
         return len(billables)
 
     async def _sweep_some(self, billables: list[str]) -> int:
         billables = list(dict.fromkeys(billables))  # SCAN may return a key twice
+        await self.engine.expire_holds(billables)  # before the counters: an expiry is a change to flush
         counters = await self.engine.change_counters(billables)
         recorded = await self._recorded(billables)
         stale = [b for b, chg in zip(billables, counters, strict=True) if chg is not None and recorded.get(b) != chg]
@@ -257,14 +256,14 @@ class Reconciler:
 
     async def _recorded(self, billables: list[str]) -> dict[str, int]:
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S), self.db.engine.connect() as conn:
+            async with self.db.engine.connect() as conn:
                 found = await conn.execute(
                     sa.select(snapshots.c.billable, snapshots.c.chg).where(snapshots.c.billable.in_(billables))
                 )
                 return {row.billable: int(row.chg) for row in found}
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not answer: {exc}") from exc
+            raise
 
     # ---- flushing -----------------------------------------------------------------------------------
 
@@ -320,14 +319,13 @@ class Reconciler:
             self._redis_down(exc)
             raise
         try:
-            async with asyncio.timeout(DB_TIMEOUT_S):
-                # Events enter the outbox before the snapshot that counts them: a crash between the two
-                # leaves `chg` unrecorded, so the billable is flushed again (the outbox ignores repeats).
-                await self.outbox.add([e for batch in batches for e in batch.events])
-                await self._write(writes)
-        except _DB_ERRORS as exc:
+            # Events enter the outbox before the snapshot that counts them: a crash between the two
+            # leaves `chg` unrecorded, so the billable is flushed again (the outbox ignores repeats).
+            await self.outbox.add([e for batch in batches for e in batch.events])
+            await self._write(writes)
+        except DatabaseUnavailable as exc:
             self._database_down(exc)
-            raise DatabaseUnavailable(f"the database at {self.db.shown} did not take a flush: {exc}") from exc
+            raise
         self.database_ok = True
         if len(self.recorded) > 1_000_000:
             self.recorded.clear()  # only an optimization: forgetting costs one redundant write each
@@ -502,6 +500,6 @@ class Rehydrator:
                     # Another process restored an older snapshot first: replay from what Redis holds.
                     await self.grants.replay(billable, result.last_sequence)
                     return
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc

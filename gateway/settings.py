@@ -32,6 +32,14 @@ ENVIRONMENT = {
     "stripe_webhook_secret": "GATEWAY_STRIPE_WEBHOOK_SECRET",
     "stripe_api_base": "GATEWAY_STRIPE_API_BASE",
     "processes": "GATEWAY_PROCESSES",
+    # the server's life cycle and its limits (DESIGN §3, §5)
+    "workers": "GATEWAY_WORKERS",
+    "header_timeout": "GATEWAY_HEADER_TIMEOUT",
+    "body_timeout": "GATEWAY_BODY_TIMEOUT",
+    "max_connections": "GATEWAY_MAX_CONNECTIONS",
+    "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
+    "db_timeout": "GATEWAY_DB_TIMEOUT",
+    "hold_ttl": "GATEWAY_HOLD_TTL",
 }
 
 
@@ -56,6 +64,14 @@ class Settings:
     stripe_api_base: str | None = None
     # Processes sharing the rate limits of on_redis_down = "local" (each enforces limit / processes).
     processes: int = 1
+    # the server's life cycle and its limits (DESIGN §3, §5)
+    workers: int = 1  # processes on one port, each a whole gateway (needs a real Redis)
+    header_timeout: float = 10.0  # seconds to receive a request's headers
+    body_timeout: float = 30.0  # seconds a request body may sit idle
+    max_connections: int = 10_000  # open client connections per process; requests beyond get 503
+    shutdown_grace: float = 10.0  # seconds from SIGTERM to exit: in-flight requests finish, the record is flushed
+    db_timeout: float = 5.0  # deadline of one record operation
+    hold_ttl: int = 3600  # seconds before a hold whose settle never came leaves its billable's holds, charged
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,7 +105,9 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             raise ConfigError(f"{source}: expected true or false, got {raw!r}")
         return _BOOLEANS[str(raw).strip().lower()]
     kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float,
-            "events_retention_days": float, "processes": int}.get(name)
+            "events_retention_days": float, "processes": int,
+            "workers": int, "max_connections": int, "hold_ttl": int, "header_timeout": float, "body_timeout": float,
+            "shutdown_grace": float, "db_timeout": float}.get(name)
     if name == "upstream":
         return _upstream(str(raw), source)
     if kind is None:

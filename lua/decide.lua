@@ -11,7 +11,7 @@ local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
 -- Every field this decision may read, in one call: the fixed ones here, the spec's own in spec.f.
-local names = {'pv', 'hyd', 'asg', 'sub', 'chg', 'eseq', 'bp_s', 'bp_e',
+local names = {'pv', 'hyd', 'asg', 'sub', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
   'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key}
 for _, f in ipairs(spec.f) do names[#names + 1] = f end
 local values = redis.call('HMGET', S, unpack(names))
@@ -32,6 +32,24 @@ local hold_id = ARGV[5]
 local plan = ARGV[9]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- Holds whose settle never came (their process died) leave the hash once past their lifetime, kept as
+-- charged. `hx` is the earliest expiry among them: nothing is read until one is due.
+local next_expiry = tonumber(F.hx)
+if next_expiry and next_expiry <= now then
+  next_expiry = nil
+  local held = redis.call('HGETALL', HOLDS)
+  for i = 1, #held, 2 do
+    local exp = tonumber(cjson.decode(held[i + 1]).exp) or 0
+    if exp <= now then
+      redis.call('HDEL', HOLDS, held[i])
+    elseif not next_expiry or exp < next_expiry then
+      next_expiry = exp
+    end
+  end
+  if next_expiry then redis.call('HSET', S, 'hx', next_expiry) else redis.call('HDEL', S, 'hx') end
+  F.chg = redis.call('HINCRBY', S, 'chg', 1)
+end
 
 local function num(field, default)
   local v = F[field]
@@ -275,11 +293,12 @@ if admitted then
   set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)
   if taken ~= 0 then set('qc:' .. usage_key, num('qc:' .. usage_key, 0) + taken) end
   if units ~= 0 then set('qu:' .. usage_key, num('qu:' .. usage_key, 0) + units) end
-  redis.call('HSET', S, unpack(writes))
   if hold_id ~= '' and hold then
     hold.exp = now + tonumber(ARGV[8]) * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
+    if not next_expiry or hold.exp < next_expiry then set('hx', hold.exp) end
   end
+  redis.call('HSET', S, unpack(writes))
 else
   -- A denial consumes nothing; it only remembers which block events it has sent.
   if #deny_events > 0 and not forced_deny then

@@ -6,6 +6,7 @@ any of that start their own server here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -244,6 +245,21 @@ def delete_prefix(url: str, prefix: str) -> int:
 # ---- Postgres: a private server, for tests that stop it ---------------------------------------------------
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a postmaster's backends and workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def _pg_bin(name: str) -> str:
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if found:
@@ -320,11 +336,25 @@ class PostgresServer:
         )
         return done.returncode == 0
 
+    def pause(self) -> None:
+        """SIGSTOP the server and every backend: it accepts connections (the kernel does) and answers nothing."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "postgres is not running"
+        for pid in [self.proc.pid, *children_of(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def stop(self) -> None:
         """A fast shutdown (SIGINT: connections are cut, the data stays)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.resume()  # a paused server would not hear the SIGINT
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=15)

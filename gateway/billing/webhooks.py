@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import stripe
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -126,7 +126,7 @@ class Webhooks:
             return _problem(400, event)
         try:
             result = await self.process(event)
-        except (SQLAlchemyError, OSError, DatabaseUnavailable) as exc:
+        except DatabaseUnavailable as exc:
             log.warning("Stripe event %s not processed, the database did not answer: %s", event["id"], exc)
             return _problem(503, "The database did not answer; Stripe will deliver this event again.")
         except (RedisUnavailable, StateUnavailable) as exc:

@@ -3,6 +3,11 @@
     await Database.connect(url)                      an engine (asyncpg or aiosqlite); no I/O yet
     await Database.connect(url, auto_upgrade=True)   SQLite is migrated to the head; a Postgres behind is refused
     await db.upgrade()                               what `gateway db upgrade` runs
+    async with db.engine.begin() as conn: ...        one record operation, under the deadline (below)
+
+Every connection taken from `db.engine` or `db.reader` is one record operation with a deadline
+(GATEWAY_DB_TIMEOUT, DESIGN §5): from its checkout to its return to the pool, nothing waits longer, and
+every way the database fails to answer leaves it as DatabaseUnavailable naming the database.
 
 The tables below are the one description of the schema; migrations under gateway/migrations create
 them, and a test compares the two so they cannot drift apart.
@@ -12,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import sqlalchemy as sa
 from alembic import command
@@ -27,8 +33,9 @@ from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gateway.errors import ConfigError, DatabaseUnavailable
 
@@ -37,8 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "sqlite:///gateway.db"
 ACCEPTED = "postgresql://USER@HOST:PORT/DB or sqlite:///PATH"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-BUSY_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 5.0
+DB_TIMEOUT_S = 5.0  # GATEWAY_DB_TIMEOUT's default
 PING_TIMEOUT_S = 2.0
 # Any constant will do: it only has to be the same in every gateway process.
 _MIGRATION_LOCK = 0x6761746577617931
@@ -250,11 +256,110 @@ settings = sa.Table(
 )
 
 
+# ---- the deadline of a record operation ---------------------------------------------------------------
+
+
+@contextmanager
+def answering(shown: str, deadline: float | None = None) -> Iterator[None]:
+    """The one map from "the database did not answer" (a deadline, a socket, a driver's error) to
+    DatabaseUnavailable, naming the database and the reason. A conflict (IntegrityError) is the caller's."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except TimeoutError as exc:  # the deadline (asyncio's is the builtin), or the driver's own
+        within = f"within {deadline:g} s (GATEWAY_DB_TIMEOUT)" if deadline is not None else "in time"
+        raise DatabaseUnavailable(f"the database at {shown} did not answer {within}") from exc
+    except (DBAPIError, PoolTimeout, DisconnectionError, OSError) as exc:
+        raise DatabaseUnavailable(f"the database at {shown} did not answer: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+
+
+class _Operation(AsyncConnection):
+    """A pooled connection whose use, from checkout to its return, is one record operation: under the
+    engine's deadline, and answering as DatabaseUnavailable when the database does not."""
+
+    async def __aenter__(self) -> Self:
+        self._scope = self._bounded()
+        return await self._scope.__aenter__()
+
+    async def __aexit__(
+        self, type_: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._scope.__aexit__(type_, value, traceback)  # never swallows: the operation's error is raised
+
+    @asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[Self]:
+        engine = self.engine
+        assert isinstance(engine, _Engine)
+        with answering(engine.shown, engine.deadline):
+            # The deadline cancels whatever waits: the pool, a connect, the check on checkout, a statement.
+            # A connection abandoned that way is invalidated, and so cut (see _cut_on_invalidate).
+            deadline = asyncio.timeout(engine.deadline)
+            try:
+                async with deadline:
+                    await self.start(is_ctxmanager=True)
+                    # A connection's return to the pool (its rollback) runs to completion whatever cancels
+                    # it: at the deadline its socket is cut, so a server that stopped answering cannot hold it.
+                    when = deadline.when()
+                    cut = None if when is None else asyncio.get_running_loop().call_at(when, _cut, self)
+                    try:
+                        yield self
+                    finally:
+                        try:
+                            await AsyncConnection.__aexit__(self, None, None, None)
+                        finally:
+                            if cut is not None:
+                                cut.cancel()
+            except (DBAPIError, OSError) as exc:
+                if deadline.expired():
+                    raise TimeoutError("cut at the deadline") from exc
+                raise
+
+
+class _Engine(AsyncEngine):
+    """An AsyncEngine whose connections are record operations under `deadline` seconds (None: the
+    driver's own bound, SQLite's busy timeout: a statement running in aiosqlite's thread cannot be abandoned)."""
+
+    _connection_cls = _Operation
+
+    def __init__(self, engine: AsyncEngine, shown: str, deadline: float | None) -> None:
+        super().__init__(engine.sync_engine)
+        self.shown = shown
+        self.deadline = deadline
+
+
+def _cut(conn: AsyncConnection) -> None:
+    """Close the driver's socket at once: no goodbye to a server that may never read it."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        _terminate(sync.connection.driver_connection)
+
+
+def _terminate(driver: Any) -> None:
+    terminate = getattr(driver, "terminate", None)  # asyncpg's: closes the transport without waiting
+    if terminate is not None:
+        terminate()
+
+
+def _cut_on_invalidate(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "invalidate")
+    def _on_invalidate(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
+        # SQLAlchemy closes an invalidated connection gracefully, waiting up to 2 s for a server that may
+        # not answer (and longer when a cancel of the statement is pending): cut it first.
+        _terminate(dbapi_connection.driver_connection)
+
+
 # ---- the database -------------------------------------------------------------------------------------
 
 
 class Database:
-    """One async engine over the record, and the schema's revision."""
+    """Async engines over the record (every connection a record operation, see the module), and the schema."""
 
     def __init__(self, engine: AsyncEngine, url: URL, reader: AsyncEngine | None = None) -> None:
         self.engine = engine
@@ -266,20 +371,24 @@ class Database:
         self.shown = _shown(url)
 
     @classmethod
-    async def connect(cls, url: str | None = None, *, auto_upgrade: bool = False) -> Database:
-        """An engine for the URL; no I/O unless `auto_upgrade`, which upgrades SQLite and checks a Postgres."""
+    async def connect(
+        cls, url: str | None = None, *, auto_upgrade: bool = False, timeout: float = DB_TIMEOUT_S
+    ) -> Database:
+        """Engines for the URL, each operation under `timeout` seconds; no I/O unless `auto_upgrade`, which
+        upgrades SQLite and checks a Postgres."""
         parsed = make_url(database_url(url))
+        shown = _shown(parsed)
         reader = None
         if parsed.get_backend_name() == "sqlite":
-            engine = create_async_engine(parsed)
-            _configure_sqlite(engine)
-            reader = create_async_engine(parsed)
-            _configure_sqlite(reader, immediate=False)
+            engine = _Engine(create_async_engine(parsed), shown, None)
+            _configure_sqlite(engine, busy_timeout=timeout)
+            reader = _Engine(create_async_engine(parsed), shown, None)
+            _configure_sqlite(reader, busy_timeout=timeout, immediate=False)
         else:
             # A Postgres restart leaves dead pooled connections: check each on checkout rather than fail a request.
-            engine = create_async_engine(
-                parsed, pool_pre_ping=True, connect_args={"timeout": CONNECT_TIMEOUT_S}
-            )
+            created = create_async_engine(parsed, pool_pre_ping=True, connect_args={"timeout": timeout})
+            engine = _Engine(created, shown, timeout)
+            _cut_on_invalidate(engine)
         db = cls(engine, parsed, reader)
         if auto_upgrade:
             try:
@@ -322,18 +431,21 @@ class Database:
 
     async def revision(self) -> str | None:
         """The database's current revision; None for an empty database."""
-        async with self._reachable(), self.engine.connect() as conn:
+        async with self.engine.connect() as conn:
             return await conn.run_sync(_current_revision)
 
     async def upgrade(self) -> None:
-        """Run every migration up to the head, in one transaction where the backend allows."""
-        async with self._reachable(), self.engine.begin() as conn:
-            if not self.is_sqlite:
-                # Two processes upgrading at once: the second waits, then finds nothing to do.
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-            before = await conn.run_sync(_current_revision)
-            await conn.run_sync(_upgrade_to_head)
-            after = await conn.run_sync(_current_revision)
+        """Run every migration up to the head, in one transaction where the backend allows.
+
+        Not a record operation: a migration (or waiting for another process's) may take longer than the deadline."""
+        with answering(self.shown):
+            async with AsyncEngine(self.engine.sync_engine).begin() as conn:
+                if not self.is_sqlite:
+                    # Two processes upgrading at once: the second waits, then finds nothing to do.
+                    await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                before = await conn.run_sync(_current_revision)
+                await conn.run_sync(_upgrade_to_head)
+                after = await conn.run_sync(_current_revision)
         if before != after:
             log.info("database %s upgraded from %s to %s", self.shown, before or "base", after)
 
@@ -355,22 +467,15 @@ class Database:
             "run `gateway db upgrade`"
         )
 
-    @asynccontextmanager
-    async def _reachable(self) -> AsyncIterator[None]:
-        """Turns a driver's failure to answer into DatabaseUnavailable, naming the database."""
-        try:
-            yield
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"the database at {self.shown} did not answer: {exc}") from exc
 
-
-def _configure_sqlite(engine: AsyncEngine, *, immediate: bool = True) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout: float, immediate: bool = True) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # SQLAlchemy, not the driver, begins transactions (see _on_begin).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        # SQLite does not answer only while another connection holds the write lock: this bounds the wait.
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from gateway.errors import RedisUnavailable
+from gateway.errors import RedisRefused, RedisUnavailable
 from gateway.store.breaker import Breaker
 from gateway.store.resp import Command, ConnectionLost, ReplyError, SetupRefused
 
@@ -67,7 +67,8 @@ class Node:
         if self.on_trouble is not None:
             self.on_trouble()
         if isinstance(exc, SetupRefused):
-            return self.unavailable(str(exc), hint="Check the URL's user, password and database number")
+            refused = self.unavailable(str(exc), hint="Check the URL's user, password and database number")
+            return RedisRefused(str(refused))
         return self.unavailable(str(exc))
 
     def _not_serving(self, exc: ReplyError) -> RedisUnavailable:
