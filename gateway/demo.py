@@ -82,7 +82,7 @@ def run_demo(settings: Settings) -> int:
             database_url=f"sqlite:///{folder}/gateway.db", admin_token=settings.admin_token or secrets.token_urlsafe(16),
         )  # fmt: skip
         logging.getLogger("gateway.store.db").setLevel(logging.WARNING)  # a fresh record every run is no news
-        return serve(demo, listening=listening, alongside=lambda: serving(demo_api, api), started=_say_welcome, make_app=_app)
+        return serve(demo, listening=listening, alongside=lambda: serving(demo_api, api, quiet=True), started=_say_welcome, make_app=_app)
 
 
 def _app(settings: Settings) -> GatewayApp:

@@ -82,7 +82,10 @@ def serve(
     try:
         # No I/O yet (the store connects on first use): a forked worker inherits it unused.
         app = (make_app or GatewayApp)(settings)
-    except Exception as exc:  # noqa: BLE001 - a catalog or a setting: one line (a catalog's problems each on theirs)
+    except GatewayError:  # a catalog or a setting: the command's own one line (a catalog's problems each on theirs)
+        sock.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else still ends in one line
         sock.close()
         print(f"gateway: cannot start: {_line(exc)}", file=sys.stderr)
         return STARTUP_FAILED

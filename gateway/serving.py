@@ -123,9 +123,12 @@ class HTTPServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, sock: socket.socket, settings: Settings | None = None, *, drain: float = 5.0) -> AsyncIterator[HTTPServer]:
+async def serving(
+    app: Any, sock: socket.socket, settings: Settings | None = None, *, drain: float = 5.0, quiet: bool = False
+) -> AsyncIterator[HTTPServer]:
     """Serve `app` on `sock` (limits and deadlines from `settings`) until the block ends; then stop accepting
-    and give the requests in flight `drain` seconds before they are cancelled."""
+    and give the requests in flight `drain` seconds before they are cancelled. `quiet`: without uvicorn's
+    start and stop lines (a server beside the gateway's, like the demo's API: one set of lines is enough)."""
     limits: dict[str, Any] = {}
     if settings is not None:
         limits = {
@@ -139,20 +142,36 @@ async def serving(app: Any, sock: socket.socket, settings: Settings | None = Non
         backlog=BACKLOG, **limits,
     )  # fmt: skip
     server = HTTPServer(config)
-    task = server.task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway-http")
-    while not server.started:
-        if task.done():
-            reason = task.exception() if not task.cancelled() else None
-            raise GatewayError(f"the HTTP server did not start on {sock.getsockname()}: {reason or 'it stopped'}")
-        await asyncio.sleep(0.01)
+    with _quieted(quiet):
+        task = server.task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway-http")
+        while not server.started:
+            if task.done():
+                reason = task.exception() if not task.cancelled() else None
+                raise GatewayError(f"the HTTP server did not start on {sock.getsockname()}: {reason or 'it stopped'}")
+            await asyncio.sleep(0.01)
     try:
         yield server
     finally:
         server.should_exit = True
-        await task
+        with _quieted(quiet):
+            await task
         # Requests cancelled at the end of the drain settle as their cancellation unwinds: let them.
         if server.server_state.tasks:
             await asyncio.wait(list(server.server_state.tasks), timeout=1.0)
+
+
+@contextlib.contextmanager
+def _quieted(quiet: bool) -> Iterator[None]:
+    """uvicorn's start and stop lines (INFO on "uvicorn.error") left out while the block runs."""
+    logger = logging.getLogger("uvicorn.error")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.setLevel(level)
 
 
 __all__ = ["GuardedProtocol", "HTTPServer", "guarded", "serving"]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from engine_support import BASE, Harness, harness
 from served import Served, upstream, wait_until
-from services import RedisServer, shared_redis_url
+from services import RedisServer, raw_redis, shared_redis_url
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
@@ -36,7 +36,7 @@ def go(request: pytest.FixtureRequest) -> Any:
 
 
 async def holds(h: Harness, billable: str) -> dict[str, dict[str, Any]]:
-    raw = await h.store.client.hgetall(h.engine.keys(billable)[2])
+    raw = await h.raw.hgetall(h.engine.keys(billable)[2])
     return {str(k): json.loads(v) for k, v in raw.items()}
 
 
@@ -51,9 +51,9 @@ async def age(h: Harness, billable: str, hold_ids: list[str], by_ms: int) -> Non
     """Test-only time travel: these holds (and the billable's earliest expiry) as if taken `by_ms` earlier."""
     key = h.engine.keys(billable)[2]
     for hold_id in hold_ids:
-        hold = json.loads(await h.store.client.hget(key, hold_id))
+        hold = json.loads(await h.raw.hget(key, hold_id))
         hold["exp"] -= by_ms
-        await h.store.client.hset(key, hold_id, json.dumps(hold))
+        await h.raw.hset(key, hold_id, json.dumps(hold))
     hx = int(await h.field(billable, "hx") or 0)
     await h.set_field(billable, "hx", hx - by_ms)
 
@@ -133,7 +133,7 @@ def test_the_sweep_ends_the_holds_of_a_billable_that_makes_no_request(tmp_path: 
 
         store = open_redis(shared_redis_url())
         db = await Database.connect(f"sqlite:///{tmp_path}/gw.db", auto_upgrade=True)
-        h = Harness(store, catalog, prefix)
+        h = Harness(store, catalog, prefix, raw_redis(shared_redis_url()))
         try:
             dead = Engine(store, catalog, prefix=prefix, hold_ttl=1)
             live = Engine(store, catalog, prefix=prefix)
@@ -160,6 +160,7 @@ def test_the_sweep_ends_the_holds_of_a_billable_that_makes_no_request(tmp_path: 
             assert row == int(snap.state["chg"])  # the expiry reached the record
         finally:
             await h.cleanup()
+            await h.raw.aclose()
             await store.close()
             await db.close()
 

@@ -345,7 +345,7 @@ def test_quick_start_demo_and_client(tmp_path: Path) -> None:
             while "Ctrl+C" not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
             printed = log.read_text()
-            assert printed.count("Uvicorn running on") == 1 and printed.count("Started server process") == 1, printed
+            assert printed.count("The gateway is running at") == 1 and printed.count("Started server process") == 1, printed
             key, admin = re.search(r"export KEY=(\S+)", printed), re.search(r"export ADMIN=(\S+)", printed)
             assert key and admin, printed
             shell.env.update(KEY=key[1], ADMIN=admin[1])
