@@ -434,10 +434,9 @@ class Engine:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
         self.touched.add(billable)
         for _ in range(2):
-            raw = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
-            out = json.loads(raw)
-            if out["st"] != "missing":
-                return GrantResult(out["st"], int(out["seq"]), int(out["bal"]))
+            status, last, balance = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
+            if status != "missing":
+                return GrantResult(status, int(last), int(balance))
             await self.rehydrate(billable)
         raise RuntimeError(f"state of {billable!r} vanished twice while applying a grant")
 

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisUnavailable
+from gateway.ids import billable as billable_id
 from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
 
@@ -307,7 +308,9 @@ class KeyStore:
     # ---- administration --------------------------------------------------------------------------------
 
     async def create(self, billable: str, name: str = "") -> CreatedKey:
-        """A new key for the billable; the returned `key` is never shown again."""
+        """A new key for the billable; the returned `key` is never shown again. BadRequest for an id
+        outside the billable id rule (nothing is created)."""
+        billable_id(billable, "billable")
         pepper = self._pepper or await self._load_pepper()
         for _ in range(3):
             key_id = _random(ID_LENGTH)
@@ -331,6 +334,7 @@ class KeyStore:
 
     async def list(self, billable: str) -> list[KeyInfo]:
         """The billable's keys, oldest first, revoked ones included; never a secret or a hash."""
+        billable_id(billable, "billable")
         c = api_keys.c
         query = (
             sa.select(c.id, c.name, c.created_at, c.last_used_at, c.revoked_at)

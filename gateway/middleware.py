@@ -14,11 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from gateway.bounds import loads
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
 from gateway.engine import Engine
-from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.identity import key_from_headers
+from gateway.ids import billable as billable_id
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
 
@@ -119,6 +121,10 @@ class GatewayMiddleware:
         started = time.perf_counter()
         try:
             billable = await self.identify(scope)
+        except BadRequest as exc:
+            self.metrics.decided("bad_request", ())
+            await self._bad_request(scope, send, str(exc))
+            return
         except DatabaseUnavailable as exc:
             log.warning("cannot check an API key: %s", exc)
             self.metrics.decided("unavailable", ())
@@ -173,17 +179,19 @@ class GatewayMiddleware:
     # ---- identity -----------------------------------------------------------------------------------
 
     async def identify(self, scope: Scope) -> str | None:
-        """The billable of a request: the app's callable, the trusted header, or the API key."""
+        """The billable of a request: the app's callable, the trusted header, or the API key.
+
+        BadRequest when the callable or the header names one outside the billable id rule."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
             found = self.billable(scope)
             if inspect.isawaitable(found):
                 found = await found
-            return found or None
+            return billable_id(found, "the billable callable's answer") if found else None
         if self.billable_header is not None:
             for name, value in headers:
                 if name == self.billable_header and value:
-                    return value.decode("utf-8", "replace")
+                    return billable_id(value.decode("latin-1"), f"the {self.billable_header.decode()} header")
             return None
         presented = key_from_headers(headers)
         if presented is None or self.keys is None:
@@ -243,7 +251,10 @@ class GatewayMiddleware:
 
         await self.app(scope, receive, send_flagged)
 
-    async def _bad_request(self, send: Send, detail: str) -> None:
+    async def _bad_request(self, scope: Scope, send: Send, detail: str) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": _BAD_REQUEST})
+            return
         start, body = problem_response(400, {"type": _BAD_REQUEST, "title": "Bad request", "status": 400, "detail": detail})
         await send(start)
         await send(body)
@@ -257,7 +268,7 @@ class GatewayMiddleware:
         if source.where == "request.header":
             units = header_units(headers, source.path)
             if units is None:
-                await self._bad_request(send, f"This operation is priced from the request: send a {source.path} header with a number.")
+                await self._bad_request(scope, send, f"This operation is priced from the request: send a {source.path} header with a number.")
                 return None
             return operation.price(units), receive
         chunks: list[bytes] = []
@@ -281,13 +292,15 @@ class GatewayMiddleware:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
+        wanted = f"This operation is priced from the request: send a JSON body with a number at {source.path}."
         try:
-            doc = json.loads(raw) if raw else None
-        except ValueError:
-            doc = None
+            doc = loads(raw) if raw else None
+        except BadRequest as exc:  # not JSON, or nested too deep to read
+            await self._bad_request(scope, send, f"{exc} {wanted}")
+            return None
         units = json_path(doc, source.path) if doc is not None else None
         if units is None:
-            await self._bad_request(send, f"This operation is priced from the request: send a JSON body with a number at {source.path}.")
+            await self._bad_request(scope, send, wanted)
             return None
         replayed = False
 

@@ -24,6 +24,7 @@ ENVIRONMENT = {
     "upstream_timeout": "GATEWAY_UPSTREAM_TIMEOUT",
     "max_body": "GATEWAY_MAX_BODY",
     "admin_token": "GATEWAY_ADMIN_TOKEN",
+    "metrics_token": "GATEWAY_METRICS_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
     "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
@@ -45,6 +46,7 @@ class Settings:
     upstream_timeout: float = 60.0
     max_body: int = DEFAULT_MAX_BODY
     admin_token: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # unset: /_gateway/metrics needs the admin token
     webhook_secret: str | None = field(default=None, repr=False)
     events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
     stripe_api_key: str | None = field(default=None, repr=False)
