@@ -197,11 +197,12 @@ class Engine:
         balance: int | None = None
         recharge = False
         if credit:
-            allowance, shown, balance, recharge = credit[0], credit[1], credit[2], bool(credit[3])
+            allowance, shown, balance, recharge, purchased = credit[0], credit[1], credit[2], bool(credit[3]), credit[4]
             if not shown:
                 balance = None
             if route is not None and route.config.spend is not None and allowance >= 0:
-                policies.append(PolicyState(CREDITS, "credits", allowance, None, balance, None))
+                # q: the nominal allowance plus the purchased credits on hand, so r (the balance) is never above it.
+                policies.append(PolicyState(CREDITS, "credits", allowance + max(0, purchased), None, balance, None))
         admitted = bool(ok) and not compiled.denied
         hold: dict[str, Any] | None = None
         if admitted and hold_reply:
