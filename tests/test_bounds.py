@@ -516,6 +516,29 @@ def test_signed_stripe_webhook_json_depth_64_is_processed_65_is_400(
     asyncio.run(main())
 
 
+def test_a_stripe_customer_naming_a_bad_billable_is_treated_as_unlinked(
+    stripe_api: tuple[FakeStripe, str, dict[str, str]], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A customer whose metadata.billable is outside the id rule (set by the merchant's own code) maps to no
+    billable: its events are answered 200 and change no billable's plan."""
+    fake, url, prices = stripe_api
+
+    async def main() -> None:
+        store = open_redis(redis_server.url)
+        async with billing_env(fake, url, f"sqlite:///{tmp_path}/billing.db", store=store) as env:
+            customer = fake.add_customer("org\r\nevil")
+            event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
+            r = await env.deliver(event)
+            assert r.status_code == 200, r.text
+            async with env.db.engine.connect() as conn:
+                linked = (await conn.execute(sa.text("select count(*) from stripe_customers"))).scalar()
+            assert linked == 0
+            assert [k async for k in store.scan(f"{env.engine.prefix}:*")] == []
+        await store.close()
+
+    asyncio.run(main())
+
+
 # ---- health and metrics ---------------------------------------------------------------------------------------
 
 
