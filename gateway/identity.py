@@ -41,6 +41,7 @@ SECRET_LENGTH = 32
 KEY_LENGTH = len(PREFIX) + ID_LENGTH + 1 + SECRET_LENGTH
 _ALPHABET = string.ascii_letters + string.digits
 _KEY = re.compile(rf"gw_([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGTH}}})")
+_KEY_ID = re.compile(rf"[A-Za-z0-9]{{{ID_LENGTH}}}")
 PEPPER_SETTING = "api_key_pepper"
 
 TTL_S = 1.0  # how long a key's answer is trusted: the bound on how late a revocation is seen
@@ -350,6 +351,8 @@ class KeyStore:
 
         With a feed the revocation is announced too; when Redis cannot take it this raises RedisUnavailable
         (the record has it: revoking again announces it)."""
+        if not _KEY_ID.fullmatch(key_id):
+            return False  # no key has that id: answered without I/O (a NUL would not even reach Postgres)
         now = sa.literal(datetime.now(UTC), api_keys.c.revoked_at.type)
         update = (
             api_keys.update()

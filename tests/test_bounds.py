@@ -193,6 +193,10 @@ def test_admin_paths_refuse_ids_outside_the_rule(gw: Served) -> None:
     # An encoded slash splits the segment: no {billable} route matches it, so it reaches nothing.
     status, _, _ = raw(gw.url, "POST", "/_gateway/admin/billables/a%2Fb/credits", grant)
     assert status in (400, 404)
+    # A key id outside the key shape names no key: 404 without asking the record (a NUL broke Postgres).
+    for bad in ("a%00b", "a%0D%0Ab", "x" * 300, "%C3%A9" * 6):
+        status, _, body = raw(gw.url, "DELETE", f"/_gateway/admin/keys/{bad}")
+        assert status == 404 and json.loads(body)["type"] == "urn:gateway:not-found", (bad, body)
     assert count(gw, "credit_grants") == 0 and count(gw, "plan_assignments") == 0
     assert gw.billable_keys() == []
 
