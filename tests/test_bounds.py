@@ -82,22 +82,24 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+def fresh(tmp_path: Path, db_url: str, server: RedisServer, **settings: Any) -> Iterator[Served]:
+    """The gateway on a fresh database and the private Redis emptied."""
+    with server.client() as c:
+        c.flushall()
+    with serving(tmp_path, CATALOG, redis_port=server.port, db_url=db_url, **settings) as served:
+        yield served
+
+
 @pytest.fixture
 def gw(tmp_path: Path, empty_db_url: str, redis_server: RedisServer) -> Iterator[Served]:
-    """A gateway with API keys, on a fresh database and an emptied private Redis."""
-    with redis_server.client() as c:
-        c.flushall()
-    with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=empty_db_url, metrics_token="metrics-secret") as served:
-        yield served
+    """A gateway with API keys."""
+    yield from fresh(tmp_path, empty_db_url, redis_server, metrics_token="metrics-secret")
 
 
 @pytest.fixture
 def trusted(tmp_path: Path, empty_db_url: str, redis_server: RedisServer) -> Iterator[Served]:
     """A gateway that names billables by the trusted header X-Org."""
-    with redis_server.client() as c:
-        c.flushall()
-    with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=empty_db_url, billable_header="X-Org") as served:
-        yield served
+    yield from fresh(tmp_path, empty_db_url, redis_server, billable_header="X-Org")
 
 
 def count(gw: Served, table: str) -> int:
