@@ -285,6 +285,28 @@ def test_middleware_refuses_ids_from_the_header_and_the_callable(key_prefix: str
     asyncio.run(main())
 
 
+def test_fastapi_guard_refuses_ids_from_its_callable() -> None:
+    """The FastAPI dependencies' callable is an entry point too: an id outside the rule is 400 problem+json."""
+    from fastapi import Depends, FastAPI
+    from starlette.testclient import TestClient
+
+    from gateway.dependencies import Guard
+
+    engine = Engine(open_redis(None), parse_catalog(CATALOG), prefix=f"gwt{uuid.uuid4().hex[:8]}")
+    gate = Guard(engine, billable=lambda request: request.headers.get("x-org"))
+    app = FastAPI(exception_handlers=gate.exception_handlers)
+
+    @app.post("/v1/projects", dependencies=[Depends(gate.require_feature("api_access"))])
+    async def projects() -> dict[str, bool]:
+        return {"ok": True}
+
+    with TestClient(app) as client:
+        for bad in ("a b", "a/b", "x" * 129, "..", "-a"):
+            r = client.post("/v1/projects", headers={"x-org": bad})
+            assert_bad_request(r, "billable callable", bad)
+        assert client.post("/v1/projects", headers={"x-org": "org_1"}).json() == {"ok": True}
+
+
 # ---- whole numbers --------------------------------------------------------------------------------------------
 
 OUT_OF_RANGE = [2**53, 2**53 + 1, 10**20, -(2**53), -(2**63), 10**30]
