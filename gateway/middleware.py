@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from gateway.bounds import loads
+from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
 from gateway.engine import Engine
@@ -270,7 +270,8 @@ class GatewayMiddleware:
             if units is None:
                 await self._bad_request(scope, send, f"This operation is priced from the request: send a {source.path} header with a number.")
                 return None
-            return operation.price(units), receive
+            cost = await self._cost(scope, send, operation, units)
+            return None if cost is None else (cost, receive)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -302,6 +303,9 @@ class GatewayMiddleware:
         if units is None:
             await self._bad_request(scope, send, wanted)
             return None
+        cost = await self._cost(scope, send, operation, units)
+        if cost is None:
+            return None
         replayed = False
 
         async def replay() -> Message:
@@ -311,7 +315,16 @@ class GatewayMiddleware:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
-        return operation.price(units), replay
+        return cost, replay
+
+    async def _cost(self, scope: Scope, send: Send, operation: Operation, units: float) -> int | None:
+        """The credits `units` cost, or None after answering 400 when no balance could ever cover them."""
+        cost = operation.price(units) if units <= MAX_INT else MAX_INT + 1  # 1e308 units would overflow the price
+        if cost <= MAX_INT:
+            return cost
+        source = operation.units_source
+        await self._bad_request(scope, send, f"{source}: {units:g} units would cost more than {MAX_INT} credits.")
+        return None
 
     # ---- forwarding and settling --------------------------------------------------------------------
 

@@ -493,8 +493,8 @@ def test_loads_counts_depth_without_recursion() -> None:
 
 
 def test_priced_route_json_depth_64_is_charged_65_is_400(trusted: Served) -> None:
-    """A route priced from request.json reads a body 64 levels deep and charges it; 65 or 1,000 is 400,
-    charges nothing and never reaches the upstream."""
+    """A route priced from request.json reads a body 64 levels deep and charges it; 65 or 1,000 is 400, and
+    so is a count of units no balance could cover: each charges nothing and never reaches the upstream."""
     org = {"X-Org": "org_priced"}
     grant = {"amount": 100, "idempotency_key": "priced"}
     assert httpx.post(f"{trusted.url}/_gateway/admin/billables/org_priced/credits", json=grant, headers=ADMIN_HEADERS).status_code == 200
@@ -503,6 +503,12 @@ def test_priced_route_json_depth_64_is_charged_65_is_400(trusted: Served) -> Non
     for depth in (65, 1000, 200_000):
         r = httpx.post(f"{trusted.url}/v1/priced", content=f'{{"n": 3, "x": {nested(depth - 1)}}}', headers=org)
         assert_bad_request(r, "nested deeper than 64", depth)
+    # Units no balance could ever cover are a 400 too (1.7e308 units once overflowed the price: a 500).
+    for n in ("1.7e308", "1e300", str(2**60), str(MAX_INT)):
+        r = httpx.post(f"{trusted.url}/v1/priced", content=f'{{"n": {n}}}', headers=org)
+        assert_bad_request(r, f"would cost more than {MAX_INT} credits", n)
+    short = httpx.post(f"{trusted.url}/v1/priced", content=f'{{"n": {MAX_INT // 2}}}', headers=org)  # 2^53 - 2: within
+    assert short.status_code == 402 and short.headers["x-credits-remaining"] == "94"
     assert trusted.upstream_saw == ["POST /v1/priced org_priced"]
     assert trusted.state("org_priced")["c:p"] == "94"
 
