@@ -31,6 +31,9 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # one decoder: json.loads(**kw) builds one per call
+
+
 def too_deep(text: str) -> bool:
     """Whether arrays and objects nest deeper than MAX_DEPTH in a JSON text, counted without recursion."""
     if text.count("[") + text.count("{") <= MAX_DEPTH:
@@ -56,7 +59,7 @@ def loads(raw: bytes | bytearray | str) -> Any:
     if too_deep(text):
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.")
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except RecursionError:  # only if the count above was fooled: never a 500
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError:
