@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -15,14 +16,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog
 from gateway.engine import Engine
-from gateway.errors import DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
+from gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
-from gateway.grants import Grants
+from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
+from gateway.ids import billable as billable_id
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.problems import bad_request, http_problem, json_body, problem
+from gateway.problems import bad_request, http_problem, json_body, problem, refused
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
@@ -30,6 +33,8 @@ from gateway.usage import PERIOD, current_period, usage_report
 log = logging.getLogger("gateway.admin")
 
 Identify = Callable[[Request], Awaitable[str | None]]
+
+MAX_NAME = 255  # a key's name, an idempotency key: labels, not documents
 
 
 def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, Any]:
@@ -80,6 +85,7 @@ class Endpoints:
         reconciler: Reconciler | None = None,
         identify: Identify,
         admin_token: str | None,
+        metrics_token: str | None = None,
         extra_routes: list[Route] | None = None,
         extra_admin_routes: list[Route] | None = None,
     ) -> None:
@@ -92,6 +98,7 @@ class Endpoints:
         self.metrics = metrics
         self.identify = identify
         self.admin_token = admin_token
+        self.metrics_token = metrics_token
         if not admin_token:
             log.warning("GATEWAY_ADMIN_TOKEN is not set: the admin API is off")
         admin = [
@@ -127,6 +134,8 @@ class Endpoints:
             await self.router(scope if "app" in scope else {**scope, "app": self}, receive, send)
         except HTTPException as exc:
             await http_problem(exc, scope["method"], scope["path"])(scope, receive, send)
+        except BadRequest as exc:  # an id, a number or a body outside its rule, from any endpoint
+            await refused(exc)(scope, receive, send)
 
     # ---- guards -------------------------------------------------------------------------------------
 
@@ -134,9 +143,10 @@ class Endpoints:
         async def guarded(request: Request) -> Response:
             if not self.admin_token:
                 return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API is off: set GATEWAY_ADMIN_TOKEN to turn it on.")
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            if not _bearer(request, self.admin_token):
                 return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API needs Authorization: Bearer <GATEWAY_ADMIN_TOKEN>.")
+            if "billable" in request.path_params:
+                billable_id(request.path_params["billable"], "the billable in the path")
             try:
                 return await endpoint(request)
             except (RedisUnavailable, StateUnavailable) as exc:
@@ -152,9 +162,9 @@ class Endpoints:
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
-        billable, name = body.get("billable"), body.get("name", "")
-        if not isinstance(billable, str) or not billable or not isinstance(name, str):
-            return bad_request('Send {"billable": "org_1", "name": "ci"}: billable is a non-empty string.')
+        billable, name = billable_id(body.get("billable"), "billable"), body.get("name", "")
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            return bad_request(f'name is a string of at most {MAX_NAME} characters (send {{"billable": "org_1", "name": "ci"}}).')
         if self.keys is None:
             return bad_request("This gateway names billables by a trusted header: it has no API keys.")
         created = await self.keys.create(billable, name)
@@ -211,30 +221,59 @@ class Endpoints:
         return JSONResponse(status)
 
     async def grant_credits(self, request: Request) -> Response:
+        """200 with the balance once applied; 202 when recorded but not yet in Redis; 503 when not recorded."""
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
-        amount, key, reason = body.get("amount"), body.get("idempotency_key"), body.get("reason", "")
-        if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0:
-            return bad_request('Send {"amount": 500, "reason": "...", "idempotency_key": "..."}: amount is a non-zero whole number.')
-        if key is not None and (not isinstance(key, str) or not key):
-            return bad_request("idempotency_key must be a non-empty string.")
+        billable = request.path_params["billable"]
+        amount = integer(body, "amount")
+        key, reason = body.get("idempotency_key"), body.get("reason", "")
+        if amount == 0:
+            return bad_request("amount must not be 0: a whole number of credits to grant (negative takes back).")
+        if not isinstance(key, str) or not key or len(key) > MAX_NAME or not key.isprintable():
+            return bad_request(
+                f"idempotency_key is required: a string of 1 to {MAX_NAME} printable characters naming this grant, so a "
+                'retry cannot grant twice (send {"amount": 500, "reason": "...", "idempotency_key": "..."}).'
+            )
+        if not isinstance(reason, str):
+            return bad_request("reason must be a string.")
         if self.grants is None:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", "No database: grants need the record.")
-        result = await self.grants.grant(request.path_params["billable"], amount, reason=str(reason), idempotency_key=key)
-        status = await self.engine.status(request.path_params["billable"])
+        if await self.grants.find(key) is None:  # a retry of a grant already made is never refused for its size
+            await self._balance_stays_exact(billable, amount)
+        try:
+            result = await self.grants.grant(billable, amount, reason=reason, idempotency_key=key)
+        except GrantConflict as exc:
+            return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
+        status: dict[str, Any] | None = None
+        if result.applied:
+            with contextlib.suppress(RedisUnavailable, StateUnavailable):
+                status = await self.engine.status(billable)
+        if status is None:
+            detail = "The grant is recorded; Redis did not take it yet, so it is applied when Redis is back. A retry with the same idempotency_key is safe."
+            return JSONResponse(
+                {"status": "recorded", "idempotency_key": key, "sequence": result.sequence, "detail": detail}, status_code=202
+            )
         return JSONResponse(
             {"balance": status["credits"]["balance"], "credits": status["credits"], "sequence": result.sequence,
              "duplicate": result.duplicate},
         )
 
+    async def _balance_stays_exact(self, billable: str, amount: int) -> None:
+        """BadRequest when the grant would take the live balance past ±MAX_INT (skipped while Redis is down:
+        the record still bounds what is granted)."""
+        try:
+            balance = (await self.engine.status(billable))["credits"]["balance"]
+        except (RedisUnavailable, StateUnavailable):
+            return
+        if balance is not None and abs(balance + amount) > MAX_INT:
+            raise BadRequest(f"amount: this grant would take the balance of {billable} from {balance} to {balance + amount}, past ±{MAX_INT}.")
+
     async def set_limit(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
-        usage = body.get("usage")
-        if not isinstance(usage, int) or isinstance(usage, bool) or usage < 0:
-            return bad_request('Send {"usage": 12}: a whole number, 0 or more.')
+        usage = integer(body, "usage", low=0)
         try:
             await self.engine.set_count(request.path_params["billable"], request.path_params["limit"], usage)
         except ValueError as exc:
@@ -246,15 +285,13 @@ class Endpoints:
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
-        enabled, amount, threshold = body.get("enabled"), body.get("amount_cents"), body.get("threshold")
+        enabled = body.get("enabled")
         if not isinstance(enabled, bool):
-            return bad_request('Send {"enabled": true, "amount_cents": 2000, "threshold": 1000}.')
-        if amount is not None and (not isinstance(amount, int) or amount <= 0):
-            return bad_request("amount_cents must be a whole number above 0.")
+            return bad_request('Send {"enabled": true, "amount_cents": 2000, "threshold": 1000}: enabled is true or false.')
+        amount = None if body.get("amount_cents") is None else integer(body, "amount_cents", low=1)
+        threshold = None if body.get("threshold") is None else integer(body, "threshold", low=0)
         if enabled and amount is None:
             return bad_request("amount_cents is needed to enable auto-recharge.")
-        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
-            return bad_request("threshold must be a whole number, 0 or more.")
         await self.engine.set_auto_recharge(request.path_params["billable"], enabled=enabled, threshold=threshold, amount_cents=amount)
         return JSONResponse({"enabled": enabled, "amount_cents": amount, "threshold": threshold})
 
@@ -291,16 +328,18 @@ class Endpoints:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
 
     async def health(self, request: Request) -> Response:
+        """Liveness for anyone (`{"status"}`); with the admin token, Redis, database, record and outbox state."""
         redis_up = await self.engine.store.ping()
         db_up = await self.db.ping() if self.db is not None else None
         record = self.reconciler.health() if self.reconciler is not None else None
         if db_up and record is not None and record["database"] == "down":
             db_up = False  # it answers a ping but has not taken a flush yet
-        body: dict[str, Any] = {
-            "status": "ok" if redis_up and db_up is not False else "degraded",
-            "redis": "up" if redis_up else "down",
-            "database": "none" if db_up is None else ("up" if db_up else "down"),
-        }
+        body: dict[str, Any] = {"status": "ok" if redis_up and db_up is not False else "degraded"}
+        code = 200 if redis_up else 503
+        if not (self.admin_token and _bearer(request, self.admin_token)):
+            return JSONResponse(body, status_code=code)
+        body["redis"] = "up" if redis_up else "down"
+        body["database"] = "none" if db_up is None else ("up" if db_up else "down")
         if record is not None:
             # Catch-up: billables waiting for the record, and how long the oldest has waited.
             body["record"] = {k: record[k] for k in ("pending", "lag_seconds", "leader")}
@@ -310,10 +349,24 @@ class Endpoints:
                     body["events"] = await Outbox(self.db).backlog()
             except Exception as exc:  # noqa: BLE001 - health answers whatever the outbox does
                 log.warning("health: could not count the event outbox: %s", exc)
-        return JSONResponse(body, status_code=200 if redis_up else 503)
+        return JSONResponse(body, status_code=code)
 
     async def prometheus(self, request: Request) -> Response:
+        tokens = [t for t in (self.metrics_token, self.admin_token) if t]
+        if not any(_bearer(request, t) for t in tokens):
+            detail = (
+                "Metrics need Authorization: Bearer <GATEWAY_METRICS_TOKEN or GATEWAY_ADMIN_TOKEN>."
+                if tokens
+                else "Metrics are off: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN) and send it as Authorization: Bearer <token>."
+            )
+            return problem(401, "urn:gateway:unauthorized", "Unauthorized", detail)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _bearer(request: Request, token: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
 def _iso(value: Any) -> str | None:

@@ -200,6 +200,7 @@ class GatewayApp:
             metrics=gw.metrics,
             identify=identify,
             admin_token=self.settings.admin_token,
+            metrics_token=self.settings.metrics_token,
             extra_routes=public,
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )

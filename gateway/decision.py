@@ -105,22 +105,29 @@ class Decision:
         """RateLimit-Policy, RateLimit, X-RateLimit-*, Retry-After, X-Credits-Remaining, X-Gateway-Degraded."""
         out: list[tuple[bytes, bytes]] = []
         shown: list[tuple[str, int, int | None]] = []
+        credits_item = b""  # its q follows the purchased credits on hand: not worth a cache entry per value
         items: list[str] = []
         tight: PolicyState | None = None
         tight_key = (2.0, 0)  # (share left, units left) of the tightest policy: the X-RateLimit-* one
         for p in self.policies:
-            name, _, quota, window, remaining, reset = p
+            name, kind, quota, window, remaining, reset = p
             if quota < 0:
                 continue
-            shown.append((name, quota, window))
+            if kind == "credits":
+                credits_item = f"{_sf_string(name)};q={quota}".encode()
+            else:
+                shown.append((name, quota, window))
             left = remaining if remaining is not None and remaining > 0 else 0
             items.append(f"{_sf_string(name)};r={left}" if reset is None else f"{_sf_string(name)};r={left};t={reset}")
             if remaining is not None and quota > 0:
                 key = (left / quota, left)
                 if key < tight_key:
                     tight, tight_key = p, key
-        if shown:
-            out.append((b"ratelimit-policy", _policy_header(tuple(shown))))
+        if items:
+            policy = _policy_header(tuple(shown))
+            if credits_item:
+                policy = policy + b", " + credits_item if policy else credits_item
+            out.append((b"ratelimit-policy", policy))
             out.append((b"ratelimit", ", ".join(items).encode()))
             if tight is not None:
                 out.append((b"x-ratelimit-limit", b"%d" % tight.quota))

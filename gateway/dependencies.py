@@ -32,7 +32,8 @@ from starlette.responses import JSONResponse, Response
 from gateway.catalog import Route, RouteConfig
 from gateway.decision import APP_NAMED_NONE, Decision, Violation
 from gateway.engine import Engine
-from gateway.errors import RedisUnavailable, StateUnavailable
+from gateway.errors import BadRequest, RedisUnavailable, StateUnavailable
+from gateway.ids import billable as billable_id
 
 _ANY = re.compile(".*")
 BillableOf = Callable[[Request], "str | None | Awaitable[str | None]"]
@@ -69,7 +70,11 @@ class Guard:
             found = await found
         if not found:
             self._deny(Decision(False, None, None, violations=[Violation("", "unauthorized")]))
-        return str(found)
+        try:
+            return billable_id(found, "the billable callable's answer")
+        except BadRequest as exc:
+            problem = {"type": "urn:gateway:bad-request", "title": "Bad request", "status": 400, "detail": str(exc)}
+            raise Denied(400, problem, []) from None
 
     def _deny(self, decision: Decision) -> None:
         raise Denied(decision.status, decision.problem(self.catalog, unauthorized=APP_NAMED_NONE), decision.headers())

@@ -207,11 +207,12 @@ class Engine:
         balance: int | None = None
         recharge = False
         if credit:
-            allowance, shown, balance, recharge = credit[0], credit[1], credit[2], bool(credit[3])
+            allowance, shown, balance, recharge, purchased = credit[0], credit[1], credit[2], bool(credit[3]), credit[4]
             if not shown:
                 balance = None
             if route is not None and route.config.spend is not None and allowance >= 0:
-                policies.append(PolicyState(CREDITS, "credits", allowance, None, balance, None))
+                # q: the nominal allowance plus the purchased credits on hand, so r (the balance) is never above it.
+                policies.append(PolicyState(CREDITS, "credits", allowance + max(0, purchased), None, balance, None))
         admitted = bool(ok) and not compiled.denied
         hold: dict[str, Any] | None = None
         if admitted and hold_reply:
@@ -454,10 +455,9 @@ class Engine:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
         self.touched.add(billable)
         for _ in range(2):
-            raw = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
-            out = json.loads(raw)
-            if out["st"] != "missing":
-                return GrantResult(out["st"], int(out["seq"]), int(out["bal"]))
+            status, last, balance = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
+            if status != "missing":
+                return GrantResult(status, int(last), int(balance))
             await self.rehydrate(billable)
         raise RuntimeError(f"state of {billable!r} vanished twice while applying a grant")
 

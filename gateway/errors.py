@@ -7,7 +7,9 @@
     ├── RedisReplyError     Redis answered with an error (a script failed, a command was refused)
     ├── StateUnavailable    a billable's lost state cannot be restored (the record is unreachable)
     ├── DatabaseUnavailable the record cannot be read or written (grants refused, unknown keys refused)
-    └── ConfigError         a setting (flag or environment variable) is wrong
+    ├── ConfigError         a setting (flag or environment variable) is wrong
+    └── BadRequest          a client or operator sent a value outside its rule (400; the message names the field)
+        └── TooLarge        a body over its size limit (413)
 """
 
 from __future__ import annotations
@@ -66,3 +68,17 @@ class ConfigError(GatewayError):
 
 class DatabaseUnavailable(GatewayError):
     """The record (Postgres, or the embedded SQLite file) did not answer."""
+
+
+class BadRequest(GatewayError):
+    """A value sent by a client or an operator breaks its rule (an id, a number, a body): answered 400.
+
+    The message is the problem's `detail`: it names the field and what is allowed."""
+
+    status = 400
+
+
+class TooLarge(BadRequest):
+    """A body over its size limit: answered 413 without reading the rest."""
+
+    status = 413

@@ -9,18 +9,21 @@ loses nor doubles a grant: the next `apply` pushes whatever the record has that 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.bounds import MAX_INT
 from gateway.engine import Engine
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
 from gateway.store import db as tables
 from gateway.store.db import Database
+
+log = logging.getLogger("gateway.grants")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,11 @@ class GrantRecord:
     amount: int
     idempotency_key: str
     duplicate: bool
+    applied: bool = False  # Redis holds it; False: recorded, and applied by the next apply of the billable
+
+
+class GrantConflict(GatewayError):
+    """The idempotency key names an earlier grant with another billable or amount."""
 
 
 class Grants:
@@ -43,16 +51,19 @@ class Grants:
         billable: str,
         amount: int,
         *,
+        idempotency_key: str,
         reason: str = "",
-        idempotency_key: str | None = None,
         source: str = "admin",
         amount_cents: int = 0,
     ) -> GrantRecord:
-        """Record the grant (once per idempotency key), then apply it. A retry returns the first result."""
-        key = idempotency_key or f"auto:{uuid.uuid4().hex}"
+        """Record the grant (once per idempotency key), then apply it. A retry returns the first result.
+
+        DatabaseUnavailable when nothing was recorded. Recorded but not applied (Redis, or the record,
+        did not answer the apply): `applied` is False, and the grant reaches Redis with the next apply of
+        this billable (a retry with the same key, a restore, or the reconciler's stranded-grant pass)."""
         for _ in range(5):
             try:
-                record = await self._record(billable, amount, key, reason, source, amount_cents)
+                record = await self._record(billable, amount, idempotency_key, reason, source, amount_cents)
                 break
             except IntegrityError:
                 continue  # a concurrent grant took the key or the number: read what it wrote
@@ -60,8 +71,17 @@ class Grants:
                 raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the grant was not made. Retry with the same idempotency_key.") from exc
         else:
             raise DatabaseUnavailable("The grant could not be recorded after several concurrent conflicts; retry with the same idempotency_key.")
-        await self.apply(billable)
-        return record
+        if record.duplicate and (record.billable, record.amount) != (billable, amount):
+            raise GrantConflict(
+                f"idempotency_key {idempotency_key!r} was used for a grant of {record.amount} to {record.billable}: "
+                "send a new key for a different grant."
+            )
+        try:
+            await self.apply(billable)
+        except (RedisUnavailable, StateUnavailable, DatabaseUnavailable, SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.warning("grant %s to %s is recorded, not yet applied: %s", idempotency_key, billable, exc)
+            return replace(record, applied=False)
+        return replace(record, applied=True)
 
     async def _record(self, billable: str, amount: int, key: str, reason: str, source: str, amount_cents: int) -> GrantRecord:
         async with self.db.engine.begin() as conn:
@@ -83,10 +103,17 @@ class Grants:
         A concurrent grant with the same key or number makes the transaction fail with IntegrityError."""
         grants = tables.credit_grants
         key = idempotency_key
-        found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
+        found = await _by_key(conn, key)
         if found is not None:
-            return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True)
+            return found
         seq = await self._next_sequence(conn, billable)
+        # Under the sequence row's lock: what the record has granted this billable stays within ±MAX_INT.
+        total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(grants.c.amount), 0)).where(grants.c.billable == billable))).scalar()
+        if abs(int(total or 0) + amount) > MAX_INT:
+            raise BadRequest(
+                f"amount: this grant would take the credits granted to {billable} to {int(total or 0) + amount}, "
+                f"past ±{MAX_INT}."
+            )
         await conn.execute(
             grants.insert().values(
                 billable=billable,
@@ -100,6 +127,14 @@ class Grants:
             )
         )
         return GrantRecord(billable, seq, amount, key, duplicate=False)
+
+    async def find(self, idempotency_key: str) -> GrantRecord | None:
+        """The grant recorded under this key, if any."""
+        try:
+            async with self.db.engine.connect() as conn:
+                return await _by_key(conn, idempotency_key)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the grant was not made.") from exc
 
     async def _next_sequence(self, conn: AsyncConnection, billable: str) -> int:
         sequences = tables.grant_sequences
@@ -172,3 +207,11 @@ class Grants:
                     await conn.execute(assignments.insert().values(billable=billable, plan=plan, updated_at=datetime.now(UTC)))
         except (OperationalError, DBAPIError, OSError) as exc:
             raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the plan was not changed.") from exc
+
+
+async def _by_key(conn: AsyncConnection, key: str) -> GrantRecord | None:
+    grants = tables.credit_grants
+    found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
+    if found is None:
+        return None
+    return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True, applied=found.applied_at is not None)

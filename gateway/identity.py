@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable
+from gateway.ids import billable as billable_id
 from gateway.revocations import RevocationFeed
 from gateway.store.db import Database, api_keys, settings
 
@@ -39,6 +40,7 @@ SECRET_LENGTH = 32
 KEY_LENGTH = len(PREFIX) + ID_LENGTH + 1 + SECRET_LENGTH
 _ALPHABET = string.ascii_letters + string.digits
 _KEY = re.compile(rf"gw_([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGTH}}})")
+_KEY_ID = re.compile(rf"[A-Za-z0-9]{{{ID_LENGTH}}}")
 PEPPER_SETTING = "api_key_pepper"
 
 TTL_S = 1.0  # how long a key's answer is trusted: the bound on how late a revocation is seen
@@ -313,7 +315,9 @@ class KeyStore:
     # ---- administration --------------------------------------------------------------------------------
 
     async def create(self, billable: str, name: str = "") -> CreatedKey:
-        """A new key for the billable; the returned `key` is never shown again."""
+        """A new key for the billable; the returned `key` is never shown again. BadRequest for an id
+        outside the billable id rule (nothing is created)."""
+        billable_id(billable, "billable")
         pepper = self._pepper or await self._load_pepper()
         for _ in range(3):
             key_id = _random(ID_LENGTH)
@@ -337,6 +341,7 @@ class KeyStore:
 
     async def list(self, billable: str) -> list[KeyInfo]:
         """The billable's keys, oldest first, revoked ones included; never a secret or a hash."""
+        billable_id(billable, "billable")
         c = api_keys.c
         query = (
             sa.select(c.id, c.name, c.created_at, c.last_used_at, c.revoked_at)
@@ -352,6 +357,8 @@ class KeyStore:
 
         With a feed the revocation is announced too; when Redis cannot take it this raises RedisUnavailable
         (the record has it: revoking again announces it)."""
+        if not _KEY_ID.fullmatch(key_id):
+            return False  # no key has that id: answered without I/O (a NUL would not even reach Postgres)
         now = sa.literal(datetime.now(UTC), api_keys.c.revoked_at.type)
         update = (
             api_keys.update()

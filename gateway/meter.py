@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
+from gateway.bounds import loads
+from gateway.errors import BadRequest
+
 Where = Literal["response.json", "response.header", "request.json", "request.header"]
 WHERES: tuple[str, ...] = get_args(Where)
 MAX_JSON = 4 * 1024 * 1024
@@ -267,7 +270,7 @@ class ResponseMeter:
 
     def _parse(self, data: bytes | bytearray) -> float | None:
         try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError):
+            doc = loads(data)
+        except BadRequest:  # not JSON, or nested deeper than any answer that reports units
             return None
         return _walk(doc, self._segments)

@@ -14,12 +14,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import API_KEY_REQUIRED, APP_NAMED_NONE, Decision, Violation, header_required
 from gateway.engine import Engine
-from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.headers import forwardable
 from gateway.identity import key_from_headers
+from gateway.ids import billable as billable_id
 from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, header_units, json_path
 from gateway.metrics import Metrics
@@ -149,6 +151,10 @@ class GatewayMiddleware:
         started = time.perf_counter()
         try:
             billable = await self.identify(scope)
+        except BadRequest as exc:
+            self.metrics.decided("bad_request", ())
+            await self._bad_request(scope, send, str(exc))
+            return
         except DatabaseUnavailable as exc:
             log.warning("cannot check an API key: %s", exc)
             self.metrics.decided("unavailable", ())
@@ -203,17 +209,19 @@ class GatewayMiddleware:
     # ---- identity -----------------------------------------------------------------------------------
 
     async def identify(self, scope: Scope) -> str | None:
-        """The billable of a request: the app's callable, the trusted header, or the API key."""
+        """The billable of a request: the app's callable, the trusted header, or the API key.
+
+        BadRequest when the callable or the header names one outside the billable id rule."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
             found = self.billable(scope)
             if inspect.isawaitable(found):
                 found = await found
-            return found or None
+            return billable_id(found, "the billable callable's answer") if found else None
         if self.billable_header is not None:
             for name, value in headers:
                 if name == self.billable_header and value:
-                    return value.decode("utf-8", "replace")
+                    return billable_id(value.decode("latin-1"), f"the {self.billable_header.decode()} header")
             return None
         presented = key_from_headers(headers)
         if presented is None or self.keys is None:
@@ -291,6 +299,9 @@ class GatewayMiddleware:
     async def _bad_path(self, scope: Scope, send: Send, detail: str) -> None:
         """A path that cannot be made canonical: 400 before identity, nothing charged."""
         self.metrics.decided("bad_request", ())
+        await self._bad_request(scope, send, detail)
+
+    async def _bad_request(self, scope: Scope, send: Send, detail: str) -> None:
         start, body = problem_response(400, bad_request(detail))
         if scope["type"] == "http":
             await send(start)
@@ -301,11 +312,6 @@ class GatewayMiddleware:
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": _BAD_REQUEST})
 
-    async def _bad_request(self, send: Send, detail: str) -> None:
-        start, body = problem_response(400, bad_request(detail))
-        await send(start)
-        await send(body)
-
     async def _price_from_request(
         self, scope: Scope, receive: Receive, send: Send, operation: Operation, headers: list[tuple[bytes, bytes]]
     ) -> tuple[int, Receive] | None:
@@ -315,9 +321,10 @@ class GatewayMiddleware:
         if source.where == "request.header":
             units = header_units(headers, source.path)
             if units is None:
-                await self._bad_request(send, f"This operation is priced from the request: send a {source.path} header with a number.")
+                await self._bad_request(scope, send, f"This operation is priced from the request: send a {source.path} header with a number.")
                 return None
-            return operation.price(units), receive
+            cost = await self._cost(scope, send, operation, units)
+            return None if cost is None else (cost, receive)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -336,13 +343,18 @@ class GatewayMiddleware:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
+        wanted = f"This operation is priced from the request: send a JSON body with a number at {source.path}."
         try:
-            doc = json.loads(raw) if raw else None
-        except ValueError:
-            doc = None
+            doc = loads(raw) if raw else None
+        except BadRequest as exc:  # not JSON, or nested too deep to read
+            await self._bad_request(scope, send, f"{exc} {wanted}")
+            return None
         units = json_path(doc, source.path) if doc is not None else None
         if units is None:
-            await self._bad_request(send, f"This operation is priced from the request: send a JSON body with a number at {source.path}.")
+            await self._bad_request(scope, send, wanted)
+            return None
+        cost = await self._cost(scope, send, operation, units)
+        if cost is None:
             return None
         replayed = False
 
@@ -353,7 +365,16 @@ class GatewayMiddleware:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
-        return operation.price(units), replay
+        return cost, replay
+
+    async def _cost(self, scope: Scope, send: Send, operation: Operation, units: float) -> int | None:
+        """The credits `units` cost, or None after answering 400 when no balance could ever cover them."""
+        cost = operation.price(units) if units <= MAX_INT else MAX_INT + 1  # 1e308 units would overflow the price
+        if cost <= MAX_INT:
+            return cost
+        source = operation.units_source
+        await self._bad_request(scope, send, f"{source}: {units:g} units would cost more than {MAX_INT} credits.")
+        return None
 
     # ---- forwarding and settling --------------------------------------------------------------------
 

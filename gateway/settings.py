@@ -26,6 +26,7 @@ ENVIRONMENT = {
     "max_body": "GATEWAY_MAX_BODY",
     "trust_forwarded": "GATEWAY_TRUST_FORWARDED",
     "admin_token": "GATEWAY_ADMIN_TOKEN",
+    "metrics_token": "GATEWAY_METRICS_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
     "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
@@ -57,6 +58,7 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     trust_forwarded: bool = False  # the client's X-Forwarded-* are a load balancer's: appended to, not dropped
     admin_token: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # unset: /_gateway/metrics needs the admin token
     webhook_secret: str | None = field(default=None, repr=False)
     events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
     stripe_api_key: str | None = field(default=None, repr=False)

@@ -94,6 +94,9 @@ local function set(field, value) writes[#writes + 1] = field; writes[#writes + 1
 -- A violation: {name, kind, retry after, usage, limit, cost, balance}; false stands for none.
 local function violate(v) violations[#violations + 1] = v; admitted = false end
 local deny_events, deny_writes = {}, {}
+-- A denial takes nothing, so its reply shows each policy as it was before the request: index in
+-- `policies` -> {remaining, reset} before, where that differs from the state after an admission.
+local before = {}
 -- Events of an admission are sent only if it commits; a denial sends only its own (block, insufficient_credits).
 local function event(kind, data) events[#events + 1] = {kind, data} end
 local function deny_event(kind, data) deny_events[#deny_events + 1] = {kind, data} end
@@ -113,7 +116,9 @@ for _, r in ipairs(spec.r or {}) do
     policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
   else
     set('r:' .. name, new_tat)
-    policies[#policies + 1] = {name, 'rate', burst, r[4], math.floor((now - allow_at) / interval), ceil_s(new_tat - now)}
+    local left = math.floor((now - allow_at) / interval)
+    policies[#policies + 1] = {name, 'rate', burst, r[4], left, ceil_s(new_tat - now)}
+    before[#policies] = {left + 1, ceil_s(tat - now)}
   end
 end
 
@@ -184,6 +189,7 @@ for _, l in ipairs(spec.l or {}) do
   end
   if we then reset = ceil_s(we - now) end
   policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, l.w or false, remaining or false, reset or false}
+  if to >= 0 and shown ~= usage then before[#policies] = {math.max(0, to - usage), reset or false} end
   if state ~= 'denied' then
     if to >= 0 then held_limits[#held_limits + 1] = {n, c, ws or 0} end
     set('u:' .. n, after)
@@ -245,7 +251,9 @@ if cr then
   if unlimited then after = nil end
   set('c:s', spent); set('c:p', purchased); set('c:d', debt)
   local show = cr.show == 1 or allowance ~= 0 or purchased ~= 0 or debt ~= 0
-  credit = {a = allowance, bal = after, show = show}
+  -- bal0 and p0: the balance and purchased credits before this request (what a denial shows).
+  credit = {a = allowance, bal = after, p = purchased, bal0 = balance, p0 = purchased + from_purchased, show = show}
+  if unlimited then credit.bal0 = nil end
   if admitted and cost > 0 and after then
     local threshold = num('c:thr', nil)
     if threshold and balance >= threshold and after < threshold then
@@ -311,13 +319,21 @@ else
   hold = nil
 end
 
--- The reply is a plain array (cheaper than JSON on both sides); false stands for none:
+-- The reply is a plain array (cheaper than JSON on both sides; numbers are integer replies, exact up to
+-- 2^53); false stands for none:
 -- {admitted, now (ms), policies, violations, events (JSON each), credit {allowance, shown, balance,
---  recharge} or false, hold {period credits, purchased credits, credit window, allowance, usage key,
---  limits {{name, units, window}}} or false}.
+--  recharge, purchased} or false, hold {period credits, purchased credits, credit window, allowance, usage
+--  key, limits {{name, units, window}}} or false}.
+-- A denial consumed nothing: its policies, balance and purchased credits are those before the request.
+if not admitted then
+  for i, b in pairs(before) do
+    policies[i][5], policies[i][6] = b[1], b[2]
+  end
+  if credit then credit.bal, credit.p = credit.bal0, credit.p0 end
+end
 local credit_reply = false
 if credit then
-  credit_reply = {credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0}
+  credit_reply = {credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0, credit.p}
 end
 local hold_reply = false
 if hold then hold_reply = {hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.l} end

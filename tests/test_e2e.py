@@ -385,11 +385,11 @@ def test_health_and_metrics(env: Env) -> None:
     _, key = env.key()
     httpx.get(f"{env.url}/v1/anything", headers=auth(key))
     httpx.post(f"{env.url}/v1/images", headers=auth(key))
-    health = httpx.get(f"{env.url}/_gateway/health").json()
+    health = httpx.get(f"{env.url}/_gateway/health", headers=env.admin()).json()
     assert {k: health[k] for k in ("status", "redis", "database")} == {"status": "ok", "redis": "up", "database": "up"}
     assert set(health["record"]) == {"pending", "lag_seconds", "leader"}
     assert set(health["events"]) == {"waiting", "dead", "oldest_waiting_seconds"}
-    metrics = httpx.get(f"{env.url}/_gateway/metrics").text
+    metrics = httpx.get(f"{env.url}/_gateway/metrics", headers=env.admin()).text
     assert 'gateway_decisions_total{outcome="admitted",policy=""}' in metrics
     assert 'gateway_decisions_total{outcome="denied",policy="hd"}' in metrics
     assert "gateway_decision_seconds_bucket" in metrics and "org-" not in metrics
@@ -473,7 +473,7 @@ def test_private_redis_stopped_and_restarted(tmp_path: Path, private_redis: Redi
             down = [httpx.get(f"{e.url}/v1/anything", headers=auth(key)) for _ in range(5)]
             assert all(r.status_code == 200 and r.headers["x-gateway-degraded"] == "redis" for r in down)
             assert httpx.post(f"{e.url}/v1/cheap", headers=auth(key)).status_code == 503
-            health = httpx.get(f"{e.url}/_gateway/health")
+            health = httpx.get(f"{e.url}/_gateway/health", headers=e.admin())
             assert health.status_code == 503 and health.json()["redis"] == "down"
         finally:
             private_redis.start()
@@ -484,7 +484,7 @@ def test_private_redis_stopped_and_restarted(tmp_path: Path, private_redis: Redi
                 break
             time.sleep(0.2)
         assert "x-gateway-degraded" not in r.headers and r.headers["ratelimit-policy"]
-        metrics = httpx.get(f"{e.url}/_gateway/metrics").text
+        metrics = httpx.get(f"{e.url}/_gateway/metrics", headers=e.admin()).text
         degraded = next(line for line in metrics.splitlines() if line.startswith("gateway_degraded_answers_total"))
         assert float(degraded.split()[1]) >= 5
 

@@ -168,7 +168,8 @@ class GatewayProcess:
             time.sleep(0.1)
 
     def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(f"{self.url}/_gateway/health", timeout=5).json()
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        result: dict[str, Any] = httpx.get(f"{self.url}/_gateway/health", headers=admin, timeout=5).json()
         return result
 
     def kill(self) -> None:
@@ -487,7 +488,8 @@ def test_postgres_stopped_decisions_go_on(tmp_path: Path, pg: PostgresServer, re
                 await asyncio.sleep(1.5)
                 await asyncio.to_thread(pg.stop)
                 await asyncio.sleep(1.5)
-                seen_down.append((await c.get(f"{a.url}/_gateway/health")).json()["database"] == "down")
+                health = await c.get(f"{a.url}/_gateway/health", headers={"Authorization": f"Bearer {ADMIN}"})
+                seen_down.append(health.json()["database"] == "down")
                 await asyncio.sleep(1.5)
                 await asyncio.to_thread(pg.start)
 

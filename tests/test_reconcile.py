@@ -46,6 +46,7 @@ from gateway.usage import current_period
 
 CATALOG = parse_catalog(BASE)
 ADMIN = "admin-secret"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 
 def go(coro: Awaitable[Any]) -> Any:
@@ -698,7 +699,7 @@ def test_health_says_the_database_is_down_and_on_redis_down_applies(
     with gateway(tmp_path, url_db, own_redis.url) as url:
         assert httpx.post(f"{url}/projects", headers=org).status_code == 200
         deadline = time.monotonic() + 5
-        while (health := httpx.get(f"{url}/_gateway/health").json())["record"]["pending"]:
+        while (health := httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS).json())["record"]["pending"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert health["database"] == "up"
@@ -706,7 +707,7 @@ def test_health_says_the_database_is_down_and_on_redis_down_applies(
         try:
             assert all(httpx.get(f"{url}/v1/echo", headers=org).status_code == 200 for _ in range(20))
             time.sleep(0.5)
-            health = httpx.get(f"{url}/_gateway/health")
+            health = httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS)
             assert health.status_code == 200  # Redis is up: the gateway serves
             body = health.json()
             assert body["database"] == "down" and body["status"] == "degraded" and body["record"]["pending"] == 1
@@ -719,7 +720,7 @@ def test_health_says_the_database_is_down_and_on_redis_down_applies(
         finally:
             private_pg.start()
         deadline = time.monotonic() + 5
-        while httpx.get(f"{url}/_gateway/health").json()["database"] != "up":
+        while httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS).json()["database"] != "up":
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # Restored from the record: the project made before the outage still counts.

@@ -14,6 +14,8 @@ import sqlalchemy as sa
 import stripe
 
 from gateway.billing.client import idempotency_key, is_missing, plain
+from gateway.errors import BadRequest
+from gateway.ids import billable as billable_id
 from gateway.store.db import Database, subscriptions
 from gateway.store.db import stripe_customers as table
 
@@ -63,6 +65,11 @@ class Customers:
             raise
         billable = (data.get("metadata") or {}).get("billable")
         if not billable or data.get("deleted"):
+            return None
+        try:
+            billable_id(billable, f"metadata.billable of Stripe customer {customer}")
+        except BadRequest as exc:
+            log.warning("%s: the customer is treated as unlinked", exc)
             return None
         # A billable may have more than one customer; the record keeps the first as the one to charge.
         async with self.db.engine.begin() as conn:

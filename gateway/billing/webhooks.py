@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,9 +40,10 @@ from gateway.billing.payments import (
 )
 from gateway.billing.subscriptions import Subscriptions, invoice_subscription, read
 from gateway.billing.sync import PriceBook, read_stripe, snapshot_of, write_snapshot
-from gateway.errors import DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.bounds import loads
+from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable, TooLarge
 from gateway.grants import Grants
-from gateway.problems import problem
+from gateway.problems import problem, read_body
 from gateway.store.db import Database, credit_grants, stripe_events
 
 log = logging.getLogger("gateway.billing")
@@ -108,12 +108,10 @@ class Webhooks:
     # ---- HTTP -------------------------------------------------------------------------------------------
 
     async def endpoint(self, request: Request) -> Response:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                return _problem(413, f"The body is larger than {MAX_BODY} bytes: not a Stripe event.")
-        raw = bytes(body)
+        try:
+            raw = await read_body(request, MAX_BODY)
+        except TooLarge:
+            return _problem(413, f"The body is larger than {MAX_BODY} bytes: not a Stripe event.")
         if not self.secret:
             # Not a 400: Stripe keeps the events and retries until the operator sets the secret.
             return _problem(503, "GATEWAY_STRIPE_WEBHOOK_SECRET is not set: events cannot be verified.")
@@ -333,9 +331,9 @@ class Webhooks:
 def _parse(raw: bytes) -> dict[str, Any] | str:
     """The event, or why the body is not one."""
     try:
-        event = json.loads(raw)
-    except ValueError:
-        return "The body is not JSON."
+        event = loads(raw)
+    except BadRequest as exc:
+        return str(exc)
     if not isinstance(event, dict):
         return "The body is not a Stripe event (a JSON object)."
     data = event.get("data")

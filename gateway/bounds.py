@@ -1,0 +1,80 @@
+"""Bounds on the data clients and operators send (DESIGN §3): JSON size and depth, whole numbers.
+
+    loads(raw)                      JSON (UTF-8), at most MAX_DEPTH levels deep, else BadRequest
+    integer(body, "amount", low=1)  a JSON whole number within ±MAX_INT, else BadRequest naming the field
+
+`json.loads` recurses in C, so a document nested a thousand levels raises RecursionError (or worse):
+the depth is counted on the text first, without recursion, and only a document within it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.errors import BadRequest
+
+MAX_DEPTH = 64
+MAX_BODY = 1 << 20  # the JSON bodies of the gateway's own endpoints
+MAX_INT = 2**53 - 1  # every number Redis scripts, JSON clients and doubles hold exactly
+
+# A string, or an unterminated one up to the end (a pattern that could fail would be retried from every
+# later quote: quadratic on a body of escaped quotes).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_OPENS = str.maketrans("[{", "((")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # one decoder: json.loads(**kw) builds one per call
+
+
+def too_deep(text: str) -> bool:
+    """Whether arrays and objects nest deeper than MAX_DEPTH in a JSON text, counted without recursion."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False  # the common case: too few brackets to nest that deep, in strings or not
+    # Strings out, then only the brackets: at worst about as long as json.loads takes on the same text.
+    level = 0
+    for c in _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_OPENS):
+        if c == "(":
+            level += 1
+            if level > MAX_DEPTH:
+                return True
+        else:
+            level -= 1
+    return False
+
+
+def loads(raw: bytes | bytearray | str) -> Any:
+    """The JSON document in `raw`; BadRequest when it is not UTF-8 JSON or nests deeper than MAX_DEPTH."""
+    try:
+        text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRequest("The body is not UTF-8 JSON.") from None
+    if too_deep(text):
+        raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.")
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:  # only if the count above was fooled: never a 500
+        raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.") from None
+    except ValueError:
+        raise BadRequest("The body is not JSON.") from None
+
+
+def integer(body: Mapping[str, Any], name: str, *, low: int = -MAX_INT, high: int = MAX_INT) -> int:
+    """The whole number at `body[name]` within [low, high] (a bool, a float like 10.0 or 1e20 is not one)."""
+    value = body.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    if name not in body:
+        shown = "missing"
+    elif isinstance(value, dict | list):
+        shown = f"not {'an object' if isinstance(value, dict) else 'an array'}"
+    else:
+        shown = f"not {json.dumps(value)[:40]}"
+    raise BadRequest(f"{name} must be a whole number from {low} to {high}, {shown}.")
