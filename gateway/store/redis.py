@@ -295,6 +295,32 @@ class RedisStore:
         value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
         return str(value) if value is not None else None
 
+    async def epochs(self) -> dict[str, str]:
+        """The epoch (lua/epoch.lua) of every master that answers, by master; one that does not is left
+        out: it is down, not lost (DESIGN §5). A billable's own master answers `run("epoch", [its key], [])`."""
+        if not self.is_cluster:
+            try:
+                return {self.url: str(await self.run("epoch", [], []))}
+            except (RedisUnavailable, RedisError):
+                return {}
+        s = script("epoch")
+        found: dict[str, str] = {}
+        try:
+            await self.client.initialize()  # a no-op once the client knows the cluster
+        except (*_DOWN, RedisError):
+            return found
+        for node in self.client.get_primaries():
+            try:
+                try:
+                    reply = await self.client.execute_command("EVALSHA", s.sha, 0, target_nodes=node)
+                except NoScriptError:
+                    await self.client.execute_command("SCRIPT LOAD", s.text, target_nodes=node)
+                    reply = await self.client.execute_command("EVALSHA", s.sha, 0, target_nodes=node)
+            except (*_DOWN, RedisError):
+                continue
+            found[node.name] = str(reply)
+        return found
+
     async def close(self) -> None:
         if self.pipelined is not None:
             self.pipelined.close()
