@@ -137,6 +137,7 @@ def test_the_embedded_emulation_has_one_epoch_for_its_life() -> None:
     go(main())
 
 
+@pytest.mark.cluster
 def test_on_a_cluster_each_master_has_its_epoch_and_a_billable_has_its_slots_master(redis_cluster: RedisCluster) -> None:
     """`epochs()` answers every master; a billable's epoch is the one of the master holding its slot."""
 
@@ -483,3 +484,60 @@ def test_through_the_gateway_a_postgres_outage_decides_new_billables_and_keeps_l
             wait_until(lambda: _admin_get(url, "/_gateway/health")["database"] == "up", "the record is back", 15)
             assert post("org-lost", "/projects").status_code == 403  # restored from its snapshot
             assert _admin_get(url, "/_gateway/admin/billables/org-lost")["limits"]["projects"]["usage"] == 2
+
+
+@pytest.mark.cluster
+def test_on_a_cluster_only_the_billables_of_a_restarted_master_are_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private 3-master cluster, the record down: one master restarts (its data gone, its epoch new). A billable
+    never seen on another master is still decided as new; one on the restarted master follows on_redis_down."""
+    monkeypatch.setattr(gateway.reconcile, "CENSUS_MARGIN_S", 0.3)
+
+    async def main(cluster: RedisCluster) -> None:
+        db = await Database.connect(f"sqlite:///{tmp_path}/gateway.db")
+        await db.upgrade()
+        down = await Database.connect(f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing")
+        store = open_redis(cluster.url)
+        engine = Engine(store, CATALOG, prefix="gwepoch")
+        reconciler = attach(engine, db, Grants(db, engine), interval=0.1)
+        census = reconciler.census
+        assert census is not None
+        census.interval = 0.05
+        rehydrator = engine.restore.__self__  # type: ignore[union-attr]
+        try:
+            await store.epochs()  # the client learns the cluster
+            restarted_port = cluster.servers[0].port
+            on_restarted, elsewhere = [], []
+            for i in range(200):
+                billable = f"org-{i}"
+                port = store.client.get_node_from_key(engine.keys(billable)[0]).port
+                (on_restarted if port == restarted_port else elsewhere).append(billable)
+            reconciler.start()
+
+            async def read() -> bool:
+                return census.read_at > -1e9
+
+            await eventually(read, "the census read the record", 10)
+            census.db = rehydrator.db = reconciler.db = down
+            cluster.servers[0].stop()
+            cluster.servers[0].start()
+
+            async def whole() -> bool:
+                try:
+                    await store.run("epoch", engine.keys(on_restarted[0])[:1], [])
+                    await store.run("epoch", engine.keys(elsewhere[0])[:1], [])
+                except RedisUnavailable:
+                    return False
+                return True
+
+            await eventually(whole, "the cluster serves every slot again", 20)
+            assert (await engine.decide(elsewhere[1], CATALOG.route_for("POST", "/cheap-images"))).admitted
+            with pytest.raises(StateUnavailable):
+                await engine.decide(on_restarted[1], CATALOG.route_for("POST", "/cheap-images"))
+        finally:
+            await reconciler.stop()
+            await store.close()
+            await down.close()
+            await db.close()
+
+    with RedisCluster() as cluster:
+        go(main(cluster))
