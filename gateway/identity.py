@@ -385,6 +385,7 @@ class KeyStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
+        self._polled.set()  # a request still waiting for the first poll goes on (and asks the record)
         await self._touches.drain()
 
 
