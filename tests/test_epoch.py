@@ -242,7 +242,7 @@ class Served:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Served:
+    def launch(self) -> Served:
         plans = self.tmp / "plans.toml"
         plans.write_text(KEYS_CATALOG)
         env = {
@@ -258,6 +258,10 @@ class Served:
         with open(self.tmp / f"{self.name}.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def ready(self) -> Served:
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -319,8 +323,10 @@ def test_two_gateway_processes_refuse_a_key_revoked_just_before_redis_lost_it(
             a = Served(tmp_path, "a", upstream, url_of(to_a.port), empty_db_url)
             b = Served(tmp_path, "b", upstream, url_of(to_b.port), empty_db_url)
             try:
-                a.start()
-                b.start()
+                for p in (a, b):  # both start at once, then both are waited for
+                    p.launch()
+                for p in (a, b):
+                    p.ready()
                 admin = {"Authorization": f"Bearer {ADMIN}"}
                 made = [httpx.post(f"{a.url}/_gateway/admin/keys", json={"billable": "org_1", "name": n}, headers=admin)
                         for n in ("ci", "laptop")]
