@@ -479,7 +479,8 @@ class Engine:
         return restored
 
     async def rehydrate(self, billable: str) -> None:
-        """Restore a billable whose state Redis lost, from the record (or as new when it has none).
+        """Restore a billable whose state Redis lost, from the record (or as new when it has none; while the
+        record is down, `restore` decides whether it is new or raises: see gateway.census).
 
         Concurrent first requests in this process share one restore; across processes the restore
         script is idempotent, so the first to land wins."""

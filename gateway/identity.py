@@ -3,7 +3,10 @@
 The hot path is `KeyStore.authenticate`: a malformed key is refused without I/O; a known key is answered
 from memory for at most TTL seconds (so a revocation anywhere is seen everywhere within that), or for
 minutes while this process hears the revocation feed (`gateway.revocations`) less than TTL ago; an
-unknown id is remembered for a few seconds; concurrent lookups of one id share one query.
+unknown id is remembered for a few seconds; concurrent lookups of one id share one query. When the feed
+cannot tell what was revoked (its first poll, a feed that lost track, a new Redis epoch: a restart or a
+failover) every key is forgotten and checked against the record on its next use; until the record
+answers, such a key is not accepted (a revocation made just before a Redis loss stays in force).
 """
 
 from __future__ import annotations
@@ -152,6 +155,11 @@ class KeyStore:
         self._synced_at: float | None = None  # when the last poll of the feed that answered was sent
         self._revoked_at: dict[str, float] = {}  # ids the feed named lately, with when (for lookups in flight)
         self._reset_at = -math.inf  # when the feed last said to forget every key
+        # Set once the feed was first asked: a key looked up before its first answer could miss a revocation
+        # published between the lookup and that answer (the first poll only learns the current sequence).
+        self._polled = asyncio.Event()
+        if feed is None:
+            self._polled.set()
 
     # ---- the hot path ----------------------------------------------------------------------------------
 
@@ -164,6 +172,8 @@ class KeyStore:
         key_id = parsed[0]
         if self.feed is not None and self._follower is None:
             self._follower = asyncio.create_task(self._follow(self.feed), name="gateway-key-revocations")
+        if not self._polled.is_set():
+            await self._polled.wait()
         now = self.clock()
         known = self._known.get(key_id)
         if known is None or not self._trusted(known, now):
@@ -205,16 +215,21 @@ class KeyStore:
                 if failing:
                     log.info("hearing API key revocations again")
                 failing = False
+                # A lookup asked before this answer may predate a revocation it names (or one it cannot
+                # name, on a reset): its answer is used once, not kept.
+                answered = self.clock()
                 if reset:
                     self._known.clear()
-                    self._reset_at = asked
+                    self._reset_at = answered
                 for key_id in revoked:
                     self._known.pop(key_id, None)
-                    self._revoked_at[key_id] = asked
+                    self._revoked_at[key_id] = answered
                 self._synced_at = asked
                 for key_id, at in list(self._revoked_at.items()):
                     if asked - at > 10 * self.ttl:
                         del self._revoked_at[key_id]
+            finally:
+                self._polled.set()
             await asyncio.sleep(feed.interval)
 
     async def _lookup(self, key_id: str, stale: _Known | None) -> _Known | None:
@@ -383,6 +398,7 @@ class KeyStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
+        self._polled.set()  # a request still waiting for the first poll goes on (and asks the record)
         await self._touches.drain()
 
 

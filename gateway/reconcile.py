@@ -35,6 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.census import Census
 from gateway.coalesce import Coalescer
 from gateway.engine import Engine, EventBatch, Snapshot
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
@@ -71,10 +72,12 @@ class Reconciler:
         parallel: int | None = None,
         events_retention: timedelta = EVENTS_RETENTION,
         holder: str | None = None,
+        census: Census | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.db = db
+        self.census = census  # started and stopped with the reconciler
         self.outbox = outbox or Outbox(db)
         self.grants = grants
         self.interval = interval
@@ -112,6 +115,8 @@ class Reconciler:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-reconcile")
+        if self.census is not None:
+            self.census.start()
 
     async def stop(self) -> None:
         """Stop the loop, flush what is dirty once more, and give the lead back."""
@@ -121,6 +126,8 @@ class Reconciler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._sweeping = None
+        if self.census is not None:
+            await self.census.stop()
         try:
             async with asyncio.timeout(STOP_FLUSH_S):
                 await self.flush_dirty()
@@ -411,6 +418,11 @@ class Reconciler:
         self.error = f"redis: {exc}"[:500]
 
 
+def census_margin(db: Database) -> float:
+    """Longer than a flush may take from its Redis read to its commit: two record operations, and slack."""
+    return 2 * db.timeout + 5.0
+
+
 def attach(
     engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0, events_retention: timedelta = EVENTS_RETENTION
 ) -> Reconciler:
@@ -418,9 +430,10 @@ def attach(
 
     Every engine that writes to Redis next to a record needs both: one that applied a grant to a state
     Redis lost, without restoring it first, would hide the record's balance behind a fresh one."""
-    rehydrator = Rehydrator(db, grants)
+    census = Census(engine, db, margin=census_margin(db))
+    rehydrator = Rehydrator(db, grants, census=census)
     engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
-    return Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention)
+    return Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention, census=census)
 
 
 class Rehydrator:
@@ -428,20 +441,34 @@ class Rehydrator:
 
     `restore` reads the last snapshot, the manual plan assignment (part of the record since it was made),
     and the grants numbered after the snapshot's `c:seq`, in one go; `on_restored` applies those grants
-    (money first: one applied after the last flush is not lost) without needing the database again."""
+    (money first: one applied after the last flush is not lost) without needing the database again.
 
-    def __init__(self, db: Database, grants: Grants, *, timeout: float = RESTORE_TIMEOUT_S) -> None:
+    A billable the record has nothing of starts new. When the record does not answer, the billable starts
+    new only if the census (`gateway.census`, which states the rule) shows the record has nothing of it
+    and Redis has lost nothing since the census read; otherwise the error is raised and the route's
+    on_redis_down applies. Without a census, always the latter."""
+
+    def __init__(
+        self, db: Database, grants: Grants, *, timeout: float = RESTORE_TIMEOUT_S, census: Census | None = None
+    ) -> None:
         self.db = db
         self.grants = grants
         self.timeout = timeout
+        self.census = census
         self._grants_after: dict[str, list[tuple[int, int]]] = {}
         # One read of the record at a time; the restores asked for while it runs (a Redis restart under load)
         # share the next one. A read per request instead queued hundreds on the reader: 150 ms each.
         self._reads: Coalescer[str, dict[str, str]] = Coalescer(self._read, size=RESTORE_BATCH)
 
     async def restore(self, billable: str) -> dict[str, str] | None:
-        async with asyncio.timeout(self.timeout):
-            return await self._reads.get(billable)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._reads.get(billable)
+        except (DatabaseUnavailable, TimeoutError):
+            if self.census is None or not await self.census.is_new(billable):
+                raise
+        self._grants_after[billable] = []  # the record holds nothing of it: nothing to replay
+        return None
 
     async def _read(self, billables: list[str]) -> dict[str, dict[str, str]]:
         """The snapshots, manual plans and grants of these billables, in one query (one round trip: under

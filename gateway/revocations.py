@@ -6,6 +6,11 @@ for minutes as long as it heard the feed less than a second ago: a revocation re
 its next poll (every quarter second), and a process that cannot hear the feed falls back to asking the
 record each second.
 
+Redis may lose the feed's last entries: a restart empties it and its sequence starts again at 0, and a
+promoted replica may lack the last revocations while its sequence looks current. So each poll also reads
+the epoch of the feed's master (lua/epoch.lua, DESIGN §5): a new one means every key must be checked
+against the record again, like a feed that lost track.
+
     feed = RevocationFeed(store)
     await feed.publish(key_id)              after the record has the revocation
     revoked, reset = await feed.poll()      ids revoked since the last poll; reset: forget every key
@@ -13,7 +18,11 @@ record each second.
 
 from __future__ import annotations
 
+import logging
+
 from gateway.store.redis import RedisStore
+
+log = logging.getLogger(__name__)
 
 KEEP = 10_000  # revocations kept in Redis; a process further behind than that forgets every key
 
@@ -25,14 +34,26 @@ class RevocationFeed:
         # One hash tag, so both keys sit in one slot on a cluster; not `{prefix}:{...}`, which is a billable's.
         self.keys = [f"{prefix}:keyfeed:{{r}}:seq", f"{prefix}:keyfeed:{{r}}:ids"]
         self.seen = -1  # the last sequence number this process has applied (-1: none yet)
+        self.epoch: str | None = None  # the epoch of the feed's master at the last poll that answered
 
     async def publish(self, key_id: str) -> int:
         return int(await self.store.run("revoke", self.keys, [key_id, KEEP]))
 
     async def poll(self) -> tuple[list[str], bool]:
-        """Key ids revoked since the last poll, and whether the caller must forget every key instead."""
+        """Key ids revoked since the last poll, and whether the caller must forget every key it trusts
+        instead: on the first poll (what came before it is not told), when the feed lost track, and when
+        the feed's master has a new epoch."""
+        # The epoch first: a restart between the two reads is then seen by the next poll, never missed.
+        epoch = str(await self.store.run("epoch", self.keys[:1], []))
         reply = await self.store.run("revocations", self.keys, [self.seen])
-        first = self.seen < 0
-        self.seen = int(reply[0])
-        revoked, reset = [str(x) for x in reply[2:]], reply[1] == "reset"
-        return revoked, reset and not first
+        moved = self.epoch is not None and epoch != self.epoch
+        if moved:
+            log.warning(
+                "Redis at %s has a new epoch (it restarted or a replica took over) and may have lost the last "
+                "API key revocations: every key is checked against the record again", self.store.url
+            )
+        first = self.epoch is None
+        self.seen, self.epoch = int(reply[0]), epoch
+        if first or moved or reply[1] == "reset":
+            return [], True
+        return [str(x) for x in reply[2:]], False

@@ -131,6 +131,8 @@ class GatewayProcess:
     interval: float = INTERVAL
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    catalog: str = CATALOG_TEXT
+    billable_header: str | None = "X-Org"  # None: billables are named by API keys
 
     @property
     def url(self) -> str:
@@ -138,7 +140,7 @@ class GatewayProcess:
 
     def start(self) -> GatewayProcess:
         plans = self.tmp / "plans.toml"
-        plans.write_text(CATALOG_TEXT)
+        plans.write_text(self.catalog)
         env = {
             **os.environ,
             "GATEWAY_PLANS": str(plans),
@@ -148,8 +150,10 @@ class GatewayProcess:
             "GATEWAY_DATABASE_URL": self.database_url,
             "GATEWAY_RECONCILE_INTERVAL": str(self.interval),
             "GATEWAY_ADMIN_TOKEN": ADMIN,
-            "GATEWAY_BILLABLE_HEADER": "X-Org",
         }
+        env.pop("GATEWAY_BILLABLE_HEADER", None)
+        if self.billable_header is not None:
+            env["GATEWAY_BILLABLE_HEADER"] = self.billable_header
         log = open(self.tmp / f"{self.name}.log", "ab")  # noqa: SIM115 - the child writes to it until it ends
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -361,8 +361,9 @@ def _cut_on_invalidate(engine: AsyncEngine) -> None:
 class Database:
     """Async engines over the record (every connection a record operation, see the module), and the schema."""
 
-    def __init__(self, engine: AsyncEngine, url: URL, reader: AsyncEngine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, url: URL, reader: AsyncEngine | None = None, timeout: float = DB_TIMEOUT_S) -> None:
         self.engine = engine
+        self.timeout = timeout  # the deadline of one record operation (GATEWAY_DB_TIMEOUT)
         # Reads on the request path (restores, key lookups) use `reader`: on SQLite its transactions
         # begin DEFERRED, so WAL lets them run beside a flush instead of queueing for the write lock.
         self.reader = reader or engine
@@ -389,7 +390,7 @@ class Database:
             created = create_async_engine(parsed, pool_pre_ping=True, connect_args={"timeout": timeout})
             engine = _Engine(created, shown, timeout)
             _cut_on_invalidate(engine)
-        db = cls(engine, parsed, reader)
+        db = cls(engine, parsed, reader, timeout)
         if auto_upgrade:
             try:
                 if db.is_sqlite:
