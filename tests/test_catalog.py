@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from gateway.catalog import Catalog, load_catalog, parse_catalog
@@ -178,7 +179,7 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def test_catalog_is_immutable() -> None:
     """The loaded catalog cannot be changed by accident."""
     catalog = load_catalog(EXAMPLE)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         catalog.plans["free"].credits = 5  # type: ignore[misc]
 
 

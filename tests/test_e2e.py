@@ -513,6 +513,7 @@ def test_upstream_dying_mid_stream_is_charged_what_was_seen(env: Env) -> None:
 def test_websocket_admitted_then_proxied_and_refused_without_key(env: Env) -> None:
     """A WebSocket upgrade passes the same checks, is proxied both ways, and is refused without a key."""
     import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
 
     billable, key = env.key()
     ws_url = env.url.replace("http://", "ws://") + "/v1/ws"
@@ -520,6 +521,6 @@ def test_websocket_admitted_then_proxied_and_refused_without_key(env: Env) -> No
         assert ws.recv(timeout=5) == billable
         ws.send("ping")
         assert ws.recv(timeout=5) == "ping"
-    with pytest.raises(Exception) as refused, ws_client.connect(ws_url) as ws:
+    with pytest.raises(InvalidStatus) as refused, ws_client.connect(ws_url) as ws:
         ws.recv(timeout=5)
-    assert "401" in str(refused.value)
+    assert "401" in str(refused.value) and refused.value.response.status_code == 401
