@@ -7,7 +7,6 @@ in-process emulation too (`engine` parametrized "embedded").
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,10 +29,6 @@ from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
 
 T = TypeVar("T")
-
-
-def make_engine(url: str | None = None) -> Engine:
-    return Engine(open_redis(url), parse_catalog(BASE), prefix=f"gwt{uuid.uuid4().hex[:10]}")
 
 
 def billable_from_header(scope: dict[str, Any]) -> str | None:
