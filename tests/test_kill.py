@@ -426,7 +426,7 @@ def test_redis_restart_loses_at_most_one_interval(
                     return not await _mismatches(redis_server.url, db_url, capped)
 
                 # The caps were used up long before: the record has them.
-                await until(caps_recorded, "the used-up caps to reach the record")
+                await until(caps_recorded, "the used-up caps to reach the record", interval=0.1)
                 await asyncio.sleep(max(0.0, began + 2.5 - time.monotonic()))  # the restart comes 2.5 s into the load
                 stopped_at.append(time.monotonic())
                 await asyncio.to_thread(redis_server.stop)
@@ -488,7 +488,7 @@ def test_postgres_stopped_decisions_go_on(tmp_path: Path, pg: PostgresServer, re
                 async def reported() -> bool:
                     return bool((await c.get(f"{a.url}/_gateway/health")).json()["database"] == "down")
 
-                seen_down.append(await until(reported, "health to say the database is down"))
+                seen_down.append(await until(reported, "health to say the database is down", interval=0.1))
                 await asyncio.sleep(max(0.0, stopped + 3.0 - time.monotonic()))
                 await asyncio.to_thread(pg.start)
 
