@@ -203,7 +203,8 @@ class Reconciler:
     def health(self) -> dict[str, Any]:
         return {
             "database": "up" if self.database_ok else "down",
-            "pending": len(self.dirty) + len(self.engine.touched),
+            # Billables, each once: one already dirty may have been touched again since the last tick.
+            "pending": len(self.dirty) + len(self.engine.touched.difference(self.dirty)),
             "lag_seconds": round(self.lag, 3),
             "leader": self.leader,
             "last_error": self.error or None,

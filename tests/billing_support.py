@@ -1,8 +1,9 @@
 """Billing tests' harness: the fake Stripe under uvicorn, and a gateway's billing over it.
 
 One fake Stripe serves a whole test module (`stripe_server`); each test builds its own record (a SQLite
-file, or Postgres), an engine on the embedded Redis under a private prefix, and `Billing` with the real
-StripeClient pointed at the fake. Webhooks go through the real endpoints over an in-process ASGI client.
+file, or Postgres: `empty_db_url`), an engine on the shared Redis under the test's own prefix (`redis_space`),
+and `Billing` with the real StripeClient pointed at the fake. Webhooks go through the real endpoints over an
+in-process ASGI client.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 from fake_stripe import FakeStripe, sign
 from http_servers import serve_in_thread
+from services import RedisSpace
 from starlette.requests import Request
 
 from gateway.admin import Endpoints
@@ -31,7 +32,7 @@ from gateway.grants import Grants
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store.db import Database, events_outbox
-from gateway.store.redis import RedisStore, open_redis
+from gateway.store.redis import RedisStore
 from gateway.web.pricing import pricing_route
 
 SECRET = "whsec_test_secret"
@@ -177,11 +178,13 @@ async def billing_env(
     fake: FakeStripe,
     api_base: str,
     db_url: str,
+    redis: RedisSpace,
     *,
     recharge_delays: tuple[float, ...] = (0.05, 0.05),
     store: RedisStore | None = None,
     upgrade: bool = True,
 ) -> AsyncIterator[Env]:
+    """A gateway's billing over the record at `db_url` and the Redis of `redis` (or `store`, on its prefix)."""
     settings = Settings(
         stripe_api_key="sk_test_fake", stripe_webhook_secret=SECRET, stripe_api_base=api_base, admin_token=ADMIN
     )
@@ -189,8 +192,8 @@ async def billing_env(
     if upgrade:
         await db.upgrade()
     clock = Clock()
-    store = store or open_redis(None)
-    engine = Engine(store, catalog(), prefix=f"t{uuid.uuid4().hex[:8]}", clock=clock)
+    store = store or redis.store()
+    engine = Engine(store, catalog(), prefix=redis.prefix, clock=clock)
     grants = Grants(db, engine)
     billing = Billing(settings=settings, db=db, engine=engine, grants=grants, book=PriceBook(db, ttl=0),
                       recharge_delays=recharge_delays, repair_interval=3600)
@@ -210,10 +213,7 @@ async def billing_env(
         await http.aclose()
         await billing.stop()
         await db.close()
-
-
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/billing.db"
+        await store.close()
 
 
 def add_plan_prices(fake: FakeStripe) -> dict[str, str]:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from services import RedisCluster, RedisServer, delete_prefix, shared_redis_url
+from services import RedisCluster, RedisServer, RedisSpace, delete_prefix, shared_redis_url
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,17 @@ def key_prefix() -> Iterator[str]:
     yield prefix
     with contextlib.suppress(redis.RedisError):  # the shared Redis is gone: nothing of ours is left on it
         delete_prefix(shared_redis_url(), prefix)
+
+
+@pytest.fixture
+def redis_space(key_prefix: str) -> Iterator[RedisSpace]:
+    """The shared Redis under a key prefix of this test's own; the test's keys are deleted when it ends.
+
+    For a test that must flush, stop or restart Redis, use `private_redis` (or a RedisServer of its own)."""
+    space = RedisSpace(shared_redis_url(), f"{key_prefix}{secrets.token_hex(4)}")
+    yield space
+    with contextlib.suppress(redis.RedisError):  # the shared Redis is gone: nothing of ours is left on it
+        delete_prefix(shared_redis_url(), space.prefix)
 
 
 # ---- Postgres: a private database per test run on the shared server ---------------------------------------

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -23,11 +24,32 @@ from typing import Any, Self
 import redis
 import redis.asyncio
 
+from gateway.catalog import Catalog
+from gateway.engine import Engine
+from gateway.store.redis import RedisStore, open_redis
+
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
 
 def shared_redis_url() -> str:
     return os.environ.get("GATEWAY_TEST_REDIS_URL", SHARED_URL)
+
+
+@dataclass(frozen=True)
+class RedisSpace:
+    """Where one test keeps its Redis state: a server (None: this process's emulation) and a key prefix of its own."""
+
+    url: str | None
+    prefix: str
+
+    def store(self) -> RedisStore:
+        """A new store on this Redis. Its connection belongs to the event loop that first uses it: code on
+        another loop (a TestClient's, the test's own asyncio.run) opens its own. The timeout is a loaded
+        machine's, not production's half second."""
+        return open_redis(self.url, socket_timeout=5)
+
+    def engine(self, catalog: Catalog, **kw: Any) -> Engine:
+        return Engine(self.store(), catalog, prefix=self.prefix, **kw)
 
 
 def raw_redis(url: str | None) -> Any:

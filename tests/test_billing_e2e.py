@@ -1,5 +1,6 @@
 """Billing in `gateway serve`'s app over real HTTP: the pricing page in headless Chromium, webhooks changing the
-plan of the next request, and auto-recharge started by a real request."""
+plan of the next request, and auto-recharge started by a real request. Redis is a private redis-server (the
+app's keys have the default prefix, so they must not meet another run's on the shared one)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from billing_support import ADMIN, CATALOG, SECRET, add_plan_prices
 from browser import chromium, chromium_path, look
 from fake_stripe import FakeStripe, sign
 from http_servers import serve_in_thread
+from services import RedisServer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -77,9 +79,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     asyncio.run(synced())
     fake = FakeStripe()
     prices = add_plan_prices(fake)
-    with serve_in_thread(fake.app()) as stripe_url, serve_in_thread(upstream()) as upstream_url:
+    with RedisServer() as redis_server, serve_in_thread(fake.app()) as stripe_url, serve_in_thread(upstream()) as upstream_url:
         settings = Settings(
-            plans=str(plans), upstream=upstream_url, database_url=db_url, admin_token=ADMIN,
+            plans=str(plans), upstream=upstream_url, redis_url=redis_server.url, database_url=db_url, admin_token=ADMIN,
             stripe_api_key="sk_test_fake", stripe_webhook_secret=SECRET, stripe_api_base=stripe_url,
         )
         app = GatewayApp(settings)

@@ -6,13 +6,13 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from billing_support import Env, add_plan_prices, billing_env, sqlite_url, stripe_server
+from billing_support import Env, add_plan_prices, billing_env, stripe_server
 from fake_stripe import FakeStripe
+from services import RedisSpace
 
 from gateway.store.db import credit_grants
 
@@ -47,13 +47,15 @@ async def spend_until_recharge(env: Env, billable: str) -> None:
     raise AssertionError("no decision took the auto-recharge lease")
 
 
-def test_pack_checkout_is_fulfilled_once_and_refunds_take_back_in_proportion(stripe_api: Any, tmp_path: Path) -> None:
+def test_pack_checkout_is_fulfilled_once_and_refunds_take_back_in_proportion(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """A pack's Checkout link (admin and the client's own), fulfilled once whichever of its events come, in any
     order and twice; a half refund takes back half the credits, a full one the rest, as debt once spent."""
     fake, url, _ = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             r = await env.admin("POST", f"/_gateway/admin/billables/{billable}/packs/starter/checkout", {})
             assert r.status_code == 201, r.text
@@ -97,12 +99,14 @@ def test_pack_checkout_is_fulfilled_once_and_refunds_take_back_in_proportion(str
     asyncio.run(main())
 
 
-def test_a_refund_seen_before_its_payment_is_taken_back_when_it_is_credited(stripe_api: Any, tmp_path: Path) -> None:
+def test_a_refund_seen_before_its_payment_is_taken_back_when_it_is_credited(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """Order not trusted: the refund's event first, then the payment's, still nets out."""
     fake, url, _ = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             r = await env.admin("POST", f"/_gateway/admin/billables/{billable}/packs/starter/checkout", {})
             paid = fake.complete_checkout(r.json()["id"])
@@ -114,13 +118,15 @@ def test_a_refund_seen_before_its_payment_is_taken_back_when_it_is_credited(stri
     asyncio.run(main())
 
 
-def test_auto_recharge_fails_on_the_card_then_succeeds_counted_once(stripe_api: Any, tmp_path: Path) -> None:
+def test_auto_recharge_fails_on_the_card_then_succeeds_counted_once(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """A declined card: auto_recharge_failed, a retry after the backoff succeeds; the webhook of that PaymentIntent
     arriving after the API's answer credits nothing more; the lease is given back."""
     fake, url, _ = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable, payment_method="pm_card_flaky")
             await env.link(billable, customer["id"])
@@ -149,12 +155,14 @@ def test_auto_recharge_fails_on_the_card_then_succeeds_counted_once(stripe_api: 
     asyncio.run(main())
 
 
-def test_a_charge_that_needs_the_customer_is_a_failure(stripe_api: Any, tmp_path: Path) -> None:
+def test_a_charge_that_needs_the_customer_is_a_failure(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """requires_action (3-D Secure) is a failure: the PaymentIntent is canceled, no credits, a failed event per attempt."""
     fake, url, _ = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path), recharge_delays=(0.01,)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space, recharge_delays=(0.01,)) as env:
             billable = env.billable()
             customer = fake.add_customer(billable, payment_method="pm_card_3ds")
             fake.card_outcomes["pm_card_3ds"] = ["requires_action", "requires_action"]
@@ -168,13 +176,15 @@ def test_a_charge_that_needs_the_customer_is_a_failure(stripe_api: Any, tmp_path
     asyncio.run(main())
 
 
-def test_credits_are_never_doubled_across_crashes_retries_and_repairs(stripe_api: Any, tmp_path: Path) -> None:
+def test_credits_are_never_doubled_across_crashes_retries_and_repairs(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """The charge went through but the process died before recording it: the lease stays; the webhook credits it;
     the same attempt retried gets the same PaymentIntent back (Idempotency-Key); the repair pass adds nothing."""
     fake, url, _ = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path), recharge_delays=()) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space, recharge_delays=()) as env:
             billable = env.billable()
             fake.add_customer(billable, payment_method="pm_card_ok")
             await env.engine.set_auto_recharge(billable, enabled=True, threshold=50, amount_cents=1000)
@@ -209,12 +219,14 @@ def test_credits_are_never_doubled_across_crashes_retries_and_repairs(stripe_api
     asyncio.run(main())
 
 
-def test_the_repair_pass_applies_what_webhooks_missed_once(stripe_api: Any, tmp_path: Path) -> None:
+def test_the_repair_pass_applies_what_webhooks_missed_once(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """No webhook arrived: the pass finds the subscription, the paid pack and the refund, and repairs each once."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             now = int(time.time())

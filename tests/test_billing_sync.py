@@ -29,19 +29,19 @@ def settings(url: str) -> Settings:
     return Settings(stripe_api_key="sk_test_fake", stripe_api_base=url)
 
 
-async def connect(tmp_path: Path) -> Database:
-    db = await Database.connect(f"sqlite:///{tmp_path}/sync.db")
+async def connect(url: str) -> Database:
+    db = await Database.connect(url)
     await db.upgrade()
     return db
 
 
-def test_push_creates_what_stripe_lacks_once(stripe_api: tuple[FakeStripe, str], tmp_path: Path) -> None:
+def test_push_creates_what_stripe_lacks_once(stripe_api: tuple[FakeStripe, str], empty_db_url: str) -> None:
     """A read shows everything missing; --push creates Features, Products, Prices and attaches Features; a
     second push (and two concurrent ones) creates nothing more, and the snapshot's version moves only on change."""
     fake, url = stripe_api
 
     async def main_() -> None:
-        db = await connect(tmp_path)
+        db = await connect(empty_db_url)
         client = stripe_client(settings(url))
         try:
             first = await sync(client, db, catalog())
@@ -74,12 +74,12 @@ def test_push_creates_what_stripe_lacks_once(stripe_api: tuple[FakeStripe, str],
     asyncio.run(main_())
 
 
-def test_concurrent_pushes_create_each_object_once(stripe_api: tuple[FakeStripe, str], tmp_path: Path) -> None:
+def test_concurrent_pushes_create_each_object_once(stripe_api: tuple[FakeStripe, str], empty_db_url: str) -> None:
     """Two pushes racing from the same empty state send the same Idempotency-Keys: Stripe makes each object once."""
     fake, url = stripe_api
 
     async def main_() -> None:
-        db = await connect(tmp_path)
+        db = await connect(empty_db_url)
         one, two = stripe_client(settings(url)), stripe_client(settings(url))
         try:
             from gateway.billing.sync import push, read_stripe
@@ -97,13 +97,13 @@ def test_concurrent_pushes_create_each_object_once(stripe_api: tuple[FakeStripe,
     asyncio.run(main_())
 
 
-def test_stripe_side_changes_are_reported_and_reach_every_process(stripe_api: tuple[FakeStripe, str], tmp_path: Path) -> None:
+def test_stripe_side_changes_are_reported_and_reach_every_process(stripe_api: tuple[FakeStripe, str], empty_db_url: str) -> None:
     """What Stripe says about prices and names lands in a new snapshot version that another process's PriceBook
     reads without a restart; features Stripe grants beyond plans.toml are reported, never applied."""
     fake, url = stripe_api
 
     async def main_() -> None:
-        db = await connect(tmp_path)
+        db = await connect(empty_db_url)
         client = stripe_client(settings(url))
         other_process = PriceBook(db, ttl=0)
         try:

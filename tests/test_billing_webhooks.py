@@ -7,14 +7,14 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from billing_support import Env, add_plan_prices, billing_env, sqlite_url, stripe_server
+from billing_support import Env, add_plan_prices, billing_env, stripe_server
 from fake_stripe import FakeStripe
 from http_servers import closed_port
+from services import RedisSpace
 
 from gateway.store.db import stripe_events, subscriptions
 from gateway.store.redis import open_redis
@@ -53,12 +53,14 @@ async def recorded_events(env: Env) -> int:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(stripe_events))).scalar() or 0)
 
 
-def test_bad_signature_old_timestamp_and_malformed_body_are_refused(stripe_api: Any, tmp_path: Path) -> None:
+def test_bad_signature_old_timestamp_and_malformed_body_are_refused(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """400 with a clear reason and no effect: wrong secret, no header, an old timestamp, a body that is not an event."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
@@ -93,13 +95,15 @@ def test_bad_signature_old_timestamp_and_malformed_body_are_refused(stripe_api: 
     asyncio.run(main())
 
 
-def test_subscription_lifecycle_twice_and_out_of_order(stripe_api: Any, tmp_path: Path) -> None:
+def test_subscription_lifecycle_twice_and_out_of_order(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """created → upgraded → paused → resumed → cancel at period end → deleted, each event delivered twice; then
     every event again, shuffled, and fresh copies too: the state is always what Stripe says now."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer()
             assert await env.link(billable, customer["id"]) == customer["id"]
@@ -151,12 +155,14 @@ def test_subscription_lifecycle_twice_and_out_of_order(stripe_api: Any, tmp_path
     asyncio.run(main())
 
 
-def test_incomplete_changes_nothing_and_trial_counts(stripe_api: Any, tmp_path: Path) -> None:
+def test_incomplete_changes_nothing_and_trial_counts(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """An incomplete subscription changes nothing; a trialing one gives its plan and its trial period as the window."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)  # linked by the merchant's own code: metadata.billable only
             incomplete = fake.subscribe(customer["id"], prices["scale"], status="incomplete")
@@ -176,13 +182,15 @@ def test_incomplete_changes_nothing_and_trial_counts(stripe_api: Any, tmp_path: 
     asyncio.run(main())
 
 
-def test_upgrade_and_downgrade_mid_period_never_yield_a_period_twice(stripe_api: Any, tmp_path: Path) -> None:
+def test_upgrade_and_downgrade_mid_period_never_yield_a_period_twice(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """Plan changes take effect on the next request; the period's spending stays counted across them, and the
     overage report says what a downgrade needs removed."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             sub = fake.subscribe(customer["id"], prices["pro"])
@@ -212,13 +220,15 @@ def test_upgrade_and_downgrade_mid_period_never_yield_a_period_twice(stripe_api:
     asyncio.run(main())
 
 
-def test_past_due_keeps_the_plan_during_the_grace_and_loses_it_after(stripe_api: Any, tmp_path: Path) -> None:
+def test_past_due_keeps_the_plan_during_the_grace_and_loses_it_after(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """invoice.payment_failed (past_due): the plan stays for past_due_grace from that event, then the default plan;
     invoice.paid brings it back with the renewed period."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             start = int(time.time()) - 30 * DAY
@@ -246,13 +256,15 @@ def test_past_due_keeps_the_plan_during_the_grace_and_loses_it_after(stripe_api:
     asyncio.run(main())
 
 
-def test_an_unlinked_customer_is_picked_up_when_linked(stripe_api: Any, tmp_path: Path) -> None:
+def test_an_unlinked_customer_is_picked_up_when_linked(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """A subscription of a customer with no billable is recorded; linking the customer (admin API) applies it.
     With no body the endpoint creates a customer once, then returns the one already linked."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer()
             body = await twice(env, fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"])))
@@ -274,7 +286,9 @@ def test_an_unlinked_customer_is_picked_up_when_linked(stripe_api: Any, tmp_path
     asyncio.run(main())
 
 
-def test_database_or_redis_down_answers_5xx_and_the_retry_heals(stripe_api: Any, tmp_path: Path) -> None:
+def test_database_or_redis_down_answers_5xx_and_the_retry_heals(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """The database down: 503, nothing recorded. Redis down after the commit: 503; Stripe's retry is a duplicate
     that re-applies the record to Redis."""
     fake, url, prices = stripe_api
@@ -284,15 +298,15 @@ def test_database_or_redis_down_answers_5xx_and_the_retry_heals(stripe_api: Any,
         customer = fake.add_customer(billable)
         event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
         dead_db = f"postgresql://nobody@127.0.0.1:{closed_port()}/gone"
-        async with billing_env(fake, url, dead_db, upgrade=False) as env:
+        async with billing_env(fake, url, dead_db, redis_space, upgrade=False) as env:
             r = await env.deliver(event)
             assert r.status_code == 503 and "database" in r.json()["detail"]
 
         dead_redis = open_redis(f"redis://127.0.0.1:{closed_port()}/0", socket_timeout=0.2)
-        async with billing_env(fake, url, sqlite_url(tmp_path), store=dead_redis) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space, store=dead_redis) as env:
             r = await env.deliver(event)
             assert r.status_code == 503 and "Redis" in r.json()["detail"]
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             r = await env.deliver(event)
             assert r.status_code == 200 and r.json()["duplicate"] is True
             assert await plan(env, billable) == ("pro", "subscription")
@@ -300,13 +314,15 @@ def test_database_or_redis_down_answers_5xx_and_the_retry_heals(stripe_api: Any,
     asyncio.run(main())
 
 
-def test_product_and_price_events_resync_and_entitlements_are_reported(stripe_api: Any, tmp_path: Path) -> None:
+def test_product_and_price_events_resync_and_entitlements_are_reported(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """price.* and product.* store a new snapshot (once per event); an entitlement summary is paged past its first
     ten and reported against the plan, never applied."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, sqlite_url(tmp_path)) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             before = await env.billing.book.current()
             assert before == {}
             await twice(env, fake.event("price.updated", fake.view("prices", prices["pro"])))
@@ -336,13 +352,15 @@ def test_product_and_price_events_resync_and_entitlements_are_reported(stripe_ap
     asyncio.run(main())
 
 
-def test_the_record_on_each_backend_takes_each_event_once(stripe_api: Any, empty_db_url: str) -> None:
+def test_the_record_on_each_backend_takes_each_event_once(
+    stripe_api: Any, empty_db_url: str, redis_space: RedisSpace
+) -> None:
     """On SQLite and Postgres: concurrent deliveries of one event record it once with its effect; a paid pack and
     its refund are granted once; the snapshot keeps one version per change."""
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        async with billing_env(fake, url, empty_db_url) as env:
+        async with billing_env(fake, url, empty_db_url, redis_space) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
-from pydantic import ValidationError
 
 from gateway.catalog import Catalog, load_catalog, parse_catalog
 from gateway.errors import CatalogError
@@ -179,7 +179,7 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def test_catalog_is_immutable() -> None:
     """The loaded catalog cannot be changed by accident."""
     catalog = load_catalog(EXAMPLE)
-    with pytest.raises(ValidationError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         catalog.plans["free"].credits = 5  # type: ignore[misc]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 from services import RedisCluster, RedisServer, raw_redis
+from waiting import until
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
@@ -358,14 +359,6 @@ def test_a_restarted_master_is_used_again_within_a_second(own_cluster: RedisClus
     assert decided - served <= 1.0
 
 
-async def _wait_async(check: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 # ---- a master dies: failover under load ------------------------------------------------------------------
 
 
@@ -433,12 +426,12 @@ def test_a_dead_master_degrades_only_its_slots_and_recovers_with_the_cluster() -
                     await asyncio.sleep(0.01)
 
             tasks = [asyncio.ensure_future(worker(dead + alive)) for _ in range(12)] + [asyncio.ensure_future(granter())]
-            await _wait_async(lambda: len(outcomes) > 500, "load before the kill")
+            await until(lambda: len(outcomes) > 500, "load before the kill", interval=0.01)
             killed = time.monotonic()
             victim.stop()  # SIGKILL by PID
             healed = await asyncio.to_thread(_cluster_healed, cluster, victim, dead_tag)
             # Load goes on until the dead master's billables have been decided for 1.5 s past the healing.
-            await _wait_async(lambda: outcomes[-1][0] > healed + 1.5, "load after the failover", timeout=30)
+            await until(lambda: outcomes[-1][0] > healed + 1.5, "load after the failover", timeout=30, interval=0.01)
             stop.set()
             await asyncio.gather(*tasks)
             for b, count in granted.items():

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import socket
 import threading
+from types import TracebackType
+from typing import Self
 
 import pytest
 from engine_support import Harness, harness
 from services import RedisCluster, RedisServer
+from waiting import wait_until
 
 from gateway.store.cluster import key_slot
 
@@ -53,20 +56,63 @@ def test_cluster_keys_of_one_billable_share_a_slot(redis_cluster: RedisCluster) 
         go(fn)
 
 
-def _monitor(port: int, lines: list[str], stop: threading.Event) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"MONITOR\r\n")
-        sock.settimeout(0.2)
-        buffer = b""
-        while not stop.is_set():
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            buffer += chunk
-        lines.extend(buffer.decode(errors="replace").splitlines())
+_END = "gw-monitor-end"
+
+
+class Monitor:
+    """MONITOR on one server, read in a thread: the commands clients send it while the block runs.
+
+    It is ready when the server said +OK; it is over when a marker command sent after the block shows up,
+    so nothing sent before is still on its way (no sleep on either side)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            sock.sendall(b"MONITOR\r\n")
+            sock.settimeout(0.2)
+            partial = b""
+            while not self._stop.is_set():
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                *complete, partial = (partial + chunk).split(b"\r\n")
+                for raw in complete:
+                    line = raw.decode(errors="replace")
+                    if line == "+OK":
+                        self._ready.set()
+                    else:
+                        self.lines.append(line)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        wait_until(self._ready.is_set, f"MONITOR on port {self.port} to start")
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if t is None:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    sock.sendall(f"ECHO {_END}\r\n".encode())
+                    sock.recv(1024)
+                wait_until(lambda: any(_END in line for line in self.lines), "MONITOR to show the marker")
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+    def commands(self) -> list[str]:
+        """The commands clients sent (not those scripts ran inside Redis), up to the marker."""
+        end = next(i for i, line in enumerate(self.lines) if _END in line)
+        return [line.split('"')[1].upper() for line in self.lines[:end]
+                if line.startswith("+") and "lua]" not in line and '"' in line]
 
 
 def test_one_evalsha_per_decision_in_steady_state(private_redis: RedisServer) -> None:
@@ -77,18 +123,10 @@ def test_one_evalsha_per_decision_in_steady_state(private_redis: RedisServer) ->
         for _ in range(3):  # warm: plan cached, scripts loaded
             await h.decide("org", "POST", "/exports")
             await h.decide("org", "POST", "/images")
-        lines: list[str] = []
-        stop = threading.Event()
-        watcher = threading.Thread(target=_monitor, args=(private_redis.port, lines, stop))
-        watcher.start()
-        await asyncio.sleep(0.3)
-        for _ in range(50):
-            assert (await h.decide("org", "POST", "/images")).admitted
-        await asyncio.sleep(0.3)
-        stop.set()
-        watcher.join()
-        sent = [line for line in lines if line.startswith("+") and "[0 lua]" not in line and "lua]" not in line]
-        commands = [line.split('"')[1].upper() for line in sent if '"' in line]
+        with Monitor(private_redis.port) as monitor:
+            for _ in range(50):
+                assert (await h.decide("org", "POST", "/images")).admitted
+        commands = monitor.commands()
         assert commands == ["EVALSHA"] * 50, commands[:10]
 
     with harness(private_redis.url, _ONE_CALL_CATALOG) as go:
@@ -129,20 +167,13 @@ def test_one_evalsha_per_decision_on_a_cluster(redis_cluster: RedisCluster) -> N
             await h.engine.apply_grant(b, 1, 10_000)
             for _ in range(2):  # warm: plans cached, scripts loaded on every master
                 await h.decide(b, "POST", "/images")
-        lines: list[list[str]] = [[] for _ in redis_cluster.masters]
-        stop = threading.Event()
-        watchers = [threading.Thread(target=_monitor, args=(m.port, out, stop)) for m, out in zip(redis_cluster.masters, lines, strict=True)]
-        for w in watchers:
-            w.start()
-        await asyncio.sleep(0.3)
-        for b in billables * 5:
-            assert (await h.decide(b, "POST", "/images")).admitted
-        await asyncio.sleep(0.3)
-        stop.set()
-        for w in watchers:
-            w.join()
-        commands = [line.split('"')[1].upper() for out in lines for line in out
-                    if line.startswith("+") and "lua]" not in line and '"' in line]
+        monitors = [Monitor(m.port) for m in redis_cluster.masters]
+        with contextlib.ExitStack() as watching:
+            for monitor in monitors:
+                watching.enter_context(monitor)
+            for b in billables * 5:
+                assert (await h.decide(b, "POST", "/images")).admitted
+        commands = [command for monitor in monitors for command in monitor.commands()]
         assert commands == ["EVALSHA"] * len(billables) * 5, commands[:10]
 
     with harness(redis_cluster.url, _ONE_CALL_CATALOG) as go:

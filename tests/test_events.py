@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from waiting import until
 
 from gateway import cli
 from gateway.app import Gateway
@@ -65,13 +66,6 @@ async def database(url: str) -> AsyncIterator[Database]:
 async def rows(db: Database) -> dict[str, Any]:
     async with db.engine.connect() as conn:
         return {r.id: r for r in (await conn.execute(sa.select(events_outbox))).all()}
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 async def all_settled(db: Database) -> bool:
@@ -212,7 +206,7 @@ def test_delivery_survives_failures_and_signs_every_request(empty_db_url: str) -
             await Outbox(db).add(events)
             with receiving(receiver) as url:
                 async with delivering(db, url, concurrency=3, batch=4):
-                    await until(lambda: all_settled(db))
+                    await until(lambda: all_settled(db), "every event delivered or dead")
             found = await rows(db)
         for e in events:
             row = found[e["id"]]
@@ -272,7 +266,7 @@ def test_dead_letter_after_last_attempt_and_replay(empty_db_url: str, capsys: py
             await Outbox(db).add([doomed])
             with receiving(receiver) as url:
                 async with delivering(db, url, max_attempts=3):
-                    await until(lambda: all_settled(db))
+                    await until(lambda: all_settled(db), "every event delivered or dead")
             row = (await rows(db))[doomed["id"]]
             assert row.dead_at is not None and row.delivered_at is None and row.attempts == 3
             assert row.last_error == "HTTP 500: boom"
@@ -281,7 +275,7 @@ def test_dead_letter_after_last_attempt_and_replay(empty_db_url: str, capsys: py
         async with database(db_url) as db:
             with receiving(receiver) as url:
                 async with delivering(db, url, max_attempts=3):
-                    await until(lambda: all_settled(db))
+                    await until(lambda: all_settled(db), "every event delivered or dead")
             return await rows(db)
 
     asyncio.run(fail_then_settle(empty_db_url))
@@ -325,7 +319,7 @@ def test_two_deliverers_never_send_one_event_at_once(empty_db_url: str) -> None:
                 async with delivering(db_a, url, batch=5, concurrency=3, poll=0.01) as a, delivering(
                     db_b, url, batch=5, concurrency=3, poll=0.01
                 ) as b:
-                    await until(lambda: all_settled(db_a), timeout=20)
+                    await until(lambda: all_settled(db_a), "every event delivered or dead", timeout=20)
                 assert a.delivered + b.delivered == len(events)
                 assert a.failed == b.failed == 0
 
@@ -343,7 +337,7 @@ def test_database_down_is_logged_once_and_the_loop_goes_on(caplog: pytest.LogCap
         try:
             with caplog.at_level(logging.WARNING, logger="gateway.events"):
                 deliverer.start()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # dozens of failing polls (every 10 ms), under test: one warning for all
                 assert deliverer._task is not None and not deliverer._task.done()
         finally:
             await deliverer.stop()
@@ -370,7 +364,7 @@ def test_gateway_starts_the_deliverer_and_warns_without_a_secret(tmp_path: Path,
             gateway.deliverer.poll = 0.02
             e = event()
             await Outbox(gateway.db).add([e])
-            await until(lambda: all_settled(gateway.db))  # type: ignore[arg-type]
+            await until(lambda: all_settled(gateway.db), "every event delivered or dead")  # type: ignore[arg-type]
         finally:
             await gateway.stop()
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 from services import RedisServer, free_port
+from waiting import until
 
 from gateway.errors import DatabaseUnavailable, RedisUnavailable
 from gateway.identity import KEY_LENGTH, KeyStore, key_from_headers, parse_key
@@ -453,9 +454,13 @@ def test_with_the_feed_keys_are_trusted_for_minutes_and_a_revocation_still_lands
         try:
             ci, laptop = await a.create("org_1", "ci"), await a.create("org_1", "laptop")
             assert await b.authenticate(ci.key) == "org_1" and await b.authenticate(laptop.key) == "org_1"
-            await asyncio.sleep(0.2)  # the last-used updates of the first use land before counting
+
+            async def touched() -> bool:
+                return all(k.last_used_at is not None for k in await a.list("org_1"))
+
+            await until(touched, "the last-used updates of the first use to land before counting")
             engine = counted(db_b)
-            await asyncio.sleep(1.5)  # past TTL: without the feed each key would be asked about again
+            await asyncio.sleep(1.5)  # past TTL (the thing under test): without the feed each key would be asked about again
             assert await b.authenticate(ci.key) == "org_1" and await b.authenticate(laptop.key) == "org_1"
             assert engine.calls == 0
 
@@ -468,7 +473,12 @@ def test_with_the_feed_keys_are_trusted_for_minutes_and_a_revocation_still_lands
 
             calls = engine.calls
             private_redis.client().flushall()  # the feed is lost: every trusted key is asked about again
-            await asyncio.sleep(0.3)
+
+            async def asked_again() -> bool:
+                assert await b.authenticate(laptop.key) == "org_1"
+                return engine.calls > calls
+
+            await until(asked_again, "the lost feed to make b ask the record again")
             assert await b.authenticate(laptop.key) == "org_1" and engine.calls == calls + 1
         finally:
             for keys, db in ((a, db_a), (b, db_b)):
@@ -481,7 +491,7 @@ def test_with_the_feed_keys_are_trusted_for_minutes_and_a_revocation_still_lands
 
 
 def test_without_redis_the_feed_falls_back_to_asking_the_record_each_second(
-    empty_db_url: str, private_redis: RedisServer
+    empty_db_url: str, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A process that cannot hear the feed trusts a key for TTL only, so a revocation made straight in the
     record still lands within a second; revoking while Redis is down says so (the record has it)."""
@@ -494,7 +504,7 @@ def test_without_redis_the_feed_falls_back_to_asking_the_record_each_second(
             created = await keys.create("org_1", "ci")
             assert await keys.authenticate(created.key) == "org_1"
             private_redis.stop()
-            await asyncio.sleep(0.2)
+            await until(lambda: "cannot hear API key revocations" in caplog.text, "the process to find the feed gone")
             async with db.engine.begin() as conn:  # another process revoked it while Redis was away
                 await conn.execute(sa.update(api_keys).values(revoked_at=sa.func.current_timestamp()))
             began = time.monotonic()

@@ -35,6 +35,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from waiting import until, wait_until
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
@@ -204,14 +205,6 @@ def gateways(*procs: GatewayProcess) -> Iterator[None]:
             p.stop()
 
 
-def wait_until(check: Any, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
 # ---- reading the record and Redis -----------------------------------------------------------------------
 
 
@@ -353,7 +346,7 @@ def test_sigkill_a_gateway_process(tmp_path: Path, pg: PostgresServer, redis_ser
     reach the record through the survivor's sweep once the lease moves."""
     db_url = fresh_database(pg)
     a = GatewayProcess(tmp_path, "a", upstream, redis_server.url, db_url, interval=1.0).start()
-    wait_until(lambda: a.health()["record"]["leader"], "a to lead", 10)
+    wait_until(lambda: a.health()["record"]["leader"], "a to lead", 10, interval=0.1)
     b = GatewayProcess(tmp_path, "b", upstream, redis_server.url, db_url).start()
     only_a = [f"a-{i}" for i in range(10)]
     shared = [f"s-{i}" for i in range(10)]
@@ -390,7 +383,7 @@ def test_sigkill_a_gateway_process(tmp_path: Path, pg: PostgresServer, redis_ser
     with gateways(a, b):
         lagging = go(main())
         assert lagging, "a flushed everything before it died: the test proved nothing about the sweep"
-        wait_until(lambda: not mismatches(redis_server.url, db_url, only_a + shared), "the record to match Redis", 15)
+        wait_until(lambda: not mismatches(redis_server.url, db_url, only_a + shared), "the record to match Redis", 15, interval=0.1)
         assert b.health()["record"]["leader"]
         count = check_grants_once(redis_server.url, db_url, load.grants)
         assert count == len(load.grants) > 20
@@ -432,10 +425,14 @@ def test_redis_restart_loses_at_most_one_interval(
                 await asyncio.sleep(0.1)
 
             async def restart() -> None:
-                await asyncio.sleep(1.0)
+                began = time.monotonic()
+
+                async def caps_recorded() -> bool:
+                    return not await _mismatches(redis_server.url, db_url, capped)
+
                 # The caps were used up long before: the record has them.
-                assert not await _mismatches(redis_server.url, db_url, capped)
-                await asyncio.sleep(1.5)
+                await until(caps_recorded, "the used-up caps to reach the record", interval=0.1)
+                await asyncio.sleep(max(0.0, began + 2.5 - time.monotonic()))  # the restart comes 2.5 s into the load
                 stopped_at.append(time.monotonic())
                 await asyncio.to_thread(redis_server.stop)
                 await asyncio.sleep(0.5)
@@ -460,7 +457,7 @@ def test_redis_restart_loses_at_most_one_interval(
             assert len(times) <= 40 + len(recent), (billable, len(times), len(recent))
             assert any(t > restarted_at[0] for t in times) or len(times) >= 40, billable  # decisions resumed
         wait_until(lambda: not mismatches(redis_server.url, db_url, capped + allowance + granted),
-                   "the record to match Redis", 15)
+                   "the record to match Redis", 15, interval=0.1)
         check_grants_once(redis_server.url, db_url, load.grants)
     assert not load.errors
     assert set(load.statuses) <= {200, 403, 429, 503}
@@ -489,12 +486,15 @@ def test_postgres_stopped_decisions_go_on(tmp_path: Path, pg: PostgresServer, re
                 await load.request(c, random.choice([a.url, b.url]), method, path, random.choice(billables))
 
             async def outage() -> None:
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(1.5)  # 1.5 s of load, then three seconds of outage under load: the scenario
                 await asyncio.to_thread(pg.stop)
-                await asyncio.sleep(1.5)
-                health = await c.get(f"{a.url}/_gateway/health", headers={"Authorization": f"Bearer {ADMIN}"})
-                seen_down.append(health.json()["database"] == "down")
-                await asyncio.sleep(1.5)
+                stopped = time.monotonic()
+
+                async def reported() -> bool:
+                    return bool((await c.get(f"{a.url}/_gateway/health", headers={"Authorization": f"Bearer {ADMIN}"})).json()["database"] == "down")
+
+                seen_down.append(await until(reported, "health to say the database is down", interval=0.1))
+                await asyncio.sleep(max(0.0, stopped + 3.0 - time.monotonic()))
                 await asyncio.to_thread(pg.start)
 
             await asyncio.gather(run_for(6.5, decisions, 12), outage())
@@ -503,8 +503,8 @@ def test_postgres_stopped_decisions_go_on(tmp_path: Path, pg: PostgresServer, re
         go(main())
         assert seen_down == [True]
         assert not load.errors and set(load.statuses) <= {200, 403, 429}, (load.statuses, load.errors[:5])
-        wait_until(lambda: a.health()["database"] == "up" and b.health()["database"] == "up", "health to recover", 10)
-        wait_until(lambda: not mismatches(redis_server.url, db_url, billables), "the record to match Redis", 10)
+        wait_until(lambda: a.health()["database"] == "up" and b.health()["database"] == "up", "health to recover", 10, interval=0.1)
+        wait_until(lambda: not mismatches(redis_server.url, db_url, billables), "the record to match Redis", 10, interval=0.1)
     assert load.statuses[200] > 200
 
 

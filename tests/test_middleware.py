@@ -1,33 +1,34 @@
-"""The ASGI middleware in Starlette and FastAPI apps: decisions, headers once, streaming untouched, settles."""
+"""The ASGI middleware in Starlette and FastAPI apps: decisions, headers once, streaming untouched, settles.
+
+The engine decides on the shared Redis under a key prefix of the test's own; a fast subset runs on the
+in-process emulation too (`engine` parametrized "embedded").
+"""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from engine_support import BASE
 from fastapi import FastAPI
-from services import shared_redis_url
+from services import RedisSpace
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import WebSocketRoute
-from starlette.testclient import TestClient
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.websockets import WebSocket
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
 
-
-def make_engine(url: str | None = None) -> Engine:
-    return Engine(open_redis(url), parse_catalog(BASE), prefix=f"gwt{uuid.uuid4().hex[:10]}")
+T = TypeVar("T")
 
 
 def billable_from_header(scope: dict[str, Any]) -> str | None:
@@ -95,14 +96,35 @@ def starlette_app(engine: Engine, tmp_file: Path | None = None) -> Any:
 
 
 @pytest.fixture
-def engine() -> Engine:
-    return make_engine()
+def engine(request: pytest.FixtureRequest, redis_space: RedisSpace) -> Engine:
+    """An engine on the shared Redis under this test's prefix; parametrized "embedded", on the emulation."""
+    space = redis_space if getattr(request, "param", "redis") == "redis" else RedisSpace(None, redis_space.prefix)
+    return space.engine(parse_catalog(BASE))
+
+
+BOTH = pytest.mark.parametrize("engine", ["redis", "embedded"], indirect=True)
+
+
+def beside(engine: Engine, fn: Callable[[Engine], Awaitable[T]]) -> T:
+    """Run `fn` on an engine of its own over the same Redis and prefix, in an event loop of its own (the
+    middleware's store belongs to the TestClient's loop)."""
+
+    async def main() -> T:
+        space = RedisSpace(None if engine.store.embedded else engine.store.url, engine.prefix)
+        other = space.engine(engine.catalog)
+        try:
+            return await fn(other)
+        finally:
+            await other.store.close()
+
+    return asyncio.run(main())
 
 
 def status_of(engine: Engine, billable: str) -> dict[str, Any]:
-    return asyncio.run(engine.status(billable))
+    return beside(engine, lambda e: e.status(billable))
 
 
+@BOTH
 def test_admitted_request_gets_headers_and_identity(engine: Engine) -> None:
     """An admitted request reaches the app with X-Billable-Id and X-Plan (client values dropped) and gets the headers."""
     with TestClient(starlette_app(engine)) as client:
@@ -122,6 +144,7 @@ def test_no_billable_is_401(engine: Engine) -> None:
     assert r.json()["type"] == "urn:gateway:unauthorized"
 
 
+@BOTH
 def test_non_2xx_gives_the_hold_back(engine: Engine) -> None:
     """A failed answer gives back the limit units it held; a 2xx keeps them."""
     with TestClient(starlette_app(engine)) as client:
@@ -142,9 +165,10 @@ def test_release_on_2xx_unless_upstream_kept_it(engine: Engine) -> None:
         assert status_of(engine, "a")["limits"]["projects"]["usage"] == 1
 
 
+@BOTH
 def test_metered_json_answer_settles_to_units(engine: Engine) -> None:
     """A metered operation settles to the units in the JSON answer; an answer with none keeps the reserve."""
-    asyncio.run(engine.apply_grant("m", 1, 500))
+    beside(engine, lambda e: e.apply_grant("m", 1, 500))
     with TestClient(starlette_app(engine)) as client:
         r = client.post("/chat?tokens=30", headers={"x-org": "m"})
         assert r.status_code == 200 and r.headers["x-credits-remaining"] == "410"  # 510 - reserve 100
@@ -157,7 +181,7 @@ def test_metered_json_answer_settles_to_units(engine: Engine) -> None:
 
 def test_metered_sse_answer_uses_last_usage_event(engine: Engine) -> None:
     """A streamed answer settles to the units of its last event carrying usage."""
-    asyncio.run(engine.apply_grant("s", 1, 500))
+    beside(engine, lambda e: e.apply_grant("s", 1, 500))
     with TestClient(starlette_app(engine)) as client:
         r = client.post("/chat?mode=sse", headers={"x-org": "s"})
     assert r.status_code == 200 and "[DONE]" in r.text
@@ -200,8 +224,9 @@ def test_websocket_admitted_and_refused(engine: Engine) -> None:
     with TestClient(starlette_app(engine)) as client:
         with client.websocket_connect("/ws", headers={"x-org": "w"}) as ws:
             assert ws.receive_text() == "w"
-        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws") as ws:
+        with pytest.raises(WebSocketDenialResponse) as refused, client.websocket_connect("/ws") as ws:
             ws.receive_text()
+        assert refused.value.status_code == 401
 
 
 async def _raw(app: Any, path: str, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
@@ -265,9 +290,8 @@ def test_lifespan_passes_through(engine: Engine) -> None:
     assert started == [True]
 
 
-def test_fastapi_app_mounts_in_one_line() -> None:
+def test_fastapi_app_mounts_in_one_line(engine: Engine) -> None:
     """A FastAPI app mounts the middleware with add_middleware and gets the same decisions."""
-    engine = make_engine()
     api = FastAPI()
 
     @api.post("/projects")
@@ -290,22 +314,14 @@ def test_redis_down_open_and_closed(tmp_path: Path) -> None:
     assert closed.status_code == 503 and closed.json()["type"] == "urn:gateway:unavailable"
 
 
-def test_real_redis_backend() -> None:
-    """The middleware decides the same way on the real Redis."""
-    engine = make_engine(shared_redis_url())
+@BOTH
+def test_real_redis_backend(engine: Engine) -> None:
+    """The middleware decides the same way on the real Redis and on the emulation."""
     with TestClient(starlette_app(engine)) as client:
         codes = [client.post("/projects", headers={"x-org": "rr"}).status_code for _ in range(3)]
     assert codes == [200, 200, 403]
-
-    async def fresh_status() -> dict[str, Any]:
-        # The client's pool belongs to the TestClient's loop: read back through a new connection.
-        store = open_redis(shared_redis_url())
-        try:
-            return await Engine(store, engine.catalog, prefix=engine.prefix).status("rr")
-        finally:
-            await store.close()
-
-    assert asyncio.run(fresh_status())["limits"]["projects"]["usage"] == 2
+    # The client's pool belongs to the TestClient's loop: read back through a new connection.
+    assert status_of(engine, "rr")["limits"]["projects"]["usage"] == 2
 
 
 def test_startup_heap_is_frozen_out_of_the_collector(engine: Engine) -> None:
@@ -320,10 +336,10 @@ def test_startup_heap_is_frozen_out_of_the_collector(engine: Engine) -> None:
     gc.unfreeze()
 
 
-def test_request_header_priced_operation_needs_its_header() -> None:
+def test_request_header_priced_operation_needs_its_header(redis_space: RedisSpace) -> None:
     """An operation priced from a request header spends its price, and a request without the header is 400."""
     text = BASE.replace('[operations.priced]\nper_unit = 2\nunits = "request.json:n"', '[operations.priced]\nper_unit = 2\nunits = "request.header:X-Units"')
-    engine = Engine(open_redis(None), parse_catalog(text), prefix=f"gwt{uuid.uuid4().hex[:10]}")
+    engine = redis_space.engine(parse_catalog(text))
     with TestClient(starlette_app(engine)) as client:
         ok = client.post("/priced", headers={"x-org": "h", "x-units": "3"})
         missing = client.post("/priced", headers={"x-org": "h"})

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from waiting import until, wait_until
 
 from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
@@ -211,7 +212,7 @@ def test_touched_billables_reach_the_record_within_the_interval(empty_db_url: st
             p = env.process(interval=0.3)
             p.reconciler.start()
             try:
-                await asyncio.sleep(0.1)
+                await until(lambda: p.reconciler.leader, "the reconciler's first tick")
                 billables = [f"org-{i}" for i in range(20)]
                 for b in billables:
                     await p.decide(b, "POST", "/projects")
@@ -236,7 +237,7 @@ def test_stop_flushes_once_more(empty_db_url: str) -> None:
         async with environment(empty_db_url) as env:
             p = env.process(interval=60)
             p.reconciler.start()
-            await asyncio.sleep(0.05)
+            await until(lambda: p.reconciler.leader, "the reconciler's first tick")
             await p.decide("org-stop", "POST", "/projects")
             await p.reconciler.stop()
             row = await env.snapshot_row("org-stop")
@@ -302,7 +303,7 @@ def test_the_lead_moves_when_its_holder_dies(empty_db_url: str) -> None:
             await first.reconciler.tick()  # renewal keeps it
             await second.reconciler.tick()
             assert first.reconciler.leader and not second.reconciler.leader
-            # `first` dies without giving the lease back.
+            # `first` dies without giving the lease back. The sleeps are the lease's lifetime, under test.
             await asyncio.sleep(0.3)
             await second.reconciler.tick()
             assert not second.reconciler.leader  # not expired yet
@@ -697,32 +698,36 @@ def test_health_says_the_database_is_down_and_on_redis_down_applies(
     url_db = _reset(private_pg)
     org = {"X-Org": "org-h"}
     with gateway(tmp_path, url_db, own_redis.url) as url:
+
+        def health_when(condition: Callable[[dict[str, Any]], bool]) -> Callable[[], httpx.Response | None]:
+            def check() -> httpx.Response | None:
+                r = httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS)
+                return r if condition(r.json()) else None
+
+            return check
+
+        def degraded() -> httpx.Response | None:
+            r = httpx.get(f"{url}/v1/echo", headers=org)
+            return r if "x-gateway-degraded" in r.headers else None
+
         assert httpx.post(f"{url}/projects", headers=org).status_code == 200
-        deadline = time.monotonic() + 5
-        while (health := httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS).json())["record"]["pending"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        health = wait_until(health_when(lambda h: h["record"]["pending"] == 0), "the first flush").json()
         assert health["database"] == "up"
         private_pg.stop()
         try:
             assert all(httpx.get(f"{url}/v1/echo", headers=org).status_code == 200 for _ in range(20))
-            time.sleep(0.5)
-            health = httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS)
-            assert health.status_code == 200  # Redis is up: the gateway serves
-            body = health.json()
+            reported = wait_until(health_when(lambda h: h["database"] == "down"), "the reconciler to find the database down")
+            assert reported.status_code == 200  # Redis is up: the gateway serves
+            body = reported.json()
             assert body["database"] == "down" and body["status"] == "degraded" and body["record"]["pending"] == 1
             own_redis.client().flushall()
-            time.sleep(0.3)
-            plain = httpx.get(f"{url}/v1/echo", headers=org)
+            plain = wait_until(degraded, "the lost state to be found unrestorable, with the record down")
             assert plain.status_code == 200 and plain.headers["x-gateway-degraded"] == "redis"
             spend = httpx.post(f"{url}/cheap-images", headers=org)
             assert spend.status_code == 503 and spend.json()["type"] == "urn:gateway:unavailable"
         finally:
             private_pg.start()
-        deadline = time.monotonic() + 5
-        while httpx.get(f"{url}/_gateway/health", headers=ADMIN_HEADERS).json()["database"] != "up":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(health_when(lambda h: h["database"] == "up"), "the database to be back")
         # Restored from the record: the project made before the outage still counts.
         assert httpx.post(f"{url}/projects", headers=org).status_code == 200
         assert httpx.post(f"{url}/projects", headers=org).status_code == 403
