@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from billing_support import add_plan_prices, billing_env, stripe_server
 from fake_stripe import FakeStripe
 from gateway_support import ADMIN, ADMIN_HEADERS, Served, serving
-from services import RedisServer, raw_redis, shared_redis_url
+from services import RedisServer, RedisSpace, raw_redis, shared_redis_url
 from starlette.requests import Request
 
 from gateway.bounds import MAX_BODY, MAX_INT, loads
@@ -535,8 +535,9 @@ def test_signed_stripe_webhook_json_depth_64_is_processed_65_is_400(
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        store = open_redis(redis_server.url)
-        async with billing_env(fake, url, f"sqlite:///{tmp_path}/billing.db", store=store) as env:
+        space = RedisSpace(redis_server.url, f"gwb{uuid.uuid4().hex[:8]}")
+        store = space.store()
+        async with billing_env(fake, url, f"sqlite:///{tmp_path}/billing.db", space, store=store) as env:
             billable = env.billable()
             customer = fake.add_customer(billable)
             event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
@@ -567,8 +568,9 @@ def test_a_stripe_customer_naming_a_bad_billable_is_treated_as_unlinked(
     fake, url, prices = stripe_api
 
     async def main() -> None:
-        store = open_redis(redis_server.url)
-        async with billing_env(fake, url, f"sqlite:///{tmp_path}/billing.db", store=store) as env:
+        space = RedisSpace(redis_server.url, f"gwb{uuid.uuid4().hex[:8]}")
+        store = space.store()
+        async with billing_env(fake, url, f"sqlite:///{tmp_path}/billing.db", space, store=store) as env:
             customer = fake.add_customer("org\r\nevil")
             event = fake.event("customer.subscription.created", fake.subscribe(customer["id"], prices["pro"]))
             r = await env.deliver(event)

@@ -112,7 +112,7 @@ def test_a_hung_postgres_answers_in_time_decisions_go_on_and_the_retries_record_
                 assert status == 503 and took < IN_TIME, (name, status, took, gw.log()[-3000:])
             assert decided == [200] * 50
 
-            wait_until(lambda: httpx.get(f"{gw.url}/_gateway/health", timeout=10).json()["database"] == "up",
+            wait_until(lambda: httpx.get(f"{gw.url}/_gateway/health", headers=admin, timeout=10).json()["database"] == "up",
                        "the record to answer again", 30)
 
             async def again() -> dict[str, int]:
