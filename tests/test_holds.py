@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from engine_support import BASE, Harness, harness
-from served import Served, upstream, wait_until
+from served import Served, upstream
 from services import RedisServer, raw_redis, shared_redis_url
+from waiting import wait_until
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine

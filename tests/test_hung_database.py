@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from billing_support import CATALOG, SECRET, add_plan_prices
 from fake_stripe import FakeStripe, sign
 from http_servers import serve_in_thread
-from served import Served, upstream, wait_until
+from served import Served, upstream
 from services import PostgresServer, RedisServer
 from test_kill import fresh_database
+from waiting import wait_until
 
 from gateway.store import db as tables
 from gateway.store.db import Database

@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from http_servers import closed_port
-from served import CATALOG, Served, upstream, wait_until
+from served import CATALOG, Served, upstream
 from services import RedisServer, children_of
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
