@@ -90,6 +90,13 @@ def serve(
         print(f"gateway: cannot start: {_line(exc)}", file=sys.stderr)
         return STARTUP_FAILED
     if settings.workers > 1:
+        if settings.database_url.startswith("sqlite"):
+            try:  # once, here: workers that migrate one file at once lock each other out ("database is locked")
+                asyncio.run(_upgrade_record(settings))
+            except GatewayError as exc:
+                sock.close()
+                print(f"gateway: cannot start: {_line(exc)}", file=sys.stderr)
+                return STARTUP_FAILED
         return _supervise(sock, app, settings)
     return _run_loop(sock, app, settings, alongside, started, ready=None)
 
@@ -208,6 +215,13 @@ def _say_serving(sock: socket.socket, settings: Settings, workers: int = 1) -> N
 
 
 # ---- workers ----------------------------------------------------------------------------------------------
+
+
+async def _upgrade_record(settings: Settings) -> None:
+    from gateway.store.db import Database
+
+    db = await Database.connect(settings.database_url, auto_upgrade=True, timeout=settings.db_timeout)
+    await db.close()
 
 
 def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:

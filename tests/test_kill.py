@@ -371,6 +371,10 @@ def test_sigkill_a_gateway_process(tmp_path: Path, pg: PostgresServer, redis_ser
 
             async def killer() -> None:
                 await asyncio.sleep(1.5)
+                # Kill while a has something unflushed (on a loaded machine a second may pass without a request
+                # to its billables): what the sweep must then find.
+                await until(lambda: _mismatches(redis_server.url, db_url, only_a), "a to hold unflushed changes",
+                            timeout=2.0, interval=0.01)
                 a.kill()
                 killed.set()
                 # What the dead process had not flushed yet: the sweep must find it.
