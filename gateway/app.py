@@ -92,12 +92,13 @@ class Gateway:
             await self.db.check_current()
         except DatabaseUnavailable as exc:
             raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
-        # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
-        # without a shared Redis the record is asked about each key every second instead.
+        # The newest catalog published to the record, else --plans, published now as its first version.
         self.catalogs = Catalogs(self.db, self.store, on_change=self.use_catalog)
         running, line = await self.catalogs.start_with(self.catalog, self.plans_text)
         log.info("%s", line)
         self.catalog = running.catalog
+        # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
+        # without a shared Redis the record is asked about each key every second instead.
         feed = RevocationFeed(self.store) if self.settings.redis_url else None
         self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
         self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)

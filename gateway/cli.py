@@ -455,10 +455,7 @@ async def _audit(settings: Settings, billable: str | None, since: datetime | Non
     from gateway.store.db import Database
 
     if billable is not None:
-        try:
-            billable_id(billable, "--billable")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        billable_id(billable, "--billable")  # BadRequest: the command's one line
     db = await Database.connect(settings.database_url, auto_upgrade=True)
     try:
         found = await audit.entries(db, billable=billable, since=since)

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,6 +205,4 @@ class Catalogs:
 
 def _named(catalog: Catalog, version: int) -> Catalog:
     """The catalog as the published version it is (its source names the version in problems and logs)."""
-    from dataclasses import replace
-
     return replace(catalog, source=source_of(version))
