@@ -8,7 +8,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -16,16 +17,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from gateway import audit
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog
 from gateway.engine import Engine
-from gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
+from gateway.errors import (
+    BadRequest,
+    CatalogError,
+    DatabaseUnavailable,
+    GatewayError,
+    RedisUnavailable,
+    StateUnavailable,
+)
 from gateway.events import Outbox
 from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.problems import bad_request, http_problem, json_body, problem, refused
+from gateway.problems import bad_request, http_problem, json_body, problem, problem_body, read_body, refused
+from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
@@ -85,21 +95,24 @@ class Endpoints:
         reconciler: Reconciler | None = None,
         identify: Identify,
         admin_token: str | None,
+        admin_tokens: Mapping[str, str] | None = None,
         metrics_token: str | None = None,
+        catalogs: Catalogs | None = None,
         extra_routes: list[Route] | None = None,
         extra_admin_routes: list[Route] | None = None,
     ) -> None:
         self.engine = engine
-        self.catalog = engine.catalog
         self.keys = keys
         self.db = db
         self.grants = grants
         self.reconciler = reconciler
         self.metrics = metrics
         self.identify = identify
-        self.admin_token = admin_token
+        # name → token: GATEWAY_ADMIN_TOKEN is "admin"; the audit log names whichever made a change.
+        self.tokens = {**({audit.ADMIN: admin_token} if admin_token else {}), **(admin_tokens or {})}
         self.metrics_token = metrics_token
-        if not admin_token:
+        self.catalogs = catalogs
+        if not self.tokens:
             log.warning("GATEWAY_ADMIN_TOKEN is not set: the admin API is off")
         admin = [
             Route("/_gateway/admin/keys", self.create_key, methods=["POST"]),
@@ -112,6 +125,8 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
+            Route("/_gateway/admin/catalog", self.catalog_endpoint, methods=["GET", "POST"]),
+            Route("/_gateway/admin/audit", self.audit_log, methods=["GET"]),
             *(extra_admin_routes or []),
         ]
         self.router = Router(
@@ -137,14 +152,21 @@ class Endpoints:
         except BadRequest as exc:  # an id, a number or a body outside its rule, from any endpoint
             await refused(exc)(scope, receive, send)
 
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
+
     # ---- guards -------------------------------------------------------------------------------------
 
     def _admin(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            if not self.admin_token:
+            if not self.tokens:
                 return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API is off: set GATEWAY_ADMIN_TOKEN to turn it on.")
-            if not _bearer(request, self.admin_token):
+            name = self.token_name(request)
+            if name is None:
                 return problem(401, "urn:gateway:unauthorized", "Unauthorized", "The admin API needs Authorization: Bearer <GATEWAY_ADMIN_TOKEN>.")
+            request.state.token = name  # who makes the change, for the audit log
             if "billable" in request.path_params:
                 billable_id(request.path_params["billable"], "the billable in the path")
             try:
@@ -155,6 +177,18 @@ class Endpoints:
                 return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
 
         return guarded
+
+    def token_name(self, request: Request) -> str | None:
+        """The name of the admin token the request carries (every one compared, in constant time), else None."""
+        found = None
+        for name, token in self.tokens.items():
+            if _bearer(request, token):
+                found = name
+        return found
+
+    async def _audit(self, request: Request, action: str, billable: str | None, before: Any, after: Any) -> None:
+        if self.db is not None:
+            await audit.record(self.db, token=request.state.token, action=action, billable=billable, before=before, after=after)
 
     # ---- keys ---------------------------------------------------------------------------------------
 
@@ -168,6 +202,7 @@ class Endpoints:
         if self.keys is None:
             return bad_request("This gateway names billables by a trusted header: it has no API keys.")
         created = await self.keys.create(billable, name)
+        await self._audit(request, "key.create", billable, None, {"id": created.id, "name": created.name})
         return JSONResponse(
             {"id": created.id, "key": created.key, "billable": created.billable, "name": created.name,
              "created_at": _iso(created.created_at)},
@@ -187,13 +222,19 @@ class Endpoints:
         )
 
     async def revoke_key(self, request: Request) -> Response:
+        key_id = request.path_params["key_id"]
+        owner = await self.keys.owner(key_id) if self.keys is not None else None
         try:
-            found = self.keys is not None and await self.keys.revoke(request.path_params["key_id"])
+            found = self.keys is not None and await self.keys.revoke(key_id)
         except RedisUnavailable as exc:
+            if owner is not None and not owner[1]:
+                await self._audit(request, "key.revoke", owner[0], {"id": key_id, "revoked": False}, {"id": key_id, "revoked": True})
             detail = f"{exc} The key is revoked in the record; other gateway processes may accept it for a few minutes: revoke it again."
             return problem(503, "urn:gateway:unavailable", "Service unavailable", detail)
         if not found:
             return problem(404, "urn:gateway:not-found", "Not found", "No such API key.")
+        if owner is not None and not owner[1]:  # revoking again changes nothing
+            await self._audit(request, "key.revoke", owner[0], {"id": key_id, "revoked": False}, {"id": key_id, "revoked": True})
         return Response(status_code=204)
 
     # ---- billables ----------------------------------------------------------------------------------
@@ -203,21 +244,31 @@ class Endpoints:
 
     async def assign_plan(self, request: Request) -> Response:
         billable = request.path_params["billable"]
+        catalog = self.catalog
         plan: str | None = None
         if request.method == "PUT":
             body = await json_body(request)
             if isinstance(body, JSONResponse):
                 return body
             plan = body.get("plan")
-            if plan not in self.catalog.plans:
-                return bad_request(f'Unknown plan {plan!r}: plans.toml has {", ".join(self.catalog.plans)}.')
-        before = (await self.engine.plan_of(billable)).name
+            if not isinstance(plan, str) or plan not in catalog.plans:
+                return bad_request(f'Unknown plan {plan!r}: plans.toml has {", ".join(catalog.plans)}.')
+        resolved = await self.engine.plan_of(billable)
+        before = resolved.name
+        if plan is not None and catalog.plans[plan].archived and plan != before:
+            offered = ", ".join(catalog.plans_by_price())
+            return problem(409, "urn:gateway:conflict", "Conflict",
+                           f'Plan "{plan}" is archived: billables already on it keep it, but none is newly assigned to it (assign one of {offered}).')
         if self.grants is not None:
             await self.grants.record_assignment(billable, plan)
         await self.engine.set_assignment(billable, plan)
         status = await self.engine.status(billable)
         if status["plan"] != before and self.db is not None:
             await Outbox(self.db).add([plan_changed(billable, before, status["plan"], status["plan_source"])])
+        await self._audit(
+            request, "plan.assign" if plan is not None else "plan.remove", billable,
+            {"plan": before, "source": resolved.source}, {"plan": status["plan"], "source": status["plan_source"]},
+        )  # fmt: skip
         return JSONResponse(status)
 
     async def grant_credits(self, request: Request) -> Response:
@@ -239,8 +290,9 @@ class Endpoints:
             return bad_request("reason must be a string.")
         if self.grants is None:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", "No database: grants need the record.")
+        balance_before: int | None = None
         if await self.grants.find(key) is None:  # a retry of a grant already made is never refused for its size
-            await self._balance_stays_exact(billable, amount)
+            balance_before = await self._balance_stays_exact(billable, amount)
         try:
             result = await self.grants.grant(billable, amount, reason=reason, idempotency_key=key)
         except GrantConflict as exc:
@@ -249,6 +301,10 @@ class Endpoints:
         if result.applied:
             with contextlib.suppress(RedisUnavailable, StateUnavailable):
                 status = await self.engine.status(billable)
+        if not result.duplicate:
+            after = {"amount": amount, "reason": reason, "idempotency_key": key, "sequence": result.sequence,
+                     "balance": status["credits"]["balance"] if status is not None else None}  # fmt: skip
+            await self._audit(request, "credits.grant", billable, {"balance": balance_before}, after)
         if status is None:
             detail = "The grant is recorded; Redis did not take it yet, so it is applied when Redis is back. A retry with the same idempotency_key is safe."
             return JSONResponse(
@@ -259,27 +315,31 @@ class Endpoints:
              "duplicate": result.duplicate},
         )
 
-    async def _balance_stays_exact(self, billable: str, amount: int) -> None:
+    async def _balance_stays_exact(self, billable: str, amount: int) -> int | None:
         """BadRequest when the grant would take the live balance past ±MAX_INT (skipped while Redis is down:
-        the record still bounds what is granted)."""
+        the record still bounds what is granted). Answers the balance (None while Redis is down)."""
         try:
-            balance = (await self.engine.status(billable))["credits"]["balance"]
+            balance: int | None = (await self.engine.status(billable))["credits"]["balance"]
         except (RedisUnavailable, StateUnavailable):
-            return
+            return None
         if balance is not None and abs(balance + amount) > MAX_INT:
             raise BadRequest(f"amount: this grant would take the balance of {billable} from {balance} to {balance + amount}, past ±{MAX_INT}.")
+        return balance
 
     async def set_limit(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
         usage = integer(body, "usage", low=0)
+        billable, limit = request.path_params["billable"], request.path_params["limit"]
+        before = (await self.engine.status(billable))["limits"].get(limit, {}).get("usage")
         try:
-            await self.engine.set_count(request.path_params["billable"], request.path_params["limit"], usage)
+            await self.engine.set_count(billable, limit, usage)
         except ValueError as exc:
             return bad_request(f"{exc}.")
-        status = await self.engine.status(request.path_params["billable"])
-        return JSONResponse(status["limits"].get(request.path_params["limit"], {"usage": usage}))
+        status = await self.engine.status(billable)
+        await self._audit(request, "limit.set", billable, {"limit": limit, "usage": before}, {"limit": limit, "usage": usage})
+        return JSONResponse(status["limits"].get(limit, {"usage": usage}))
 
     async def auto_recharge(self, request: Request) -> Response:
         body = await json_body(request)
@@ -292,8 +352,13 @@ class Endpoints:
         threshold = None if body.get("threshold") is None else integer(body, "threshold", low=0)
         if enabled and amount is None:
             return bad_request("amount_cents is needed to enable auto-recharge.")
-        await self.engine.set_auto_recharge(request.path_params["billable"], enabled=enabled, threshold=threshold, amount_cents=amount)
-        return JSONResponse({"enabled": enabled, "amount_cents": amount, "threshold": threshold})
+        billable = request.path_params["billable"]
+        # Before: the settings as the audit log last recorded them (Redis keeps them under the engine's own names).
+        before = await audit.last_after(self.db, "auto_recharge.set", billable) if self.db is not None else None
+        await self.engine.set_auto_recharge(billable, enabled=enabled, threshold=threshold, amount_cents=amount)
+        settings = {"enabled": enabled, "amount_cents": amount, "threshold": threshold}
+        await self._audit(request, "auto_recharge.set", billable, before, settings)
+        return JSONResponse(settings)
 
     async def overage(self, request: Request) -> Response:
         target = request.query_params.get("plan")
@@ -314,6 +379,52 @@ class Endpoints:
         if period == current and self.reconciler is not None:
             await self.reconciler.flush([billable], force=True)  # the answer includes the last second's use
         return JSONResponse(await usage_report(self.db, billable, period))
+
+    # ---- catalogs and the audit log -------------------------------------------------------------------
+
+    async def catalog_endpoint(self, request: Request) -> Response:
+        """GET: what this process runs. POST (the body a plans.toml): publish it to every process."""
+        if self.catalogs is None:
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", "No record: catalogs are published in it.")
+        if request.method == "GET":
+            if self.catalogs.running is None:
+                return problem(503, "urn:gateway:unavailable", "Service unavailable", "No catalog published yet.")
+            return JSONResponse(self.catalogs.running.describe())
+        raw = await read_body(request)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return bad_request(f"The catalog is not UTF-8 text (byte {exc.start} is not): send the plans.toml as UTF-8.")
+        try:
+            published, changed = await self.catalogs.publish(text, token=request.state.token)
+        except CatalogError as exc:
+            problems = [{"place": p.place, "message": p.message} for p in exc.problems]
+            count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+            detail = f"The catalog does not load ({count}); nothing changed: " + "; ".join(str(p) for p in exc.problems)
+            body = problem_body(400, "urn:gateway:bad-request", "Bad request", detail, problems=problems)
+            return JSONResponse(body, status_code=400, media_type="application/problem+json")
+        except RedisUnavailable as exc:
+            running = self.catalogs.running
+            version = running.version if running is not None else "?"
+            detail = (f"{exc} Version {version} is in the record and runs on this process; the others run it when "
+                      "they next start: publish it again when Redis is back.")  # fmt: skip
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", detail)
+        return JSONResponse({**published.describe(), "changed": changed}, status_code=201 if changed else 200)
+
+    async def audit_log(self, request: Request) -> Response:
+        if self.db is None:
+            return problem(503, "urn:gateway:unavailable", "Service unavailable", "No record: the audit log is in it.")
+        billable = request.query_params.get("billable") or None
+        if billable is not None:
+            billable_id(billable, "billable")
+        since: datetime | None = None
+        if request.query_params.get("since"):
+            try:
+                since = datetime.fromisoformat(request.query_params["since"])
+            except ValueError:
+                return bad_request(f"since is an ISO 8601 time (like 2026-11-01T00:00:00Z), not {request.query_params['since']!r}.")
+            since = since.replace(tzinfo=UTC) if since.tzinfo is None else since
+        return JSONResponse({"entries": await audit.entries(self.db, billable=billable, since=since)})
 
     # ---- the client's own, and the operator's probes -------------------------------------------------
 
@@ -336,7 +447,7 @@ class Endpoints:
             db_up = False  # it answers a ping but has not taken a flush yet
         body: dict[str, Any] = {"status": "ok" if redis_up and db_up is not False else "degraded"}
         code = 200 if redis_up else 503
-        if not (self.admin_token and _bearer(request, self.admin_token)):
+        if self.token_name(request) is None:
             return JSONResponse(body, status_code=code)
         body["redis"] = "up" if redis_up else "down"
         body["database"] = "none" if db_up is None else ("up" if db_up else "down")
@@ -352,7 +463,7 @@ class Endpoints:
         return JSONResponse(body, status_code=code)
 
     async def prometheus(self, request: Request) -> Response:
-        tokens = [t for t in (self.metrics_token, self.admin_token) if t]
+        tokens = [t for t in (self.metrics_token, *self.tokens.values()) if t]
         if not any(_bearer(request, t) for t in tokens):
             detail = (
                 "Metrics need Authorization: Bearer <GATEWAY_METRICS_TOKEN or GATEWAY_ADMIN_TOKEN>."

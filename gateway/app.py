@@ -7,6 +7,7 @@ import gc
 import logging
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from gateway.identity import KeyStore
 from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, BillableFn, GatewayMiddleware
 from gateway.proxy import Proxy
+from gateway.publishing import Catalogs, Published
 from gateway.reconcile import Reconciler, attach
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
@@ -51,6 +53,8 @@ class Gateway:
     deliverer: Deliverer | None = None
     book: PriceBook | None = None
     billing: Any = None  # gateway.billing.Billing when GATEWAY_STRIPE_API_KEY is set
+    catalogs: Catalogs | None = None  # the published versions; what this process runs
+    plans_text: str = ""  # the --plans file as read at start: published when the record has no catalog
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -59,7 +63,25 @@ class Gateway:
         database_url(settings.database_url)
         for warning in catalog.warnings:
             log.warning("%s: %s", catalog.source, warning)
-        return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
+        text = Path(settings.plans).read_text(encoding="utf-8")
+        return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url), plans_text=text)
+
+    def use_catalog(self, published: Published) -> None:
+        """Decide with this catalog from the next request on, everywhere (the engine holds it; the
+        middleware, the endpoints, billing and the pricing page read it there). Requests in flight finish
+        with what they hold."""
+        self.catalog = published.catalog
+        if self.engine is not None:
+            self.engine.use_catalog(published.catalog)
+
+    async def reload(self) -> Published:
+        """SIGHUP: read --plans again and publish it (every process on this Redis follows)."""
+        assert self.catalogs is not None, "reload after start"
+        catalog = load_catalog(self.settings.plans)
+        text = Path(self.settings.plans).read_text(encoding="utf-8")
+        published, changed = await self.catalogs.publish(text, token="sighup", catalog=catalog)
+        log.info("SIGHUP: %s %s", self.settings.plans, f"published as version {published.version}" if changed else f"is version {published.version} already")
+        return published
 
     async def start(self) -> None:
         await self.check_redis()
@@ -70,6 +92,11 @@ class Gateway:
             await self.db.check_current()
         except DatabaseUnavailable as exc:
             raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
+        # The newest catalog published to the record, else --plans, published now as its first version.
+        self.catalogs = Catalogs(self.db, self.store, on_change=self.use_catalog)
+        running, line = await self.catalogs.start_with(self.catalog, self.plans_text)
+        log.info("%s", line)
+        self.catalog = running.catalog
         # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
         # without a shared Redis the record is asked about each key every second instead.
         feed = RevocationFeed(self.store) if self.settings.redis_url else None
@@ -82,6 +109,7 @@ class Gateway:
             events_retention=timedelta(days=self.settings.events_retention_days),
         )  # fmt: skip
         self.reconciler.start()
+        self.catalogs.start()
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
@@ -118,6 +146,8 @@ class Gateway:
             )
 
     async def stop(self) -> None:
+        if self.catalogs is not None:
+            await self.catalogs.stop()
         if self.billing is not None:
             await self.billing.stop()
         if self.reconciler is not None:
@@ -186,7 +216,8 @@ class GatewayApp:
             return await middleware.identify(dict(request.scope))
 
         assert gw.book is not None
-        public = [pricing_route(self.gateway.catalog, gw.book)]
+        engine = gw.engine
+        public = [pricing_route(lambda: engine.catalog, gw.book)]
         if gw.billing is not None:
             middleware.on_decision = gw.billing.on_decision  # auto-recharge when a spend took the lease
             public += gw.billing.routes(identify)
@@ -200,6 +231,8 @@ class GatewayApp:
             metrics=gw.metrics,
             identify=identify,
             admin_token=self.settings.admin_token,
+            admin_tokens=self.settings.admin_tokens,
+            catalogs=gw.catalogs,
             metrics_token=self.settings.metrics_token,
             extra_routes=public,
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
@@ -211,6 +244,10 @@ class GatewayApp:
         # it out of the collector's scans, which otherwise cost more than the decision under load.
         gc.collect()
         gc.freeze()
+
+    async def reload(self) -> Published:
+        """SIGHUP: publish --plans again (gateway serve calls it)."""
+        return await self.gateway.reload()
 
     async def shutdown(self) -> None:
         if self._inner is not None:

@@ -26,6 +26,8 @@ from gateway.periods import Period, parse_duration, parse_period
 
 AfterLimit = Literal["block_usage", "just_warn", "grace_then_block"]
 OnRedisDown = Literal["open", "closed", "local"]
+Enforce = Literal["enforce", "shadow"]
+PlanStatus = Literal["active", "archived"]
 DEFAULT_WARN_AT = (0.6, 0.8, 0.95)
 DEFAULT_GRACE = "7d"
 CREDITS = "credits"
@@ -48,6 +50,7 @@ class CatalogSettings(_Model):
     credits_per_dollar: int = Field(100, gt=0)
     currency: str = "usd"
     auto_recharge_max_per_month: int = Field(10, ge=0)
+    enforce: Enforce = "enforce"
 
     @field_validator("timezone")
     @classmethod
@@ -246,6 +249,9 @@ class Plan(_Model):
     limits: dict[str, Limit] = Field(default_factory=dict)
     unlimited: tuple[str, ...] = ()
     meta: dict[str, Any] = Field(default_factory=dict)
+    # Archived: its billables keep its terms; no new assignment, not on the pricing page or in sentences.
+    status: PlanStatus = "active"
+    enforce: Enforce | None = None
 
     @field_validator("credits_per")
     @classmethod
@@ -275,6 +281,10 @@ class Plan(_Model):
         if isinstance(self.stripe_price, str):
             return (self.stripe_price,)
         return tuple(p for p in (self.stripe_price.month, self.stripe_price.year) if p)
+
+    @property
+    def archived(self) -> bool:
+        return self.status == "archived"
 
     def allows_feature(self, feature: str) -> bool:
         return feature in self.allows
@@ -312,6 +322,7 @@ class RouteConfig(_Model):
     rate_limit: str | RateLimitTable | None = None
     on_redis_down: OnRedisDown | None = None
     public: bool = False
+    enforce: Enforce | None = None
 
     @field_validator("match")
     @classmethod
@@ -436,7 +447,18 @@ class Catalog:
         return (found.name if found and found.name else plan.replace("_", " ").title())
 
     def plans_by_price(self) -> list[str]:
-        return sorted(self.plans, key=lambda name: self.plans[name].sort_price)
+        """The plans on offer (archived ones are not), cheapest first."""
+        offered = [name for name, plan in self.plans.items() if not plan.archived]
+        return sorted(offered, key=lambda name: self.plans[name].sort_price)
+
+    def enforcement(self, plan: str, route: Route | None) -> Enforce:
+        """Whether denials are enforced or only shadowed: the route's say, else the plan's, else the catalog's."""
+        if route is not None and route.config.enforce is not None:
+            return route.config.enforce
+        found = self.plans.get(plan)
+        if found is not None and found.enforce is not None:
+            return found.enforce
+        return self.settings.enforce
 
     def plan_for_price(self, price_id: str) -> str | None:
         for name, plan in self.plans.items():
@@ -655,6 +677,11 @@ def _lint(parsed: CatalogFile) -> Iterable[Problem]:
         yield Problem("catalog.default_plan", f'plan "{settings.default_plan}" does not exist: add [plans.{settings.default_plan}] or name an existing plan')
     if settings.highlighted_plan is not None and settings.highlighted_plan not in plans:
         yield Problem("catalog.highlighted_plan", f'plan "{settings.highlighted_plan}" does not exist')
+    for key in ("default_plan", "highlighted_plan"):
+        name = getattr(settings, key)
+        if name in plans and plans[name].archived:
+            why = "every new billable gets it" if key == "default_plan" else "it is named in upgrade sentences"
+            yield Problem(f"catalog.{key}", f'plan "{name}" is archived, and {why}: name an active plan')
 
     seen_prices: dict[str, str] = {}
     for name, plan in plans.items():

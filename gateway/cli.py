@@ -171,6 +171,21 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="ID", help="the key's id (the part after gw_, as keys list shows it)")
     _settings_flags(revoke, "redis_url", "database_url")
 
+    catalog_cmd = _command(commands, "catalog", "publish a catalog to every gateway on the record and Redis")
+    catalog_actions = catalog_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    push = _command(catalog_actions, "push", "publish a plans.toml: every gateway on this Redis runs it within 2 s",
+                    "Validate a plans.toml and publish it as the next catalog version, in the record directly (no "
+                    "running gateway needed); with --redis-url it is announced there, and every gateway on that Redis "
+                    "runs it within 2 s. A file that does not load is refused with every problem, and nothing changes.")
+    push.add_argument("plans", metavar="PLANS", help="the catalog to publish (e.g. plans.toml)")
+    _settings_flags(push, "redis_url", "database_url")
+    audit_cmd = _command(commands, "audit", "the audit log: every admin and CLI change, newest first",
+                         "Print the audit log (every change made through the admin API or the CLI, newest first) as "
+                         "the admin endpoint answers it.")
+    audit_cmd.add_argument("--billable", help="only this billable's changes")
+    audit_cmd.add_argument("--since", help="changes at or after this ISO 8601 time (UTC unless it says)")
+    _settings_flags(audit_cmd, "database_url")
+
     db = _command(commands, "db", "the record's schema", "The record's schema (Alembic migrations).")
     db_actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
     upgrade = _command(db_actions, "upgrade", "migrate the record to the schema this gateway needs",
@@ -241,6 +256,11 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_keys(settings, args))
     if args.command == "db":
         return asyncio.run(_db_upgrade(settings))
+    if args.command == "catalog":
+        return asyncio.run(_catalog_push(settings, args.plans))
+    if args.command == "audit":
+        _existing_record(settings)
+        return asyncio.run(_audit(settings, args.billable, _iso(args.since)))
     if args.command == "events":
         _existing_record(settings)
         return asyncio.run(_events_replay(settings, args.dead, _iso(args.since), args.event_id))
@@ -296,10 +316,10 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     keys = KeyStore(db, feed=RevocationFeed(store) if store is not None else None)
     try:
         if args.action == "create":
-            return await _create_key(keys, args.billable, args.name)
+            return await _create_key(keys, db, args.billable, args.name)
         if args.action == "list":
             return _list_keys(args.billable, await keys.list(args.billable))
-        return await _revoke_key(keys, settings, args.key_id)
+        return await _revoke_key(keys, db, settings, args.key_id)
     except (OSError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"the database at {db.shown} did not answer: {exc}") from exc
     finally:
@@ -309,11 +329,14 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         await db.close()
 
 
-async def _create_key(keys: Any, billable: str, name: str) -> int:
+async def _create_key(keys: Any, db: Any, billable: str, name: str) -> int:
+    from gateway import audit
+
     try:
         created = await keys.create(billable, name)
     except ValueError as exc:  # the billable id rule
         raise ConfigError(str(exc)) from None
+    await audit.record(db, token=audit.CLI, action="key.create", billable=billable, before=None, after={"id": created.id, "name": created.name})
     print(created.key)
     print(f"key {created.id} for {billable}" + (f" ({name})" if name else "") + ": shown once, store it now", file=sys.stderr)
     return 0
@@ -335,10 +358,20 @@ def _when(at: datetime | None) -> str:
     return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-async def _revoke_key(keys: Any, settings: Settings, key_id: str) -> int:
+async def _revoke_key(keys: Any, db: Any, settings: Settings, key_id: str) -> int:
+    from gateway import audit
+
+    owner = await keys.owner(key_id)
+
+    async def recorded() -> None:
+        if owner is not None and not owner[1]:  # revoking again changes nothing
+            before, after = {"id": key_id, "revoked": False}, {"id": key_id, "revoked": True}
+            await audit.record(db, token=audit.CLI, action="key.revoke", billable=owner[0], before=before, after=after)
+
     try:
         found = await keys.revoke(key_id)
     except RedisUnavailable as exc:
+        await recorded()
         raise GatewayError(
             f"revoked {key_id} in the record, but Redis did not take the announcement ({str(exc).rstrip('.')}); "
             f"gateways that did not hear it may accept the key for a few minutes: run `gateway keys revoke {key_id}` "
@@ -346,6 +379,7 @@ async def _revoke_key(keys: Any, settings: Settings, key_id: str) -> int:
         ) from None
     if not found:
         raise ConfigError(f"no API key {key_id} in the record: `gateway keys list BILLABLE` shows the ids")
+    await recorded()
     where = "announced on Redis" if settings.redis_url else "gateways on this record refuse it within a second"
     print(f"revoked {key_id} ({where})")
     return 0
@@ -376,6 +410,58 @@ async def _stripe_sync(settings: Settings, *, push: bool) -> int:
     print(table(result.differences))
     state = "stored" if result.changed else "unchanged"
     print(f"snapshot version {result.version} {state}; every gateway process reads it within seconds")
+    return 0
+
+
+async def _catalog_push(settings: Settings, path: str) -> int:
+    """`gateway catalog push PLANS`: the next version in the record, announced on Redis."""
+    from pathlib import Path
+
+    from gateway import audit
+    from gateway.publishing import Catalogs
+    from gateway.store.db import Database
+    from gateway.store.redis import open_redis
+
+    catalog = load_catalog(path)  # every problem with its place, and nothing changes
+    text = Path(path).read_text(encoding="utf-8")
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    store = open_redis(settings.redis_url)
+    catalogs = Catalogs(db, store)
+    try:
+        published, changed = await catalogs.publish(text, token=audit.CLI, catalog=catalog)
+    except RedisUnavailable as exc:
+        running = catalogs.running
+        raise GatewayError(
+            f"{path} is catalog version {running.version if running else '?'} in the record, but Redis did not take the "
+            f"announcement ({str(exc).rstrip('.')}): gateways run it when they next start; push again when Redis is back"
+        ) from None
+    finally:
+        await store.close()
+        await db.close()
+    where = (f"every gateway on {store.url} runs it within 2 s" if settings.redis_url
+             else "no --redis-url: gateways on this record run it when they next start")  # fmt: skip
+    if changed:
+        print(f"published {path} as catalog version {published.version} (sha256 {published.sha256}): {where}")
+    else:
+        print(f"{path} is catalog version {published.version} already (sha256 {published.sha256}): nothing to publish")
+    return 0
+
+
+async def _audit(settings: Settings, billable: str | None, since: datetime | None) -> int:
+    import json
+
+    from gateway import audit
+    from gateway.ids import billable as billable_id
+    from gateway.store.db import Database
+
+    if billable is not None:
+        billable_id(billable, "--billable")  # BadRequest: the command's one line
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    try:
+        found = await audit.entries(db, billable=billable, since=since)
+    finally:
+        await db.close()
+    print(json.dumps({"entries": found}, indent=2))
     return 0
 
 

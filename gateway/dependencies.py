@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.catalog import Route, RouteConfig
+from gateway.catalog import Catalog, Route, RouteConfig
 from gateway.decision import APP_NAMED_NONE, Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import BadRequest, RedisUnavailable, StateUnavailable
@@ -56,10 +56,14 @@ async def _render(request: Request, exc: Exception) -> Response:
 class Guard:
     def __init__(self, engine: Engine, *, billable: BillableOf | None = None) -> None:
         self.engine = engine
-        self.catalog = engine.catalog
         self.billable = billable
         self.exception_handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {Denied: _render}
         self._routes: dict[tuple[str, ...], Route] = {}
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
 
     async def _billable(self, request: Request) -> str:
         decided: Decision | None = request.scope.get("state", {}).get("gateway")

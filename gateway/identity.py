@@ -367,6 +367,15 @@ class KeyStore:
             rows = (await conn.execute(query)).all()
         return [KeyInfo(r.id, r.name, r.created_at, r.last_used_at, r.revoked_at is not None) for r in rows]
 
+    async def owner(self, key_id: str) -> tuple[str, bool] | None:
+        """The billable a key identifies and whether it is revoked; None when there is no such key."""
+        if not _KEY_ID.fullmatch(key_id):
+            return None
+        query = sa.select(api_keys.c.billable, api_keys.c.revoked_at).where(api_keys.c.id == key_id)
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (row.billable, row.revoked_at is not None)
+
     async def revoke(self, key_id: str) -> bool:
         """Revoke the key (again is fine); False when there is no such key. Other processes follow within TTL.
 

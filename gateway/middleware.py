@@ -84,7 +84,6 @@ class GatewayMiddleware:
             raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
         self.app = app
         self.engine = engine
-        self.catalog: Catalog = engine.catalog
         self.keys = keys
         self.billable = billable
         self.billable_header = billable_header.lower().encode() if billable_header else None
@@ -107,6 +106,11 @@ class GatewayMiddleware:
             self._unauthorized, self._challenge = header_required(billable_header), []
         else:
             self._unauthorized, self._challenge = API_KEY_REQUIRED, [(b"www-authenticate", b"Bearer")]
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it in the engine)."""
+        return self.engine.catalog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -142,7 +146,8 @@ class GatewayMiddleware:
         method = scope["method"] if kind == "http" else "GET"
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         clean = forwardable(headers)
-        route = self.catalog.route_for(method, path)
+        catalog = self.engine.catalog  # one catalog for the whole request, even when a new one is published meanwhile
+        route = catalog.route_for(method, path)
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
             await self.app({**scope, "headers": clean}, receive, send)
@@ -164,12 +169,12 @@ class GatewayMiddleware:
             self.metrics.decided("unauthorized", ())
             await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
             return
-        if route is None and self.catalog.settings.unmatched == "deny":
+        if route is None and catalog.settings.unmatched == "deny":
             self.metrics.decided("no_route", ())
             await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
             return
 
-        operation = self.catalog.operations[route.config.spend] if route and route.config.spend else None
+        operation = catalog.operations[route.config.spend] if route and route.config.spend else None
         credit_cost: int | None = None
         if operation is not None and operation.units_source is not None and not operation.metered:
             priced = await self._price_from_request(scope, receive, send, operation, headers)

@@ -148,6 +148,15 @@ async def _run(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        if starting is not None and starting.done() and hasattr(app, "reload"):
+            task = asyncio.ensure_future(_reload(app))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     grace = settings.shutdown_grace
     reserve = min(_SHUTDOWN_RESERVE_S, grace / 4)  # for the last flush and closing
     drain = grace - reserve - 1.5  # for the requests in flight (the rest: uvicorn's ticks, cancelled requests)
@@ -184,9 +193,19 @@ async def _run(
             finally:
                 clean = await _close(app, reserve)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return (status if clean else 1), clean
+
+
+async def _reload(app: Any) -> None:
+    """SIGHUP: publish --plans again; a file that does not load changes nothing and says why."""
+    try:
+        await app.reload()
+    except GatewayError as exc:
+        log.error("SIGHUP: the catalog was not published: %s", exc)
+    except Exception:  # a reload never ends the server
+        log.exception("SIGHUP: the catalog was not published")
 
 
 async def _close(app: Any, budget: float) -> bool:
@@ -245,6 +264,7 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
                 os.close(ready_r)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its loop takes it: a reload, not an exit
                 status = _run_loop(sock, app, settings, None, None, ready=ready_w)
             finally:
                 os._exit(status)
@@ -253,6 +273,9 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _frame: signals.append(s))
+    # SIGHUP to the parent: one worker publishes --plans again, and every worker follows it through Redis.
+    hangups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda s, _frame: hangups.append(s))
     first = {spawn(slot) for slot in range(settings.workers)}
     status = 0
     stopping_at: float | None = None
@@ -266,6 +289,12 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
         if not told and first <= ready:
             told = True
             _say_serving(sock, settings, settings.workers)
+        if hangups and stopping_at is None:
+            hangups.clear()
+            live = sorted(pid for pid in children if pid in ready)
+            if live:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(live[0], signal.SIGHUP)
         if signals and stopping_at is None:
             stopping_at = time.monotonic()
             sock.close()  # the workers close theirs: with this one open too, the kernel would still queue connections

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -26,6 +27,7 @@ ENVIRONMENT = {
     "max_body": "GATEWAY_MAX_BODY",
     "trust_forwarded": "GATEWAY_TRUST_FORWARDED",
     "admin_token": "GATEWAY_ADMIN_TOKEN",
+    "admin_tokens": "GATEWAY_ADMIN_TOKENS",
     "metrics_token": "GATEWAY_METRICS_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
     "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
@@ -58,6 +60,8 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     trust_forwarded: bool = False  # the client's X-Forwarded-* are a load balancer's: appended to, not dropped
     admin_token: str | None = field(default=None, repr=False)
+    # Named admin tokens, name → token ("ops=...,billing=..."): the audit log shows the name.
+    admin_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     metrics_token: str | None = field(default=None, repr=False)  # unset: /_gateway/metrics needs the admin token
     webhook_secret: str | None = field(default=None, repr=False)
     events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
@@ -93,13 +97,46 @@ class Settings:
             workers = values.get("workers") or flags.get("workers") or environ.get("GATEWAY_WORKERS")
             if workers:
                 values["processes"] = _convert("processes", workers, "GATEWAY_WORKERS")
+        if values.get("admin_token") and values["admin_token"] in values.get("admin_tokens", {}).values():
+            raise ConfigError("GATEWAY_ADMIN_TOKENS: a named token is the same as GATEWAY_ADMIN_TOKEN (the audit log could not tell them apart)")
         return cls(**values)
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RESERVED = {"admin": "GATEWAY_ADMIN_TOKEN's", "cli": "the CLI's", "serve": "a start-up's", "sighup": "a SIGHUP's"}
+
+
+def admin_tokens(raw: str | Mapping[str, str], source: str = "GATEWAY_ADMIN_TOKENS") -> dict[str, str]:
+    """`ops=...,billing=...` (or a mapping) as name → token; ConfigError naming the first thing wrong."""
+    pairs = list(raw.items()) if isinstance(raw, Mapping) else []
+    if not isinstance(raw, Mapping):
+        for item in str(raw).split(","):
+            name, equals, token = item.strip().partition("=")
+            if not equals:
+                raise ConfigError(f'{source}: {item.strip()!r} is not NAME=TOKEN (write "ops=<token>,billing=<token>")')
+            pairs.append((name.strip(), token.strip()))
+    found: dict[str, str] = {}
+    for name, token in pairs:
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ConfigError(f"{source}: the name {name!r} is not a name (letters, digits, _ . -; up to 64)")
+        if name in _RESERVED:
+            raise ConfigError(f'{source}: "{name}" is {_RESERVED[name]} name in the audit log: choose another')
+        if not token:
+            raise ConfigError(f'{source}: the token of "{name}" is empty')
+        if name in found:
+            raise ConfigError(f'{source}: "{name}" is named twice')
+        if token in found.values():
+            raise ConfigError(f'{source}: "{name}" has the same token as another name (the audit log could not tell them apart)')
+        found[name] = token
+    return found
+
+
 def _convert(name: str, raw: Any, source: str) -> Any:
+    if name == "admin_tokens":
+        return admin_tokens(raw, source)
     if name == "trust_forwarded":
         if isinstance(raw, bool):
             return raw

@@ -203,7 +203,7 @@ async def billing_env(
 
     endpoints = Endpoints(
         engine=engine, keys=None, db=db, grants=grants, metrics=Metrics(), identify=identify, admin_token=ADMIN,
-        extra_routes=[pricing_route(engine.catalog, billing.book), *billing.routes(identify)],
+        extra_routes=[pricing_route(lambda: engine.catalog, billing.book), *billing.routes(identify)],
         extra_admin_routes=billing.admin_routes(),
     )
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=endpoints), base_url="http://gateway")

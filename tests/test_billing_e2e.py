@@ -134,7 +134,8 @@ def test_pricing_page_reads_well_on_a_phone_and_a_desktop(served: Served, tmp_pa
 
 
 def test_a_webhook_changes_the_plan_of_the_next_request(served: Served) -> None:
-    """Link a customer through the admin API, deliver its subscription: the next proxied request carries the plan."""
+    """Link a customer through the admin API (recorded once in the audit log), deliver its subscription: the
+    next proxied request carries the plan."""
     fake = served.fake
     r = httpx.post(f"{served.url}/_gateway/admin/keys", json={"billable": "acme", "name": "ci"}, headers=served.admin())
     key = r.json()["key"]
@@ -144,6 +145,11 @@ def test_a_webhook_changes_the_plan_of_the_next_request(served: Served) -> None:
     customer = fake.add_customer()
     r = httpx.put(f"{served.url}/_gateway/admin/billables/acme/stripe-customer", json={"customer": customer["id"]}, headers=served.admin())
     assert r.status_code == 200 and r.json()["customer"] == customer["id"]
+    again = httpx.put(f"{served.url}/_gateway/admin/billables/acme/stripe-customer", json={"customer": customer["id"]}, headers=served.admin())
+    assert again.status_code == 200  # linked already: no change, so no second audit entry
+    audit = httpx.get(f"{served.url}/_gateway/admin/audit", params={"billable": "acme"}, headers=served.admin()).json()["entries"]
+    links = [e for e in audit if e["action"] == "stripe_customer.link"]
+    assert [(e["token"], e["before"], e["after"]) for e in links] == [("admin", {"customer": None}, {"customer": customer["id"]})]
     sub = fake.subscribe(customer["id"], served.prices["scale"])
     assert served.deliver(fake.event("customer.subscription.created", sub)).status_code == 200
     assert httpx.post(f"{served.url}/images", headers=auth).json()["plan"] == "scale"

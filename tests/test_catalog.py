@@ -248,3 +248,85 @@ def test_a_catalog_that_cannot_be_read_says_why(tmp_path: Path) -> None:
     latin.write_bytes(b'[catalog]\ndefault_plan = "fr\xe9e"\n')
     with pytest.raises(CatalogError, match="is not UTF-8 text"):
         load_catalog(latin)
+
+
+SHADOW = """
+[catalog]
+default_plan = "free"
+highlighted_plan = "pro"
+enforce = "shadow"
+[plans.free]
+price = 0
+allows = ["api_access"]
+[plans.pro]
+price = 29
+allows = ["api_access"]
+enforce = "enforce"
+[plans.old_pro]
+price = 19
+status = "archived"
+allows = ["api_access"]
+[[routes]]
+match = "POST /v1/exports"
+enforce = "shadow"
+[[routes]]
+match = "* /v1/*"
+"""
+
+
+def test_enforcement_is_the_most_specific_say_route_then_plan_then_catalog() -> None:
+    """`enforce` on a route wins over its plan's, which wins over [catalog]'s; the default is "enforce"."""
+    catalog = parse_catalog(SHADOW)
+    exports, other = catalog.route_for("POST", "/v1/exports"), catalog.route_for("GET", "/v1/x")
+    assert catalog.enforcement("pro", exports) == "shadow"
+    assert catalog.enforcement("pro", other) == "enforce"
+    assert catalog.enforcement("free", other) == "shadow"
+    assert catalog.enforcement("free", None) == "shadow"
+    assert parse_catalog(MINIMAL).enforcement("free", None) == "enforce"
+
+
+def test_an_archived_plan_loads_and_is_not_on_offer() -> None:
+    """status = "archived" keeps the plan (its billables keep its terms) but leaves it off the plans on offer."""
+    catalog = parse_catalog(SHADOW)
+    assert catalog.plans["old_pro"].archived and not catalog.plans["pro"].archived
+    assert catalog.plans_by_price() == ["free", "pro"]
+    assert catalog.plan_for_price("x") is None and "old_pro" in catalog.plans
+
+
+def test_status_and_enforce_take_only_their_words_and_the_default_and_highlighted_plans_stay_active() -> None:
+    """A wrong word for either key is a problem at its place; an archived default or highlighted plan too."""
+    bad = SHADOW.replace('enforce = "shadow"\n[plans.free]', 'enforce = "loud"\n[plans.free]')
+    bad = bad.replace('status = "archived"', 'status = "retired"')
+    found = problems(bad)
+    assert any(p.startswith("catalog.enforce:") for p in found), found
+    assert any(p.startswith("plans.old_pro.status:") for p in found), found
+    archived_default = SHADOW.replace('default_plan = "free"', 'default_plan = "old_pro"')
+    assert any(p.startswith("catalog.default_plan:") and "archived" in p for p in problems(archived_default))
+    archived_highlight = SHADOW.replace('highlighted_plan = "pro"', 'highlighted_plan = "old_pro"')
+    assert any(p.startswith("catalog.highlighted_plan:") and "archived" in p for p in problems(archived_highlight))
+
+
+def test_an_archived_plan_is_never_named_in_an_upgrade_sentence() -> None:
+    """The cheapest plan that would admit is chosen among active plans: a cheaper archived one that has
+    the feature is passed over."""
+    from gateway.decision import Decision, Violation, upgrade_plan
+
+    text = """
+[catalog]
+default_plan = "free"
+[plans.free]
+price = 0
+allows = ["api_access"]
+disallows = ["hd"]
+[plans.legacy]
+price = 5
+status = "archived"
+allows = ["api_access", "hd"]
+[plans.pro]
+price = 29
+allows = ["api_access", "hd"]
+"""
+    catalog = parse_catalog(text)
+    denied = Decision(False, "org_1", "free", violations=[Violation("hd", "feature")])
+    assert upgrade_plan(denied, catalog) == "pro"
+    assert "Pro" in denied.problem(catalog)["detail"] and "Legacy" not in denied.problem(catalog)["detail"]

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import audit
 from gateway.billing.client import close_client, each, stripe_client
 from gateway.billing.customers import CustomerConflict, Customers, UnknownCustomer
 from gateway.billing.packs import Packs, UnknownPack
@@ -30,6 +31,7 @@ from gateway.billing.repair import INTERVAL_S, Repair
 from gateway.billing.subscriptions import Subscriptions
 from gateway.billing.sync import PriceBook
 from gateway.billing.webhooks import Webhooks
+from gateway.catalog import Catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
 from gateway.grants import Grants
@@ -59,14 +61,14 @@ class Billing:
         repair_interval: float = INTERVAL_S,
         recharge_delays: tuple[float, ...] = DELAYS,
     ) -> None:
-        self.catalog = engine.catalog
+        self.engine = engine
         self.db = db
         self.client = client or stripe_client(settings)
         self.book = book or PriceBook(db)
         self.customers = Customers(db, self.client)
         self.subscriptions = Subscriptions(db, engine, self.client)
         self.payments = Payments(db, engine, grants, self.client)
-        self.packs = Packs(self.catalog, self.client, self.customers, self.book)
+        self.packs = Packs(lambda: engine.catalog, self.client, self.customers, self.book)
         self.recharger = Recharger(engine, self.payments, self.customers, self.client, delays=recharge_delays)
         self.webhooks = Webhooks(
             secret=settings.stripe_webhook_secret,
@@ -90,6 +92,11 @@ class Billing:
         self._repairing: asyncio.Task[None] | None = None
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
 
     def on_decision(self, decision: Decision) -> None:
         self.recharger.on_decision(decision)
@@ -142,6 +149,7 @@ class Billing:
         if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
             return bad_request('Send {"customer": "cus_..."} to link a customer, or no body to create one.')
         try:
+            before = await self.customers.linked(billable)
             linked = await self.customers.link(billable, customer)
             # Subscriptions that arrived before the link now have their billable.
             async for sub in each(self.client.v1.subscriptions.list_async, {"customer": linked, "status": "all"}):
@@ -152,6 +160,9 @@ class Billing:
             return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
         except stripe.StripeError as exc:
             return _stripe_down(exc)
+        if linked != before:
+            await audit.record(self.db, token=request.state.token, action="stripe_customer.link", billable=billable,
+                               before={"customer": before}, after={"customer": linked})  # fmt: skip
         return JSONResponse({"customer": linked, "billable": billable})
 
     async def _checkout(self, request: Request, billable: str) -> Response:

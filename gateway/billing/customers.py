@@ -35,6 +35,12 @@ class Customers:
         self.db = db
         self.client = client
 
+    async def linked(self, billable: str) -> str | None:
+        """The billable's customer as the record has it (no Stripe call)."""
+        async with self.db.engine.connect() as conn:
+            found = (await conn.execute(sa.select(table.c.customer).where(table.c.billable == billable))).scalar()
+        return None if found is None else str(found)
+
     async def customer_for(self, billable: str) -> str | None:
         """The billable's customer: from the record, else the one Stripe finds by `metadata.billable`."""
         async with self.db.engine.connect() as conn:

@@ -8,6 +8,7 @@ the billable, the pack and its credits (with the bonus). It is fulfilled on paym
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import stripe
@@ -24,11 +25,16 @@ class UnknownPack(LookupError):
 
 
 class Packs:
-    def __init__(self, catalog: Catalog, client: stripe.StripeClient, customers: Customers, book: PriceBook) -> None:
-        self.catalog = catalog
+    def __init__(self, catalog: Callable[[], Catalog], client: stripe.StripeClient, customers: Customers, book: PriceBook) -> None:
+        self._catalog = catalog  # the one running now: a published catalog replaces it
         self.client = client
         self.customers = customers
         self.book = book
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self._catalog()
 
     def credits(self, pack: Pack) -> int:
         return pack.credits + pack.bonus

@@ -27,6 +27,7 @@ from gateway.billing.client import idempotency_key, plain
 from gateway.billing.customers import Customers
 from gateway.billing.money import credits_for
 from gateway.billing.payments import Payments, add_event, event_for, from_payment_intent, pi_key
+from gateway.catalog import Catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
 
@@ -48,12 +49,16 @@ class Recharger:
         delays: tuple[float, ...] = DELAYS,
     ) -> None:
         self.engine = engine
-        self.catalog = engine.catalog
         self.payments = payments
         self.customers = customers
         self.client = client
         self.delays = delays
         self._tasks: set[asyncio.Task[Outcome]] = set()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
 
     def on_decision(self, decision: Decision) -> None:
         """The middleware's hook: start charging for a spend that took the lease (never blocks the request)."""

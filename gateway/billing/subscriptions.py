@@ -127,8 +127,12 @@ class Subscriptions:
     def __init__(self, db: Database, engine: Engine, client: stripe.StripeClient) -> None:
         self.db = db
         self.engine = engine
-        self.catalog = engine.catalog
         self.client = client
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
 
     async def fetch(self, subscription_id: str) -> dict[str, Any] | None:
         """The subscription as Stripe has it now; None when Stripe no longer knows it."""

@@ -41,6 +41,7 @@ from gateway.billing.payments import (
 from gateway.billing.subscriptions import Subscriptions, invoice_subscription, read
 from gateway.billing.sync import PriceBook, read_stripe, snapshot_of, write_snapshot
 from gateway.bounds import loads
+from gateway.catalog import Catalog
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable, TooLarge
 from gateway.grants import Grants
 from gateway.problems import problem, read_body
@@ -96,7 +97,6 @@ class Webhooks:
         self.db = db
         self.grants = grants
         self.engine = subscriptions.engine
-        self.catalog = subscriptions.catalog
         self.client = client
         self.customers = customers
         self.subscriptions = subscriptions
@@ -106,6 +106,11 @@ class Webhooks:
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ---- HTTP -------------------------------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog running now (a published one replaces it: never kept from the start)."""
+        return self.engine.catalog
 
     async def endpoint(self, request: Request) -> Response:
         try:

@@ -255,6 +255,30 @@ settings = sa.Table(
     sa.Column("value", Text, nullable=False),
 )
 
+catalog_versions = sa.Table(
+    "catalog_versions",
+    metadata,
+    sa.Column("version", Int, primary_key=True, autoincrement=False),
+    sa.Column("text", Text, nullable=False),  # the plans.toml as published
+    sa.Column("sha256", Text, nullable=False),  # of the text's UTF-8 bytes
+    sa.Column("published_at", Time, nullable=False),
+    sa.Column("token", Text, nullable=False),  # the name of the token that published it
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", Int().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("at", Time, nullable=False),
+    sa.Column("token", Text, nullable=False),
+    sa.Column("action", Text, nullable=False),
+    sa.Column("billable", Text),  # None for changes of no one billable (a catalog)
+    sa.Column("before", Text),  # JSON
+    sa.Column("after", Text),  # JSON
+    sa.Index("ix_audit_log_billable_at", "billable", "at"),
+    sa.Index("ix_audit_log_at", "at"),
+)
+
 
 # ---- the deadline of a record operation ---------------------------------------------------------------
 

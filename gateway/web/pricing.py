@@ -6,6 +6,7 @@ latest Stripe snapshot when a sync stored one, else from plans.toml. It needs no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
@@ -148,8 +149,10 @@ def _packs(catalog: Catalog, synced: dict[str, Any]) -> str:
     )
 
 
-def pricing_route(catalog: Catalog, book: PriceBook) -> Route:
+def pricing_route(catalog: Callable[[], Catalog], book: PriceBook) -> Route:
+    """The page, rendered from the catalog running when it is asked for (a published one replaces it)."""
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(render(catalog, await book.current()))
+        return HTMLResponse(render(catalog(), await book.current()))
 
     return Route("/_gateway/pricing", page, methods=["GET"])
