@@ -1,22 +1,11 @@
 """The engine: request + plan + route → one script call → Decision.
 
-It owns every per-billable Redis key and every script (DESIGN §7). One billable's state lives under
-one hash tag, `<prefix>:{<billable>}`:
-
-    <prefix>:{b}        hash: plan version `pv`, assignment `asg`, subscription `sub`, billing period
-                        `bp_s`/`bp_e` (ms), rate cells `r:<policy>` (GCRA TAT, ms), limit usage `u:<limit>`,
-                        window `w:<limit>`, grace start `g:<limit>`, block sent `b:<limit>`, warned `t:<limit>`,
-                        credits (`c:w` period start, `c:s` spent of the allowance, `c:p` purchased, `c:d` debt,
-                        `c:seq` last grant applied, `c:thr` low threshold), auto-recharge (`ar:*`),
-                        event sequence `eseq`, change counter `chg`, `hyd` (state present)
-    <prefix>:{b}:ev     list: pending events, oldest first, until the record takes them
-    <prefix>:{b}:holds  hash: metered holds awaiting their settle
-"""
+Every per-billable key, field and script protocol is gateway.state's; the engine compiles the spec,
+resolves the plan, and calls the scripts with the types there (DESIGN §7)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import math
@@ -26,21 +15,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import quote, unquote
 
+from gateway import state
 from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
 from gateway.errors import StateUnavailable
 from gateway.periods import Period, calendar_bounds, window_at
+from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
-from gateway.usage import counter_period
 
 log = logging.getLogger("gateway.engine")
 
 PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
-_EVENT_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4f57-9a61-3c2b7e5d9a10")
-_AFTER = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
 UNMATCHED = "(unmatched)"
 
 Restorer = Callable[[str], Awaitable[dict[str, str] | None]]
@@ -54,46 +41,11 @@ def period_code(period: Period) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Subscription:
-    """What billing says a billable subscribes to (set through the engine, read by plan resolution)."""
-
-    plan: str
-    status: str
-    past_due_since: float | None = None  # Unix seconds of the Stripe event that reported past_due
-
-    def to_json(self) -> str:
-        return json.dumps({"plan": self.plan, "status": self.status, "past_due_since": self.past_due_since})
-
-    @classmethod
-    def from_json(cls, text: str) -> Subscription:
-        raw = json.loads(text)
-        return cls(raw["plan"], raw["status"], raw.get("past_due_since"))
-
-
-@dataclass(frozen=True, slots=True)
 class ResolvedPlan:
     name: str
     source: PlanSource
     version: int
     expires_at: float = float("inf")
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """One billable's whole live state, read atomically with Redis TIME (ms)."""
-
-    now_ms: int
-    state: dict[str, str]
-    holds: dict[str, str]
-    pending_events: int
-
-
-@dataclass(frozen=True, slots=True)
-class EventBatch:
-    """Pending events read for the record, oldest first, and the mark (seq, time) of the last one."""
-
-    events: list[dict[str, Any]]
-    mark: tuple[int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +104,8 @@ class Engine:
 
     # ---- keys -------------------------------------------------------------------------------------
 
-    def keys(self, billable: str) -> list[str]:
-        base = f"{self.prefix}:{{{_tag(billable)}}}"
-        return [base, base + ":ev", base + ":holds"]
+    def keys(self, billable: str) -> state.Keys:
+        return state.keys(self.prefix, billable)
 
     # ---- deciding ---------------------------------------------------------------------------------
 
@@ -170,56 +121,42 @@ class Engine:
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
             compiled = self._compile(plan_name, route)
             hold_id = uuid.uuid4().hex[:16] if compiled.metered else ""
-            raw = await self.store.run(
-                "decide",
-                keys,
-                [
-                    compiled.spec,
-                    resolved.version if resolved else -1,
-                    self._calendar(),
-                    "1" if compiled.denied else "0",
-                    hold_id,
-                    "" if credit_cost is None else credit_cost,
-                    "1" if self.restore else "0",
-                    self.hold_ttl,
-                    plan_name,
-                    f"{self._month}|{route.match if route else UNMATCHED}|{route.config.spend or '' if route else ''}",
-                ],
+            args = state.DecideArgs(
+                spec=compiled.spec,
+                plan_version=resolved.version if resolved else -1,
+                calendar=self._calendar(),
+                forced_deny=bool(compiled.denied),
+                hold_id=hold_id,
+                credit_cost=credit_cost,
+                restores=self.restore is not None,
+                hold_ttl=self.hold_ttl,
+                plan=plan_name,
+                usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
             )
-            if raw[0] == "stale":
-                resolved = self._resolve(billable, int(raw[1]), raw[2], raw[3])
+            reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
+            if isinstance(reply, state.Stale):
+                resolved = self._resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
                 continue
-            if raw[0] == "missing":
+            if isinstance(reply, state.Missing):
                 await self.rehydrate(billable)
                 continue
             self.touched.add(billable)
-            return self._decision(billable, plan_name, route, compiled, raw, hold_id)
+            return self._decision(billable, plan_name, route, compiled, reply)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
-    def _decision(
-        self, billable: str, plan: str, route: Route | None, compiled: _Compiled, reply: list[Any], hold_id: str
-    ) -> Decision:
-        """The script's reply (see decide.lua's last lines; None stands for none) as a Decision."""
-        ok, now, policies_reply, violations_reply, events, credit, hold_reply = reply
-        violations = list(compiled.denied)
-        violations += [Violation(*v) for v in violations_reply]
-        policies = [PolicyState(p[0], p[1], p[2], p[3], p[4], None if p[1] == "cap" else p[5]) for p in policies_reply]
+    def _decision(self, billable: str, plan: str, route: Route | None, compiled: _Compiled, reply: state.DecideReply) -> Decision:
+        violations = [*compiled.denied, *reply.violations]
+        policies = reply.policies
         balance: int | None = None
         recharge = False
-        if credit:
-            allowance, shown, balance, recharge, purchased = credit[0], credit[1], credit[2], bool(credit[3]), credit[4]
-            if not shown:
-                balance = None
-            if route is not None and route.config.spend is not None and allowance >= 0:
+        credit = reply.credit
+        if credit is not None:
+            balance = credit.balance if credit.shown else None
+            recharge = credit.recharge
+            if route is not None and route.config.spend is not None and credit.allowance >= 0:
                 # q: the nominal allowance plus the purchased credits on hand, so r (the balance) is never above it.
-                policies.append(PolicyState(CREDITS, "credits", allowance + max(0, purchased), None, balance, None))
-        admitted = bool(ok) and not compiled.denied
-        hold: dict[str, Any] | None = None
-        if admitted and hold_reply:
-            cp, cb, window, allowance_held, usage_key, limits = hold_reply
-            hold = {"cp": cp, "cb": cb, "w": window, "a": allowance_held, "q": usage_key, "l": limits}
-            if hold_id:
-                hold["id"] = hold_id
+                policies.append(PolicyState(CREDITS, "credits", credit.allowance + max(0, credit.purchased), None, balance, None))
+        admitted = reply.admitted and not compiled.denied
         return Decision(
             admitted=admitted,
             billable=billable,
@@ -227,27 +164,12 @@ class Engine:
             route=route,
             violations=violations,
             policies=policies,
-            events=[self._event(billable, json.loads(e)) for e in events] if events else [],
+            events=state.EventBatch.parse(billable, reply.events).events if reply.events else [],
             credits=balance,
-            hold=hold,
-            now=now / 1000,
+            hold=reply.hold if admitted else None,
+            now=reply.now_ms / 1000,
             recharge=recharge,
         )
-
-    def _event(self, billable: str, raw: dict[str, Any]) -> dict[str, Any]:
-        """An engine event in the shape of DESIGN §3; its id is stable across redeliveries."""
-        at = raw["at"] / 1000
-        data = raw.get("data") or {}
-        if "grace_ends_at" in data:
-            data["grace_ends_at"] = _iso(data["grace_ends_at"])
-        return {
-            "id": "evt_" + uuid.uuid5(_EVENT_NAMESPACE, f"{billable}\0{raw['seq']}\0{raw['at']}").hex,
-            "type": raw["type"],
-            "billable": billable,
-            "plan": raw.get("plan"),
-            "occurred_at": _iso(at),
-            "data": data,
-        }
 
     def _calendar(self) -> str:
         """Candidate calendar windows for the script, recomputed when the day rolls over."""
@@ -266,7 +188,7 @@ class Engine:
 
     # ---- usage counters of past months ----------------------------------------------------------------
 
-    def past_usage(self, state: dict[str, str]) -> dict[str, str]:
+    def past_usage(self, saved: dict[str, str]) -> dict[str, str]:
         """The usage counters (`qr:`/`qu:`/`qc:`) of months over long enough that no hold can change them.
 
         Once the record has them, Redis need not keep them: a billable's hash would otherwise grow by a
@@ -274,14 +196,13 @@ class Engine:
         self._calendar()
         if self.clock() < self._month_start + 2 * self.hold_ttl:
             return {}
-        month = self._month
-        return {f: v for f, v in state.items() if (period := counter_period(f)) is not None and period < month}
+        return state.past_counters(saved, self._month)
 
     async def forget_usage(self, billable: str, counters: dict[str, str]) -> int:
         """Drop these counters (as `past_usage` found them, and now in the record) unless they changed since."""
         if not counters:
             return 0
-        forgotten = int(await self.store.run("forget", self.keys(billable)[:1], [x for kv in counters.items() for x in kv]))
+        forgotten = int(await self.store.run("forget", self.keys(billable).only_state(), [x for kv in counters.items() for x in kv]))
         if forgotten:
             self.touched.add(billable)
         return forgotten
@@ -304,12 +225,10 @@ class Engine:
         return found
 
     def _build(self, plan: Plan, route: Route | None) -> _Compiled:
-        """Everything the script needs for this plan and route, as one JSON string built once."""
+        """Everything the script needs for this plan and route, encoded once."""
         denied: list[Violation] = []
-        spec: dict[str, Any] = {"arm": self.catalog.settings.auto_recharge_max_per_month}
         rates = [r for r in (plan.rate, route.rate if route else None) if r is not None]
-        spec["r"] = [[r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window] for r in rates]
-        spec["l"] = []
+        limits: list[state.LimitSpec] = []
         metered = False
         cost = 0
         if route is not None:
@@ -321,25 +240,24 @@ class Engine:
                 if limit is None and not unlimited:
                     denied.append(Violation(config.limit, "feature"))
                 else:
-                    spec["l"].append(_limit_spec(config.limit, limit or self.catalog.limit_kinds[config.limit], config.cost, unlimited))
+                    limits.append(_limit_spec(config.limit, limit or self.catalog.limit_kinds[config.limit], config.cost, unlimited))
             if config.spend is not None:
                 operation = self.catalog.operations[config.spend]
                 metered = operation.metered
                 cost = operation.hold if operation.per_unit is not None else (operation.cost or 0)
-        allowance = -1 if plan.is_unlimited(CREDITS) else (plan.credits or 0)
-        spec["cr"] = {
-            "a": allowance,
-            "p": period_code(plan.credit_period),
-            "ro": 1 if plan.rollover else 0,
-            "c": cost,
-            "show": 1 if route is not None and route.config.spend is not None else 0,
-        }
-        fields = [f"r:{r[0]}" for r in spec["r"]]
-        for limit in spec["l"]:
-            fields += [f"{kind}:{limit['n']}" for kind in ("u", "g", "t", "b", "w")]
-        fields += ["c:w", "c:s", "c:p", "c:d", "c:thr", "ar:on", "ar:lease", "ar:n", "ar:m"]
-        spec["f"] = fields  # what the script reads, fetched in one HMGET
-        return _Compiled(json.dumps(spec, separators=(",", ":")), tuple(denied), metered, tuple(rates))
+        spec = state.Spec(
+            rates=tuple(state.RateSpec(r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window) for r in rates),
+            limits=tuple(limits),
+            credits=state.CreditSpec(
+                allowance=-1 if plan.is_unlimited(CREDITS) else (plan.credits or 0),
+                period=period_code(plan.credit_period),
+                rollover=plan.rollover,
+                cost=cost,
+                shown=route is not None and route.config.spend is not None,
+            ),
+            recharges_per_month=self.catalog.settings.auto_recharge_max_per_month,
+        )
+        return _Compiled(spec.encode(), tuple(denied), metered, tuple(rates))
 
     # ---- after the upstream answered ----------------------------------------------------------------
 
@@ -352,44 +270,37 @@ class Engine:
         if decision.hold is None or decision.billable is None:
             return None
         self.touched.add(decision.billable)
-        raw = await self.store.run(
-            "settle",
-            self.keys(decision.billable),
-            [
-                "settle",
-                json.dumps(decision.hold),
-                "back" if give_back_limits else "keep",
-                "" if credits_owed is None else credits_owed,
-                decision.plan or "",
-                "" if units is None else math.ceil(units),
-                "1" if self.restore else "0",
-            ],
+        args = state.SettleArgs(
+            hold=decision.hold,
+            give_back_limits=give_back_limits,
+            credits_owed=credits_owed,
+            plan=decision.plan or "",
+            units=None if units is None else math.ceil(units),
+            restores=self.restore is not None,
         )
-        out = json.loads(raw)
-        return _int(out.get("bal"))
+        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv())).balance
 
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
         plan = self.catalog.plans[plan_name]
         cap = plan.limits.get(limit)
         self.touched.add(billable)
-        args: list[str | int | float | bytes] = ["release", limit, units, "" if cap is None else cap.to, plan_name]
+        args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
-            out = json.loads(await self.store.run("settle", self.keys(billable), [*args, "1" if self.restore else "0"]))
-            if out.get("st") != "missing":
+            reply = state.SettleReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            if reply.status != "missing":
                 return
             await self.rehydrate(billable)
 
     # ---- plans --------------------------------------------------------------------------------------
 
-    def _resolve(self, billable: str, version: int, assignment: str | None, subscription: str | None) -> ResolvedPlan:
+    def _resolve(self, billable: str, version: int, assignment: str | None, sub: Subscription | None) -> ResolvedPlan:
         """Manual assignment → active subscription (past_due within the grace) → default plan."""
         plans = self.catalog.plans
         resolved = ResolvedPlan(self.catalog.settings.default_plan, "default", version)
         if assignment and assignment in plans:
             resolved = ResolvedPlan(assignment, "assignment", version)
-        elif subscription:
-            sub = Subscription.from_json(subscription)
+        elif sub is not None:
             if sub.plan in plans:
                 if sub.status in ACTIVE_STATUSES:
                     resolved = ResolvedPlan(sub.plan, "subscription", version)
@@ -407,11 +318,11 @@ class Engine:
     async def plan_of(self, billable: str) -> ResolvedPlan:
         """The billable's plan now (read from Redis, then cached like a decision would)."""
         snap = await self.snapshot(billable)
-        return self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
+        return self._resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
 
     async def _update(self, billable: str, *args: str | int) -> None:
         self.touched.add(billable)
-        await self.store.run("update", self.keys(billable)[:1], list(args))
+        await self.store.run("update", self.keys(billable).only_state(), list(args))
         self._plans.pop(billable, None)
 
     async def set_assignment(self, billable: str, plan: str | None) -> None:
@@ -426,7 +337,7 @@ class Engine:
         if period is None:
             await self._update(billable, "period", "")
         else:
-            await self._update(billable, "period", int(period[0] * 1000), int(period[1] * 1000))
+            await self._update(billable, "period", state.ms(period[0]), state.ms(period[1]))
 
     async def set_count(self, billable: str, limit: str, usage: int) -> None:
         kind = self.catalog.limit_kinds.get(limit)
@@ -455,7 +366,7 @@ class Engine:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
         self.touched.add(billable)
         for _ in range(2):
-            status, last, balance = await self.store.run("grant", self.keys(billable)[:1], [sequence, amount, "1" if self.restore else "0"])
+            status, last, balance = await self.store.run("grant", self.keys(billable).only_state(), [sequence, amount, "1" if self.restore else "0"])
             if status != "missing":
                 return GrantResult(status, int(last), int(balance))
             await self.rehydrate(billable)
@@ -468,13 +379,13 @@ class Engine:
 
     async def snapshots(self, billables: Sequence[str]) -> list[Snapshot]:
         """Each billable's whole state, read at once (on a single server, in one write)."""
-        replies = await self.store.run_many("snapshot", [(self.keys(b), ()) for b in billables])
-        return [Snapshot(int(now), _pairs(state), _pairs(holds), int(pending)) for now, state, holds, pending in replies]
+        replies = await self.store.run_many("snapshot", [(self.keys(b).all(), ()) for b in billables])
+        return [Snapshot.parse(reply) for reply in replies]
 
-    async def restore_state(self, billable: str, state: dict[str, str]) -> bool:
+    async def restore_state(self, billable: str, saved: dict[str, str]) -> bool:
         """Put back state saved from a snapshot; whatever Redis holds already is live and wins."""
-        args: list[str] = [x for kv in state.items() for x in kv]
-        restored = bool(await self.store.run("restore", self.keys(billable)[:1], args))
+        args: list[str] = [x for kv in saved.items() for x in kv]
+        restored = bool(await self.store.run("restore", self.keys(billable).only_state(), args))
         self._plans.pop(billable, None)
         return restored
 
@@ -493,20 +404,18 @@ class Engine:
     async def _rehydrate(self, billable: str) -> None:
         assert self.restore is not None
         try:
-            state = await self.restore(billable)
+            saved = await self.restore(billable)
         except Exception as exc:
             raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
-        await self.restore_state(billable, state or {})
+        await self.restore_state(billable, saved or {})
         if self.on_restored is not None:
-            await self.on_restored(billable, state or {})
+            await self.on_restored(billable, saved or {})
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
         return (await self.read_events(billable, limit)).events
 
     async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
-        raw = [json.loads(item) for item in await self.store.read_list(self.keys(billable)[1], limit)]
-        mark = (int(raw[-1]["seq"]), int(raw[-1]["at"])) if raw else None
-        return EventBatch([self._event(billable, e) for e in raw], mark)
+        return EventBatch.parse(billable, await self.store.read_list(self.keys(billable).events, limit))
 
     async def ack_events(self, billable: str, count: int, *, through: tuple[int, int] | None = None) -> None:
         """Drop the `count` oldest pending events once the record holds them.
@@ -516,57 +425,54 @@ class Engine:
         if count <= 0:
             return
         if through is None:
-            await self.store.trim_list(self.keys(billable)[1], count)
+            await self.store.trim_list(self.keys(billable).events, count)
         else:
-            await self.store.run("ack", self.keys(billable)[1:2], [count, through[0], through[1]])
+            await self.store.run("ack", self.keys(billable).only_events(), [count, through[0], through[1]])
 
     async def billables(self) -> AsyncIterator[str]:
         """Every billable whose state Redis holds (on a cluster, from every primary), for the record's sweep."""
-        head = len(self.prefix) + 2
-        async for key in self.store.scan(f"{self.prefix}:{{*}}"):
-            yield unquote(key[head:-1])
+        async for key in self.store.scan(state.pattern(self.prefix)):
+            yield state.billable_of(self.prefix, key)
 
     async def change_counters(self, billables: list[str]) -> list[int | None]:
-        """Each billable's change counter `chg` (None: no state in Redis), in one pipelined round trip."""
-        values = await self.store.fields([self.keys(b)[0] for b in billables], "chg")
+        """Each billable's change counter (None: no state in Redis), in one pipelined round trip."""
+        values = await self.store.fields([self.keys(b).state for b in billables], state.CHANGE_FIELD)
         return [None if v is None else int(v) for v in values]
 
     async def expire_holds(self, billables: list[str]) -> list[str]:
         """Drop the holds past their lifetime (kept as charged: their settle never came) of the billables whose
         oldest hold is due; answers those billables. Two pipelined round trips, the second only when one is due."""
-        due_at = await self.store.fields([self.keys(b)[0] for b in billables], "hx")
+        due_at = await self.store.fields([self.keys(b).state for b in billables], state.HOLD_EXPIRY_FIELD)
         now_ms = self.clock() * 1000
         due = [b for b, at in zip(billables, due_at, strict=True) if at is not None and float(at) <= now_ms]
         if due:
-            await self.store.run_many("expire", [(self.keys(b)[::2], ()) for b in due])
+            await self.store.run_many("expire", [([self.keys(b).state, self.keys(b).holds], ()) for b in due])
             self.touched.update(due)
         return due
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, from one snapshot (of the restored state, when Redis lost it)."""
         snap = await self.snapshot(billable)
-        if self.restore is not None and "hyd" not in snap.state:
+        if self.restore is not None and not snap.has_state:
             await self.rehydrate(billable)  # else the answer would show a fresh quota the next request will not give
             snap = await self.snapshot(billable)
-        resolved = self._resolve(billable, int(snap.state.get("pv", 0)), snap.state.get("asg"), snap.state.get("sub"))
+        resolved = self._resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
         return status_body(self.catalog, billable, resolved, snap, self._calendar())
 
 
-def _limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> dict[str, Any]:
+def _limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.LimitSpec:
     period = limit.period
-    spec: dict[str, Any] = {
-        "n": name,
-        "to": -1 if unlimited else limit.to,
-        "c": cost,
-        "p": period_code(period) if period else "",
-        "a": _AFTER[limit.after_limit],
-        "g": limit.grace_seconds * 1000,
-        "gm": -1 if limit.grace_max is None else limit.grace_max,
-        "wa": list(limit.warn_at),
-    }
-    if period is not None:
-        spec["w"] = period.nominal_seconds
-    return spec
+    return state.LimitSpec(
+        name=name,
+        to=-1 if unlimited else limit.to,
+        cost=cost,
+        period=period_code(period) if period else "",
+        after=limit.after_limit,
+        grace_ms=limit.grace_seconds * 1000,
+        grace_max=-1 if limit.grace_max is None else limit.grace_max,
+        warn_at=tuple(limit.warn_at),
+        window=period.nominal_seconds if period is not None else None,
+    )
 
 
 def window_of(code: str, state: dict[str, str], now_ms: int, calendar: str) -> tuple[int, int]:
@@ -591,19 +497,19 @@ def window_of(code: str, state: dict[str, str], now_ms: int, calendar: str) -> t
 
 def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: Snapshot, calendar: str) -> dict[str, Any]:
     plan = catalog.plans[resolved.name]
-    state, now = snap.state, snap.now_ms
+    fields, now = snap.state, snap.now_ms
     limits: dict[str, Any] = {}
     names = list(plan.limits) + [n for n in plan.unlimited if n != CREDITS and n not in plan.limits]
     for name in names:
         unlimited = plan.is_unlimited(name)
         limit = plan.limits.get(name) or catalog.limit_kinds[name]
-        usage = _int(state.get(f"u:{name}")) or 0
+        usage = _int(fields.get(f"u:{name}")) or 0
         window: tuple[int, int] | None = None
-        grace_at = _int(state.get(f"g:{name}"))
-        blocked_once = state.get(f"b:{name}") == "1"
+        grace_at = _int(fields.get(f"g:{name}"))
+        blocked_once = fields.get(f"b:{name}") == "1"
         if limit.period is not None:
-            window = window_of(period_code(limit.period), state, now, calendar)
-            if _int(state.get(f"w:{name}")) != window[0]:
+            window = window_of(period_code(limit.period), fields, now, calendar)
+            if _int(fields.get(f"w:{name}")) != window[0]:
                 usage, grace_at, blocked_once = 0, None, False
         to = None if unlimited else limit.to
         grace_ends = grace_at + limit.grace_seconds * 1000 if grace_at is not None else None
@@ -621,20 +527,20 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: S
             "remaining": None if to is None else max(0, to - usage),
             "percent_used": None if not to else round(100 * usage / to, 2),
             "grace_active": grace_active,
-            "grace_ends_at": _iso(grace_ends / 1000) if grace_ends is not None else None,
+            "grace_ends_at": state.iso(grace_ends / 1000) if grace_ends is not None else None,
             "blocked": blocked,
             "per": limit.per,
-            "window_start": _iso(window[0] / 1000) if window else None,
-            "window_end": _iso(window[1] / 1000) if window else None,
+            "window_start": state.iso(window[0] / 1000) if window else None,
+            "window_end": state.iso(window[1] / 1000) if window else None,
             "after_limit": limit.after_limit,
         }
     allowance = -1 if plan.is_unlimited(CREDITS) else (plan.credits or 0)
-    spent = _int(state.get("c:s")) or 0
-    purchased = _int(state.get("c:p")) or 0
-    debt = _int(state.get("c:d")) or 0
-    cwindow = window_of(period_code(plan.credit_period), state, now, calendar)
-    if _int(state.get("c:w")) != cwindow[0]:
-        if plan.rollover and allowance > 0 and state.get("c:w"):
+    spent = _int(fields.get("c:s")) or 0
+    purchased = _int(fields.get("c:p")) or 0
+    debt = _int(fields.get("c:d")) or 0
+    cwindow = window_of(period_code(plan.credit_period), fields, now, calendar)
+    if _int(fields.get("c:w")) != cwindow[0]:
+        if plan.rollover and allowance > 0 and fields.get("c:w"):
             purchased += max(0, allowance - spent)
         spent = min(debt, allowance) if allowance > 0 else 0
         debt -= spent
@@ -649,12 +555,12 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: S
         if rate is None:
             continue
         interval = rate.per_seconds * 1000 / rate.limit
-        tat = max(float(state.get(f"r:{rate.name}", now)), now)
+        tat = max(float(fields.get(f"r:{rate.name}", now)), now)
         remaining = int((now - (tat - rate.burst * interval)) // interval)
         rate_limits[rate.name] = {
             "limit": rate.burst,
             "remaining": max(0, min(rate.burst, remaining)),
-            "reset": _iso(tat / 1000),
+            "reset": state.iso(tat / 1000),
         }
     return {
         "billable": billable,
@@ -673,27 +579,7 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: S
     }
 
 
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def _list(value: Any) -> list[Any]:
-    # cjson encodes an empty Lua table as {}.
-    return value if isinstance(value, list) else []
-
-
 def _int(value: Any) -> int | None:
     if value is None or value == "" or value is False:
         return None
     return int(float(value))
-
-
-@functools.lru_cache(maxsize=65536)
-def _tag(billable: str) -> str:
-    # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
-    return quote(billable, safe="")
-
-
-def _pairs(flat: Any) -> dict[str, str]:
-    items = _list(flat)
-    return dict(zip(items[::2], items[1::2]))

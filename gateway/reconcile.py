@@ -37,11 +37,12 @@ import sqlalchemy as sa
 
 from gateway.census import Census
 from gateway.coalesce import Coalescer
-from gateway.engine import Engine, EventBatch, Snapshot
+from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.settings import Settings
+from gateway.state import EventBatch, Snapshot, grant_sequence, restorable
 from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
 from gateway.usage import rows_from_state
 
@@ -313,9 +314,9 @@ class Reconciler:
             snaps = await self.engine.snapshots(billables)
             writes: list[tuple[str, Snapshot]] = []
             for billable, snap in zip(billables, snaps, strict=True):
-                if "hyd" not in snap.state:
+                if not snap.has_state:
                     continue  # gone from Redis, or not restored yet: nothing here may replace the record's
-                chg = int(snap.state.get("chg", 0))
+                chg = snap.change_counter
                 if not force and snap.pending_events == 0 and self.recorded.get(billable) == chg:
                     continue
                 writes.append((billable, snap))
@@ -338,7 +339,7 @@ class Reconciler:
         if len(self.recorded) > 1_000_000:
             self.recorded.clear()  # only an optimization: forgetting costs one redundant write each
         for billable, snap in writes:
-            self.recorded[billable] = int(snap.state.get("chg", 0))
+            self.recorded[billable] = snap.change_counter
         for billable in billables:
             self.dirty.pop(billable, None)
         try:
@@ -368,7 +369,7 @@ class Reconciler:
                 {
                     "billable": billable,
                     "state": json.dumps(snap.state, separators=(",", ":")),
-                    "chg": int(snap.state.get("chg", 0)),
+                    "chg": snap.change_counter,
                     "updated_at": datetime.fromtimestamp(snap.now_ms / 1000, UTC),
                 }
                 for billable, snap in writes
@@ -496,7 +497,7 @@ class Rehydrator:
                     all_grants.append((billable, int(seq), int(amount)))
         grants: dict[str, list[tuple[int, int]]] = {}
         for b, seq, amount in sorted(all_grants):
-            if seq > int((states.get(b) or {}).get("c:seq", 0) or 0):
+            if seq > grant_sequence(states.get(b) or {}):
                 grants.setdefault(b, []).append((seq, amount))
         found: dict[str, dict[str, str]] = {}  # the record knows nothing of the others: they start new
         for billable in billables:
@@ -504,23 +505,16 @@ class Rehydrator:
             state, plan = states.get(billable), plans.get(billable)
             if state is None and plan is None:
                 continue
-            state = dict(state or {})
-            if plan is not None:
-                state["asg"] = plan
-            else:
-                state.pop("asg", None)
             # A plan version no process can have cached: every process resolves the plan again. That is a
             # change, so the restored state is flushed like any other.
-            state["pv"] = str(int(time.time() * 1000))
-            state["chg"] = str(int(state.get("chg", 0)) + 1)
-            found[billable] = state
+            found[billable] = restorable(state, plan, int(time.time() * 1000))
         return found
 
     async def on_restored(self, billable: str, state: dict[str, str]) -> None:
         lost = self._grants_after.pop(billable, None)
         try:
             if lost is None:  # a restore this object did not read: ask the record
-                await self.grants.replay(billable, int(state.get("c:seq", 0) or 0))
+                await self.grants.replay(billable, grant_sequence(state))
                 return
             for seq, amount in lost:
                 result = await self.grants.engine.apply_grant(billable, seq, amount)

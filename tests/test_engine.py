@@ -11,7 +11,7 @@ import pytest
 from engine_support import BASE, Harness, body, harness, headers
 from services import shared_redis_url
 
-from gateway.engine import Subscription
+from gateway.state import Subscription
 
 T = TypeVar("T")
 Go = Callable[[Callable[[Harness], Awaitable[T]]], T]
@@ -225,7 +225,7 @@ def test_metered_reserve_and_settle(go: Go[None]) -> None:
         await h.engine.apply_grant("org", 1, 200)
         d = await h.decide("org", "POST", "/chat")
         assert d.admitted and d.credits == 110  # 10 allowance + 200 purchased - 100 reserve
-        assert d.hold is not None and d.hold["cp"] == 10 and d.hold["cb"] == 90
+        assert d.hold is not None and d.hold.period_credits == 10 and d.hold.purchased_credits == 90
         assert (await h.engine.status("org"))["credits"]["held"] == 100
         balance = await h.engine.settle(d, give_back_limits=False, credits_owed=30)
         assert balance == 180
