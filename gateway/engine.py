@@ -20,7 +20,7 @@ from gateway import state
 from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
 from gateway.errors import StateUnavailable
-from gateway.periods import Period, calendar_bounds, window_at
+from gateway.periods import Period, calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
 
@@ -97,6 +97,7 @@ class Engine:
         self.touched: set[str] = set()
         self._plans: dict[str, ResolvedPlan] = {}
         self._compiled: dict[tuple[str, int], _Compiled] = {}
+        self._status_specs: dict[str, str] = {}
         self._bounds: tuple[float, str] = (0.0, "")
         self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
         self._month_start = 0.0
@@ -109,18 +110,19 @@ class Engine:
 
     # ---- deciding ---------------------------------------------------------------------------------
 
-    async def decide(self, billable: str, route: Route | None, *, credit_cost: int | None = None) -> Decision:
+    async def decide(
+        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False
+    ) -> Decision:
         """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
 
-        `credit_cost` prices an operation from the request (units read from the request body or headers)."""
+        `credit_cost` prices an operation from the request (units read from the request body or headers).
+        `dry` answers the decision the request would get and writes nothing: no events, hold or counters."""
         keys = self.keys(billable)
-        resolved = self._plans.get(billable)
-        if resolved is not None and resolved.expires_at <= self.clock():
-            resolved = None
+        resolved = self._cached_plan(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
             compiled = self._compile(plan_name, route)
-            hold_id = uuid.uuid4().hex[:16] if compiled.metered else ""
+            hold_id = uuid.uuid4().hex[:16] if compiled.metered and not dry else ""
             args = state.DecideArgs(
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
@@ -132,6 +134,7 @@ class Engine:
                 hold_ttl=self.hold_ttl,
                 plan=plan_name,
                 usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
+                dry=dry,
             )
             reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
             if isinstance(reply, state.Stale):
@@ -140,9 +143,14 @@ class Engine:
             if isinstance(reply, state.Missing):
                 await self.rehydrate(billable)
                 continue
-            self.touched.add(billable)
+            if not dry:
+                self.touched.add(billable)
             return self._decision(billable, plan_name, route, compiled, reply)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
+
+    def _cached_plan(self, billable: str) -> ResolvedPlan | None:
+        resolved = self._plans.get(billable)
+        return None if resolved is None or resolved.expires_at <= self.clock() else resolved
 
     def _decision(self, billable: str, plan: str, route: Route | None, compiled: _Compiled, reply: state.DecideReply) -> Decision:
         violations = [*compiled.denied, *reply.violations]
@@ -451,13 +459,29 @@ class Engine:
         return due
 
     async def status(self, billable: str) -> dict[str, Any]:
-        """The status body of DESIGN §3, from one snapshot (of the restored state, when Redis lost it)."""
-        snap = await self.snapshot(billable)
-        if self.restore is not None and not snap.has_state:
-            await self.rehydrate(billable)  # else the answer would show a fresh quota the next request will not give
-            snap = await self.snapshot(billable)
-        resolved = self._resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
-        return status_body(self.catalog, billable, resolved, snap, self._calendar())
+        """The status body of DESIGN §3, evaluated by status.lua with decide.lua's rules (of the restored
+        state, when Redis lost it: else it would show a fresh quota the next request will not give)."""
+        keys = self.keys(billable).all()
+        resolved = self._cached_plan(billable)
+        for _ in range(4):
+            plan_name = resolved.name if resolved else self.catalog.settings.default_plan
+            args = state.StatusArgs(self._status_spec(plan_name), resolved.version if resolved else -1, self._calendar(),
+                                    self.restore is not None)  # fmt: skip
+            reply = state.StatusReply.parse(await self.store.run("status", keys, args.argv()))
+            if isinstance(reply, state.Stale):
+                resolved = self._resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
+            elif isinstance(reply, state.Missing):
+                await self.rehydrate(billable)
+            else:
+                assert resolved is not None  # without a plan version the script answers stale
+                return status_body(self.catalog, billable, resolved, reply)
+        raise RuntimeError(f"plan of {billable!r} kept changing during one status read")
+
+    def _status_spec(self, plan_name: str) -> str:
+        found = self._status_specs.get(plan_name)
+        if found is None:
+            found = self._status_specs[plan_name] = _status_spec(self.catalog, self.catalog.plans[plan_name]).encode()
+        return found
 
 
 def _limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.LimitSpec:
@@ -475,93 +499,60 @@ def _limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.Li
     )
 
 
-def window_of(code: str, state: dict[str, str], now_ms: int, calendar: str) -> tuple[int, int]:
-    """The window (ms) containing now for a period code: the same choice decide.lua makes."""
-    if code == "bc":
-        start, end = _int(state.get("bp_s")), _int(state.get("bp_e"))
-        if start is not None and end is not None and end > start and now_ms >= start:
-            if now_ms < end:
-                return start, end
-            length = end - start
-            k = (now_ms - end) // length
-            return end + k * length, end + (k + 1) * length
-        code = "m"
-    if code.startswith("s"):
-        size = int(code[1:]) * 1000
-        start = now_ms - now_ms % size
-        return start, start + size
-    bounds = json.loads(calendar)[code]
-    start_s, end_s = window_at((bounds[0], bounds[1], bounds[2], bounds[3]), now_ms / 1000)
-    return start_s * 1000, end_s * 1000
-
-
-def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: Snapshot, calendar: str) -> dict[str, Any]:
-    plan = catalog.plans[resolved.name]
-    fields, now = snap.state, snap.now_ms
-    limits: dict[str, Any] = {}
-    names = list(plan.limits) + [n for n in plan.unlimited if n != CREDITS and n not in plan.limits]
-    for name in names:
-        unlimited = plan.is_unlimited(name)
+def _status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
+    limits = []
+    for name in [*plan.limits, *(n for n in plan.unlimited if n != CREDITS and n not in plan.limits)]:
         limit = plan.limits.get(name) or catalog.limit_kinds[name]
-        usage = _int(fields.get(f"u:{name}")) or 0
-        window: tuple[int, int] | None = None
-        grace_at = _int(fields.get(f"g:{name}"))
-        blocked_once = fields.get(f"b:{name}") == "1"
-        if limit.period is not None:
-            window = window_of(period_code(limit.period), fields, now, calendar)
-            if _int(fields.get(f"w:{name}")) != window[0]:
-                usage, grace_at, blocked_once = 0, None, False
-        to = None if unlimited else limit.to
-        grace_ends = grace_at + limit.grace_seconds * 1000 if grace_at is not None else None
-        over = to is not None and usage >= to
-        grace_active = bool(grace_ends is not None and now < grace_ends and to is not None and usage > to)
-        if limit.after_limit == "just_warn" or to is None:
-            blocked = False
-        elif limit.after_limit == "grace_then_block":
-            blocked = over and not grace_active and (grace_at is not None or blocked_once)
-        else:
-            blocked = over
-        limits[name] = {
+        limits.append(
+            state.StatusLimit(
+                name=name,
+                to=-1 if plan.is_unlimited(name) else limit.to,
+                period=period_code(limit.period) if limit.period is not None else "",
+                after=limit.after_limit,
+                grace_ms=limit.grace_seconds * 1000,
+            )
+        )
+    rates = _rates(catalog, plan)
+    return state.StatusSpec(
+        limits=tuple(limits),
+        rates=tuple((r.name, r.per_seconds * 1000 / r.limit, r.burst) for r in rates),
+        credit_allowance=-1 if plan.is_unlimited(CREDITS) else (plan.credits or 0),
+        credit_period=period_code(plan.credit_period),
+        rollover=plan.rollover,
+    )
+
+
+def _rates(catalog: Catalog, plan: Plan) -> list[RateLimit]:
+    """The rate limits a status shows: the plan's and every route's."""
+    return [r for r in [plan.rate, *(route.rate for route in catalog.routes)] if r is not None]
+
+
+def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: state.StatusReply) -> dict[str, Any]:
+    """The body of what status.lua evaluated: only presentation here, every rule is the script's."""
+    plan = catalog.plans[resolved.name]
+    limits: dict[str, Any] = {}
+    for found in reply.limits:
+        limit = plan.limits.get(found.name) or catalog.limit_kinds[found.name]
+        to = None if plan.is_unlimited(found.name) else limit.to
+        usage, window = found.usage, found.window_ms
+        limits[found.name] = {
             "usage": usage,
             "limit": to,
             "remaining": None if to is None else max(0, to - usage),
             "percent_used": None if not to else round(100 * usage / to, 2),
-            "grace_active": grace_active,
-            "grace_ends_at": state.iso(grace_ends / 1000) if grace_ends is not None else None,
-            "blocked": blocked,
+            "grace_active": found.grace_active,
+            "grace_ends_at": state.iso(found.grace_ends_ms / 1000) if found.grace_ends_ms is not None else None,
+            "blocked": found.blocked,
             "per": limit.per,
             "window_start": state.iso(window[0] / 1000) if window else None,
             "window_end": state.iso(window[1] / 1000) if window else None,
             "after_limit": limit.after_limit,
         }
-    allowance = -1 if plan.is_unlimited(CREDITS) else (plan.credits or 0)
-    spent = _int(fields.get("c:s")) or 0
-    purchased = _int(fields.get("c:p")) or 0
-    debt = _int(fields.get("c:d")) or 0
-    cwindow = window_of(period_code(plan.credit_period), fields, now, calendar)
-    if _int(fields.get("c:w")) != cwindow[0]:
-        if plan.rollover and allowance > 0 and fields.get("c:w"):
-            purchased += max(0, allowance - spent)
-        spent = min(debt, allowance) if allowance > 0 else 0
-        debt -= spent
-    period_left = None if allowance < 0 else max(0, allowance - spent)
-    held = 0
-    for raw in snap.holds.values():
-        hold = json.loads(raw)
-        if hold.get("exp", 0) > now:
-            held += int(hold.get("cp", 0)) + int(hold.get("cb", 0))
-    rate_limits: dict[str, Any] = {}
-    for rate in [plan.rate, *(r.rate for r in catalog.routes)]:
-        if rate is None:
-            continue
-        interval = rate.per_seconds * 1000 / rate.limit
-        tat = max(float(fields.get(f"r:{rate.name}", now)), now)
-        remaining = int((now - (tat - rate.burst * interval)) // interval)
-        rate_limits[rate.name] = {
-            "limit": rate.burst,
-            "remaining": max(0, min(rate.burst, remaining)),
-            "reset": state.iso(tat / 1000),
-        }
+    rates = {
+        found.name: {"limit": rate.burst, "remaining": found.remaining, "reset": state.iso(found.reset_ms / 1000)}
+        for rate, found in zip(_rates(catalog, plan), reply.rates, strict=True)
+    }
+    left = reply.period_left
     return {
         "billable": billable,
         "plan": resolved.name,
@@ -569,17 +560,11 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, snap: S
         "features": sorted(plan.allows),
         "limits": limits,
         "credits": {
-            "balance": None if period_left is None else period_left + purchased - debt,
-            "period": period_left,
-            "purchased": purchased,
-            "held": held,
-            "debt": debt,
+            "balance": None if left is None else left + reply.purchased - reply.debt,
+            "period": left,
+            "purchased": reply.purchased,
+            "held": reply.held,
+            "debt": reply.debt,
         },
-        "rate_limits": rate_limits,
+        "rate_limits": rates,
     }
-
-
-def _int(value: Any) -> int | None:
-    if value is None or value == "" or value is False:
-        return None
-    return int(float(value))

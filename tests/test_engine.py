@@ -501,3 +501,40 @@ def test_usage_history_counters(go: Go[None]) -> None:
         assert state[f"qr:{month}|POST /projects|"] == "1" and state[f"qu:{month}|POST /projects|"] == "1"
 
     go(fn)
+
+
+def test_a_dry_decision_is_the_one_a_request_would_get_and_writes_nothing(go: Go[None]) -> None:
+    """decide(dry=True) evaluates every policy as decide does, and leaves Redis as it was: no counters, no
+    hold, no events, no rate cell, no warning or block marks."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 200)
+        await h.decide("org", "POST", "/exports")
+        for method, path in [("POST", "/chat"), ("POST", "/exports"), ("GET", "/limited"), ("POST", "/zero")]:
+            before = await h.engine.snapshot("org")
+            dry = await h.decide("org", method, path, dry=True)
+            after = await h.engine.snapshot("org")
+            assert (after.state, after.holds, after.pending_events) == (before.state, before.holds, before.pending_events)
+            assert dry.hold is None and dry.events == []
+            real = await h.decide("org", method, path)
+            assert (dry.admitted, dry.violations, dry.credits) == (real.admitted, real.violations, real.credits), path
+            assert [p[:5] for p in dry.policies] == [p[:5] for p in real.policies], path
+
+    go(fn)
+
+
+def test_the_status_reads_what_the_decisions_wrote_without_writing(go: Go[None]) -> None:
+    """status.lua answers from the same rules as decide.lua (window, credits, GCRA) and changes nothing."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 200)
+        await h.decide("org", "POST", "/exports")
+        await h.decide("org", "GET", "/limited")
+        before = await h.engine.snapshot("org")
+        status = await h.engine.status("org")
+        assert (await h.engine.snapshot("org")).state == before.state
+        assert status["limits"]["exports"]["usage"] == 1
+        assert status["rate_limits"]["rate:GET /limited"]["remaining"] == 1
+        assert status["credits"] == {"balance": 210, "period": 10, "purchased": 200, "held": 0, "debt": 0}
+
+    go(fn)

@@ -23,6 +23,7 @@ from gateway.state.hold import HeldLimit, Hold
 from gateway.state.keys import Keys, billable_of, keys, pattern
 from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
+from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimit, StatusReply, StatusSpec
 
 __all__ = [
     "CHANGE_FIELD",
@@ -36,8 +37,10 @@ __all__ = [
     "Hold",
     "Keys",
     "LimitSpec",
+    "LimitStatus",
     "Missing",
     "RateSpec",
+    "RateStatus",
     "Recharge",
     "ReleaseArgs",
     "SettleArgs",
@@ -45,6 +48,10 @@ __all__ = [
     "Snapshot",
     "Spec",
     "Stale",
+    "StatusArgs",
+    "StatusLimit",
+    "StatusReply",
+    "StatusSpec",
     "Subscription",
     "UsageCounter",
     "billable_of",

@@ -48,6 +48,12 @@ class Stale:
     assignment: str | None
     subscription: Subscription | None
 
+    @classmethod
+    def parse(cls, raw: list[Any]) -> Stale:
+        """{"stale", version, assignment or nil, subscription or nil} (a Lua array ends at its first nil)."""
+        assignment, sub = [*raw[2:4], None, None][:2]
+        return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None)
+
 
 @dataclass(frozen=True, slots=True)
 class Missing:
@@ -77,7 +83,7 @@ class DecideReply:
     def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing:
         """By position: {admitted, now, policies, violations, events, credit or nil, hold or nil}."""
         if raw[0] == "stale":
-            return Stale(int(raw[1]), raw[2], Subscription.from_json(raw[3]) if raw[3] else None)
+            return Stale.parse(raw)
         if raw[0] == "missing":
             return Missing()
         ok, now, policies, violations, events, credit, hold = raw

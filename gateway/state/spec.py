@@ -9,7 +9,7 @@ from typing import Literal
 from gateway.state.fields import CREDIT_FIELDS, limit_fields, rate_field
 
 After = Literal["block_usage", "just_warn", "grace_then_block"]
-_AFTER: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
+AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Spec:
         for lim in self.limits:
             fields += limit_fields(lim.name)
             item: dict[str, object] = {
-                "n": lim.name, "to": lim.to, "c": lim.cost, "p": lim.period, "a": _AFTER[lim.after],
+                "n": lim.name, "to": lim.to, "c": lim.cost, "p": lim.period, "a": AFTER_CODES[lim.after],
                 "g": lim.grace_ms, "gm": lim.grace_max, "wa": list(lim.warn_at),
             }  # fmt: skip
             if lim.window is not None:
