@@ -30,7 +30,10 @@ PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
 UNMATCHED = "(unmatched)"
 
-Restorer = Callable[[str], Awaitable[dict[str, str] | None]]
+# What the record gives back of a billable Redis lost (None: it has nothing, the billable starts new).
+Restorer = Callable[[str], Awaitable[state.Restored | None]]
+# Replays the grants after a sequence, when a restore found Redis behind the grants the record gave it.
+Replayer = Callable[[str, int], Awaitable[None]]
 
 
 def period_code(period: Period) -> str:
@@ -80,7 +83,7 @@ class Engine:
         *,
         prefix: str = "gw",
         restore: Restorer | None = None,
-        on_restored: Callable[[str, dict[str, str]], Awaitable[None]] | None = None,
+        on_restored: Replayer | None = None,
         hold_ttl: int = 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,7 +93,8 @@ class Engine:
         self.catalog = catalog
         self.prefix = prefix
         self.restore = restore
-        # Called after a restore lands, with the state restored: the record replays what came after it.
+        # Called when a restore finds Redis behind the first grant after the snapshot: the record replays
+        # every grant after what Redis holds.
         self.on_restored = on_restored
         self.hold_ttl = hold_ttl
         # Billables whose Redis state this process changed since the reconciler last took the set.
@@ -390,12 +394,12 @@ class Engine:
         replies = await self.store.run_many("snapshot", [(self.keys(b).all(), ()) for b in billables])
         return [Snapshot.parse(reply) for reply in replies]
 
-    async def restore_state(self, billable: str, saved: dict[str, str]) -> bool:
-        """Put back state saved from a snapshot; whatever Redis holds already is live and wins."""
-        args: list[str] = [x for kv in saved.items() for x in kv]
-        restored = bool(await self.store.run("restore", self.keys(billable).only_state(), args))
+    async def restore_state(self, billable: str, restored: state.Restored) -> state.RestoreReply:
+        """Put back state saved from a snapshot and apply the grants after it, in one script: whatever Redis
+        holds already is live and wins, and each grant is applied once, in order."""
+        reply = state.RestoreReply.parse(await self.store.run("restore", self.keys(billable).only_state(), restored.argv()))
         self._plans.pop(billable, None)
-        return restored
+        return reply
 
     async def rehydrate(self, billable: str) -> None:
         """Restore a billable whose state Redis lost, from the record (or as new when it has none; while the
@@ -412,12 +416,13 @@ class Engine:
     async def _rehydrate(self, billable: str) -> None:
         assert self.restore is not None
         try:
-            saved = await self.restore(billable)
+            restored = await self.restore(billable)
         except Exception as exc:
             raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
-        await self.restore_state(billable, saved or {})
-        if self.on_restored is not None:
-            await self.on_restored(billable, saved or {})
+        reply = await self.restore_state(billable, restored or state.Restored())
+        if reply.gap and self.on_restored is not None:
+            # Another process restored an older snapshot first: replay from what Redis holds.
+            await self.on_restored(billable, reply.last_sequence)
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
         return (await self.read_events(billable, limit)).events

@@ -11,7 +11,7 @@ import pytest
 from engine_support import BASE, Harness, body, harness, headers
 from services import shared_redis_url
 
-from gateway.state import Subscription
+from gateway.state import Restored, Subscription
 
 T = TypeVar("T")
 Go = Callable[[Callable[[Harness], Awaitable[T]]], T]
@@ -428,8 +428,8 @@ def test_snapshot_and_restore(go: Go[None]) -> None:
         snap = await h.engine.snapshot("org")
         for key in h.engine.keys("org"):
             await h.raw.delete(key)
-        assert await h.engine.restore_state("org", snap.state)
-        assert not await h.engine.restore_state("org", {"c:p": "999"})
+        assert (await h.engine.restore_state("org", Restored(snap.state))).restored
+        assert not (await h.engine.restore_state("org", Restored({"c:p": "999"}))).restored
         assert (await h.decide("org", "POST", "/projects")).admitted
         assert (await h.decide("org", "POST", "/projects")).status == 403
         assert (await h.engine.apply_grant("org", 1, 50)).status == "duplicate"
@@ -443,9 +443,9 @@ def test_missing_state_is_restored_before_deciding(go: Go[None]) -> None:
     async def fn(h: Harness) -> None:
         calls: list[str] = []
 
-        async def restore(billable: str) -> dict[str, str]:
+        async def restore(billable: str) -> Restored:
             calls.append(billable)
-            return {"u:projects": "2"}
+            return Restored({"u:projects": "2"})
 
         h.engine.restore = restore
         assert (await h.decide("org", "POST", "/projects")).status == 403

@@ -21,6 +21,7 @@ from gateway.state.fields import (
 )
 from gateway.state.hold import HeldLimit, Hold
 from gateway.state.keys import Keys, billable_of, keys, pattern
+from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
 from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimit, StatusReply, StatusSpec
@@ -43,6 +44,8 @@ __all__ = [
     "RateStatus",
     "Recharge",
     "ReleaseArgs",
+    "RestoreReply",
+    "Restored",
     "SettleArgs",
     "SettleReply",
     "Snapshot",
