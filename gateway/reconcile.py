@@ -190,8 +190,8 @@ class Reconciler:
     # ---- what needs flushing --------------------------------------------------------------------------
 
     def take(self) -> None:
-        """Move the engine's touched billables into the dirty set (swapping the set, never copying it)."""
-        touched, self.engine.touched = self.engine.touched, set()
+        """Move the billables the engine touched into the dirty set."""
+        touched = self.engine.take_touched()
         now = self.clock()
         for billable in touched:
             self.dirty.setdefault(billable, now)
