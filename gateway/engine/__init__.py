@@ -176,7 +176,7 @@ class Engine:
     # ---- usage counters of past months ----------------------------------------------------------------
 
     def past_usage(self, saved: dict[str, str]) -> dict[str, str]:
-        """The usage counters (`qr:`/`qu:`/`qc:`) of months over long enough that no hold can change them.
+        """The usage history counters of months over long enough that no hold can change them.
 
         Once the record has them, Redis need not keep them: a billable's hash would otherwise grow by a
         few fields a month for as long as it lives."""
