@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from services import PostgresServer, RedisServer
 
 from gateway.catalog import load_catalog
-from gateway.engine import Engine, Snapshot
+from gateway.engine import Engine
 from gateway.reconcile import Reconciler
+from gateway.state import Snapshot
 from gateway.store.db import Database, snapshots, usage_totals
 from gateway.store.redis import open_redis
 

@@ -103,7 +103,7 @@ async def measure(port: int) -> None:
                          ("POST", "/v1/custom-models"), ("GET", "/v1/anything")]:
         for _ in range(3):
             d = await engine.decide("org", example.route_for(method, path))
-            if d.hold and d.hold.get("id"):
+            if d.hold and d.hold.id:
                 await engine.settle(d, give_back_limits=False, credits_owed=300, units=300)
     total = 0
     for key in engine.keys("org"):

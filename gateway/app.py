@@ -28,6 +28,7 @@ from gateway.publishing import Catalogs, Published
 from gateway.reconcile import Reconciler, attach
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
+from gateway.state import CHANGE_FIELD
 from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
@@ -131,7 +132,7 @@ class Gateway:
             return
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
-                await self.store.fields(["gw:{start-up check}"], "chg")
+                await self.store.fields(["gw:{start-up check}"], CHANGE_FIELD)
         except RedisRefused as exc:
             raise ConfigError(
                 f"Redis at {self.store.url} refused the connection: {exc}. Fix GATEWAY_REDIS_URL "

@@ -133,7 +133,7 @@ class Census:
 
     async def is_new(self, billable: str) -> bool:
         """The rule of this module's docstring, for a billable Redis lacks while the record is down."""
-        epoch = str(await self.engine.store.run("epoch", self.engine.keys(billable)[:1], []))
+        epoch = str(await self.engine.store.run("epoch", self.engine.keys(billable).only_state(), []))
         first = self._first_seen.setdefault(epoch, self.clock())
         if first + self.margin > self.read_at:
             return False  # Redis may have lost data since the census read the record

@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway.catalog import CREDITS, Catalog, Route
 from gateway.problems import problem_body
+
+if TYPE_CHECKING:
+    from gateway.state import Hold  # gateway.state builds Decisions' parts: no import at run time
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -69,7 +72,7 @@ class Decision:
     policies: list[PolicyState] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     credits: int | None = None  # balance right after admission, when the billable has one or the route spends
-    hold: dict[str, Any] | None = None  # what settle needs: credits taken, limit units held, their windows
+    hold: Hold | None = None  # what settle needs: credits taken, limit units held, their windows
     now: float = 0.0  # Redis TIME of the decision, in seconds
     degraded: bool = False
     recharge: bool = False  # this spend took the lease to start an auto-recharge

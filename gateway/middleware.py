@@ -419,9 +419,7 @@ class GatewayMiddleware:
                 state["complete"] = True
             await send(message)
 
-        needs_settle = decision.hold is not None and (
-            meter_source is not None or bool(decision.hold.get("l")) or decision.hold.get("cp", 0) + decision.hold.get("cb", 0) > 0
-        )
+        needs_settle = decision.hold is not None and (meter_source is not None or decision.hold.needs_settle)
         release = route.config.release if route is not None else None
         if not needs_settle and release is None:
             await self.app(scope, receive, send_wrapped)

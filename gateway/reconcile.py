@@ -37,11 +37,12 @@ import sqlalchemy as sa
 
 from gateway.census import Census
 from gateway.coalesce import Coalescer
-from gateway.engine import Engine, EventBatch, Snapshot
+from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.settings import Settings
+from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
 from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
 from gateway.usage import rows_from_state
 
@@ -189,8 +190,8 @@ class Reconciler:
     # ---- what needs flushing --------------------------------------------------------------------------
 
     def take(self) -> None:
-        """Move the engine's touched billables into the dirty set (swapping the set, never copying it)."""
-        touched, self.engine.touched = self.engine.touched, set()
+        """Move the billables the engine touched into the dirty set."""
+        touched = self.engine.take_touched()
         now = self.clock()
         for billable in touched:
             self.dirty.setdefault(billable, now)
@@ -313,9 +314,9 @@ class Reconciler:
             snaps = await self.engine.snapshots(billables)
             writes: list[tuple[str, Snapshot]] = []
             for billable, snap in zip(billables, snaps, strict=True):
-                if "hyd" not in snap.state:
+                if not snap.has_state:
                     continue  # gone from Redis, or not restored yet: nothing here may replace the record's
-                chg = int(snap.state.get("chg", 0))
+                chg = snap.change_counter
                 if not force and snap.pending_events == 0 and self.recorded.get(billable) == chg:
                     continue
                 writes.append((billable, snap))
@@ -338,7 +339,7 @@ class Reconciler:
         if len(self.recorded) > 1_000_000:
             self.recorded.clear()  # only an optimization: forgetting costs one redundant write each
         for billable, snap in writes:
-            self.recorded[billable] = int(snap.state.get("chg", 0))
+            self.recorded[billable] = snap.change_counter
         for billable in billables:
             self.dirty.pop(billable, None)
         try:
@@ -368,7 +369,7 @@ class Reconciler:
                 {
                     "billable": billable,
                     "state": json.dumps(snap.state, separators=(",", ":")),
-                    "chg": int(snap.state.get("chg", 0)),
+                    "chg": snap.change_counter,
                     "updated_at": datetime.fromtimestamp(snap.now_ms / 1000, UTC),
                 }
                 for billable, snap in writes
@@ -441,8 +442,9 @@ class Rehydrator:
     """The engine's restore hooks: a billable's state Redis lost comes back from the record.
 
     `restore` reads the last snapshot, the manual plan assignment (part of the record since it was made),
-    and the grants numbered after the snapshot's `c:seq`, in one go; `on_restored` applies those grants
-    (money first: one applied after the last flush is not lost) without needing the database again.
+    and the grants numbered after the snapshot's, in one go; the engine puts the snapshot back and applies
+    those grants in one script (money first: one applied after the last flush is not lost, even when the
+    process dies right after). `on_restored` replays from what Redis holds when a restore found it behind.
 
     A billable the record has nothing of starts new. When the record does not answer, the billable starts
     new only if the census (`gateway.census`, which states the rule) shows the record has nothing of it
@@ -456,22 +458,20 @@ class Rehydrator:
         self.grants = grants
         self.timeout = timeout
         self.census = census
-        self._grants_after: dict[str, list[tuple[int, int]]] = {}
         # One read of the record at a time; the restores asked for while it runs (a Redis restart under load)
         # share the next one. A read per request instead queued hundreds on the reader: 150 ms each.
-        self._reads: Coalescer[str, dict[str, str]] = Coalescer(self._read, size=RESTORE_BATCH)
+        self._reads: Coalescer[str, Restored] = Coalescer(self._read, size=RESTORE_BATCH)
 
-    async def restore(self, billable: str) -> dict[str, str] | None:
+    async def restore(self, billable: str) -> Restored | None:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._reads.get(billable)
         except (DatabaseUnavailable, TimeoutError):
             if self.census is None or not await self.census.is_new(billable):
                 raise
-        self._grants_after[billable] = []  # the record holds nothing of it: nothing to replay
-        return None
+        return None  # the record holds nothing of it: nothing to replay
 
-    async def _read(self, billables: list[str]) -> dict[str, dict[str, str]]:
+    async def _read(self, billables: list[str]) -> dict[str, Restored]:
         """The snapshots, manual plans and grants of these billables, in one query (one round trip: under
         load each costs a turn of the event loop)."""
         none = sa.cast(sa.null(), credit_grants.c.seq.type)
@@ -496,38 +496,22 @@ class Rehydrator:
                     all_grants.append((billable, int(seq), int(amount)))
         grants: dict[str, list[tuple[int, int]]] = {}
         for b, seq, amount in sorted(all_grants):
-            if seq > int((states.get(b) or {}).get("c:seq", 0) or 0):
+            if seq > grant_sequence(states.get(b) or {}):
                 grants.setdefault(b, []).append((seq, amount))
-        found: dict[str, dict[str, str]] = {}  # the record knows nothing of the others: they start new
+        found: dict[str, Restored] = {}  # the record knows nothing of the others: they start new
         for billable in billables:
-            self._grants_after[billable] = grants.get(billable, [])
-            state, plan = states.get(billable), plans.get(billable)
-            if state is None and plan is None:
+            state, plan, after = states.get(billable), plans.get(billable), grants.get(billable, [])
+            if state is None and plan is None and not after:
                 continue
-            state = dict(state or {})
-            if plan is not None:
-                state["asg"] = plan
-            else:
-                state.pop("asg", None)
             # A plan version no process can have cached: every process resolves the plan again. That is a
             # change, so the restored state is flushed like any other.
-            state["pv"] = str(int(time.time() * 1000))
-            state["chg"] = str(int(state.get("chg", 0)) + 1)
-            found[billable] = state
+            found[billable] = Restored(restorable(state, plan, int(time.time() * 1000)), tuple(after))
         return found
 
-    async def on_restored(self, billable: str, state: dict[str, str]) -> None:
-        lost = self._grants_after.pop(billable, None)
+    async def on_restored(self, billable: str, after: int) -> None:
+        """Push every grant numbered above `after`, what Redis holds (a restore found it behind its grants)."""
         try:
-            if lost is None:  # a restore this object did not read: ask the record
-                await self.grants.replay(billable, int(state.get("c:seq", 0) or 0))
-                return
-            for seq, amount in lost:
-                result = await self.grants.engine.apply_grant(billable, seq, amount)
-                if result.status == "gap":
-                    # Another process restored an older snapshot first: replay from what Redis holds.
-                    await self.grants.replay(billable, result.last_sequence)
-                    return
+            await self.grants.replay(billable, after)
         except DatabaseUnavailable as exc:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc

@@ -1,7 +1,7 @@
 """Usage history: per period, route and operation, from the record's `usage_totals` (never a second counter).
 
-The decision and settle scripts count into the billable's own state, under `<YYYY-MM>|<route>|<operation>`:
-`qr:` admitted requests, `qu:` units, `qc:` credits. The reconciler writes those absolute values to
+The decision and settle scripts count admitted requests, units and credits into the billable's own state,
+per `<YYYY-MM>|<route>|<operation>` (gateway.state.fields). The reconciler writes those absolute values to
 `usage_totals`; this module turns a state into rows and the record back into an answer.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.state import usage_counters
 from gateway.store.db import Database, usage_totals
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
-_COLUMNS = {"qr": "requests", "qu": "units", "qc": "credits"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +42,11 @@ def cents(credits: int, credits_per_dollar: int) -> int:
     return (credits * 100 * 2 + credits_per_dollar) // (credits_per_dollar * 2)
 
 
-def counter_period(field: str) -> str | None:
-    """The YYYY-MM of a usage counter's field in a billable's state; None for any other field."""
-    if field[2:3] != ":" or field[:2] not in _COLUMNS:
-        return None
-    return field[3:].partition("|")[0]
-
-
-def rows_from_state(state: dict[str, str], credits_per_dollar: int) -> list[UsageRow]:
+def rows_from_state(saved: dict[str, str], credits_per_dollar: int) -> list[UsageRow]:
     """The usage totals a billable's state holds, one row per (period, route, operation)."""
     found: dict[tuple[str, str, str], dict[str, int]] = {}
-    for field, value in state.items():
-        if (column := _COLUMNS.get(field[:2])) is None or field[2:3] != ":":
-            continue
-        period, _, rest = field[3:].partition("|")
-        route, _, operation = rest.rpartition("|")
-        found.setdefault((period, route, operation), {})[column] = int(float(value))
+    for c in usage_counters(saved):
+        found.setdefault((c.period, c.route, c.operation), {})[c.column] = c.value
     rows = []
     for (period, route, operation), values in sorted(found.items()):
         credits = values.get("credits", 0)

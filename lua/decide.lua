@@ -1,12 +1,16 @@
 -- One decision: features (decided by the caller), rate limits, limits and credits, all or nothing.
+-- The protocol is gateway/state/decide.py (DecideArgs, DecideReply); the spec is gateway/state/spec.py.
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag).
--- ARGV: 1 spec (JSON, see engine.py Spec), 2 the caller's plan version, 3 calendar bounds (JSON),
+-- ARGV: 1 spec (JSON), 2 the caller's plan version, 3 calendar bounds (JSON),
 --       4 "1" when the caller already denies (features): evaluate, write nothing but events,
 --       5 hold id for a metered spend ("" for none), 6 credit cost override ("" for the spec's),
 --       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events),
 --       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
---       under it (`qr:`, `qu:`, `qc:`) for the record's usage history.
+--       under it (`qr:`, `qu:`, `qc:`) for the record's usage history,
+--       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease).
+--#include rules
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+local dry = ARGV[11] == '1'
 
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
@@ -36,7 +40,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Holds whose settle never came (their process died) leave the hash once past their lifetime, kept as
 -- charged. `hx` is the earliest expiry among them: nothing is read until one is due.
 local next_expiry = tonumber(F.hx)
-if next_expiry and next_expiry <= now then
+if next_expiry and next_expiry <= now and not dry then
   next_expiry = nil
   local held = redis.call('HGETALL', HOLDS)
   for i = 1, #held, 2 do
@@ -63,29 +67,8 @@ local function ceil_s(ms)
   return s
 end
 
--- The window [start, end) in ms that contains now, for a period code (see engine.py).
 local function window(p)
-  if p == 'bc' then
-    local ps, pe = num('bp_s', nil), num('bp_e', nil)
-    if ps and pe and pe > ps and now >= ps then
-      if now < pe then return ps, pe end
-      -- Renewal not confirmed yet: extend by the period's own length until it is.
-      local len = pe - ps
-      local k = math.floor((now - pe) / len)
-      return pe + k * len, pe + (k + 1) * len
-    end
-    p = 'm'
-  end
-  local b = bounds[p]
-  if b then
-    local s = now / 1000
-    if s < b[2] then return b[1] * 1000, b[2] * 1000 end
-    if s < b[3] then return b[2] * 1000, b[3] * 1000 end
-    return b[3] * 1000, b[4] * 1000
-  end
-  local d = tonumber(string.sub(p, 2)) * 1000
-  local start = now - now % d
-  return start, start + d
+  return window_of(p, now, bounds, num('bp_s', nil), num('bp_e', nil))
 end
 
 local admitted = not forced_deny
@@ -105,8 +88,7 @@ local held_limits = {}
 -- Rate limits: GCRA, one cell per policy, times in ms.
 for _, r in ipairs(spec.r or {}) do
   local name, interval, burst = r[1], r[2], r[3]
-  local tat = num('r:' .. name, now)
-  if tat < now then tat = now end
+  local tat = gcra_tat(F['r:' .. name], now)
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if allow_at > now then
@@ -116,7 +98,7 @@ for _, r in ipairs(spec.r or {}) do
     policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
   else
     set('r:' .. name, new_tat)
-    local left = math.floor((now - allow_at) / interval)
+    local left = gcra_available(new_tat, now, interval, burst)
     policies[#policies + 1] = {name, 'rate', burst, r[4], left, ceil_s(new_tat - now)}
     before[#policies] = {left + 1, ceil_s(tat - now)}
   end
@@ -217,23 +199,12 @@ if cr then
   local cost = cr.c
   if ARGV[6] ~= '' then cost = tonumber(ARGV[6]) end
   local ws = window(cr.p)
-  local spent, purchased, debt = num('c:s', 0), num('c:p', 0), num('c:d', 0)
-  if num('c:w', nil) ~= ws then
-    if cr.ro == 1 and allowance > 0 and num('c:w', nil) then
-      local left = allowance - spent
-      if left > 0 then purchased = purchased + left end
-    end
-    spent = 0
-    if debt > 0 and allowance > 0 then
-      local pay = math.min(debt, allowance)
-      spent, debt = pay, debt - pay
-    end
-    set('c:w', ws)
-  end
+  local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr.ro == 1,
+    num('c:s', 0), num('c:p', 0), num('c:d', 0))
+  if new_window then set('c:w', ws) end
   local unlimited = allowance < 0
-  local period_left = 0
-  if not unlimited then period_left = math.max(0, allowance - spent) end
-  local balance = period_left + purchased - debt
+  local left = period_left(allowance, spent) or 0
+  local balance = left + purchased - debt
   if unlimited then
     spent = spent + cost
   elseif cost > 0 and balance < cost then
@@ -243,7 +214,7 @@ if cr then
   end
   local from_period, from_purchased = 0, 0
   if not unlimited and cost > 0 then
-    from_period = math.min(cost, period_left)
+    from_period = math.min(cost, left)
     from_purchased = cost - from_period
     spent, purchased = spent + from_period, purchased - from_purchased
   end
@@ -265,7 +236,7 @@ if cr then
       local month = window('m')
       local count = num('ar:n', 0)
       if num('ar:m', -1) ~= month then count = 0; set('ar:m', month) end
-      if lease < now and count < spec.arm then
+      if lease < now and count < spec.arm and not dry then
         set('ar:lease', now + 120000); set('ar:n', count + 1)
         credit.recharge = 1
       end
@@ -292,7 +263,11 @@ local function push_events(list)
   redis.call('LTRIM', EV, -100000, -1)
 end
 
-if admitted then
+if dry then
+  -- Nothing is written: no hold, no events, no counters.
+  out_events = {}
+  hold = nil
+elseif admitted then
   local taken = hold.cp + hold.cb
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end

@@ -1,9 +1,25 @@
--- Put back a billable's state from the record. Fields Redis already holds are live and win (a change
--- made while the state was missing, or a concurrent restore). KEYS: 1 state hash.
--- ARGV: field, value, field, value, ...
-if redis.call('HEXISTS', KEYS[1], 'hyd') == 1 then return 0 end
-for i = 1, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+-- Put back a billable's state from the record, and apply the credit grants recorded after it, in one step
+-- (a process that died between the two would leave the state without them). Fields Redis already holds
+-- are live and win (a change made while the state was missing, or a concurrent restore); the grants are
+-- applied either way, each once and in order. The protocol is gateway/state/restore.py.
+-- KEYS: 1 state hash. ARGV: 1 n = twice the field count, 2..n+1 field, value, ..., then sequence, amount, ...
+-- Answers {1 restored here or 0, the last grant applied, 1 when Redis is behind the first grant given}.
+--#include grants
+local S = KEYS[1]
+local n = tonumber(ARGV[1])
+local restored = 0
+if redis.call('HEXISTS', S, 'hyd') == 0 then
+  for i = 2, n + 1, 2 do
+    redis.call('HSETNX', S, ARGV[i], ARGV[i + 1])
+  end
+  redis.call('HSET', S, 'hyd', 1)
+  restored = 1
 end
-redis.call('HSET', KEYS[1], 'hyd', 1)
-return 1
+local gap = 0
+for i = n + 2, #ARGV, 2 do
+  if apply_grant(S, tonumber(ARGV[i]), tonumber(ARGV[i + 1])) == 'gap' then
+    gap = 1
+    break
+  end
+end
+return {restored, tonumber(redis.call('HGET', S, 'c:seq')) or 0, gap}

@@ -1,16 +1,19 @@
 -- After the upstream answered: settle a hold, or release a persistent cap.
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
--- ARGV[1] = "settle": 2 hold (JSON from decide, with its id when metered), 3 "keep" or "back" for the
---   limit units, 4 the credits actually owed ("" keeps what was held), 5 plan name (for events),
---   6 units the answer reported (counted in the usage history; "" for none), 7 "1" when the record restores.
+-- The protocol is gateway/state/settle.py (SettleArgs, ReleaseArgs, SettleReply).
+-- ARGV[1] = "settle": 2 "keep" or "back" for the limit units, 3 the credits actually owed ("" keeps what
+--   was held), 4 plan name (for events), 5 units the answer reported (counted in the usage history; ""
+--   for none), 6 "1" when the record restores, 7.. the hold (Hold.argv): id ("" when not metered),
+--   period credits, purchased credits, credit window, allowance, usage key, then name, units, window
+--   of each limit held.
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
+-- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}.
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 -- State Redis lost is not written before it is restored (the restore keeps fields already present, so a
 -- count or balance written now would hide the record's). A hold lost with it stays charged; a release
 -- is retried by the caller after the restore.
-local restores = (ARGV[1] == 'release' and ARGV[6] or ARGV[7]) == '1'
-if restores and redis.call('HEXISTS', S, 'hyd') == 0 then
-  return cjson.encode({ok = 0, st = 'missing'})
+if ARGV[6] == '1' and redis.call('HEXISTS', S, 'hyd') == 0 then
+  return {'missing'}
 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -34,16 +37,18 @@ end
 if ARGV[1] == 'release' then
   give_back_cap(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
   redis.call('HINCRBY', S, 'chg', 1)
-  return cjson.encode({ok = 1})
+  return {'ok'}
 end
 
-local hold = cjson.decode(ARGV[2])
-if hold.id and redis.call('HDEL', HOLDS, hold.id) == 0 then
-  return cjson.encode({ok = 0, st = 'settled'})  -- settled before: settling twice changes nothing
+local hold = {id = ARGV[7], cp = tonumber(ARGV[8]), cb = tonumber(ARGV[9]), w = tonumber(ARGV[10]),
+  a = tonumber(ARGV[11]), q = ARGV[12], l = {}}
+for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])} end
+if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
+  return {'settled'}  -- settled before: settling twice changes nothing
 end
 
 local usage_key = hold.q
-if ARGV[3] == 'back' then
+if ARGV[2] == 'back' then
   if usage_key then redis.call('HINCRBY', S, 'qr:' .. usage_key, -1) end
   for _, l in ipairs(hold.l or {}) do
     local n, units, ws = l[1], l[2], l[3]
@@ -59,8 +64,8 @@ if ARGV[3] == 'back' then
 end
 
 local balance = nil
-if ARGV[4] ~= '' then
-  local owed = tonumber(ARGV[4])
+if ARGV[3] ~= '' then
+  local owed = tonumber(ARGV[3])
   local held = hold.cp + hold.cb
   local allowance = hold.a or 0
   local spent, purchased, debt = num('c:s', 0), num('c:p', 0), num('c:d', 0)
@@ -94,7 +99,7 @@ if ARGV[4] ~= '' then
   end
   redis.call('HSET', S, 'c:s', spent, 'c:p', purchased, 'c:d', debt)
   if usage_key and owed ~= held then redis.call('HINCRBY', S, 'qc:' .. usage_key, owed - held) end
-  if usage_key and ARGV[6] and ARGV[6] ~= '' then redis.call('HINCRBY', S, 'qu:' .. usage_key, ARGV[6]) end
+  if usage_key and ARGV[5] ~= '' then redis.call('HINCRBY', S, 'qu:' .. usage_key, ARGV[5]) end
   balance = left() + purchased - debt
   if allowance >= 0 and balance < before then
     local threshold = num('c:thr', nil)
@@ -111,8 +116,8 @@ if #events > 0 then
   local seq = num('eseq', 0)
   for _, e in ipairs(events) do
     seq = seq + 1
-    redis.call('RPUSH', EV, cjson.encode({seq = seq, type = e[1], at = now, plan = ARGV[5], data = e[2]}))
+    redis.call('RPUSH', EV, cjson.encode({seq = seq, type = e[1], at = now, plan = ARGV[4], data = e[2]}))
   end
   redis.call('HSET', S, 'eseq', seq)
 end
-return cjson.encode({ok = 1, bal = balance})
+return {'ok', balance or false}

@@ -11,7 +11,7 @@ import pytest
 from engine_support import BASE, Harness, body, harness, headers
 from services import shared_redis_url
 
-from gateway.engine import Subscription
+from gateway.state import Restored, Subscription
 
 T = TypeVar("T")
 Go = Callable[[Callable[[Harness], Awaitable[T]]], T]
@@ -225,7 +225,7 @@ def test_metered_reserve_and_settle(go: Go[None]) -> None:
         await h.engine.apply_grant("org", 1, 200)
         d = await h.decide("org", "POST", "/chat")
         assert d.admitted and d.credits == 110  # 10 allowance + 200 purchased - 100 reserve
-        assert d.hold is not None and d.hold["cp"] == 10 and d.hold["cb"] == 90
+        assert d.hold is not None and d.hold.period_credits == 10 and d.hold.purchased_credits == 90
         assert (await h.engine.status("org"))["credits"]["held"] == 100
         balance = await h.engine.settle(d, give_back_limits=False, credits_owed=30)
         assert balance == 180
@@ -428,8 +428,8 @@ def test_snapshot_and_restore(go: Go[None]) -> None:
         snap = await h.engine.snapshot("org")
         for key in h.engine.keys("org"):
             await h.raw.delete(key)
-        assert await h.engine.restore_state("org", snap.state)
-        assert not await h.engine.restore_state("org", {"c:p": "999"})
+        assert (await h.engine.restore_state("org", Restored(snap.state))).restored
+        assert not (await h.engine.restore_state("org", Restored({"c:p": "999"}))).restored
         assert (await h.decide("org", "POST", "/projects")).admitted
         assert (await h.decide("org", "POST", "/projects")).status == 403
         assert (await h.engine.apply_grant("org", 1, 50)).status == "duplicate"
@@ -443,9 +443,9 @@ def test_missing_state_is_restored_before_deciding(go: Go[None]) -> None:
     async def fn(h: Harness) -> None:
         calls: list[str] = []
 
-        async def restore(billable: str) -> dict[str, str]:
+        async def restore(billable: str) -> Restored:
             calls.append(billable)
-            return {"u:projects": "2"}
+            return Restored({"u:projects": "2"})
 
         h.engine.restore = restore
         assert (await h.decide("org", "POST", "/projects")).status == 403
@@ -499,5 +499,42 @@ def test_usage_history_counters(go: Go[None]) -> None:
         assert state[f"qr:{month}|POST /chat|chat"] == "1"
         assert state[f"qc:{month}|POST /chat|chat"] == "42" and state[f"qu:{month}|POST /chat|chat"] == "42"
         assert state[f"qr:{month}|POST /projects|"] == "1" and state[f"qu:{month}|POST /projects|"] == "1"
+
+    go(fn)
+
+
+def test_a_dry_decision_is_the_one_a_request_would_get_and_writes_nothing(go: Go[None]) -> None:
+    """decide(dry=True) evaluates every policy as decide does, and leaves Redis as it was: no counters, no
+    hold, no events, no rate cell, no warning or block marks."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 200)
+        await h.decide("org", "POST", "/exports")
+        for method, path in [("POST", "/chat"), ("POST", "/exports"), ("GET", "/limited"), ("POST", "/zero")]:
+            before = await h.engine.snapshot("org")
+            dry = await h.decide("org", method, path, dry=True)
+            after = await h.engine.snapshot("org")
+            assert (after.state, after.holds, after.pending_events) == (before.state, before.holds, before.pending_events)
+            assert dry.hold is None and dry.events == []
+            real = await h.decide("org", method, path)
+            assert (dry.admitted, dry.violations, dry.credits) == (real.admitted, real.violations, real.credits), path
+            assert [p[:5] for p in dry.policies] == [p[:5] for p in real.policies], path
+
+    go(fn)
+
+
+def test_the_status_reads_what_the_decisions_wrote_without_writing(go: Go[None]) -> None:
+    """status.lua answers from the same rules as decide.lua (window, credits, GCRA) and changes nothing."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 200)
+        await h.decide("org", "POST", "/exports")
+        await h.decide("org", "GET", "/limited")
+        before = await h.engine.snapshot("org")
+        status = await h.engine.status("org")
+        assert (await h.engine.snapshot("org")).state == before.state
+        assert status["limits"]["exports"]["usage"] == 1
+        assert status["rate_limits"]["rate:GET /limited"]["remaining"] == 1
+        assert status["credits"] == {"balance": 210, "period": 10, "purchased": 200, "held": 0, "debt": 0}
 
     go(fn)

@@ -92,7 +92,7 @@ def test_only_the_expired_holds_leave_and_the_next_expiry_moves_to_the_oldest_le
     async def fn(h: Harness) -> None:
         await h.engine.apply_grant("org", 1, 1000)
         taken = [await h.decide("org", "POST", "/chat") for _ in range(5)]
-        ids = [d.hold["id"] for d in taken if d.hold is not None]
+        ids = [d.hold.id for d in taken if d.hold is not None]
         await age(h, "org", ids[:2], 3_600_000 + 1000)
         before = int(await h.field("org", "chg") or 0)
         assert (await h.decide("org", "POST", "/projects")).admitted
@@ -117,7 +117,7 @@ def test_holds_never_grow_without_bound(go: Go) -> None:
         await h.engine.apply_grant("org", 1, 100_000)
         for _ in range(4):  # four crashed rounds of 50 requests, each round older than the lifetime
             taken = [await h.decide("org", "POST", "/chat") for _ in range(50)]
-            await age(h, "org", [d.hold["id"] for d in taken if d.hold is not None], 3_600_000 + 1000)
+            await age(h, "org", [d.hold.id for d in taken if d.hold is not None], 3_600_000 + 1000)
         assert len(await holds(h, "org")) <= 50 + 1
 
     go(fn)

@@ -34,11 +34,12 @@ from waiting import until, wait_until
 
 from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
-from gateway.engine import Engine, Snapshot
+from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, StateUnavailable
 from gateway.grants import Grants
 from gateway.reconcile import Reconciler, Rehydrator
 from gateway.settings import Settings
+from gateway.state import Snapshot
 from gateway.store import db as tables
 from gateway.store.cluster import key_slot
 from gateway.store.db import Database

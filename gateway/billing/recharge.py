@@ -80,11 +80,11 @@ class Recharger:
     async def run(self, billable: str) -> Outcome:
         release = True
         try:
-            state = (await self.engine.snapshot(billable)).state
-            amount = int(state.get("ar:amt") or 0)
-            if state.get("ar:on") != "1" or amount <= 0:
+            settings = (await self.engine.snapshot(billable)).recharge
+            amount = settings.amount_cents
+            if not settings.enabled or amount <= 0:
                 return "off"
-            lease = f"{state.get('ar:m', '')}-{state.get('ar:n', '')}"
+            lease = settings.attempt
             credits = credits_for(amount, self.catalog.settings.credits_per_dollar)
             for attempt, delay in enumerate((0.0, *self.delays)):
                 if delay:

@@ -26,8 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.billing.client import is_missing, plain
 from gateway.billing.payments import add_event, event_for
 from gateway.catalog import Catalog
-from gateway.engine import ACTIVE_STATUSES, Engine, ResolvedPlan, Subscription
+from gateway.engine import ACTIVE_STATUSES, Engine, ResolvedPlan
 from gateway.errors import RedisUnavailable, StateUnavailable
+from gateway.state import Subscription
 from gateway.store.db import Database
 from gateway.store.db import subscriptions as table
 
@@ -238,12 +239,10 @@ class Subscriptions:
     async def apply(self, billable: str) -> None:
         """Make the billable's Redis state say what the record says (a no-op when it already does)."""
         sub, period = await self.state_of(billable)
-        current = (await self.engine.snapshot(billable)).state
-        wanted_sub = sub.to_json() if sub else None
-        if current.get("sub") != wanted_sub:
+        same_sub, same_period = (await self.engine.snapshot(billable)).says(sub, period)
+        if not same_sub:
             await self.engine.set_subscription(billable, sub)
-        wanted_period = (str(int(period[0] * 1000)), str(int(period[1] * 1000))) if period else (None, None)
-        if (current.get("bp_s"), current.get("bp_e")) != wanted_period:
+        if not same_period:
             await self.engine.set_billing_period(billable, period)
 
     async def billables_of(self, customer: str) -> list[str]:

@@ -48,13 +48,20 @@ class Script:
 
 @cache
 def script(name: str) -> Script:
-    """The text of lua/<name>.lua, read once; its SHA1 is what EVALSHA sends."""
+    """The text of lua/<name>.lua, read once, each `--#include NAME` line replaced by lua/lib/NAME.lua (the
+    rules scripts share); its SHA1 is what EVALSHA sends."""
+    lines = [_source(f"lib/{line[11:].strip()}") if line.startswith("--#include ") else line
+             for line in _source(name).splitlines(keepends=True)]  # fmt: skip
+    text = "".join(lines)
+    return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+def _source(name: str) -> str:
     try:
-        text = (resources.files("gateway.lua") / f"{name}.lua").read_text(encoding="utf-8")
+        return (resources.files("gateway.lua") / f"{name}.lua").read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
         # Running from a checkout that is not installed: lua/ sits at the repository root.
-        text = (Path(__file__).resolve().parents[2] / "lua" / f"{name}.lua").read_text(encoding="utf-8")
-    return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+        return (Path(__file__).resolve().parents[2] / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 class Transport(Protocol):

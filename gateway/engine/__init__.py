@@ -1,0 +1,369 @@
+"""The engine: request + plan + route → one script call → Decision.
+
+Every per-billable key, field and script protocol is gateway.state's; here the facade that decides,
+settles and changes a billable, over plans.py (resolution and its cache), spec.py (plan + route → spec),
+transfer.py (state for the record) and status.py (the status body)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from gateway import state
+from gateway.catalog import CREDITS, Catalog, RateLimit, Route
+from gateway.decision import Decision, PolicyState, Violation
+from gateway.engine.plans import ACTIVE_STATUSES, Plans, PlanSource, ResolvedPlan
+from gateway.engine.spec import Compiled, Specs, period_code
+from gateway.engine.status import status_body
+from gateway.engine.transfer import Touched, Transfer
+from gateway.errors import StateUnavailable
+from gateway.periods import calendar_bounds
+from gateway.state import EventBatch, Snapshot, Subscription
+from gateway.store.redis import RedisStore
+
+__all__ = ["ACTIVE_STATUSES", "UNMATCHED", "Engine", "GrantResult", "Offline", "PlanSource", "ResolvedPlan", "period_code"]
+
+UNMATCHED = "(unmatched)"
+
+# What the record gives back of a billable Redis lost (None: it has nothing, the billable starts new).
+Restorer = Callable[[str], Awaitable[state.Restored | None]]
+# Replays the grants after a sequence, when a restore found Redis behind the grants the record gave it.
+Replayer = Callable[[str, int], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    status: Literal["applied", "duplicate", "gap"]
+    last_sequence: int
+    purchased_balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class Offline:
+    """What this process knows of a request without Redis (on_redis_down = "local")."""
+
+    plan: str  # as this process last resolved it; the default plan for a billable it never saw
+    denied: tuple[Violation, ...]  # the route's features that plan lacks
+    rates: tuple[RateLimit, ...]  # the plan's and the route's rate limits
+
+
+class Engine:
+    def __init__(
+        self,
+        store: RedisStore,
+        catalog: Catalog,
+        *,
+        prefix: str = "gw",
+        restore: Restorer | None = None,
+        on_restored: Replayer | None = None,
+        hold_ttl: int = 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # The local clock only picks candidate calendar windows and expires cached plans; Redis TIME decides.
+        self.clock = clock
+        self.store = store
+        self.catalog = catalog
+        self.prefix = prefix
+        self.restore = restore
+        # Called when a restore finds Redis behind the first grant after the snapshot: the record replays
+        # every grant after what Redis holds.
+        self.on_restored = on_restored
+        self.hold_ttl = hold_ttl
+        # Billables whose Redis state this process changed since the reconciler last took them.
+        self.touched = Touched()
+        self.plans = Plans(catalog, clock)
+        self.specs = Specs(catalog)
+        self.transfer = Transfer(store, prefix, self.touched, clock)
+        self._bounds: tuple[float, str] = (0.0, "")
+        self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
+        self._month_start = 0.0
+        self._restoring: dict[str, asyncio.Future[None]] = {}
+
+    # ---- keys -------------------------------------------------------------------------------------
+
+    def keys(self, billable: str) -> state.Keys:
+        return state.keys(self.prefix, billable)
+
+    # ---- deciding ---------------------------------------------------------------------------------
+
+    async def decide(
+        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False
+    ) -> Decision:
+        """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
+
+        `credit_cost` prices an operation from the request (units read from the request body or headers).
+        `dry` answers the decision the request would get and writes nothing: no events, hold or counters."""
+        keys = self.keys(billable)
+        resolved = self.plans.cached(billable)
+        for _ in range(4):
+            plan_name = resolved.name if resolved else self.catalog.settings.default_plan
+            compiled = self.specs.route(plan_name, route)
+            hold_id = uuid.uuid4().hex[:16] if compiled.metered and not dry else ""
+            args = state.DecideArgs(
+                spec=compiled.spec,
+                plan_version=resolved.version if resolved else -1,
+                calendar=self._calendar(),
+                forced_deny=bool(compiled.denied),
+                hold_id=hold_id,
+                credit_cost=credit_cost,
+                restores=self.restore is not None,
+                hold_ttl=self.hold_ttl,
+                plan=plan_name,
+                usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
+                dry=dry,
+            )
+            reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
+            if isinstance(reply, state.Stale):
+                resolved = self.plans.resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
+                continue
+            if isinstance(reply, state.Missing):
+                await self.rehydrate(billable)
+                continue
+            if not dry:
+                self.touched.add(billable)
+            return self._decision(billable, plan_name, route, compiled, reply)
+        raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
+
+    def _decision(self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply) -> Decision:
+        violations = [*compiled.denied, *reply.violations]
+        policies = reply.policies
+        balance: int | None = None
+        recharge = False
+        credit = reply.credit
+        if credit is not None:
+            balance = credit.balance if credit.shown else None
+            recharge = credit.recharge
+            if route is not None and route.config.spend is not None and credit.allowance >= 0:
+                # q: the nominal allowance plus the purchased credits on hand, so r (the balance) is never above it.
+                policies.append(PolicyState(CREDITS, "credits", credit.allowance + max(0, credit.purchased), None, balance, None))
+        admitted = reply.admitted and not compiled.denied
+        return Decision(
+            admitted=admitted,
+            billable=billable,
+            plan=plan,
+            route=route,
+            violations=violations,
+            policies=policies,
+            events=state.EventBatch.parse(billable, reply.events).events if reply.events else [],
+            credits=balance,
+            hold=reply.hold if admitted else None,
+            now=reply.now_ms / 1000,
+            recharge=recharge,
+        )
+
+    def _calendar(self) -> str:
+        """Candidate calendar windows for the script, recomputed when the day rolls over."""
+        now = self.clock()
+        valid_until, text = self._bounds
+        if now < valid_until:
+            return text
+        zone = self.catalog.settings.zone
+        bounds = {code: calendar_bounds(kind, now, zone) for code, kind in (("m", "month"), ("w", "week"), ("d", "day"))}
+        text = json.dumps(bounds, separators=(",", ":"))
+        self._bounds = (min(b[2] for b in bounds.values()), text)
+        start = datetime.fromtimestamp(bounds["m"][1], zone)
+        self._month = f"{start.year:04d}-{start.month:02d}"
+        self._month_start = bounds["m"][1]
+        return text
+
+    # ---- usage counters of past months ----------------------------------------------------------------
+
+    def past_usage(self, saved: dict[str, str]) -> dict[str, str]:
+        """The usage history counters of months over long enough that no hold can change them.
+
+        Once the record has them, Redis need not keep them: a billable's hash would otherwise grow by a
+        few fields a month for as long as it lives."""
+        self._calendar()
+        if self.clock() < self._month_start + 2 * self.hold_ttl:
+            return {}
+        return state.past_counters(saved, self._month)
+
+    async def forget_usage(self, billable: str, counters: dict[str, str]) -> int:
+        """Drop these counters (as `past_usage` found them, and now in the record) unless they changed since."""
+        return await self.transfer.forget(billable, counters)
+
+    def offline(self, billable: str, route: Route | None) -> Offline:
+        """The plan, features and rate limits of a request as far as they are known without Redis."""
+        resolved = self.plans.cached(billable)
+        plan = resolved.name if resolved else self.catalog.settings.default_plan
+        compiled = self.specs.route(plan, route)
+        return Offline(plan, compiled.denied, compiled.rates)
+
+    # ---- after the upstream answered ----------------------------------------------------------------
+
+    async def settle(
+        self, decision: Decision, *, give_back_limits: bool, credits_owed: int | None, units: float | None = None
+    ) -> int | None:
+        """Keep or give back what the decision held; settle a reserve to what is owed. Returns the balance.
+
+        `units` are what a metered answer reported, counted in the usage history."""
+        if decision.hold is None or decision.billable is None:
+            return None
+        self.touched.add(decision.billable)
+        args = state.SettleArgs(
+            hold=decision.hold,
+            give_back_limits=give_back_limits,
+            credits_owed=credits_owed,
+            plan=decision.plan or "",
+            units=None if units is None else math.ceil(units),
+            restores=self.restore is not None,
+        )
+        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv())).balance
+
+    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
+        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
+        plan = self.catalog.plans[plan_name]
+        cap = plan.limits.get(limit)
+        self.touched.add(billable)
+        args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
+        for _ in range(2):
+            reply = state.SettleReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            if reply.status != "missing":
+                return
+            await self.rehydrate(billable)
+
+    # ---- plans --------------------------------------------------------------------------------------
+
+    async def plan_of(self, billable: str) -> ResolvedPlan:
+        """The billable's plan now (read from Redis, then cached like a decision would)."""
+        snap = await self.snapshot(billable)
+        return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
+
+    async def _update(self, billable: str, *args: str | int) -> None:
+        self.touched.add(billable)
+        await self.store.run("update", self.keys(billable).only_state(), list(args))
+        self.plans.forget(billable)
+
+    async def set_assignment(self, billable: str, plan: str | None) -> None:
+        if plan is not None and plan not in self.catalog.plans:
+            raise ValueError(f'unknown plan "{plan}": plans.toml has {", ".join(self.catalog.plans)}')
+        await self._update(billable, "assign", plan or "")
+
+    async def set_subscription(self, billable: str, subscription: Subscription | None) -> None:
+        await self._update(billable, "subscription", subscription.to_json() if subscription else "")
+
+    async def set_billing_period(self, billable: str, period: tuple[float, float] | None) -> None:
+        if period is None:
+            await self._update(billable, "period", "")
+        else:
+            await self._update(billable, "period", state.ms(period[0]), state.ms(period[1]))
+
+    async def set_count(self, billable: str, limit: str, usage: int) -> None:
+        kind = self.catalog.limit_kinds.get(limit)
+        if kind is None or kind.per is not None:
+            raise ValueError(f'"{limit}" is not a persistent cap in plans.toml')
+        if usage < 0:
+            raise ValueError("usage cannot be negative")
+        await self._update(billable, "count", limit, usage)
+
+    async def set_auto_recharge(
+        self, billable: str, *, enabled: bool, threshold: int | None, amount_cents: int | None = None
+    ) -> None:
+        """Auto-recharge settings; the threshold is also where credits_low fires."""
+        await self._update(
+            billable,
+            "recharge",
+            "1" if enabled else "0",
+            "" if threshold is None else threshold,
+            "" if amount_cents is None else amount_cents,
+        )
+
+    async def end_recharge(self, billable: str) -> None:
+        await self._update(billable, "recharge_done")
+
+    async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
+        """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
+        self.touched.add(billable)
+        for _ in range(2):
+            status, last, balance = await self.store.run("grant", self.keys(billable).only_state(), [sequence, amount, "1" if self.restore else "0"])
+            if status != "missing":
+                return GrantResult(status, int(last), int(balance))
+            await self.rehydrate(billable)
+        raise RuntimeError(f"state of {billable!r} vanished twice while applying a grant")
+
+    # ---- state for the record -----------------------------------------------------------------------
+
+    async def snapshot(self, billable: str) -> Snapshot:
+        return (await self.snapshots([billable]))[0]
+
+    async def snapshots(self, billables: Sequence[str]) -> list[Snapshot]:
+        """Each billable's whole state, read at once (on a single server, in one write)."""
+        return await self.transfer.snapshots(billables)
+
+    async def restore_state(self, billable: str, restored: state.Restored) -> state.RestoreReply:
+        """Put back state saved from a snapshot and apply the grants after it, in one script: whatever Redis
+        holds already is live and wins, and each grant is applied once, in order."""
+        reply = state.RestoreReply.parse(await self.store.run("restore", self.keys(billable).only_state(), restored.argv()))
+        self.plans.forget(billable)
+        return reply
+
+    async def rehydrate(self, billable: str) -> None:
+        """Restore a billable whose state Redis lost, from the record (or as new when it has none; while the
+        record is down, `restore` decides whether it is new or raises: see gateway.census).
+
+        Concurrent first requests in this process share one restore; across processes the restore
+        script is idempotent, so the first to land wins."""
+        running = self._restoring.get(billable)
+        if running is None:
+            running = self._restoring[billable] = asyncio.ensure_future(self._rehydrate(billable))
+            running.add_done_callback(lambda _: self._restoring.pop(billable, None))
+        await asyncio.shield(running)
+
+    async def _rehydrate(self, billable: str) -> None:
+        assert self.restore is not None
+        try:
+            restored = await self.restore(billable)
+        except Exception as exc:
+            raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
+        reply = await self.restore_state(billable, restored or state.Restored())
+        if reply.gap and self.on_restored is not None:
+            # Another process restored an older snapshot first: replay from what Redis holds.
+            await self.on_restored(billable, reply.last_sequence)
+
+    async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
+        return await self.transfer.pending_events(billable, limit)
+
+    async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
+        return await self.transfer.read_events(billable, limit)
+
+    async def ack_events(self, billable: str, count: int, *, through: tuple[int, int] | None = None) -> None:
+        await self.transfer.ack_events(billable, count, through=through)
+
+    def billables(self) -> AsyncIterator[str]:
+        return self.transfer.billables()
+
+    async def change_counters(self, billables: list[str]) -> list[int | None]:
+        return await self.transfer.change_counters(billables)
+
+    async def expire_holds(self, billables: list[str]) -> list[str]:
+        return await self.transfer.expire_holds(billables)
+
+    def take_touched(self) -> set[str]:
+        """The billables changed since the last take (the reconciler's to flush)."""
+        return self.touched.take()
+
+    async def status(self, billable: str) -> dict[str, Any]:
+        """The status body of DESIGN §3, evaluated by status.lua with decide.lua's rules (of the restored
+        state, when Redis lost it: else it would show a fresh quota the next request will not give)."""
+        keys = self.keys(billable).all()
+        resolved = self.plans.cached(billable)
+        for _ in range(4):
+            plan_name = resolved.name if resolved else self.catalog.settings.default_plan
+            args = state.StatusArgs(self.specs.status(plan_name), resolved.version if resolved else -1, self._calendar(),
+                                    self.restore is not None)  # fmt: skip
+            reply = state.StatusReply.parse(await self.store.run("status", keys, args.argv()))
+            if isinstance(reply, state.Stale):
+                resolved = self.plans.resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
+            elif isinstance(reply, state.Missing):
+                await self.rehydrate(billable)
+            else:
+                assert resolved is not None  # without a plan version the script answers stale
+                return status_body(self.catalog, billable, resolved, reply)
+        raise RuntimeError(f"plan of {billable!r} kept changing during one status read")

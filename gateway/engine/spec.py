@@ -1,0 +1,136 @@
+"""Compiling a plan and a route into what the scripts need, once per (plan, route), and the cache of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway import state
+from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
+from gateway.decision import Violation
+from gateway.periods import Period
+
+
+def period_code(period: Period) -> str:
+    """How a window is named to the scripts: m, w, d, bc, or s<seconds>."""
+    if period.kind == "duration":
+        return f"s{period.seconds}"
+    return {"month": "m", "week": "w", "day": "d", "billing_cycle": "bc"}[period.kind]
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    spec: str  # state.Spec, encoded
+    denied: tuple[Violation, ...]  # the route's features the plan lacks
+    metered: bool
+    rates: tuple[RateLimit, ...]  # the plan's and the route's rate limits
+
+
+class Specs:
+    """The compiled specs of the catalog's plans, by (plan, route) for decide and by plan for the status."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._routes: dict[tuple[str, int], Compiled] = {}
+        self._status: dict[str, str] = {}
+
+    def route(self, plan_name: str, route: Route | None) -> Compiled:
+        key = (plan_name, route.index if route else -1)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = compile_spec(self.catalog, self.catalog.plans[plan_name], route)
+        return found
+
+    def status(self, plan_name: str) -> str:
+        found = self._status.get(plan_name)
+        if found is None:
+            found = self._status[plan_name] = status_spec(self.catalog, self.catalog.plans[plan_name]).encode()
+        return found
+
+
+def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
+    """Everything decide.lua needs for this plan and route, encoded once.
+
+    `plan` is the effective plan: a per-billable override is compiled the same way."""
+    denied: list[Violation] = []
+    rates = [r for r in (plan.rate, route.rate if route else None) if r is not None]
+    limits: list[state.LimitSpec] = []
+    metered = False
+    cost = 0
+    if route is not None:
+        config = route.config
+        denied += [Violation(f, "feature") for f in config.features if not plan.allows_feature(f)]
+        if config.limit is not None:
+            limit = plan.limits.get(config.limit)
+            unlimited = plan.is_unlimited(config.limit)
+            if limit is None and not unlimited:
+                denied.append(Violation(config.limit, "feature"))
+            else:
+                limits.append(limit_spec(config.limit, limit or catalog.limit_kinds[config.limit], config.cost, unlimited))
+        if config.spend is not None:
+            operation = catalog.operations[config.spend]
+            metered = operation.metered
+            cost = operation.hold if operation.per_unit is not None else (operation.cost or 0)
+    spec = state.Spec(
+        rates=tuple(state.RateSpec(r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window) for r in rates),
+        limits=tuple(limits),
+        credits=state.CreditSpec(
+            allowance=-1 if plan.is_unlimited(CREDITS) else (plan.credits or 0),
+            period=period_code(plan.credit_period),
+            rollover=plan.rollover,
+            cost=cost,
+            shown=route is not None and route.config.spend is not None,
+        ),
+        recharges_per_month=catalog.settings.auto_recharge_max_per_month,
+    )
+    return Compiled(spec.encode(), tuple(denied), metered, tuple(rates))
+
+
+
+def limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.LimitSpec:
+    period = limit.period
+    return state.LimitSpec(
+        name=name,
+        to=-1 if unlimited else limit.to,
+        cost=cost,
+        period=period_code(period) if period else "",
+        after=limit.after_limit,
+        grace_ms=limit.grace_seconds * 1000,
+        grace_max=-1 if limit.grace_max is None else limit.grace_max,
+        warn_at=tuple(limit.warn_at),
+        window=period.nominal_seconds if period is not None else None,
+    )
+
+
+def status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
+    limits = []
+    for name in [*plan.limits, *(n for n in plan.unlimited if n != CREDITS and n not in plan.limits)]:
+        limit = plan.limits.get(name) or catalog.limit_kinds[name]
+        limits.append(
+            state.StatusLimit(
+                name=name,
+                to=-1 if plan.is_unlimited(name) else limit.to,
+                period=period_code(limit.period) if limit.period is not None else "",
+                after=limit.after_limit,
+                grace_ms=limit.grace_seconds * 1000,
+            )
+        )
+    rates = shown_rates(catalog, plan)
+    return state.StatusSpec(
+        limits=tuple(limits),
+        rates=tuple((r.name, r.per_seconds * 1000 / r.limit, r.burst) for r in rates),
+        credit_allowance=-1 if plan.is_unlimited(CREDITS) else (plan.credits or 0),
+        credit_period=period_code(plan.credit_period),
+        rollover=plan.rollover,
+    )
+
+
+def _rates(catalog: Catalog, plan: Plan) -> list[RateLimit]:
+    """The rate limits a status shows: the plan's and every route's."""
+    return [r for r in [plan.rate, *(route.rate for route in catalog.routes)] if r is not None]
+
+
+
+
+def shown_rates(catalog: Catalog, plan: Plan) -> list[RateLimit]:
+    """The rate limits a status shows: the plan's and every route's."""
+    return [r for r in [plan.rate, *(route.rate for route in catalog.routes)] if r is not None]

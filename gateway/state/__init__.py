@@ -1,0 +1,71 @@
+"""The owner of a billable's Redis state: its keys, every field and its encoding, every script's protocol.
+
+Nothing outside this package names a key or a field; the engine builds the scripts' arguments with the
+types here and reads their replies with them (DESIGN §7)."""
+
+from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Stale
+from gateway.state.events import EventBatch, envelope, iso
+from gateway.state.fields import (
+    CHANGE_FIELD,
+    HOLD_EXPIRY_FIELD,
+    Recharge,
+    Snapshot,
+    Subscription,
+    UsageCounter,
+    grant_sequence,
+    ms,
+    past_counters,
+    restorable,
+    usage_counters,
+    usage_key,
+)
+from gateway.state.hold import HeldLimit, Hold
+from gateway.state.keys import Keys, billable_of, keys, pattern
+from gateway.state.restore import Restored, RestoreReply
+from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
+from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
+from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimit, StatusReply, StatusSpec
+
+__all__ = [
+    "CHANGE_FIELD",
+    "HOLD_EXPIRY_FIELD",
+    "CreditReply",
+    "CreditSpec",
+    "DecideArgs",
+    "DecideReply",
+    "EventBatch",
+    "HeldLimit",
+    "Hold",
+    "Keys",
+    "LimitSpec",
+    "LimitStatus",
+    "Missing",
+    "RateSpec",
+    "RateStatus",
+    "Recharge",
+    "ReleaseArgs",
+    "RestoreReply",
+    "Restored",
+    "SettleArgs",
+    "SettleReply",
+    "Snapshot",
+    "Spec",
+    "Stale",
+    "StatusArgs",
+    "StatusLimit",
+    "StatusReply",
+    "StatusSpec",
+    "Subscription",
+    "UsageCounter",
+    "billable_of",
+    "envelope",
+    "grant_sequence",
+    "iso",
+    "keys",
+    "ms",
+    "past_counters",
+    "pattern",
+    "restorable",
+    "usage_counters",
+    "usage_key",
+]  # fmt: skip

@@ -1,0 +1,98 @@
+"""decide.lua's protocol: `DecideArgs.argv()` in, `DecideReply.parse()` out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.decision import PolicyState, Violation
+from gateway.state.fields import Subscription
+from gateway.state.hold import Hold
+
+
+@dataclass(frozen=True, slots=True)
+class DecideArgs:
+    spec: str  # Spec.encode(), cached per (plan, route)
+    plan_version: int  # what the caller's cached plan was resolved at (-1: none)
+    calendar: str  # candidate calendar windows (JSON, see Engine._calendar)
+    forced_deny: bool  # the caller denies already (features): evaluate, write nothing but events
+    hold_id: str  # a metered spend's hold id ("" for none)
+    credit_cost: int | None  # prices the operation from the request (None: the spec's cost)
+    restores: bool  # missing state is restored from the record first
+    hold_ttl: int  # seconds
+    plan: str  # for the events
+    usage_key: str  # fields.usage_key
+    dry: bool = False  # evaluate everything, write nothing: the decision the request would get
+
+    def argv(self) -> list[str | int]:
+        return [
+            self.spec,
+            self.plan_version,
+            self.calendar,
+            "1" if self.forced_deny else "0",
+            self.hold_id,
+            "" if self.credit_cost is None else self.credit_cost,
+            "1" if self.restores else "0",
+            self.hold_ttl,
+            self.plan,
+            self.usage_key,
+            "1" if self.dry else "0",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """The caller's plan is stale: here is what decides it now."""
+
+    plan_version: int
+    assignment: str | None
+    subscription: Subscription | None
+
+    @classmethod
+    def parse(cls, raw: list[Any]) -> Stale:
+        """{"stale", version, assignment or nil, subscription or nil} (a Lua array ends at its first nil)."""
+        assignment, sub = [*raw[2:4], None, None][:2]
+        return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """Redis lost the state: restore it first."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreditReply:
+    allowance: int  # -1: unlimited
+    shown: bool
+    balance: int | None  # None: unlimited
+    recharge: bool  # this spend took the auto-recharge lease
+    purchased: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecideReply:
+    admitted: bool
+    now_ms: int
+    policies: list[PolicyState]
+    violations: list[Violation]
+    events: list[str]  # JSON each, as the pending events list holds them
+    credit: CreditReply | None
+    hold: Hold | None
+
+    @staticmethod
+    def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing:
+        """By position: {admitted, now, policies, violations, events, credit or nil, hold or nil}."""
+        if raw[0] == "stale":
+            return Stale.parse(raw)
+        if raw[0] == "missing":
+            return Missing()
+        ok, now, policies, violations, events, credit, hold = raw
+        return DecideReply(
+            admitted=bool(ok),
+            now_ms=int(now),
+            policies=[PolicyState(p[0], p[1], p[2], p[3], p[4], None if p[1] == "cap" else p[5]) for p in policies],
+            violations=[Violation(*v) for v in violations],
+            events=events or [],
+            credit=CreditReply(credit[0], bool(credit[1]), credit[2], bool(credit[3]), credit[4]) if credit else None,
+            hold=Hold.parse(hold, hold_id) if hold else None,
+        )

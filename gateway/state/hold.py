@@ -1,0 +1,48 @@
+"""What a decision holds until its settle: credits taken, limit units counted, and where they came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLimit:
+    name: str
+    units: int
+    window_ms: int  # the limit's window when counted; 0 for a persistent cap
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    period_credits: int  # taken from the period's allowance
+    purchased_credits: int  # taken from purchased credits
+    credit_window_ms: int  # the credit period they were taken in
+    allowance: int  # the plan's allowance then (-1 unlimited)
+    usage_key: str  # what the usage history counted the request under
+    limits: tuple[HeldLimit, ...]
+    id: str = ""  # a metered hold's id in the holds hash ("" for none: nothing was stored)
+
+    @property
+    def credits_held(self) -> int:
+        return self.period_credits + self.purchased_credits
+
+    @property
+    def needs_settle(self) -> bool:
+        """Whether a settle can change anything without a meter: limit units or credits to give back."""
+        return bool(self.limits) or self.credits_held > 0
+
+    @classmethod
+    def parse(cls, raw: list[Any], hold_id: str) -> Hold:
+        """decide.lua's hold reply: {period credits, purchased credits, window, allowance, usage key, limits}."""
+        cp, cb, window, allowance, usage_key, limits = raw
+        held = tuple(HeldLimit(str(name), int(units), int(ws)) for name, units, ws in (limits or ()))
+        return cls(int(cp), int(cb), int(window), int(allowance), str(usage_key), held, hold_id)
+
+    def argv(self) -> list[str | int]:
+        """As settle.lua reads it, from its 7th argument on."""
+        out: list[str | int] = [self.id, self.period_credits, self.purchased_credits, self.credit_window_ms,
+                                self.allowance, self.usage_key]  # fmt: skip
+        for limit in self.limits:
+            out += [limit.name, limit.units, limit.window_ms]
+        return out

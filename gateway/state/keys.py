@@ -1,0 +1,50 @@
+"""Where one billable's state lives: three keys under one hash tag, `<prefix>:{<billable>}`.
+
+    <prefix>:{b}        hash: the fields of gateway.state.fields
+    <prefix>:{b}:ev     list: pending events, oldest first, until the record takes them
+    <prefix>:{b}:holds  hash: metered holds awaiting their settle
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+
+class Keys(NamedTuple):
+    """A billable's keys; the hash tag puts them on one node, so one script sees them all."""
+
+    state: str
+    events: str
+    holds: str
+
+    def only_state(self) -> list[str]:
+        return [self.state]
+
+    def only_events(self) -> list[str]:
+        return [self.events]
+
+    def all(self) -> list[str]:
+        return [self.state, self.events, self.holds]
+
+
+def keys(prefix: str, billable: str) -> Keys:
+    base = f"{prefix}:{{{_tag(billable)}}}"
+    return Keys(base, base + ":ev", base + ":holds")
+
+
+def pattern(prefix: str) -> str:
+    """What SCAN matches to find every billable's state hash."""
+    return f"{prefix}:{{*}}"
+
+
+def billable_of(prefix: str, state_key: str) -> str:
+    """The billable a state hash (as `pattern` finds it) belongs to."""
+    return unquote(state_key[len(prefix) + 2 : -1])
+
+
+@functools.lru_cache(maxsize=65536)
+def _tag(billable: str) -> str:
+    # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
+    return quote(billable, safe="")
