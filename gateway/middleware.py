@@ -23,10 +23,11 @@ from gateway.headers import forwardable
 from gateway.identity import key_from_headers
 from gateway.ids import billable as billable_id
 from gateway.local import LocalLimits
-from gateway.meter import ResponseMeter, header_units, json_path
+from gateway.meter import ResponseMeter, UnitsSource, header_units, json_path
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, canonical, encoded
 from gateway.problems import problem_body
+from gateway.settlement import Outcome, outcome, releases, settlement
 
 log = logging.getLogger("gateway.middleware")
 
@@ -381,88 +382,93 @@ class GatewayMiddleware:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, decision: Decision, route: Route | None, operation: Operation | None
     ) -> None:
-        extra = decision.headers()
         meter_source = operation.units_source if operation is not None and operation.metered else None
-        state: dict[str, Any] = {"status": None, "complete": False, "meter": None, "release": True}
-
-        async def send_wrapped(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                # Headers go onto the start message exactly once; the body streams untouched.
-                state["status"] = message["status"]
-                response_headers = message.get("headers", [])
-                if meter_source is not None:
-                    content_type = ""
-                    for k, v in response_headers:
-                        if k.lower() == b"content-type":
-                            content_type = v.decode("latin-1")
-                        elif k.lower() == b"x-gateway-release" and v.strip() == b"0":
-                            state["release"] = False
-                    state["meter"] = ResponseMeter(meter_source, content_type, list(response_headers))
-                elif route is not None and route.config.release is not None:
-                    state["release"] = not any(
-                        k.lower() == b"x-gateway-release" and v.strip() == b"0" for k, v in response_headers
-                    )
-                message = {**message, "headers": [*response_headers, *extra]}
-            elif kind == "http.response.body":
-                meter = state["meter"]
-                if meter is not None:
-                    meter.feed(message.get("body", b""))
-                if not message.get("more_body", False):
-                    state["complete"] = True
-            elif kind == "http.response.pathsend":
-                state["complete"] = True
-            await send(message)
-
-        needs_settle = decision.hold is not None and (
-            meter_source is not None or bool(decision.hold.get("l")) or decision.hold.get("cp", 0) + decision.hold.get("cb", 0) > 0
-        )
         release = route.config.release if route is not None else None
+        fate = Fate(send, decision.headers(), meter_source, watch_release=release is not None)
+        needs_settle = decision.hold is not None and (meter_source is not None or _holds_something(decision.hold))
         if not needs_settle and release is None:
-            await self.app(scope, receive, send_wrapped)
+            await self.app(scope, receive, fate.send)
             return
         try:
-            await self.app(scope, receive, send_wrapped)
+            await self.app(scope, receive, fate.send)
         except BaseException:
-            state["failed"] = True
+            fate.failed = True
             raise
         finally:
-            await self._settle(decision, state, operation, release)
+            await self._settle(decision, fate, operation, release)
 
-    async def _settle(self, decision: Decision, state: dict[str, Any], operation: Operation | None, release: str | None) -> None:
-        status: int | None = state["status"]
-        meter: ResponseMeter | None = state["meter"]
-        ok = status is not None and 200 <= status < 300
+    async def _settle(self, decision: Decision, fate: Fate, operation: Operation | None, release: str | None) -> None:
+        result = outcome(fate.status, fate.complete, fate.failed)
         try:
-            if release is not None and ok and state["complete"] and state["release"] and decision.plan:
+            if release is not None and decision.plan and releases(result, fate.status, fate.release_confirmed):
                 await self.engine.release(decision.billable or "", decision.plan, release)
             if decision.hold is None:
                 return
-            metered = operation is not None and operation.metered
-            if status is not None and not state["complete"]:
-                # The stream died or the client left mid-answer: what was seen is charged, else everything held.
-                units = meter.seen if meter is not None else None
-                if metered and units is not None and operation is not None:
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=operation.price(units), units=units)
-                elif metered:
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=None)
-                return
-            units = meter.finish() if meter is not None else None
-            if ok:
-                if metered and operation is not None:
-                    owed = operation.price(units) if units is not None else None
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=owed, units=units)
-                return
-            if status is None:
-                if state.get("failed"):
-                    # The app failed before answering: nothing was delivered.
-                    await self.engine.settle(decision, give_back_limits=True, credits_owed=0)
-                # Otherwise the client left before the answer: charged as held.
-                return
-            # A non-2xx answer gives everything back, unless it reports units (then those are charged).
-            owed = operation.price(units) if metered and units is not None and operation is not None else 0
-            await self.engine.settle(decision, give_back_limits=True, credits_owed=owed, units=units if metered else None)
+            price = operation.price if operation is not None and operation.metered else None
+            todo = settlement(result, fate.status, fate.units(result), price)
+            if todo is not None:
+                await self.engine.settle(
+                    decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed, units=todo.units
+                )
         except (RedisUnavailable, StateUnavailable) as exc:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()
             log.warning("could not settle a hold for %r: %s", decision.billable, exc)
+
+
+def _holds_something(hold: dict[str, Any]) -> bool:
+    """Whether a hold took limit units or credits: the one place the middleware reads a hold."""
+    return bool(hold.get("l")) or hold.get("cp", 0) + hold.get("cb", 0) > 0
+
+
+class Fate:
+    """One request's answer as it goes out: its status, whether all of it went, the units it reports.
+
+    Wraps `send` per request (never state on the middleware): adds the gateway's headers to the start
+    message exactly once and lets the body stream through untouched."""
+
+    def __init__(
+        self, send: Send, extra: list[tuple[bytes, bytes]], meter_source: UnitsSource | None, *, watch_release: bool
+    ) -> None:
+        self._send = send
+        self._extra = extra
+        self._meter_source = meter_source
+        self._watch_release = watch_release
+        self.status: int | None = None
+        self.complete = False
+        self.failed = False
+        self.release_confirmed = True
+        self.meter: ResponseMeter | None = None
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            response_headers = message.get("headers", [])
+            if self._meter_source is not None:
+                content_type = ""
+                for k, v in response_headers:
+                    if k.lower() == b"content-type":
+                        content_type = v.decode("latin-1")
+                    elif k.lower() == b"x-gateway-release" and v.strip() == b"0":
+                        self.release_confirmed = False
+                self.meter = ResponseMeter(self._meter_source, content_type, list(response_headers))
+            elif self._watch_release:
+                self.release_confirmed = not any(
+                    k.lower() == b"x-gateway-release" and v.strip() == b"0" for k, v in response_headers
+                )
+            message = {**message, "headers": [*response_headers, *self._extra]}
+        elif kind == "http.response.body":
+            if self.meter is not None:
+                self.meter.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.pathsend":
+            self.complete = True
+        await self._send(message)
+
+    def units(self, result: Outcome) -> float | None:
+        """The units the answer reported: all of it when it completed, what was seen when it was cut short."""
+        if self.meter is None:
+            return None
+        return self.meter.finish() if result is Outcome.COMPLETE else self.meter.seen
