@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import gc
 import inspect
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from gateway.bounds import MAX_INT, loads
@@ -26,7 +25,7 @@ from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, UnitsSource, header_units, json_path
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, canonical, encoded
-from gateway.problems import problem_body
+from gateway.problems import BAD_REQUEST, bad_request_body, problem_messages, too_large_body
 from gateway.settlement import Outcome, outcome, releases, settlement
 
 log = logging.getLogger("gateway.middleware")
@@ -38,31 +37,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BillableFn = Callable[[Scope], "str | None | Awaitable[str | None]"]
 
-_BAD_REQUEST = "urn:gateway:bad-request"
-
-
 class KeyLookup(Protocol):
     async def authenticate(self, presented: str) -> str | None: ...
-
-
-def problem_response(
-    status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
-) -> tuple[Message, Message]:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(payload)).encode()),
-            *headers,
-        ],
-    }
-    return start, {"type": "http.response.body", "body": payload, "more_body": False}
-
-
-def bad_request(detail: str) -> dict[str, Any]:
-    return problem_body(400, _BAD_REQUEST, "Bad request", detail)
 
 
 class GatewayMiddleware:
@@ -238,10 +214,9 @@ class GatewayMiddleware:
         headers = decision.headers()
         if decision.status == 401:
             headers += self._challenge
-        start, body = problem_response(decision.status, decision.problem(self.catalog, unauthorized=self._unauthorized), headers)
-        if scope["type"] == "websocket":
-            # Refuse the handshake with the denial response (the server supports it).
-            start, body = {**start, "type": "websocket.http.response.start"}, {**body, "type": "websocket.http.response.body"}
+        problem = decision.problem(self.catalog, unauthorized=self._unauthorized)
+        # A websocket here is refused with the denial response (the server supports it).
+        start, body = problem_messages(decision.status, problem, headers, websocket=scope["type"] == "websocket")
         await send(start)
         await send(body)
 
@@ -303,15 +278,12 @@ class GatewayMiddleware:
         await self._bad_request(scope, send, detail)
 
     async def _bad_request(self, scope: Scope, send: Send, detail: str) -> None:
-        start, body = problem_response(400, bad_request(detail))
-        if scope["type"] == "http":
+        if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+            start, body = problem_messages(400, bad_request_body(detail), websocket=scope["type"] == "websocket")
             await send(start)
             await send(body)
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            await send({**start, "type": "websocket.http.response.start"})
-            await send({**body, "type": "websocket.http.response.body"})
         else:
-            await send({"type": "websocket.close", "code": 1008, "reason": _BAD_REQUEST})
+            await send({"type": "websocket.close", "code": 1008, "reason": BAD_REQUEST})
 
     async def _price_from_request(
         self, scope: Scope, receive: Receive, send: Send, operation: Operation, headers: list[tuple[bytes, bytes]]
@@ -336,7 +308,7 @@ class GatewayMiddleware:
             size += len(chunk)
             if size > self.max_body:
                 detail = f"The request body is over the {self.max_body}-byte limit, so it was not read."
-                start, body = problem_response(413, problem_body(413, "urn:gateway:payload-too-large", "Payload Too Large", detail))
+                start, body = problem_messages(413, too_large_body(detail))
                 await send(start)
                 await send(body)
                 return None
