@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote
 
 from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
+from gateway.envelope import script_event
 from gateway.errors import StateUnavailable
 from gateway.periods import Period, calendar_bounds, window_at
 from gateway.store.redis import RedisStore
@@ -39,7 +40,6 @@ log = logging.getLogger("gateway.engine")
 
 PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
-_EVENT_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4f57-9a61-3c2b7e5d9a10")
 _AFTER = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
 UNMATCHED = "(unmatched)"
 
@@ -227,27 +227,12 @@ class Engine:
             route=route,
             violations=violations,
             policies=policies,
-            events=[self._event(billable, json.loads(e)) for e in events] if events else [],
+            events=[script_event(billable, json.loads(e)) for e in events] if events else [],
             credits=balance,
             hold=hold,
             now=now / 1000,
             recharge=recharge,
         )
-
-    def _event(self, billable: str, raw: dict[str, Any]) -> dict[str, Any]:
-        """An engine event in the shape of DESIGN §3; its id is stable across redeliveries."""
-        at = raw["at"] / 1000
-        data = raw.get("data") or {}
-        if "grace_ends_at" in data:
-            data["grace_ends_at"] = _iso(data["grace_ends_at"])
-        return {
-            "id": "evt_" + uuid.uuid5(_EVENT_NAMESPACE, f"{billable}\0{raw['seq']}\0{raw['at']}").hex,
-            "type": raw["type"],
-            "billable": billable,
-            "plan": raw.get("plan"),
-            "occurred_at": _iso(at),
-            "data": data,
-        }
 
     def _calendar(self) -> str:
         """Candidate calendar windows for the script, recomputed when the day rolls over."""
@@ -506,7 +491,7 @@ class Engine:
     async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
         raw = [json.loads(item) for item in await self.store.read_list(self.keys(billable)[1], limit)]
         mark = (int(raw[-1]["seq"]), int(raw[-1]["at"])) if raw else None
-        return EventBatch([self._event(billable, e) for e in raw], mark)
+        return EventBatch([script_event(billable, e) for e in raw], mark)
 
     async def ack_events(self, billable: str, count: int, *, through: tuple[int, int] | None = None) -> None:
         """Drop the `count` oldest pending events once the record holds them.

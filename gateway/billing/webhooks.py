@@ -32,8 +32,6 @@ from gateway.billing.customers import Customers
 from gateway.billing.payments import (
     Payment,
     Payments,
-    add_event,
-    event_for,
     from_checkout_session,
     from_payment_intent,
     pi_key,
@@ -41,7 +39,9 @@ from gateway.billing.payments import (
 from gateway.billing.subscriptions import Subscriptions, invoice_subscription, read
 from gateway.billing.sync import PriceBook, read_stripe, snapshot_of, write_snapshot
 from gateway.bounds import loads
+from gateway.envelope import caused_event
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable, TooLarge
+from gateway.events import Outbox
 from gateway.grants import Grants
 from gateway.problems import problem, read_body
 from gateway.store.db import Database, credit_grants, stripe_events
@@ -269,10 +269,10 @@ class Webhooks:
         error = intent.get("last_payment_error") or {}
         reason = error.get("decline_code") or error.get("code") or "payment_failed"
         data = {"amount_cents": intent.get("amount"), "reason": reason, "payment_intent": intent_id}
-        event = event_for(billable, "auto_recharge_failed", pi_key(intent_id), await self.payments.plan_name(billable), data)
+        event = caused_event(billable, "auto_recharge_failed", pi_key(intent_id), await self.payments.plan_name(billable), data)
 
         async def record(conn: AsyncConnection) -> None:
-            await add_event(self.db, conn, event)
+            await Outbox(self.db).add([event], conn)
 
         return Change(billable, record, {"payment_intent": intent_id, "billable": billable, "failed": reason})
 
