@@ -69,7 +69,7 @@ class Gateway:
             )
             await self.db.check_current()
         except DatabaseUnavailable as exc:
-            raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
+            raise exc.also(": check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
         # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
         # without a shared Redis the record is asked about each key every second instead.
         feed = RevocationFeed(self.store) if self.settings.redis_url else None
