@@ -34,6 +34,7 @@ class GrantRecord:
     idempotency_key: str
     duplicate: bool
     applied: bool = False  # Redis holds it; False: recorded, and applied by the next apply of the billable
+    amount_cents: int = 0  # what was paid for it (negative: a refund)
 
 
 class GrantConflict(GatewayError):
@@ -106,7 +107,7 @@ class Grants:
         A concurrent grant with the same key or number makes the transaction fail with IntegrityError."""
         grants = tables.credit_grants
         key = idempotency_key
-        found = await _by_key(conn, key)
+        found = await granted(conn, key)
         if found is not None:
             return found
         seq = await self._next_sequence(conn, billable)
@@ -135,7 +136,7 @@ class Grants:
         """The grant recorded under this key, if any."""
         with answering(self.db.shown, undone="the grant was not made."):
             async with self.db.engine.connect() as conn:
-                return await _by_key(conn, idempotency_key)
+                return await granted(conn, idempotency_key)
 
     async def _next_sequence(self, conn: AsyncConnection, billable: str) -> int:
         sequences = tables.grant_sequences
@@ -208,9 +209,16 @@ class Grants:
                     await conn.execute(assignments.insert().values(billable=billable, plan=plan, updated_at=datetime.now(UTC)))
 
 
-async def _by_key(conn: AsyncConnection, key: str) -> GrantRecord | None:
+async def granted(conn: AsyncConnection, key: str) -> GrantRecord | None:
+    """The grant recorded under an idempotency key, read inside the caller's transaction."""
     grants = tables.credit_grants
     found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
     if found is None:
         return None
-    return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True, applied=found.applied_at is not None)
+    applied = found.applied_at is not None
+    return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True, applied=applied, amount_cents=found.amount_cents)
+
+
+def granted_billables() -> sa.Select[tuple[str]]:
+    """The billables the record has granted credits to, as a query to compose."""
+    return sa.select(tables.credit_grants.c.billable)

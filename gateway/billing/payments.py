@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,8 +19,8 @@ from gateway.billing.client import each
 from gateway.engine import Engine
 from gateway.envelope import caused_event
 from gateway.events import Outbox
-from gateway.grants import GrantRecord, Grants
-from gateway.store.db import Database, credit_grants
+from gateway.grants import GrantRecord, Grants, granted
+from gateway.store.db import Database
 
 log = logging.getLogger("gateway.billing")
 
@@ -124,9 +123,7 @@ class Payments:
 
     async def record_refunds(self, conn: AsyncConnection, payment_intent: str, refunds: list[dict[str, Any]]) -> str | None:
         """Take back credits for each succeeded refund of a credited payment; answers its billable."""
-        grant = (
-            await conn.execute(sa.select(credit_grants).where(credit_grants.c.idempotency_key == pi_key(payment_intent)))
-        ).first()
+        grant = await granted(conn, pi_key(payment_intent))
         if grant is None or grant.amount <= 0:
             return None
         paid = int(grant.amount_cents)

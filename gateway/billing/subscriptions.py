@@ -261,3 +261,8 @@ class Subscriptions:
     async def recorded(self, subscription_id: str) -> Any:
         async with self.db.engine.connect() as conn:
             return (await conn.execute(sa.select(table).where(table.c.id == subscription_id))).first()
+
+
+async def relink(conn: AsyncConnection, customer: str, billable: str) -> None:
+    """A customer linked to `billable`: its recorded subscriptions follow it, in the caller's transaction."""
+    await conn.execute(table.update().where(table.c.customer == customer).values(billable=billable))

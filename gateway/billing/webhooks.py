@@ -42,9 +42,9 @@ from gateway.bounds import loads
 from gateway.envelope import caused_event
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable, TooLarge
 from gateway.events import Outbox
-from gateway.grants import Grants
+from gateway.grants import Grants, granted
 from gateway.problems import problem, read_body
-from gateway.store.db import Database, credit_grants, stripe_events
+from gateway.store.db import Database, stripe_events
 
 log = logging.getLogger("gateway.billing")
 
@@ -285,10 +285,8 @@ class Webhooks:
             await self.payments.record_refunds(conn, intent_id, refunds)
 
         async with self.db.engine.connect() as conn:
-            found = (
-                await conn.execute(sa.select(credit_grants.c.billable).where(credit_grants.c.idempotency_key == pi_key(intent_id)))
-            ).scalar()
-        billable = str(found) if found else None  # a payment not credited yet takes its refunds when it is
+            found = await granted(conn, pi_key(intent_id))
+        billable = found.billable if found else None  # a payment not credited yet takes its refunds when it is
         return Change(billable, record, {"payment_intent": intent_id, "billable": billable, "refunds": len(refunds)})
 
     async def resync(self) -> Change:
