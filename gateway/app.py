@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from starlette.requests import Request
 
 from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
@@ -19,9 +16,10 @@ from gateway.engine import Engine
 from gateway.errors import ConfigError, DatabaseUnavailable, RedisRefused, RedisUnavailable
 from gateway.events import Deliverer
 from gateway.grants import Grants
+from gateway.identify import BillableFn, Identifier
 from gateway.identity import KeyStore
 from gateway.metrics import Metrics
-from gateway.middleware import ASGIApp, BillableFn, GatewayMiddleware
+from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
 from gateway.reconcile import Reconciler, attach
 from gateway.revocations import RevocationFeed
@@ -29,6 +27,9 @@ from gateway.settings import Settings
 from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
+
+if TYPE_CHECKING:  # the billing (and stripe) is imported only when GATEWAY_STRIPE_API_KEY is set
+    from gateway.billing import Billing
 
 log = logging.getLogger("gateway")
 
@@ -50,7 +51,7 @@ class Gateway:
     reconciler: Reconciler | None = None
     deliverer: Deliverer | None = None
     book: PriceBook | None = None
-    billing: Any = None  # gateway.billing.Billing when GATEWAY_STRIPE_API_KEY is set
+    billing: Billing | None = None  # when GATEWAY_STRIPE_API_KEY is set
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -169,48 +170,39 @@ class GatewayApp:
         await gw.start()
         if isinstance(self.upstream, Proxy):
             await _check_upstream(self.upstream.upstream)
-        assert gw.engine is not None
-        middleware = GatewayMiddleware(
-            self.upstream,
-            engine=gw.engine,
-            keys=gw.keys,
-            billable=self.billable,
-            billable_header=self.settings.billable_header,
-            metrics=gw.metrics,
-            max_body=self.settings.max_body,
-            processes=self.settings.processes,
-            freeze_gc=False,  # done below, once the wrapped app has started too
-        )
-
-        async def identify(request: Request) -> str | None:
-            return await middleware.identify(dict(request.scope))
-
-        assert gw.book is not None
+        assert gw.engine is not None and gw.book is not None
+        identifier = Identifier(keys=gw.keys, billable=self.billable, billable_header=self.settings.billable_header)
         public = [pricing_route(self.gateway.catalog, gw.book)]
         if gw.billing is not None:
-            middleware.on_decision = gw.billing.on_decision  # auto-recharge when a spend took the lease
-            public += gw.billing.routes(identify)
-
-        middleware.endpoints = Endpoints(
+            public += gw.billing.routes(identifier.of_request)
+        endpoints = Endpoints(
             engine=gw.engine,
             keys=gw.keys,
             db=gw.db,
             grants=gw.grants,
             reconciler=gw.reconciler,
             metrics=gw.metrics,
-            identify=identify,
+            identify=identifier.of_request,
             admin_token=self.settings.admin_token,
             metrics_token=self.settings.metrics_token,
             extra_routes=public,
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )
-        self.middleware = middleware
+        self.middleware = GatewayMiddleware(
+            self.upstream,
+            engine=gw.engine,
+            identifier=identifier,
+            endpoints=endpoints,
+            metrics=gw.metrics,
+            max_body=self.settings.max_body,
+            processes=self.settings.processes,
+            # Auto-recharge when a spend took the lease.
+            on_decision=gw.billing.on_decision if gw.billing is not None else None,
+            freeze_gc=False,  # done below, once the wrapped app has started too
+        )
         self._inner = _Lifespan(self.upstream, scope or {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}})
         await self._inner.startup()
-        # Everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process: keep
-        # it out of the collector's scans, which otherwise cost more than the decision under load.
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process
 
     async def shutdown(self) -> None:
         if self._inner is not None:

@@ -7,25 +7,24 @@
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
-from gateway.decision import API_KEY_REQUIRED, APP_NAMED_NONE, Decision, Violation, header_required
+from gateway.decision import Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.headers import forwardable
-from gateway.identity import key_from_headers
-from gateway.ids import billable as billable_id
+from gateway.identify import BillableFn, Identifier, KeyLookup
 from gateway.local import LocalLimits
 from gateway.meter import ResponseMeter, UnitsSource, header_units, json_path
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, canonical, encoded
 from gateway.problems import BAD_REQUEST, bad_request_body, problem_messages, too_large_body
+from gateway.settings import DEFAULT_MAX_BODY
 from gateway.settlement import Outcome, outcome, releases, settlement
 
 log = logging.getLogger("gateway.middleware")
@@ -35,10 +34,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-BillableFn = Callable[[Scope], "str | None | Awaitable[str | None]"]
-
-class KeyLookup(Protocol):
-    async def authenticate(self, presented: str) -> str | None: ...
 
 
 class GatewayMiddleware:
@@ -50,40 +45,28 @@ class GatewayMiddleware:
         keys: KeyLookup | None = None,
         billable: BillableFn | None = None,
         billable_header: str | None = None,
+        identifier: Identifier | None = None,
         endpoints: ASGIApp | None = None,
         metrics: Metrics | None = None,
-        max_body: int = 10 * 1024 * 1024,
+        max_body: int = DEFAULT_MAX_BODY,
         on_decision: Callable[[Decision], None] | None = None,
         freeze_gc: bool = True,
         processes: int = 1,
     ) -> None:
-        if keys is None and billable is None and billable_header is None:
-            raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
         self.app = app
+        # `identifier` is the one the gateway's endpoints share; else it is made of keys, billable or billable_header.
+        self.identifier = identifier or Identifier(keys=keys, billable=billable, billable_header=billable_header)
         self.engine = engine
         self.catalog: Catalog = engine.catalog
-        self.keys = keys
-        self.billable = billable
-        self.billable_header = billable_header.lower().encode() if billable_header else None
         self.endpoints = endpoints
         self.metrics = metrics or Metrics()
         self.max_body = max_body
         # Told of every decision that emitted events or started an auto-recharge; must not block.
         self.on_decision = on_decision
-        # After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of
-        # the collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/).
-        self.freeze_gc = freeze_gc
+        self.freeze_gc = freeze_gc  # see freeze_heap
         # on_redis_down = "local": this process's share of the rate limits (`processes` share them).
         self.local = LocalLimits(processes)
         self._warned_at = 0.0
-        # A 401 names what identifies a billable here; API keys are asked for with a Bearer challenge.
-        self._challenge: list[tuple[bytes, bytes]]
-        if billable is not None:
-            self._unauthorized, self._challenge = APP_NAMED_NONE, []
-        elif billable_header is not None:
-            self._unauthorized, self._challenge = header_required(billable_header), []
-        else:
-            self._unauthorized, self._challenge = API_KEY_REQUIRED, [(b"www-authenticate", b"Bearer")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -92,8 +75,7 @@ class GatewayMiddleware:
 
                 async def send_and_freeze(message: Message) -> None:
                     if message["type"] == "lifespan.startup.complete":
-                        gc.collect()
-                        gc.freeze()
+                        freeze_heap()
                     await send(message)
 
                 await self.app(scope, receive, send_and_freeze)
@@ -183,27 +165,9 @@ class GatewayMiddleware:
             return
         await self._forward(scope, receive, send, decision, route, operation)
 
-    # ---- identity -----------------------------------------------------------------------------------
-
     async def identify(self, scope: Scope) -> str | None:
-        """The billable of a request: the app's callable, the trusted header, or the API key.
-
-        BadRequest when the callable or the header names one outside the billable id rule."""
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if self.billable is not None:
-            found = self.billable(scope)
-            if inspect.isawaitable(found):
-                found = await found
-            return billable_id(found, "the billable callable's answer") if found else None
-        if self.billable_header is not None:
-            for name, value in headers:
-                if name == self.billable_header and value:
-                    return billable_id(value.decode("latin-1"), f"the {self.billable_header.decode()} header")
-            return None
-        presented = key_from_headers(headers)
-        if presented is None or self.keys is None:
-            return None
-        return await self.keys.authenticate(presented)
+        """The billable of a request (see `Identifier`)."""
+        return await self.identifier(scope)
 
     # ---- answers the gateway gives itself -----------------------------------------------------------
 
@@ -213,8 +177,8 @@ class GatewayMiddleware:
             return
         headers = decision.headers()
         if decision.status == 401:
-            headers += self._challenge
-        problem = decision.problem(self.catalog, unauthorized=self._unauthorized)
+            headers += self.identifier.challenge
+        problem = decision.problem(self.catalog, unauthorized=self.identifier.unauthorized)
         # A websocket here is refused with the denial response (the server supports it).
         start, body = problem_messages(decision.status, problem, headers, websocket=scope["type"] == "websocket")
         await send(start)
@@ -386,6 +350,13 @@ class GatewayMiddleware:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()
             log.warning("could not settle a hold for %r: %s", decision.billable, exc)
+
+
+def freeze_heap() -> None:
+    """After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of the
+    collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _holds_something(hold: dict[str, Any]) -> bool:

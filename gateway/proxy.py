@@ -35,6 +35,7 @@ from yarl import URL
 
 from gateway.headers import spelled
 from gateway.problems import problem_body, problem_messages
+from gateway.settings import DEFAULT_MAX_BODY
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -94,7 +95,7 @@ class Proxy:
         upstream: str,
         *,
         timeout: float = 60.0,
-        max_body: int = 10 * 1024 * 1024,
+        max_body: int = DEFAULT_MAX_BODY,
         connect_timeout: float = 5.0,
         trust_forwarded: bool = False,
     ) -> None:
