@@ -37,24 +37,17 @@ CHECK_TIMEOUT_S = 3.0  # a start-up check of Redis or the upstream: said, never 
 
 
 @dataclass
-class Gateway:
-    """The parts of one gateway process; `start` connects them, `stop` closes them."""
+class Prepared:
+    """What a gateway process is made of before any I/O: the settings, the catalog, the Redis store.
+    `start` connects it into a running Gateway."""
 
     settings: Settings
     catalog: Catalog
     store: RedisStore
     metrics: Metrics = field(default_factory=Metrics)
-    db: Database | None = None
-    keys: KeyStore | None = None
-    engine: Engine | None = None
-    grants: Grants | None = None
-    reconciler: Reconciler | None = None
-    deliverer: Deliverer | None = None
-    book: PriceBook | None = None
-    billing: Billing | None = None  # when GATEWAY_STRIPE_API_KEY is set
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Gateway:
+    def from_settings(cls, settings: Settings) -> Prepared:
         """Everything a setting can get wrong is found here, before a server starts (no I/O yet)."""
         catalog = load_catalog(settings.plans)
         database_url(settings.database_url)
@@ -62,40 +55,48 @@ class Gateway:
             log.warning("%s: %s", catalog.source, warning)
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url))
 
-    async def start(self) -> None:
+    async def start(self) -> Gateway:
+        """Connect the record, keys, engine, reconciliation, billing and events: the whole running gateway."""
+        settings = self.settings
         await self.check_redis()
         try:
-            self.db = await Database.connect(
-                self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
+            db = await Database.connect(
+                settings.database_url, auto_upgrade=settings.database_url.startswith("sqlite"), timeout=settings.db_timeout
             )
-            await self.db.check_current()
+            await db.check_current()
         except DatabaseUnavailable as exc:
             raise exc.also(": check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
         # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
         # without a shared Redis the record is asked about each key every second instead.
-        feed = RevocationFeed(self.store) if self.settings.redis_url else None
-        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
-        self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)
-        self.grants = Grants(self.db, self.engine)
+        feed = RevocationFeed(self.store) if settings.redis_url else None
+        keys = None if settings.billable_header else KeyStore(db, feed=feed)
+        engine = Engine(self.store, self.catalog, hold_ttl=settings.hold_ttl)
+        grants = Grants(db, engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
-        self.reconciler = attach(
-            self.engine, self.db, self.grants, interval=self.settings.reconcile_interval,
-            events_retention=timedelta(days=self.settings.events_retention_days),
+        reconciler = attach(
+            engine, db, grants, interval=settings.reconcile_interval,
+            events_retention=timedelta(days=settings.events_retention_days),
         )  # fmt: skip
-        self.reconciler.start()
+        reconciler.start()
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
         # The pricing page reads the latest Stripe snapshot (or plans.toml alone); billing needs an API key.
-        self.book = PriceBook(self.db)
-        if self.settings.stripe_api_key:
+        book = PriceBook(db)
+        billing = None
+        if settings.stripe_api_key:
             from gateway.billing import Billing
 
-            self.billing = Billing(settings=self.settings, db=self.db, engine=self.engine, grants=self.grants, book=self.book)
-            await self.billing.start()
+            billing = Billing(settings=settings, db=db, engine=engine, grants=grants, book=book)
+            await billing.start()
+        deliverer = None
         if self.catalog.file.events.webhook_url:
-            self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
-            self.deliverer.start()
+            deliverer = Deliverer(db, self.catalog.file.events.webhook_url, settings.webhook_secret)
+            deliverer.start()
+        return Gateway(
+            settings=settings, catalog=self.catalog, store=self.store, metrics=self.metrics, db=db, keys=keys,
+            engine=engine, grants=grants, reconciler=reconciler, book=book, billing=billing, deliverer=deliverer,
+        )  # fmt: skip
 
     async def check_redis(self) -> None:
         """Say at start what is wrong with Redis: unreachable is a line (routes follow on_redis_down until it
@@ -118,18 +119,34 @@ class Gateway:
                 self.catalog.settings.on_redis_down, tls,
             )
 
+
+@dataclass
+class Gateway:
+    """The parts of one running gateway process, made whole by `Prepared.start`; `stop` closes them."""
+
+    settings: Settings
+    catalog: Catalog
+    store: RedisStore
+    metrics: Metrics
+    db: Database
+    keys: KeyStore | None  # None: billables are named by a trusted header
+    engine: Engine
+    grants: Grants
+    reconciler: Reconciler
+    book: PriceBook
+    billing: Billing | None  # when GATEWAY_STRIPE_API_KEY is set
+    deliverer: Deliverer | None  # when the catalog names an [events] webhook_url
+
     async def stop(self) -> None:
         if self.billing is not None:
             await self.billing.stop()
-        if self.reconciler is not None:
-            await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
+        await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
         if self.deliverer is not None:
             await self.deliverer.stop()
         if self.keys is not None:
             await self.keys.close()  # lets pending last_used_at writes finish
         await self.store.close()
-        if self.db is not None:
-            await self.db.close()
+        await self.db.close()
 
 
 class GatewayApp:
@@ -142,7 +159,8 @@ class GatewayApp:
     """
 
     def __init__(self, settings: Settings, upstream_app: ASGIApp | None = None, *, billable: BillableFn | None = None) -> None:
-        self.gateway = Gateway.from_settings(settings)
+        self.prepared = Prepared.from_settings(settings)
+        self._gateway: Gateway | None = None
         self.settings = settings
         self.upstream: Any = upstream_app or Proxy(
             settings.upstream or "", timeout=settings.upstream_timeout, max_body=settings.max_body,
@@ -151,6 +169,12 @@ class GatewayApp:
         self.billable = billable  # the app names the billable (a callable over the ASGI scope), instead of keys
         self.middleware: GatewayMiddleware | None = None
         self._inner: _Lifespan | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        """The running gateway's parts (after the lifespan's startup)."""
+        assert self._gateway is not None, "the gateway is started by the lifespan's startup"
+        return self._gateway
 
     @classmethod
     def wrap(cls, app: ASGIApp, *, billable: BillableFn | None = None, **settings: Any) -> GatewayApp:
@@ -166,13 +190,11 @@ class GatewayApp:
     async def startup(self, scope: dict[str, Any] | None = None) -> None:
         """Connect the gateway, then start the wrapped app (the lifespan's startup; `gateway serve` calls
         it directly, without a lifespan scope)."""
-        gw = self.gateway
-        await gw.start()
+        gw = self._gateway = await self.prepared.start()
         if isinstance(self.upstream, Proxy):
             await _check_upstream(self.upstream.upstream)
-        assert gw.engine is not None and gw.book is not None
         identifier = Identifier(keys=gw.keys, billable=self.billable, billable_header=self.settings.billable_header)
-        public = [pricing_route(self.gateway.catalog, gw.book)]
+        public = [pricing_route(gw.catalog, gw.book)]
         if gw.billing is not None:
             public += gw.billing.routes(identifier.of_request)
         endpoints = Endpoints(
@@ -209,7 +231,10 @@ class GatewayApp:
             await self._inner.shutdown()
         if hasattr(self.upstream, "aclose"):
             await self.upstream.aclose()
-        await self.gateway.stop()
+        if self._gateway is None:
+            await self.prepared.store.close()
+            return
+        await self._gateway.stop()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -284,4 +309,4 @@ async def _check_upstream(upstream: str) -> None:
     log.warning("the upstream %s does not accept connections (%s): starting anyway; requests get 502 until it does", upstream, reason)
 
 
-__all__ = ["Gateway", "GatewayApp"]
+__all__ = ["Gateway", "GatewayApp", "Prepared"]
