@@ -72,13 +72,7 @@ class GatewayMiddleware:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             if kind == "lifespan" and self.freeze_gc:
-
-                async def send_and_freeze(message: Message) -> None:
-                    if message["type"] == "lifespan.startup.complete":
-                        freeze_heap()
-                    await send(message)
-
-                await self.app(scope, receive, send_and_freeze)
+                await self.app(scope, receive, _freezing_after_startup(send))
                 return
             await self.app(scope, receive, send)
             return
@@ -99,39 +93,26 @@ class GatewayMiddleware:
             await self.endpoints(scope, receive, send)
             return
         method = scope["method"] if kind == "http" else "GET"
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        clean = forwardable(headers)
+        clean = forwardable(scope["headers"])
         route = self.catalog.route_for(method, path)
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
             await self.app({**scope, "headers": clean}, receive, send)
             return
+        await self._gate(scope, receive, send, route, clean)
 
+    async def _gate(
+        self, scope: Scope, receive: Receive, send: Send, route: Route | None, clean: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Identify, price and decide a request that needs a billable; then deny it or pass it on."""
         started = time.perf_counter()
-        try:
-            billable = await self.identify(scope)
-        except BadRequest as exc:
-            self.metrics.decided("bad_request", ())
-            await self._bad_request(scope, send, str(exc))
-            return
-        except DatabaseUnavailable as exc:
-            log.warning("cannot check an API key: %s", exc)
-            self.metrics.decided("unavailable", ())
-            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unavailable")]))
-            return
+        billable = await self._billable_or_answer(scope, send, route)
         if billable is None:
-            self.metrics.decided("unauthorized", ())
-            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
             return
-        if route is None and self.catalog.settings.unmatched == "deny":
-            self.metrics.decided("no_route", ())
-            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
-            return
-
         operation = self.catalog.operations[route.config.spend] if route and route.config.spend else None
         credit_cost: int | None = None
         if operation is not None and operation.units_source is not None and not operation.metered:
-            priced = await self._price_from_request(scope, receive, send, operation, headers)
+            priced = await self._price_from_request(scope, receive, send, operation, scope["headers"])
             if priced is None:
                 return
             credit_cost, receive = priced
@@ -143,6 +124,43 @@ class GatewayMiddleware:
             return
         finally:
             self.metrics.latency(time.perf_counter() - started)
+        self._observe(decision)
+        if not decision.admitted:
+            await self._deny(scope, send, decision)
+            return
+
+        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
+        scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, decision, route, operation)
+
+    async def _billable_or_answer(self, scope: Scope, send: Send, route: Route | None) -> str | None:
+        """The request's billable, or None after answering it (400, 401, 503, or a route this gateway denies)."""
+        try:
+            billable = await self.identify(scope)
+        except BadRequest as exc:
+            self.metrics.decided("bad_request", ())
+            await self._bad_request(scope, send, str(exc))
+            return None
+        except DatabaseUnavailable as exc:
+            log.warning("cannot check an API key: %s", exc)
+            self.metrics.decided("unavailable", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unavailable")]))
+            return None
+        if billable is None:
+            self.metrics.decided("unauthorized", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
+            return None
+        if route is None and self.catalog.settings.unmatched == "deny":
+            self.metrics.decided("no_route", ())
+            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
+            return None
+        return billable
+
+    def _observe(self, decision: Decision) -> None:
+        """Count the decision; tell `on_decision` of one that emitted events or started an auto-recharge."""
         if decision.admitted:
             self.metrics.decided("admitted")
         else:
@@ -154,16 +172,6 @@ class GatewayMiddleware:
                     self.on_decision(decision)
                 except Exception:  # an observer never breaks a request
                     log.exception("on_decision failed")
-        if not decision.admitted:
-            await self._deny(scope, send, decision)
-            return
-
-        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
-        scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
-        if kind == "websocket":
-            await self.app(scope, receive, send)
-            return
-        await self._forward(scope, receive, send, decision, route, operation)
 
     async def identify(self, scope: Scope) -> str | None:
         """The billable of a request (see `Identifier`)."""
@@ -350,6 +358,15 @@ class GatewayMiddleware:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()
             log.warning("could not settle a hold for %r: %s", decision.billable, exc)
+
+
+def _freezing_after_startup(send: Send) -> Send:
+    async def send_and_freeze(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            freeze_heap()
+        await send(message)
+
+    return send_and_freeze
 
 
 def freeze_heap() -> None:
