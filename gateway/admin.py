@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from gateway import audit
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog
 from gateway.engine import Engine
+from gateway.envelope import caused_event
 from gateway.errors import (
     BadRequest,
     CatalogError,
@@ -72,15 +72,8 @@ def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, 
 
 def plan_changed(billable: str, before: str, after: str, source: str) -> dict[str, Any]:
     """The plan_changed event of DESIGN §3 (sent through the outbox like every other event)."""
-    now = time.time()
-    return {
-        "id": f"evt_{uuid.uuid4().hex}",
-        "type": "plan_changed",
-        "billable": billable,
-        "plan": after,
-        "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "data": {"from": before, "to": after, "source": source},
-    }
+    # Each assignment is its own cause: two changes to the same plan are two events.
+    return caused_event(billable, "plan_changed", f"admin:{uuid.uuid4().hex}", after, {"from": before, "to": after, "source": source})
 
 
 class Endpoints:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from starlette.requests import Request
 
 from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
@@ -20,9 +17,10 @@ from gateway.engine import Engine
 from gateway.errors import ConfigError, DatabaseUnavailable, RedisRefused, RedisUnavailable
 from gateway.events import Deliverer
 from gateway.grants import Grants
+from gateway.identify import BillableFn, Identifier
 from gateway.identity import KeyStore
 from gateway.metrics import Metrics
-from gateway.middleware import ASGIApp, BillableFn, GatewayMiddleware
+from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
 from gateway.publishing import Catalogs, Published
 from gateway.reconcile import Reconciler, attach
@@ -33,32 +31,27 @@ from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web.pricing import pricing_route
 
+if TYPE_CHECKING:  # the billing (and stripe) is imported only when GATEWAY_STRIPE_API_KEY is set
+    from gateway.billing import Billing
+
 log = logging.getLogger("gateway")
 
 CHECK_TIMEOUT_S = 3.0  # a start-up check of Redis or the upstream: said, never waited on for long
 
 
 @dataclass
-class Gateway:
-    """The parts of one gateway process; `start` connects them, `stop` closes them."""
+class Prepared:
+    """What a gateway process is made of before any I/O: the settings, the catalog, the Redis store.
+    `start` connects it into a running Gateway."""
 
     settings: Settings
     catalog: Catalog
     store: RedisStore
     metrics: Metrics = field(default_factory=Metrics)
-    db: Database | None = None
-    keys: KeyStore | None = None
-    engine: Engine | None = None
-    grants: Grants | None = None
-    reconciler: Reconciler | None = None
-    deliverer: Deliverer | None = None
-    book: PriceBook | None = None
-    billing: Any = None  # gateway.billing.Billing when GATEWAY_STRIPE_API_KEY is set
-    catalogs: Catalogs | None = None  # the published versions; what this process runs
     plans_text: str = ""  # the --plans file as read at start: published when the record has no catalog
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Gateway:
+    def from_settings(cls, settings: Settings) -> Prepared:
         """Everything a setting can get wrong is found here, before a server starts (no I/O yet)."""
         catalog = load_catalog(settings.plans)
         database_url(settings.database_url)
@@ -67,63 +60,54 @@ class Gateway:
         text = Path(settings.plans).read_text(encoding="utf-8")
         return cls(settings=settings, catalog=catalog, store=open_redis(settings.redis_url), plans_text=text)
 
-    def use_catalog(self, published: Published) -> None:
-        """Decide with this catalog from the next request on, everywhere (the engine holds it; the
-        middleware, the endpoints, billing and the pricing page read it there). Requests in flight finish
-        with what they hold."""
-        self.catalog = published.catalog
-        if self.engine is not None:
-            self.engine.use_catalog(published.catalog)
-
-    async def reload(self) -> Published:
-        """SIGHUP: read --plans again and publish it (every process on this Redis follows)."""
-        assert self.catalogs is not None, "reload after start"
-        catalog = load_catalog(self.settings.plans)
-        text = Path(self.settings.plans).read_text(encoding="utf-8")
-        published, changed = await self.catalogs.publish(text, token="sighup", catalog=catalog)
-        log.info("SIGHUP: %s %s", self.settings.plans, f"published as version {published.version}" if changed else f"is version {published.version} already")
-        return published
-
-    async def start(self) -> None:
+    async def start(self) -> Gateway:
+        """Connect the record, keys, engine, reconciliation, billing and events: the whole running gateway."""
+        settings = self.settings
         await self.check_redis()
         try:
-            self.db = await Database.connect(
-                self.settings.database_url, auto_upgrade=self.settings.database_url.startswith("sqlite"), timeout=self.settings.db_timeout
+            db = await Database.connect(
+                settings.database_url, auto_upgrade=settings.database_url.startswith("sqlite"), timeout=settings.db_timeout
             )
-            await self.db.check_current()
+            await db.check_current()
         except DatabaseUnavailable as exc:
-            raise DatabaseUnavailable(f"{exc}: check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
+            raise exc.also(": check that it runs and that --database-url (GATEWAY_DATABASE_URL) names it") from exc
         # The newest catalog published to the record, else --plans, published now as its first version.
-        self.catalogs = Catalogs(self.db, self.store, on_change=self.use_catalog)
-        running, line = await self.catalogs.start_with(self.catalog, self.plans_text)
+        catalogs = Catalogs(db, self.store)
+        running, line = await catalogs.start_with(self.catalog, self.plans_text)
         log.info("%s", line)
-        self.catalog = running.catalog
+        catalog = running.catalog
         # The in-process emulation is heard by this process alone, and `gateway keys revoke` cannot reach it:
         # without a shared Redis the record is asked about each key every second instead.
-        feed = RevocationFeed(self.store) if self.settings.redis_url else None
-        self.keys = None if self.settings.billable_header else KeyStore(self.db, feed=feed)
-        self.engine = Engine(self.store, self.catalog, hold_ttl=self.settings.hold_ttl)
-        self.grants = Grants(self.db, self.engine)
+        feed = RevocationFeed(self.store) if settings.redis_url else None
+        keys = None if settings.billable_header else KeyStore(db, feed=feed)
+        engine = Engine(self.store, catalog, hold_ttl=settings.hold_ttl)
+        grants = Grants(db, engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
-        self.reconciler = attach(
-            self.engine, self.db, self.grants, interval=self.settings.reconcile_interval,
-            events_retention=timedelta(days=self.settings.events_retention_days),
+        reconciler = attach(
+            engine, db, grants, interval=settings.reconcile_interval,
+            events_retention=timedelta(days=settings.events_retention_days),
         )  # fmt: skip
-        self.reconciler.start()
-        self.catalogs.start()
+        reconciler.start()
+        catalogs.start(on_change=lambda published: engine.use_catalog(published.catalog))
         policy = await self.store.eviction_policy()
         if policy not in (None, "noeviction"):
             log.warning("Redis maxmemory-policy is %r: it may evict billables' state; run it with noeviction", policy)
         # The pricing page reads the latest Stripe snapshot (or plans.toml alone); billing needs an API key.
-        self.book = PriceBook(self.db)
-        if self.settings.stripe_api_key:
+        book = PriceBook(db)
+        billing = None
+        if settings.stripe_api_key:
             from gateway.billing import Billing
 
-            self.billing = Billing(settings=self.settings, db=self.db, engine=self.engine, grants=self.grants, book=self.book)
-            await self.billing.start()
-        if self.catalog.file.events.webhook_url:
-            self.deliverer = Deliverer(self.db, self.catalog.file.events.webhook_url, self.settings.webhook_secret)
-            self.deliverer.start()
+            billing = Billing(settings=settings, db=db, engine=engine, grants=grants, book=book)
+            await billing.start()
+        deliverer = None
+        if catalog.file.events.webhook_url:
+            deliverer = Deliverer(db, catalog.file.events.webhook_url, settings.webhook_secret)
+            deliverer.start()
+        return Gateway(
+            settings=settings, store=self.store, metrics=self.metrics, db=db, keys=keys, engine=engine, grants=grants,
+            reconciler=reconciler, book=book, billing=billing, deliverer=deliverer, catalogs=catalogs,
+        )  # fmt: skip
 
     async def check_redis(self) -> None:
         """Say at start what is wrong with Redis: unreachable is a line (routes follow on_redis_down until it
@@ -146,20 +130,48 @@ class Gateway:
                 self.catalog.settings.on_redis_down, tls,
             )
 
+
+@dataclass
+class Gateway:
+    """The parts of one running gateway process, made whole by `Prepared.start`; `stop` closes them."""
+
+    settings: Settings
+    store: RedisStore
+    metrics: Metrics
+    db: Database
+    keys: KeyStore | None  # None: billables are named by a trusted header
+    engine: Engine
+    grants: Grants
+    reconciler: Reconciler
+    book: PriceBook
+    billing: Billing | None  # when GATEWAY_STRIPE_API_KEY is set
+    deliverer: Deliverer | None  # when the catalog names an [events] webhook_url
+    catalogs: Catalogs  # the published versions; the newest runs here
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog deciding now: the engine holds it, a published version replaces it there."""
+        return self.engine.catalog
+
+    async def reload(self) -> Published:
+        """SIGHUP: read --plans again and publish it (every process on this Redis follows)."""
+        catalog = load_catalog(self.settings.plans)
+        text = Path(self.settings.plans).read_text(encoding="utf-8")
+        published, changed = await self.catalogs.publish(text, token="sighup", catalog=catalog)
+        log.info("SIGHUP: %s %s", self.settings.plans, f"published as version {published.version}" if changed else f"is version {published.version} already")
+        return published
+
     async def stop(self) -> None:
-        if self.catalogs is not None:
-            await self.catalogs.stop()
+        await self.catalogs.stop()
         if self.billing is not None:
             await self.billing.stop()
-        if self.reconciler is not None:
-            await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
+        await self.reconciler.stop()  # flushes once more, while Redis and the database are still open
         if self.deliverer is not None:
             await self.deliverer.stop()
         if self.keys is not None:
             await self.keys.close()  # lets pending last_used_at writes finish
         await self.store.close()
-        if self.db is not None:
-            await self.db.close()
+        await self.db.close()
 
 
 class GatewayApp:
@@ -172,7 +184,8 @@ class GatewayApp:
     """
 
     def __init__(self, settings: Settings, upstream_app: ASGIApp | None = None, *, billable: BillableFn | None = None) -> None:
-        self.gateway = Gateway.from_settings(settings)
+        self.prepared = Prepared.from_settings(settings)
+        self._gateway: Gateway | None = None
         self.settings = settings
         self.upstream: Any = upstream_app or Proxy(
             settings.upstream or "", timeout=settings.upstream_timeout, max_body=settings.max_body,
@@ -181,6 +194,12 @@ class GatewayApp:
         self.billable = billable  # the app names the billable (a callable over the ASGI scope), instead of keys
         self.middleware: GatewayMiddleware | None = None
         self._inner: _Lifespan | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        """The running gateway's parts (after the lifespan's startup)."""
+        assert self._gateway is not None, "the gateway is started by the lifespan's startup"
+        return self._gateway
 
     @classmethod
     def wrap(cls, app: ASGIApp, *, billable: BillableFn | None = None, **settings: Any) -> GatewayApp:
@@ -196,41 +215,22 @@ class GatewayApp:
     async def startup(self, scope: dict[str, Any] | None = None) -> None:
         """Connect the gateway, then start the wrapped app (the lifespan's startup; `gateway serve` calls
         it directly, without a lifespan scope)."""
-        gw = self.gateway
-        await gw.start()
+        gw = self._gateway = await self.prepared.start()
         if isinstance(self.upstream, Proxy):
             await _check_upstream(self.upstream.upstream)
-        assert gw.engine is not None
-        middleware = GatewayMiddleware(
-            self.upstream,
-            engine=gw.engine,
-            keys=gw.keys,
-            billable=self.billable,
-            billable_header=self.settings.billable_header,
-            metrics=gw.metrics,
-            max_body=self.settings.max_body,
-            processes=self.settings.processes,
-            freeze_gc=False,  # done below, once the wrapped app has started too
-        )
-
-        async def identify(request: Request) -> str | None:
-            return await middleware.identify(dict(request.scope))
-
-        assert gw.book is not None
+        identifier = Identifier(keys=gw.keys, billable=self.billable, billable_header=self.settings.billable_header)
         engine = gw.engine
         public = [pricing_route(lambda: engine.catalog, gw.book)]
         if gw.billing is not None:
-            middleware.on_decision = gw.billing.on_decision  # auto-recharge when a spend took the lease
-            public += gw.billing.routes(identify)
-
-        middleware.endpoints = Endpoints(
+            public += gw.billing.routes(identifier.of_request)
+        endpoints = Endpoints(
             engine=gw.engine,
             keys=gw.keys,
             db=gw.db,
             grants=gw.grants,
             reconciler=gw.reconciler,
             metrics=gw.metrics,
-            identify=identify,
+            identify=identifier.of_request,
             admin_token=self.settings.admin_token,
             admin_tokens=self.settings.admin_tokens,
             catalogs=gw.catalogs,
@@ -238,13 +238,21 @@ class GatewayApp:
             extra_routes=public,
             extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
         )
-        self.middleware = middleware
+        self.middleware = GatewayMiddleware(
+            self.upstream,
+            engine=gw.engine,
+            identifier=identifier,
+            endpoints=endpoints,
+            metrics=gw.metrics,
+            max_body=self.settings.max_body,
+            processes=self.settings.processes,
+            # Auto-recharge when a spend took the lease.
+            on_decision=gw.billing.on_decision if gw.billing is not None else None,
+            freeze_gc=False,  # done below, once the wrapped app has started too
+        )
         self._inner = _Lifespan(self.upstream, scope or {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}})
         await self._inner.startup()
-        # Everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process: keep
-        # it out of the collector's scans, which otherwise cost more than the decision under load.
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process
 
     async def reload(self) -> Published:
         """SIGHUP: publish --plans again (gateway serve calls it)."""
@@ -255,7 +263,10 @@ class GatewayApp:
             await self._inner.shutdown()
         if hasattr(self.upstream, "aclose"):
             await self.upstream.aclose()
-        await self.gateway.stop()
+        if self._gateway is None:
+            await self.prepared.store.close()
+            return
+        await self._gateway.stop()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -330,4 +341,4 @@ async def _check_upstream(upstream: str) -> None:
     log.warning("the upstream %s does not accept connections (%s): starting anyway; requests get 502 until it does", upstream, reason)
 
 
-__all__ = ["Gateway", "GatewayApp"]
+__all__ = ["Gateway", "GatewayApp", "Prepared"]

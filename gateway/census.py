@@ -43,7 +43,8 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from gateway.engine import Engine
-from gateway.store.db import Database, credit_grants, plan_assignments, snapshots
+from gateway.grants import granted_billables
+from gateway.store.db import Database, plan_assignments, snapshots
 
 log = logging.getLogger("gateway.census")
 
@@ -118,7 +119,7 @@ class Census:
         """Read the ids of every billable the record holds anything of (their hashes: 8 bytes each)."""
         started = self.clock()  # the epochs seen so far were in force before the query sees the record
         query = sa.union(
-            sa.select(snapshots.c.billable), sa.select(plan_assignments.c.billable), sa.select(credit_grants.c.billable)
+            sa.select(snapshots.c.billable), sa.select(plan_assignments.c.billable), granted_billables()
         )
         hashes: list[int] = []
         async with asyncio.timeout(READ_TIMEOUT_S), self.db.reader.connect() as conn:

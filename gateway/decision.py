@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -159,9 +158,6 @@ class Decision:
         if catalog.settings.upgrade_url:
             members["upgrade_url"] = catalog.settings.upgrade_url
         return problem_body(status, type_, title, detail(self, catalog, unauthorized=unauthorized), **members)
-
-    def problem_body(self, catalog: Catalog) -> bytes:
-        return json.dumps(self.problem(catalog), separators=(",", ":")).encode()
 
 
 @functools.lru_cache(maxsize=4096)

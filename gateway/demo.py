@@ -89,9 +89,9 @@ def _app(settings: Settings) -> GatewayApp:
     from gateway.app import GatewayApp
 
     app = GatewayApp(settings)
-    catalog = app.gateway.catalog
+    catalog = app.prepared.catalog
     # The catalog's webhook receiver is an example's; the demo sends its events nowhere.
-    app.gateway.catalog = dataclasses.replace(catalog, file=catalog.file.model_copy(update={"events": Events()}))
+    app.prepared.catalog = dataclasses.replace(catalog, file=catalog.file.model_copy(update={"events": Events()}))
     return app
 
 

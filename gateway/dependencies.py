@@ -27,13 +27,14 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from gateway.catalog import Catalog, Route, RouteConfig
 from gateway.decision import APP_NAMED_NONE, Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import BadRequest, RedisUnavailable, StateUnavailable
 from gateway.ids import billable as billable_id
+from gateway.problems import problem_response
 
 _ANY = re.compile(".*")
 BillableOf = Callable[[Request], "str | None | Awaitable[str | None]"]
@@ -49,8 +50,7 @@ class Denied(HTTPException):
 
 async def _render(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Denied)
-    return JSONResponse(exc.problem, status_code=exc.status_code, headers=exc.headers,
-                        media_type="application/problem+json")
+    return problem_response(exc.status_code, exc.problem, exc.headers)
 
 
 class Guard:

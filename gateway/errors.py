@@ -67,7 +67,17 @@ class ConfigError(GatewayError):
 
 
 class DatabaseUnavailable(GatewayError):
-    """The record (Postgres, or the embedded SQLite file) did not answer."""
+    """The record (Postgres, or the embedded SQLite file) did not answer: `url` (shown without its password)
+    and `reason` (the deadline, the driver's words) say which and why. Raised by `store.db.answering` only."""
+
+    def __init__(self, message: str, *, url: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
+
+    def also(self, more: str) -> DatabaseUnavailable:
+        """The same outage, its message followed by `more` (what it left undone, what to check)."""
+        return DatabaseUnavailable(f"{self}{more}", url=self.url, reason=self.reason)
 
 
 class BadRequest(GatewayError):

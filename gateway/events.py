@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.decision import Decision
 from gateway.store.db import Database, events_outbox
@@ -99,8 +100,10 @@ class Outbox:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def add(self, events: list[dict[str, Any]]) -> None:
-        """Insert each event once, by its id; adding an event already there changes nothing."""
+    async def add(self, events: list[dict[str, Any]], conn: AsyncConnection | None = None) -> None:
+        """Insert each event once, by its id; adding an event already there changes nothing.
+
+        With `conn`, inside the caller's transaction (with the grant that caused the event)."""
         if not events:
             return
         now = datetime.now(UTC)
@@ -116,8 +119,11 @@ class Outbox:
             for e in events
         ]
         stmt = self.db.insert(events_outbox).on_conflict_do_nothing(index_elements=["id"])
-        async with self.db.engine.begin() as conn:
+        if conn is not None:
             await conn.execute(stmt, rows)
+            return
+        async with self.db.engine.begin() as own:
+            await own.execute(stmt, rows)
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget the events emitted more than `older_than` ago, whatever became of them: by then each was

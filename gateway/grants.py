@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.bounds import MAX_INT
 from gateway.engine import Engine
 from gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
 from gateway.store import db as tables
-from gateway.store.db import Database
+from gateway.store.db import Database, answering
 
 log = logging.getLogger("gateway.grants")
 
@@ -34,6 +34,7 @@ class GrantRecord:
     idempotency_key: str
     duplicate: bool
     applied: bool = False  # Redis holds it; False: recorded, and applied by the next apply of the billable
+    amount_cents: int = 0  # what was paid for it (negative: a refund)
 
 
 class GrantConflict(GatewayError):
@@ -63,14 +64,17 @@ class Grants:
         this billable (a retry with the same key, a restore, or the reconciler's stranded-grant pass)."""
         for _ in range(5):
             try:
-                record = await self._record(billable, amount, idempotency_key, reason, source, amount_cents)
+                with answering(self.db.shown, undone="the grant was not made. Retry with the same idempotency_key."):
+                    record = await self._record(billable, amount, idempotency_key, reason, source, amount_cents)
                 break
             except IntegrityError:
                 continue  # a concurrent grant took the key or the number: read what it wrote
-            except (OperationalError, DBAPIError, OSError) as exc:
-                raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the grant was not made. Retry with the same idempotency_key.") from exc
         else:
-            raise DatabaseUnavailable("The grant could not be recorded after several concurrent conflicts; retry with the same idempotency_key.")
+            raise DatabaseUnavailable(
+                "The grant could not be recorded after several concurrent conflicts; retry with the same idempotency_key.",
+                url=self.db.shown,
+                reason="concurrent conflicts",
+            )
         if record.duplicate and (record.billable, record.amount) != (billable, amount):
             raise GrantConflict(
                 f"idempotency_key {idempotency_key!r} was used for a grant of {record.amount} to {record.billable}: "
@@ -78,7 +82,7 @@ class Grants:
             )
         try:
             await self.apply(billable)
-        except (RedisUnavailable, StateUnavailable, DatabaseUnavailable, SQLAlchemyError, OSError, TimeoutError) as exc:
+        except (RedisUnavailable, StateUnavailable, DatabaseUnavailable) as exc:
             log.warning("grant %s to %s is recorded, not yet applied: %s", idempotency_key, billable, exc)
             return replace(record, applied=False)
         return replace(record, applied=True)
@@ -103,7 +107,7 @@ class Grants:
         A concurrent grant with the same key or number makes the transaction fail with IntegrityError."""
         grants = tables.credit_grants
         key = idempotency_key
-        found = await _by_key(conn, key)
+        found = await granted(conn, key)
         if found is not None:
             return found
         seq = await self._next_sequence(conn, billable)
@@ -130,11 +134,9 @@ class Grants:
 
     async def find(self, idempotency_key: str) -> GrantRecord | None:
         """The grant recorded under this key, if any."""
-        try:
+        with answering(self.db.shown, undone="the grant was not made."):
             async with self.db.engine.connect() as conn:
-                return await _by_key(conn, idempotency_key)
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the grant was not made.") from exc
+                return await granted(conn, idempotency_key)
 
     async def _next_sequence(self, conn: AsyncConnection, billable: str) -> int:
         sequences = tables.grant_sequences
@@ -200,18 +202,23 @@ class Grants:
     async def record_assignment(self, billable: str, plan: str | None) -> None:
         """A manual plan assignment is part of the record before Redis sees it."""
         assignments = tables.plan_assignments
-        try:
+        with answering(self.db.shown, undone="the plan was not changed."):
             async with self.db.engine.begin() as conn:
                 await conn.execute(assignments.delete().where(assignments.c.billable == billable))
                 if plan is not None:
                     await conn.execute(assignments.insert().values(billable=billable, plan=plan, updated_at=datetime.now(UTC)))
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise DatabaseUnavailable(f"The database did not answer ({exc.__class__.__name__}); the plan was not changed.") from exc
 
 
-async def _by_key(conn: AsyncConnection, key: str) -> GrantRecord | None:
+async def granted(conn: AsyncConnection, key: str) -> GrantRecord | None:
+    """The grant recorded under an idempotency key, read inside the caller's transaction."""
     grants = tables.credit_grants
     found = (await conn.execute(sa.select(grants).where(grants.c.idempotency_key == key))).first()
     if found is None:
         return None
-    return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True, applied=found.applied_at is not None)
+    applied = found.applied_at is not None
+    return GrantRecord(found.billable, found.seq, found.amount, key, duplicate=True, applied=applied, amount_cents=found.amount_cents)
+
+
+def granted_billables() -> sa.Select[tuple[str]]:
+    """The billables the record has granted credits to, as a query to compose."""
+    return sa.select(tables.credit_grants.c.billable)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable
@@ -54,7 +54,6 @@ POSITIVE_MAX = 100_000
 TOUCH_EVERY = timedelta(minutes=1)
 RETRY_AFTER_FAILURE_S = 1.0
 BATCH = 500  # key ids in one query (SQLite caps a statement's parameters)
-_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +237,7 @@ class KeyStore:
             return self._fallback(key_id, stale, None)
         try:
             return await self._lookups.get(key_id)
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             return self._fallback(key_id, stale, exc)
 
     async def _fetch(self, ids: list[str]) -> dict[str, _Known]:
@@ -276,7 +275,10 @@ class KeyStore:
             )
         if stale is not None:
             return stale
-        raise DatabaseUnavailable(f"cannot check API key {key_id}: the database did not answer") from exc
+        outage = exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable("")
+        raise DatabaseUnavailable(
+            f"cannot check API key {key_id}: the database did not answer", url=outage.url, reason=outage.reason
+        ) from exc
 
     def _forget(self, key_id: str) -> None:
         self._known.pop(key_id, None)
@@ -300,7 +302,7 @@ class KeyStore:
         try:
             async with self.db.engine.begin() as conn:
                 await conn.execute(update)
-        except _DB_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.warning("could not record the last use of %d API keys (it is only informative): %s", len(ids), exc)
         return {}
 
@@ -322,8 +324,8 @@ class KeyStore:
                                 sa.select(settings.c.value).where(settings.c.key == PEPPER_SETTING)
                             )
                         ).scalar_one()
-                except _DB_ERRORS as exc:
-                    raise DatabaseUnavailable(f"cannot read the API key pepper: {exc}") from exc
+                except DatabaseUnavailable as exc:
+                    raise DatabaseUnavailable(f"cannot read the API key pepper: {exc}", url=exc.url, reason=exc.reason) from exc
                 self._pepper = bytes.fromhex(value)
             return self._pepper
 

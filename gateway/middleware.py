@@ -7,26 +7,25 @@
 from __future__ import annotations
 
 import gc
-import inspect
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
-from gateway.decision import API_KEY_REQUIRED, APP_NAMED_NONE, Decision, Violation, header_required
+from gateway.decision import Decision, Violation
 from gateway.engine import Engine
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.headers import forwardable
-from gateway.identity import key_from_headers
-from gateway.ids import billable as billable_id
+from gateway.identify import BillableFn, Identifier, KeyLookup
 from gateway.local import LocalLimits
-from gateway.meter import ResponseMeter, header_units, json_path
+from gateway.meter import ResponseMeter, UnitsSource, header_units, json_path
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, canonical, encoded
-from gateway.problems import problem_body
+from gateway.problems import BAD_REQUEST, bad_request_body, problem_messages, too_large_body
+from gateway.settings import DEFAULT_MAX_BODY
+from gateway.settlement import Outcome, outcome, releases, settlement
 
 log = logging.getLogger("gateway.middleware")
 
@@ -35,33 +34,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-BillableFn = Callable[[Scope], "str | None | Awaitable[str | None]"]
-
-_BAD_REQUEST = "urn:gateway:bad-request"
-
-
-class KeyLookup(Protocol):
-    async def authenticate(self, presented: str) -> str | None: ...
-
-
-def problem_response(
-    status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
-) -> tuple[Message, Message]:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(payload)).encode()),
-            *headers,
-        ],
-    }
-    return start, {"type": "http.response.body", "body": payload, "more_body": False}
-
-
-def bad_request(detail: str) -> dict[str, Any]:
-    return problem_body(400, _BAD_REQUEST, "Bad request", detail)
 
 
 class GatewayMiddleware:
@@ -73,39 +45,27 @@ class GatewayMiddleware:
         keys: KeyLookup | None = None,
         billable: BillableFn | None = None,
         billable_header: str | None = None,
+        identifier: Identifier | None = None,
         endpoints: ASGIApp | None = None,
         metrics: Metrics | None = None,
-        max_body: int = 10 * 1024 * 1024,
+        max_body: int = DEFAULT_MAX_BODY,
         on_decision: Callable[[Decision], None] | None = None,
         freeze_gc: bool = True,
         processes: int = 1,
     ) -> None:
-        if keys is None and billable is None and billable_header is None:
-            raise ValueError("name how billables are found: keys=KeyStore, billable=callable or billable_header=NAME")
         self.app = app
+        # `identifier` is the one the gateway's endpoints share; else it is made of keys, billable or billable_header.
+        self.identifier = identifier or Identifier(keys=keys, billable=billable, billable_header=billable_header)
         self.engine = engine
-        self.keys = keys
-        self.billable = billable
-        self.billable_header = billable_header.lower().encode() if billable_header else None
         self.endpoints = endpoints
         self.metrics = metrics or Metrics()
         self.max_body = max_body
         # Told of every decision that emitted events or started an auto-recharge; must not block.
         self.on_decision = on_decision
-        # After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of
-        # the collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/).
-        self.freeze_gc = freeze_gc
+        self.freeze_gc = freeze_gc  # see freeze_heap
         # on_redis_down = "local": this process's share of the rate limits (`processes` share them).
         self.local = LocalLimits(processes)
         self._warned_at = 0.0
-        # A 401 names what identifies a billable here; API keys are asked for with a Bearer challenge.
-        self._challenge: list[tuple[bytes, bytes]]
-        if billable is not None:
-            self._unauthorized, self._challenge = APP_NAMED_NONE, []
-        elif billable_header is not None:
-            self._unauthorized, self._challenge = header_required(billable_header), []
-        else:
-            self._unauthorized, self._challenge = API_KEY_REQUIRED, [(b"www-authenticate", b"Bearer")]
 
     @property
     def catalog(self) -> Catalog:
@@ -116,14 +76,7 @@ class GatewayMiddleware:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             if kind == "lifespan" and self.freeze_gc:
-
-                async def send_and_freeze(message: Message) -> None:
-                    if message["type"] == "lifespan.startup.complete":
-                        gc.collect()
-                        gc.freeze()
-                    await send(message)
-
-                await self.app(scope, receive, send_and_freeze)
+                await self.app(scope, receive, _freezing_after_startup(send))
                 return
             await self.app(scope, receive, send)
             return
@@ -144,40 +97,27 @@ class GatewayMiddleware:
             await self.endpoints(scope, receive, send)
             return
         method = scope["method"] if kind == "http" else "GET"
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        clean = forwardable(headers)
+        clean = forwardable(scope["headers"])
         catalog = self.engine.catalog  # one catalog for the whole request, even when a new one is published meanwhile
         route = catalog.route_for(method, path)
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
             await self.app({**scope, "headers": clean}, receive, send)
             return
+        await self._gate(scope, receive, send, catalog, route, clean)
 
+    async def _gate(
+        self, scope: Scope, receive: Receive, send: Send, catalog: Catalog, route: Route | None, clean: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Identify, price and decide a request that needs a billable; then deny it or pass it on."""
         started = time.perf_counter()
-        try:
-            billable = await self.identify(scope)
-        except BadRequest as exc:
-            self.metrics.decided("bad_request", ())
-            await self._bad_request(scope, send, str(exc))
-            return
-        except DatabaseUnavailable as exc:
-            log.warning("cannot check an API key: %s", exc)
-            self.metrics.decided("unavailable", ())
-            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unavailable")]))
-            return
+        billable = await self._billable_or_answer(scope, send, catalog, route)
         if billable is None:
-            self.metrics.decided("unauthorized", ())
-            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
             return
-        if route is None and catalog.settings.unmatched == "deny":
-            self.metrics.decided("no_route", ())
-            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
-            return
-
         operation = catalog.operations[route.config.spend] if route and route.config.spend else None
         credit_cost: int | None = None
         if operation is not None and operation.units_source is not None and not operation.metered:
-            priced = await self._price_from_request(scope, receive, send, operation, headers)
+            priced = await self._price_from_request(scope, receive, send, operation, scope["headers"])
             if priced is None:
                 return
             credit_cost, receive = priced
@@ -189,6 +129,43 @@ class GatewayMiddleware:
             return
         finally:
             self.metrics.latency(time.perf_counter() - started)
+        self._observe(decision)
+        if not decision.admitted:
+            await self._deny(scope, send, decision)
+            return
+
+        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
+        scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, decision, route, operation)
+
+    async def _billable_or_answer(self, scope: Scope, send: Send, catalog: Catalog, route: Route | None) -> str | None:
+        """The request's billable, or None after answering it (400, 401, 503, or a route this gateway denies)."""
+        try:
+            billable = await self.identify(scope)
+        except BadRequest as exc:
+            self.metrics.decided("bad_request", ())
+            await self._bad_request(scope, send, str(exc))
+            return None
+        except DatabaseUnavailable as exc:
+            log.warning("cannot check an API key: %s", exc)
+            self.metrics.decided("unavailable", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unavailable")]))
+            return None
+        if billable is None:
+            self.metrics.decided("unauthorized", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]))
+            return None
+        if route is None and catalog.settings.unmatched == "deny":
+            self.metrics.decided("no_route", ())
+            await self._deny(scope, send, Decision(False, billable, None, violations=[Violation("", "no_route")]))
+            return None
+        return billable
+
+    def _observe(self, decision: Decision) -> None:
+        """Count the decision; tell `on_decision` of one that emitted events or started an auto-recharge."""
         if decision.admitted:
             self.metrics.decided("admitted")
         else:
@@ -200,38 +177,10 @@ class GatewayMiddleware:
                     self.on_decision(decision)
                 except Exception:  # an observer never breaks a request
                     log.exception("on_decision failed")
-        if not decision.admitted:
-            await self._deny(scope, send, decision)
-            return
-
-        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
-        scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
-        if kind == "websocket":
-            await self.app(scope, receive, send)
-            return
-        await self._forward(scope, receive, send, decision, route, operation)
-
-    # ---- identity -----------------------------------------------------------------------------------
 
     async def identify(self, scope: Scope) -> str | None:
-        """The billable of a request: the app's callable, the trusted header, or the API key.
-
-        BadRequest when the callable or the header names one outside the billable id rule."""
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if self.billable is not None:
-            found = self.billable(scope)
-            if inspect.isawaitable(found):
-                found = await found
-            return billable_id(found, "the billable callable's answer") if found else None
-        if self.billable_header is not None:
-            for name, value in headers:
-                if name == self.billable_header and value:
-                    return billable_id(value.decode("latin-1"), f"the {self.billable_header.decode()} header")
-            return None
-        presented = key_from_headers(headers)
-        if presented is None or self.keys is None:
-            return None
-        return await self.keys.authenticate(presented)
+        """The billable of a request (see `Identifier`)."""
+        return await self.identifier(scope)
 
     # ---- answers the gateway gives itself -----------------------------------------------------------
 
@@ -241,11 +190,10 @@ class GatewayMiddleware:
             return
         headers = decision.headers()
         if decision.status == 401:
-            headers += self._challenge
-        start, body = problem_response(decision.status, decision.problem(self.catalog, unauthorized=self._unauthorized), headers)
-        if scope["type"] == "websocket":
-            # Refuse the handshake with the denial response (the server supports it).
-            start, body = {**start, "type": "websocket.http.response.start"}, {**body, "type": "websocket.http.response.body"}
+            headers += self.identifier.challenge
+        problem = decision.problem(self.catalog, unauthorized=self.identifier.unauthorized)
+        # A websocket here is refused with the denial response (the server supports it).
+        start, body = problem_messages(decision.status, problem, headers, websocket=scope["type"] == "websocket")
         await send(start)
         await send(body)
 
@@ -307,15 +255,12 @@ class GatewayMiddleware:
         await self._bad_request(scope, send, detail)
 
     async def _bad_request(self, scope: Scope, send: Send, detail: str) -> None:
-        start, body = problem_response(400, bad_request(detail))
-        if scope["type"] == "http":
+        if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+            start, body = problem_messages(400, bad_request_body(detail), websocket=scope["type"] == "websocket")
             await send(start)
             await send(body)
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            await send({**start, "type": "websocket.http.response.start"})
-            await send({**body, "type": "websocket.http.response.body"})
         else:
-            await send({"type": "websocket.close", "code": 1008, "reason": _BAD_REQUEST})
+            await send({"type": "websocket.close", "code": 1008, "reason": BAD_REQUEST})
 
     async def _price_from_request(
         self, scope: Scope, receive: Receive, send: Send, operation: Operation, headers: list[tuple[bytes, bytes]]
@@ -340,7 +285,7 @@ class GatewayMiddleware:
             size += len(chunk)
             if size > self.max_body:
                 detail = f"The request body is over the {self.max_body}-byte limit, so it was not read."
-                start, body = problem_response(413, problem_body(413, "urn:gateway:payload-too-large", "Payload Too Large", detail))
+                start, body = problem_messages(413, too_large_body(detail))
                 await send(start)
                 await send(body)
                 return None
@@ -386,86 +331,104 @@ class GatewayMiddleware:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, decision: Decision, route: Route | None, operation: Operation | None
     ) -> None:
-        extra = decision.headers()
         meter_source = operation.units_source if operation is not None and operation.metered else None
-        state: dict[str, Any] = {"status": None, "complete": False, "meter": None, "release": True}
-
-        async def send_wrapped(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                # Headers go onto the start message exactly once; the body streams untouched.
-                state["status"] = message["status"]
-                response_headers = message.get("headers", [])
-                if meter_source is not None:
-                    content_type = ""
-                    for k, v in response_headers:
-                        if k.lower() == b"content-type":
-                            content_type = v.decode("latin-1")
-                        elif k.lower() == b"x-gateway-release" and v.strip() == b"0":
-                            state["release"] = False
-                    state["meter"] = ResponseMeter(meter_source, content_type, list(response_headers))
-                elif route is not None and route.config.release is not None:
-                    state["release"] = not any(
-                        k.lower() == b"x-gateway-release" and v.strip() == b"0" for k, v in response_headers
-                    )
-                message = {**message, "headers": [*response_headers, *extra]}
-            elif kind == "http.response.body":
-                meter = state["meter"]
-                if meter is not None:
-                    meter.feed(message.get("body", b""))
-                if not message.get("more_body", False):
-                    state["complete"] = True
-            elif kind == "http.response.pathsend":
-                state["complete"] = True
-            await send(message)
-
-        needs_settle = decision.hold is not None and (meter_source is not None or decision.hold.needs_settle)
         release = route.config.release if route is not None else None
+        fate = Fate(send, decision.headers(), meter_source, watch_release=release is not None)
+        needs_settle = decision.hold is not None and (meter_source is not None or decision.hold.needs_settle)
         if not needs_settle and release is None:
-            await self.app(scope, receive, send_wrapped)
+            await self.app(scope, receive, fate.send)
             return
         try:
-            await self.app(scope, receive, send_wrapped)
+            await self.app(scope, receive, fate.send)
         except BaseException:
-            state["failed"] = True
+            fate.failed = True
             raise
         finally:
-            await self._settle(decision, state, operation, release)
+            await self._settle(decision, fate, operation, release)
 
-    async def _settle(self, decision: Decision, state: dict[str, Any], operation: Operation | None, release: str | None) -> None:
-        status: int | None = state["status"]
-        meter: ResponseMeter | None = state["meter"]
-        ok = status is not None and 200 <= status < 300
+    async def _settle(self, decision: Decision, fate: Fate, operation: Operation | None, release: str | None) -> None:
+        result = outcome(fate.status, fate.complete, fate.failed)
         try:
-            if release is not None and ok and state["complete"] and state["release"] and decision.plan:
+            if release is not None and decision.plan and releases(result, fate.status, fate.release_confirmed):
                 await self.engine.release(decision.billable or "", decision.plan, release)
             if decision.hold is None:
                 return
-            metered = operation is not None and operation.metered
-            if status is not None and not state["complete"]:
-                # The stream died or the client left mid-answer: what was seen is charged, else everything held.
-                units = meter.seen if meter is not None else None
-                if metered and units is not None and operation is not None:
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=operation.price(units), units=units)
-                elif metered:
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=None)
-                return
-            units = meter.finish() if meter is not None else None
-            if ok:
-                if metered and operation is not None:
-                    owed = operation.price(units) if units is not None else None
-                    await self.engine.settle(decision, give_back_limits=False, credits_owed=owed, units=units)
-                return
-            if status is None:
-                if state.get("failed"):
-                    # The app failed before answering: nothing was delivered.
-                    await self.engine.settle(decision, give_back_limits=True, credits_owed=0)
-                # Otherwise the client left before the answer: charged as held.
-                return
-            # A non-2xx answer gives everything back, unless it reports units (then those are charged).
-            owed = operation.price(units) if metered and units is not None and operation is not None else 0
-            await self.engine.settle(decision, give_back_limits=True, credits_owed=owed, units=units if metered else None)
+            price = operation.price if operation is not None and operation.metered else None
+            todo = settlement(result, fate.status, fate.units(result), price)
+            if todo is not None:
+                await self.engine.settle(
+                    decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed, units=todo.units
+                )
         except (RedisUnavailable, StateUnavailable) as exc:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()
             log.warning("could not settle a hold for %r: %s", decision.billable, exc)
+
+
+def _freezing_after_startup(send: Send) -> Send:
+    async def send_and_freeze(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            freeze_heap()
+        await send(message)
+
+    return send_and_freeze
+
+
+def freeze_heap() -> None:
+    """After the app's startup, what it loaded lives as long as the process: gc.freeze() keeps it out of the
+    collector's scans, which otherwise stall requests (p99 52 ms → 10 ms in bench/)."""
+    gc.collect()
+    gc.freeze()
+
+
+class Fate:
+    """One request's answer as it goes out: its status, whether all of it went, the units it reports.
+
+    Wraps `send` per request (never state on the middleware): adds the gateway's headers to the start
+    message exactly once and lets the body stream through untouched."""
+
+    def __init__(
+        self, send: Send, extra: list[tuple[bytes, bytes]], meter_source: UnitsSource | None, *, watch_release: bool
+    ) -> None:
+        self._send = send
+        self._extra = extra
+        self._meter_source = meter_source
+        self._watch_release = watch_release
+        self.status: int | None = None
+        self.complete = False
+        self.failed = False
+        self.release_confirmed = True
+        self.meter: ResponseMeter | None = None
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            response_headers = message.get("headers", [])
+            if self._meter_source is not None:
+                content_type = ""
+                for k, v in response_headers:
+                    if k.lower() == b"content-type":
+                        content_type = v.decode("latin-1")
+                    elif k.lower() == b"x-gateway-release" and v.strip() == b"0":
+                        self.release_confirmed = False
+                self.meter = ResponseMeter(self._meter_source, content_type, list(response_headers))
+            elif self._watch_release:
+                self.release_confirmed = not any(
+                    k.lower() == b"x-gateway-release" and v.strip() == b"0" for k, v in response_headers
+                )
+            message = {**message, "headers": [*response_headers, *self._extra]}
+        elif kind == "http.response.body":
+            if self.meter is not None:
+                self.meter.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.pathsend":
+            self.complete = True
+        await self._send(message)
+
+    def units(self, result: Outcome) -> float | None:
+        """The units the answer reported: all of it when it completed, what was seen when it was cut short."""
+        if self.meter is None:
+            return None
+        return self.meter.finish() if result is Outcome.COMPLETE else self.meter.seen

@@ -1,14 +1,24 @@
-"""problem+json answers of the gateway's own endpoints (the admin API, billing, the client's usage), and
-the one reader of their JSON bodies."""
+"""Every problem+json answer the gateway gives (RFC 9457), built here: the middleware's and the proxy's own
+answers as ASGI messages, the gateway's endpoints (the admin API, billing, the client's usage) as Starlette
+responses; and the one reader of those endpoints' JSON bodies."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from gateway import bounds
+from gateway.errors import BadRequest, TooLarge
+
+PROBLEM_JSON = "application/problem+json"
+BAD_REQUEST = "urn:gateway:bad-request"
+PAYLOAD_TOO_LARGE = "urn:gateway:payload-too-large"
 
 _LAST_WORD = re.compile(r"[^:#/]+$")
 
@@ -20,19 +30,54 @@ def problem_body(status: int, type_: str, title: str, detail: str, **members: An
     return {"type": type_, "title": title, "status": status, "detail": detail, **members, "error": error}
 
 
-from gateway import bounds
-from gateway.errors import BadRequest, TooLarge
+def bad_request_body(detail: str) -> dict[str, Any]:
+    return problem_body(400, BAD_REQUEST, "Bad request", detail)
+
+
+def too_large_body(detail: str) -> dict[str, Any]:
+    return problem_body(413, PAYLOAD_TOO_LARGE, "Payload Too Large", detail)
+
+
+def _payload(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _closing(status: int) -> list[tuple[bytes, bytes]]:
+    # A 413's unread rest of the body would otherwise be parsed off the connection as the next request.
+    return [(b"connection", b"close")] if status == 413 else []
+
+
+def problem_messages(
+    status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = (), *, websocket: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ASGI start and body messages of a problem+json answer (`websocket`: refusing a handshake)."""
+    payload = _payload(body)
+    own = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(payload)), *_closing(status)]
+    prefix = "websocket.http.response" if websocket else "http.response"
+    start = {"type": f"{prefix}.start", "status": status, "headers": [*own, *headers]}
+    return start, {"type": f"{prefix}.body", "body": payload, "more_body": False}
+
+
+class ProblemResponse(JSONResponse):
+    """A problem+json answer of the gateway's own endpoints: the same bytes the middleware would send."""
+
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        return _payload(content)
+
+
+def problem_response(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
+    response = ProblemResponse(body, status_code=status, headers=headers)
+    for name, value in _closing(status):
+        response.headers[name.decode()] = value.decode()
+    return response
 
 
 def problem(status: int, type_: str, title: str, detail: str) -> JSONResponse:
     # The gateway's own endpoints take bearer tokens (the admin token, a client's key): a 401 says so.
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        problem_body(status, type_, title, detail),
-        status_code=status,
-        headers=headers,
-        media_type="application/problem+json",
-    )
+    return problem_response(status, problem_body(status, type_, title, detail), headers)
 
 
 def http_problem(exc: HTTPException, method: str, path: str) -> JSONResponse:
@@ -49,13 +94,13 @@ def http_problem(exc: HTTPException, method: str, path: str) -> JSONResponse:
 
 
 def bad_request(detail: str) -> JSONResponse:
-    return problem(400, "urn:gateway:bad-request", "Bad request", detail)
+    return problem_response(400, bad_request_body(detail))
 
 
 def refused(exc: BadRequest) -> JSONResponse:
     """The answer to a BadRequest (400) or TooLarge (413)."""
     if isinstance(exc, TooLarge):
-        return problem(413, "urn:gateway:payload-too-large", "Payload Too Large", str(exc))
+        return problem_response(413, too_large_body(str(exc)))
     return bad_request(str(exc))
 
 

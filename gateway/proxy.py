@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -35,7 +34,8 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from gateway.headers import spelled
-from gateway.problems import problem_body
+from gateway.problems import problem_body, problem_messages
+from gateway.settings import DEFAULT_MAX_BODY
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -95,7 +95,7 @@ class Proxy:
         upstream: str,
         *,
         timeout: float = 60.0,
-        max_body: int = 10 * 1024 * 1024,
+        max_body: int = DEFAULT_MAX_BODY,
         connect_timeout: float = 5.0,
         trust_forwarded: bool = False,
     ) -> None:
@@ -389,9 +389,9 @@ class Proxy:
         self, scope: Scope, send: Send, status: int, kind: str, title: str, detail: str
     ) -> None:
         if "websocket.http.response" in (scope.get("extensions") or {}):
-            headers, body = _problem_body(status, kind, title, detail)
-            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
+            start, body = problem_messages(status, problem_body(status, f"urn:gateway:{kind}", title, detail), websocket=True)
+            await send(start)
+            await send(body)
         else:
             # Without the extension a refusal before accept is a bare 403; 1011 says more.
             await send({"type": "websocket.accept"})
@@ -573,16 +573,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _problem_body(status: int, kind: str, title: str, detail: str) -> tuple[Headers, bytes]:
-    body = json.dumps(problem_body(status, f"urn:gateway:{kind}", title, detail)).encode()
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", b"%d" % len(body))]
-    if status == 413:
-        # The unread rest of the body would otherwise be parsed off the connection.
-        headers.append((b"connection", b"close"))
-    return headers, body
-
-
 async def _problem(send: Send, status: int, kind: str, title: str, detail: str) -> None:
-    headers, body = _problem_body(status, kind, title, detail)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    start, body = problem_messages(status, problem_body(status, f"urn:gateway:{kind}", title, detail))
+    await send(start)
+    await send(body)

@@ -1,8 +1,8 @@
 """Published catalogs: every version in the record, the newest announced on Redis, followed by every process.
 
-    catalogs = Catalogs(db, store, on_change=gateway.use_catalog)
+    catalogs = Catalogs(db, store)
     running = await catalogs.start_with(catalog, text)   the newest in the record (`text` is published when none)
-    catalogs.start()                                     follow the announcement, about once a second
+    catalogs.start(on_change=run_it)                     follow the announcement, about once a second
     published, changed = await catalogs.publish(text, token="ops")
 
 Publishing writes the record first (the version, its text and sha256, with its audit entry, in one
@@ -69,13 +69,12 @@ class Catalogs:
         store: RedisStore,
         *,
         prefix: str = "gw",
-        on_change: Callable[[Published], None] | None = None,
         interval: float = POLL_INTERVAL_S,
     ) -> None:
         self.db = db
         self.store = store
         self.key = f"{prefix}:catalog"
-        self.on_change = on_change
+        self.on_change: Callable[[Published], None] | None = None  # given by start: what runs a new version
         self.interval = interval
         self.running: Published | None = None  # what this process decides with
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +150,9 @@ class Catalogs:
         hint = "" if newest.sha256 == sha256(text) else " (`gateway catalog push` or SIGHUP publishes it)"
         return newest, f"catalog: running version {newest.version} from the record, {same} {catalog.source}{hint}"
 
-    def start(self) -> None:
+    def start(self, on_change: Callable[[Published], None]) -> None:
+        """Run each newer version from now on (published here or announced by another process)."""
+        self.on_change = on_change
         if self._task is None:
             self._task = asyncio.create_task(self._follow(), name="gateway-catalog")
 

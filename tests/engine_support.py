@@ -14,6 +14,7 @@ from services import raw_redis
 from gateway.catalog import Catalog, parse_catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
+from gateway.problems import problem_messages
 from gateway.store.redis import RedisStore, open_redis
 
 T = TypeVar("T")
@@ -178,7 +179,8 @@ def harness(url: str | None, catalog_text: str = BASE) -> Iterator[Callable[[Cal
 
 
 def body(decision: Decision, catalog: Catalog) -> dict[str, Any]:
-    parsed: dict[str, Any] = json.loads(decision.problem_body(catalog))
+    # Through the one builder, as the middleware sends it.
+    parsed: dict[str, Any] = json.loads(problem_messages(decision.status, decision.problem(catalog))[1]["body"])
     return parsed
 
 

@@ -421,7 +421,7 @@ def test_through_the_gateway_a_postgres_outage_decides_new_billables_and_keeps_l
                             admin_token=ADMIN, billable_header="X-Org", reconcile_interval=0.2)
         app = GatewayApp(settings)
         with serve_in_thread(app) as url:
-            census = app.gateway.reconciler.census  # type: ignore[union-attr]
+            census = app.gateway.reconciler.census
             assert census is not None
 
             def post(org: str, path: str) -> httpx.Response:

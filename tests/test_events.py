@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from waiting import until
 
 from gateway import cli
-from gateway.app import Gateway
+from gateway.app import Prepared
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.events import Deliverer, EventCallbacks, Outbox, event_body, sign, verify_signature
@@ -356,15 +356,14 @@ def test_gateway_starts_the_deliverer_and_warns_without_a_secret(tmp_path: Path,
     async def main(url: str) -> None:
         plans.write_text(BASE + f'\n[events]\nwebhook_url = "{url}"\n')
         settings = Settings(plans=str(plans), database_url=f"sqlite:///{tmp_path}/gw.db")
-        gateway = Gateway.from_settings(settings)
         with caplog.at_level(logging.WARNING, logger="gateway.events"):
-            await gateway.start()
+            gateway = await Prepared.from_settings(settings).start()
         try:
-            assert gateway.deliverer is not None and gateway.db is not None
+            assert gateway.deliverer is not None
             gateway.deliverer.poll = 0.02
             e = event()
             await Outbox(gateway.db).add([e])
-            await until(lambda: all_settled(gateway.db), "every event delivered or dead")  # type: ignore[arg-type]
+            await until(lambda: all_settled(gateway.db), "every event delivered or dead")
         finally:
             await gateway.stop()
 

@@ -14,9 +14,10 @@ import sqlalchemy as sa
 import stripe
 
 from gateway.billing.client import idempotency_key, is_missing, plain
+from gateway.billing.subscriptions import relink
 from gateway.errors import BadRequest
 from gateway.ids import billable as billable_id
-from gateway.store.db import Database, subscriptions
+from gateway.store.db import Database
 from gateway.store.db import stripe_customers as table
 
 log = logging.getLogger("gateway.billing")
@@ -120,9 +121,7 @@ class Customers:
         async with self.db.engine.begin() as conn:
             await conn.execute(table.delete().where(sa.or_(table.c.billable == billable, table.c.customer == customer)))
             await conn.execute(table.insert().values(customer=customer, billable=billable))
-            await conn.execute(
-                subscriptions.update().where(subscriptions.c.customer == customer).values(billable=billable)
-            )
+            await relink(conn, customer, billable)
         log.info("Stripe customer %s linked to billable %r", customer, billable)
         return customer
 

@@ -9,25 +9,22 @@ Stripe refund (`stripe:refund:<id>`); when they are already spent, the balance g
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
 import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.billing.client import each
 from gateway.engine import Engine
-from gateway.events import event_body
-from gateway.grants import GrantRecord, Grants
-from gateway.store.db import Database, credit_grants, events_outbox
+from gateway.envelope import caused_event
+from gateway.events import Outbox
+from gateway.grants import GrantRecord, Grants, granted
+from gateway.store.db import Database
 
 log = logging.getLogger("gateway.billing")
 
 KINDS = frozenset({"pack", "auto_recharge"})
-_EVENT_NAMESPACE = uuid.UUID("0b7f6c1e-2d4a-4c8e-9f3b-5a1d7e2c9b40")
 
 
 def pi_key(payment_intent: str) -> str:
@@ -81,33 +78,6 @@ def from_checkout_session(session: dict[str, Any]) -> Payment | None:
     return Payment(key, billable, credits, int(session.get("amount_total") or 0), kind, pi, session["id"])
 
 
-def event_for(billable: str, type_: str, reference: str, plan: str | None, data: dict[str, Any]) -> dict[str, Any]:
-    """A gateway event (DESIGN §3) whose id is fixed by what caused it, so it is added once however often seen."""
-    now = datetime.now(UTC)
-    return {
-        "id": "evt_" + uuid.uuid5(_EVENT_NAMESPACE, f"{billable}\0{type_}\0{reference}").hex,
-        "type": type_,
-        "billable": billable,
-        "plan": plan,
-        "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "data": data,
-    }
-
-
-async def add_event(db: Database, conn: AsyncConnection, event: dict[str, Any]) -> None:
-    """Put an event in the outbox inside the caller's transaction (with the grant that caused it)."""
-    now = datetime.now(UTC)
-    row = {
-        "id": event["id"],
-        "billable": event["billable"],
-        "type": event["type"],
-        "body": event_body(event),
-        "created_at": now,
-        "next_attempt_at": now,
-    }
-    await conn.execute(db.insert(events_outbox).values(**row).on_conflict_do_nothing(index_elements=["id"]))
-
-
 class Payments:
     def __init__(self, db: Database, engine: Engine, grants: Grants, client: stripe.StripeClient) -> None:
         self.db = db
@@ -135,7 +105,7 @@ class Payments:
         )
         if payment.kind == "auto_recharge" and not record.duplicate:
             data = {"amount_cents": payment.amount_cents, "credits": payment.credits, "payment_intent": payment.payment_intent}
-            await add_event(self.db, conn, event_for(payment.billable, "auto_recharge_succeeded", payment.key, plan, data))
+            await Outbox(self.db).add([caused_event(payment.billable, "auto_recharge_succeeded", payment.key, plan, data)], conn)
         return record
 
     async def credit(self, payment: Payment, *, check_refunds: bool = True) -> GrantRecord:
@@ -153,9 +123,7 @@ class Payments:
 
     async def record_refunds(self, conn: AsyncConnection, payment_intent: str, refunds: list[dict[str, Any]]) -> str | None:
         """Take back credits for each succeeded refund of a credited payment; answers its billable."""
-        grant = (
-            await conn.execute(sa.select(credit_grants).where(credit_grants.c.idempotency_key == pi_key(payment_intent)))
-        ).first()
+        grant = await granted(conn, pi_key(payment_intent))
         if grant is None or grant.amount <= 0:
             return None
         paid = int(grant.amount_cents)

@@ -26,10 +26,12 @@ import stripe
 from gateway.billing.client import idempotency_key, plain
 from gateway.billing.customers import Customers
 from gateway.billing.money import credits_for
-from gateway.billing.payments import Payments, add_event, event_for, from_payment_intent, pi_key
+from gateway.billing.payments import Payments, from_payment_intent, pi_key
 from gateway.catalog import Catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
+from gateway.envelope import caused_event
+from gateway.events import Outbox
 
 log = logging.getLogger("gateway.billing")
 
@@ -158,7 +160,7 @@ class Recharger:
 
     async def failed(self, billable: str, reference: str, amount: int, reason: str, payment_intent: str | None = None) -> None:
         log.warning("auto-recharge of %r failed: %s", billable, reason)
-        event = event_for(
+        event = caused_event(
             billable,
             "auto_recharge_failed",
             reference,
@@ -167,6 +169,6 @@ class Recharger:
         )
         try:
             async with self.payments.db.engine.begin() as conn:
-                await add_event(self.payments.db, conn, event)
+                await Outbox(self.payments.db).add([event], conn)
         except Exception:
             log.exception("could not record auto_recharge_failed for %r", billable)

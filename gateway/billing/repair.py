@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
 import stripe
 
 from gateway.billing.client import each
@@ -23,8 +22,7 @@ from gateway.billing.customers import Customers
 from gateway.billing.payments import Payments, from_checkout_session, from_payment_intent
 from gateway.billing.subscriptions import Subscriptions, invoice_subscription, read
 from gateway.billing.sync import PriceBook
-from gateway.grants import Grants
-from gateway.store.db import credit_grants
+from gateway.grants import Grants, granted
 
 log = logging.getLogger("gateway.billing")
 
@@ -137,5 +135,4 @@ class Repair:
 
     async def _granted(self, key: str) -> bool:
         async with self.db.engine.connect() as conn:
-            found = (await conn.execute(sa.select(credit_grants.c.seq).where(credit_grants.c.idempotency_key == key))).first()
-        return found is not None
+            return await granted(conn, key) is not None

@@ -24,10 +24,11 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.billing.client import is_missing, plain
-from gateway.billing.payments import add_event, event_for
 from gateway.catalog import Catalog
 from gateway.engine import ACTIVE_STATUSES, Engine, ResolvedPlan
+from gateway.envelope import caused_event
 from gateway.errors import RedisUnavailable, StateUnavailable
+from gateway.events import Outbox
 from gateway.state import Subscription
 from gateway.store.db import Database
 from gateway.store.db import subscriptions as table
@@ -188,7 +189,7 @@ class Subscriptions:
                 source = "subscription" if after != self.catalog.settings.default_plan else "default"
                 data = {"from": before.name, "to": after, "source": source, "subscription": facts.id}
                 reference = cause or f"{facts.id}:{facts.status}:{facts.plan}:{reported_at}"
-                await add_event(self.db, conn, event_for(billable, "plan_changed", reference, after, data))
+                await Outbox(self.db).add([caused_event(billable, "plan_changed", reference, after, data)], conn)
 
     async def _plan_now(self, billable: str) -> ResolvedPlan | None:
         try:
@@ -263,3 +264,8 @@ class Subscriptions:
     async def recorded(self, subscription_id: str) -> Any:
         async with self.db.engine.connect() as conn:
             return (await conn.execute(sa.select(table).where(table.c.id == subscription_id))).first()
+
+
+async def relink(conn: AsyncConnection, customer: str, billable: str) -> None:
+    """A customer linked to `billable`: its recorded subscriptions follow it, in the caller's transaction."""
+    await conn.execute(table.update().where(table.c.customer == customer).values(billable=billable))

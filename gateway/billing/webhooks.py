@@ -32,8 +32,6 @@ from gateway.billing.customers import Customers
 from gateway.billing.payments import (
     Payment,
     Payments,
-    add_event,
-    event_for,
     from_checkout_session,
     from_payment_intent,
     pi_key,
@@ -42,10 +40,12 @@ from gateway.billing.subscriptions import Subscriptions, invoice_subscription, r
 from gateway.billing.sync import PriceBook, read_stripe, snapshot_of, write_snapshot
 from gateway.bounds import loads
 from gateway.catalog import Catalog
+from gateway.envelope import caused_event
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable, TooLarge
-from gateway.grants import Grants
+from gateway.events import Outbox
+from gateway.grants import Grants, granted
 from gateway.problems import problem, read_body
-from gateway.store.db import Database, credit_grants, stripe_events
+from gateway.store.db import Database, stripe_events
 
 log = logging.getLogger("gateway.billing")
 
@@ -274,10 +274,10 @@ class Webhooks:
         error = intent.get("last_payment_error") or {}
         reason = error.get("decline_code") or error.get("code") or "payment_failed"
         data = {"amount_cents": intent.get("amount"), "reason": reason, "payment_intent": intent_id}
-        event = event_for(billable, "auto_recharge_failed", pi_key(intent_id), await self.payments.plan_name(billable), data)
+        event = caused_event(billable, "auto_recharge_failed", pi_key(intent_id), await self.payments.plan_name(billable), data)
 
         async def record(conn: AsyncConnection) -> None:
-            await add_event(self.db, conn, event)
+            await Outbox(self.db).add([event], conn)
 
         return Change(billable, record, {"payment_intent": intent_id, "billable": billable, "failed": reason})
 
@@ -290,10 +290,8 @@ class Webhooks:
             await self.payments.record_refunds(conn, intent_id, refunds)
 
         async with self.db.engine.connect() as conn:
-            found = (
-                await conn.execute(sa.select(credit_grants.c.billable).where(credit_grants.c.idempotency_key == pi_key(intent_id)))
-            ).scalar()
-        billable = str(found) if found else None  # a payment not credited yet takes its refunds when it is
+            found = await granted(conn, pi_key(intent_id))
+        billable = found.billable if found else None  # a payment not credited yet takes its refunds when it is
         return Change(billable, record, {"payment_intent": intent_id, "billable": billable, "refunds": len(refunds)})
 
     async def resync(self) -> Change:

@@ -86,6 +86,14 @@ class Engine:
         self._month_start = 0.0
         self._restoring: dict[str, asyncio.Future[None]] = {}
 
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Decide with `catalog` from the next decision on (one in flight finishes with what it compiled):
+        what was compiled or resolved from the old one is dropped, the calendar too (its timezone may differ)."""
+        self.catalog = catalog
+        self.plans = Plans(catalog, self.clock)
+        self.specs = Specs(catalog)
+        self._bounds = (0.0, "")
+
     # ---- keys -------------------------------------------------------------------------------------
 
     def keys(self, billable: str) -> state.Keys:

@@ -37,7 +37,11 @@ class Specs:
         key = (plan_name, route.index if route else -1)
         found = self._routes.get(key)
         if found is None:
-            found = self._routes[key] = compile_spec(self.catalog, self.catalog.plans[plan_name], route)
+            found = compile_spec(self.catalog, self.catalog.plans[plan_name], route)
+            # A request in flight across a catalog swap brings a route of the old catalog: never cached here.
+            routes = self.catalog.routes
+            if route is None or (route.index < len(routes) and routes[route.index] is route):
+                self._routes[key] = found
         return found
 
     def status(self, plan_name: str) -> str:

@@ -4,7 +4,7 @@ Nothing outside this package names a key or a field; the engine builds the scrip
 types here and reads their replies with them (DESIGN §7)."""
 
 from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Stale
-from gateway.state.events import EventBatch, envelope, iso
+from gateway.state.events import EventBatch, iso, script_event
 from gateway.state.fields import (
     CHANGE_FIELD,
     HOLD_EXPIRY_FIELD,
@@ -58,7 +58,6 @@ __all__ = [
     "Subscription",
     "UsageCounter",
     "billable_of",
-    "envelope",
     "grant_sequence",
     "iso",
     "keys",
@@ -66,6 +65,7 @@ __all__ = [
     "past_counters",
     "pattern",
     "restorable",
+    "script_event",
     "usage_counters",
     "usage_key",
 ]  # fmt: skip

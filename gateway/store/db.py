@@ -284,18 +284,27 @@ audit_log = sa.Table(
 
 
 @contextmanager
-def answering(shown: str, deadline: float | None = None) -> Iterator[None]:
+def answering(shown: str, deadline: float | None = None, *, undone: str = "") -> Iterator[None]:
     """The one map from "the database did not answer" (a deadline, a socket, a driver's error) to
-    DatabaseUnavailable, naming the database and the reason. A conflict (IntegrityError) is the caller's."""
+    DatabaseUnavailable, naming the database and the reason. A conflict (IntegrityError) is the caller's.
+
+    Every connection of a `Database` runs under it; a caller wraps an operation again to say what the
+    outage left `undone` ("the grant was not made")."""
+    more = f"; {undone}" if undone else ""
     try:
         yield
     except IntegrityError:
         raise
+    except DatabaseUnavailable as exc:
+        if not more:
+            raise
+        raise exc.also(more) from exc.__cause__
     except TimeoutError as exc:  # the deadline (asyncio's is the builtin), or the driver's own
         within = f"within {deadline:g} s (GATEWAY_DB_TIMEOUT)" if deadline is not None else "in time"
-        raise DatabaseUnavailable(f"the database at {shown} did not answer {within}") from exc
+        raise DatabaseUnavailable(f"the database at {shown} did not answer {within}{more}", url=shown, reason=within) from exc
     except (DBAPIError, PoolTimeout, DisconnectionError, OSError) as exc:
-        raise DatabaseUnavailable(f"the database at {shown} did not answer: {_reason(exc)}") from exc
+        reason = _reason(exc)
+        raise DatabaseUnavailable(f"the database at {shown} did not answer: {reason}{more}", url=shown, reason=reason) from exc
 
 
 def _reason(exc: BaseException) -> str:
