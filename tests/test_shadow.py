@@ -4,13 +4,27 @@ an enforcing route beside it still denies. Decided on the shared Redis under a p
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from engine_support import Harness, harness, headers
-from services import shared_redis_url
+from gateway_support import ADMIN_HEADERS, serving
+from services import RedisServer, RedisSpace, shared_redis_url
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+from starlette.testclient import TestClient
 
+from gateway.catalog import parse_catalog
+from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
 from gateway.state import usage_counters
 
 T = TypeVar("T")
@@ -216,3 +230,77 @@ def test_a_dry_decision_in_shadow_writes_nothing(go: Go[None]) -> None:
         assert shadow_counts((await h.engine.snapshot("org")).state) == {}
 
     go(check)
+
+
+# ---- through the proxy and the middleware -----------------------------------------------------------------
+
+
+def test_through_the_proxy_shadow_is_flagged_counted_and_in_the_usage_history(tmp_path: Path, empty_db_url: str) -> None:
+    """`gateway serve` on a real redis-server and record: the shadowed route answers 200 with `X-Gateway-Shadow:
+    429 exports` and the usual headers, the enforcing one beside it 429; /_gateway/metrics counts the would-be
+    denial by policy; the record's block event says shadow; the usage history (endpoint and `gateway usage`)
+    has it in its "would have been denied" column."""
+    org = {"X-Org": "org_shadow"}
+    with RedisServer() as server, serving(tmp_path, CATALOG, redis_port=server.port, db_url=empty_db_url,
+                                          billable_header="X-Org") as gw:
+        assert [httpx.post(f"{gw.url}/exports", headers=org).status_code for _ in range(2)] == [200, 200]
+        over = httpx.post(f"{gw.url}/exports", headers=org)
+        assert over.status_code == 200 and over.json()["billable"] == "org_shadow"
+        assert over.headers["x-gateway-shadow"] == "429 exports"
+        assert over.headers["ratelimit-policy"].startswith('"exports";q=2;w=')
+        assert over.headers["ratelimit"].startswith('"exports";r=0;t=')
+        strict = httpx.post(f"{gw.url}/strict-exports", headers=org)
+        assert strict.status_code == 429 and "x-gateway-shadow" not in strict.headers
+        assert strict.json()["violated_policies"] == ["exports"]
+        assert gw.upstream_saw.count("POST /exports org_shadow") == 3 and "POST /strict-exports org_shadow" not in gw.upstream_saw
+
+        status = httpx.get(f"{gw.url}/_gateway/admin/billables/org_shadow", headers=ADMIN_HEADERS).json()
+        assert (status["limits"]["exports"]["usage"], status["limits"]["exports"]["limit"]) == (3, 2)
+        metrics = httpx.get(f"{gw.url}/_gateway/metrics", headers=ADMIN_HEADERS).text
+        assert 'gateway_shadow_denials_total{policy="exports"} 1.0' in metrics
+        assert 'gateway_decisions_total{outcome="denied",policy="exports"} 1.0' in metrics
+
+        usage = httpx.get(f"{gw.url}/_gateway/admin/billables/org_shadow/usage", headers=ADMIN_HEADERS).json()
+        rows = {r["route"]: r for r in usage["routes"]}
+        assert (rows["POST /exports"]["requests"], rows["POST /exports"]["shadow_denials"]) == (3, 1)
+        assert usage["totals"]["shadow_denials"] == 1
+        bodies = [json.loads(b) for (b,) in gw.query("select body from events_outbox where billable = 'org_shadow'")]
+        blocks = sorted((e["data"].get("shadow", False), e["data"]["usage"]) for e in bodies if e["type"] == "block")
+        assert blocks == [(False, 3), (True, 2)]  # the shadowed crossing, then enforcement's own
+
+        plans = str(tmp_path / "plans.toml")
+        table = subprocess.run([sys.executable, "-m", "gateway.cli", "usage", "org_shadow", "--plans", plans,
+                                "--database-url", empty_db_url], capture_output=True, text=True, timeout=60, check=False)
+        assert table.returncode == 0, table.stderr
+        head, line = table.stdout.splitlines()[1], next(x for x in table.stdout.splitlines() if x.startswith("POST /exports"))
+        assert head.endswith("would have been denied") and line.split()[-1] == "1"
+
+
+def test_through_the_middleware_shadow_is_flagged_and_counted(redis_space: RedisSpace) -> None:
+    """The ASGI middleware in a Starlette app: a shadowed rate limit past its burst reaches the app with the
+    shadow header; the feature a plan lacks on a shadowed route too (`403 hd`); both in the metrics."""
+    engine = redis_space.engine(parse_catalog(CATALOG))
+    metrics = Metrics()
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"billable": request.headers.get("x-billable-id")})
+
+    def org(scope: dict[str, Any]) -> str | None:
+        return dict(scope["headers"]).get(b"x-org", b"").decode() or None
+
+    inner = Starlette(routes=[StarletteRoute("/{rest:path}", ok, methods=["GET", "POST"])])
+    app = GatewayMiddleware(inner, engine=engine, billable=org, metrics=metrics)
+    with TestClient(app) as client:
+        limited = [client.get("/limited", headers={"x-org": "org_mw"}) for _ in range(3)]
+        assert [r.status_code for r in limited] == [200, 200, 200]
+        assert [r.headers.get("x-gateway-shadow") for r in limited] == [None, None, "429 rate:GET /limited"]
+        image = client.post("/images", headers={"x-org": "org_mw"})
+        assert image.status_code == 200 and image.json() == {"billable": "org_mw"}
+        assert image.headers["x-gateway-shadow"] == "403 hd" and image.headers["x-credits-remaining"] == "5"
+        strict = client.post("/strict", headers={"x-org": "org_mw"})
+        assert strict.status_code == 200  # within its cap
+        assert client.post("/strict", headers={"x-org": "org_mw"}).status_code == 403
+    rendered = metrics.render().decode()
+    assert 'gateway_shadow_denials_total{policy="rate:GET /limited"} 1.0' in rendered
+    assert 'gateway_shadow_denials_total{policy="hd"} 1.0' in rendered
+    assert 'gateway_shadow_denials_total{policy="projects"}' not in rendered
