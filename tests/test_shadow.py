@@ -278,7 +278,8 @@ def test_through_the_proxy_shadow_is_flagged_counted_and_in_the_usage_history(tm
 
 def test_through_the_middleware_shadow_is_flagged_and_counted(redis_space: RedisSpace) -> None:
     """The ASGI middleware in a Starlette app: a shadowed rate limit past its burst reaches the app with the
-    shadow header; the feature a plan lacks on a shadowed route too (`403 hd`); both in the metrics."""
+    shadow header; the feature a plan lacks on a shadowed route too (`403 hd`); both in the metrics. A request
+    without a billable, or with a path that cannot be made canonical, is refused all the same."""
     engine = redis_space.engine(parse_catalog(CATALOG))
     metrics = Metrics()
 
@@ -300,6 +301,9 @@ def test_through_the_middleware_shadow_is_flagged_and_counted(redis_space: Redis
         strict = client.post("/strict", headers={"x-org": "org_mw"})
         assert strict.status_code == 200  # within its cap
         assert client.post("/strict", headers={"x-org": "org_mw"}).status_code == 403
+        # Shadow never relaxes a 401 or a 400.
+        assert client.post("/images").status_code == 401
+        assert client.post("/images%2Fx", headers={"x-org": "org_mw"}).status_code == 400
     rendered = metrics.render().decode()
     assert 'gateway_shadow_denials_total{policy="rate:GET /limited"} 1.0' in rendered
     assert 'gateway_shadow_denials_total{policy="hd"} 1.0' in rendered
