@@ -361,7 +361,7 @@ class Endpoints:
         return JSONResponse(overage(self.catalog, status, target))
 
     async def usage_history(self, request: Request) -> Response:
-        """Requests, units, credits and amount_cents per route and operation in a month, from the record."""
+        """Requests, units, credits, amount_cents and shadow_denials per route and operation in a month, from the record."""
         billable = request.path_params["billable"]
         current = current_period(self.catalog.settings.zone, self.engine.clock())
         period = request.query_params.get("period") or current

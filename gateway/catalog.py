@@ -451,11 +451,13 @@ class Catalog:
         offered = [name for name, plan in self.plans.items() if not plan.archived]
         return sorted(offered, key=lambda name: self.plans[name].sort_price)
 
-    def enforcement(self, plan: str, route: Route | None) -> Enforce:
-        """Whether denials are enforced or only shadowed: the route's say, else the plan's, else the catalog's."""
+    def enforcement(self, plan: str | Plan, route: Route | None) -> Enforce:
+        """Whether denials are enforced or only shadowed: the route's say, else the plan's, else the catalog's.
+
+        `plan` is a name, or the effective plan itself (a per-billable override keeps its plan's say)."""
         if route is not None and route.config.enforce is not None:
             return route.config.enforce
-        found = self.plans.get(plan)
+        found = self.plans.get(plan) if isinstance(plan, str) else plan
         if found is not None and found.enforce is not None:
             return found.enforce
         return self.settings.enforce

@@ -75,6 +75,7 @@ class Decision:
     now: float = 0.0  # Redis TIME of the decision, in seconds
     degraded: bool = False
     recharge: bool = False  # this spend took the lease to start an auto-recharge
+    shadowed: list[Violation] = field(default_factory=list)  # what an admission in shadow would have been denied for
 
     @property
     def deciding(self) -> Violation | None:
@@ -103,8 +104,21 @@ class Decision:
     def violated_policies(self) -> list[str]:
         return list(dict.fromkeys(v.name for v in self.violations))
 
+    @property
+    def shadow(self) -> str | None:
+        """`X-Gateway-Shadow`: the status a shadowed admission would have had and its violated policies."""
+        if not self.shadowed:
+            return None
+        deciding = min(self.shadowed, key=lambda v: _RANK[v.kind])
+        return " ".join([str(_OUTCOMES[deciding.kind][0]), *self.shadowed_policies])
+
+    @property
+    def shadowed_policies(self) -> list[str]:
+        return list(dict.fromkeys(v.name for v in self.shadowed))
+
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """RateLimit-Policy, RateLimit, X-RateLimit-*, Retry-After, X-Credits-Remaining, X-Gateway-Degraded."""
+        """RateLimit-Policy, RateLimit, X-RateLimit-*, Retry-After, X-Credits-Remaining, X-Gateway-Degraded,
+        X-Gateway-Shadow."""
         out: list[tuple[bytes, bytes]] = []
         shown: list[tuple[str, int, int | None]] = []
         credits_item = b""  # its q follows the purchased credits on hand: not worth a cache entry per value
@@ -144,6 +158,8 @@ class Decision:
             out.append((b"x-credits-remaining", b"%d" % self.credits))
         if self.degraded:
             out.append((b"x-gateway-degraded", b"redis"))
+        if self.shadowed:
+            out.append((b"x-gateway-shadow", (self.shadow or "").encode()))
         return out
 
     def problem(self, catalog: Catalog, *, unauthorized: str = API_KEY_REQUIRED) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: decisions by outcome and policy, decision latency, Redis errors, degraded answers.
+"""Prometheus metrics: decisions by outcome and policy, decision latency, Redis errors, degraded answers,
+would-be denials in shadow.
 
 No label carries a billable: their number is unbounded. Each app gets its own registry so several
 gateways (and tests) can live in one process.
@@ -33,6 +34,7 @@ class Metrics:
         self.redis_errors = 0
         self.degraded_answers = 0
         self.event_counts: dict[str, int] = {}
+        self.shadow_denials: dict[str, int] = {}  # by policy: admitted in shadow, would have been denied
         self.registry.register(_Collector(self))
 
     def decided(self, outcome: str, policies: Iterable[str] = ()) -> None:
@@ -42,6 +44,10 @@ class Metrics:
         for policy in list(policies) or [""]:
             key = (outcome, policy)
             self.refused[key] = self.refused.get(key, 0) + 1
+
+    def shadowed(self, policies: Iterable[str]) -> None:
+        for policy in policies:
+            self.shadow_denials[policy] = self.shadow_denials.get(policy, 0) + 1
 
     def latency(self, seconds: float) -> None:
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # `le`: a value on a bound is in it
@@ -88,3 +94,7 @@ class _Collector:
         for kind, count in sorted(m.event_counts.items()):
             events.add_metric([kind], count)
         yield events
+        shadow = CounterMetricFamily("gateway_shadow_denials", "Requests admitted in shadow that would have been denied, by policy", labels=["policy"])
+        for policy, count in sorted(m.shadow_denials.items()):
+            shadow.add_metric([policy], count)
+        yield shadow

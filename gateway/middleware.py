@@ -168,6 +168,8 @@ class GatewayMiddleware:
         """Count the decision; tell `on_decision` of one that emitted events or started an auto-recharge."""
         if decision.admitted:
             self.metrics.decided("admitted")
+            if decision.shadowed:
+                self.metrics.shadowed(decision.shadowed_policies)
         else:
             self.metrics.decided("denied", decision.violated_policies)
         if decision.events or decision.recharge:

@@ -44,7 +44,7 @@ from gateway.grants import Grants
 from gateway.settings import Settings
 from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
 from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
-from gateway.usage import rows_from_state
+from gateway.usage import COLUMNS, rows_from_state
 
 log = logging.getLogger("gateway.reconcile")
 
@@ -383,7 +383,8 @@ class Reconciler:
             written = set((await conn.execute(snapshot_upsert, rows)).scalars())
             usage = [
                 {"billable": billable, "period": r.period, "route": r.route, "operation": r.operation,
-                 "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents}
+                 "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents,
+                 "shadow_denials": r.shadow_denials}
                 for billable in sorted(written)
                 for r in rows_from_state(states[billable], per_dollar)
             ]
@@ -402,7 +403,7 @@ class Reconciler:
             insert = self.db.insert(usage_totals)
             usage_upsert = insert.on_conflict_do_update(
                 index_elements=[usage_totals.c.billable, usage_totals.c.period, usage_totals.c.route, usage_totals.c.operation],
-                set_={c: insert.excluded[c] for c in ("requests", "units", "credits", "amount_cents")},
+                set_={c: insert.excluded[c] for c in COLUMNS},
             )
             self._statements = (snapshot_upsert, usage_upsert)
         return self._statements

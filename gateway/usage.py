@@ -18,6 +18,9 @@ from gateway.state import usage_counters
 from gateway.store.db import Database, usage_totals
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+COLUMNS = ("requests", "units", "credits", "amount_cents", "shadow_denials")
+# The terminal's name of a column, where its JSON key would not say it to an operator.
+_HEADINGS = {"shadow_denials": "would have been denied"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,7 @@ class UsageRow:
     units: int = 0
     credits: int = 0
     amount_cents: int = 0
+    shadow_denials: int = 0  # admitted in shadow mode, would have been denied
 
 
 def current_period(zone: tzinfo, now: float) -> str:
@@ -52,36 +56,37 @@ def rows_from_state(saved: dict[str, str], credits_per_dollar: int) -> list[Usag
         credits = values.get("credits", 0)
         rows.append(
             UsageRow(period, route, operation, values.get("requests", 0), values.get("units", 0), credits,
-                     cents(credits, credits_per_dollar))
+                     cents(credits, credits_per_dollar), values.get("shadow_denials", 0))
         )
     return rows
 
 
 async def usage_report(db: Database, billable: str, period: str) -> dict[str, Any]:
-    """Requests, units, credits and amount_cents per route and operation in `period`, with totals."""
+    """Requests, units, credits, amount_cents and shadow_denials (admitted in shadow, would have been denied)
+    per route and operation in `period`, with totals."""
     t = usage_totals
     async with db.engine.connect() as conn:
         found = (
             await conn.execute(
-                sa.select(t.c.route, t.c.operation, t.c.requests, t.c.units, t.c.credits, t.c.amount_cents)
+                sa.select(t.c.route, t.c.operation, t.c.requests, t.c.units, t.c.credits, t.c.amount_cents, t.c.shadow_denials)
                 .where(t.c.billable == billable, t.c.period == period)
                 .order_by(t.c.route, t.c.operation)
             )
         ).all()
     routes = [
         {"route": r.route, "operation": r.operation or None, "requests": r.requests, "units": r.units,
-         "credits": r.credits, "amount_cents": r.amount_cents}
+         "credits": r.credits, "amount_cents": r.amount_cents, "shadow_denials": r.shadow_denials}
         for r in found
     ]
-    totals = {k: sum(int(r[k]) for r in routes) for k in ("requests", "units", "credits", "amount_cents")}
+    totals = {k: sum(int(r[k]) for r in routes) for k in COLUMNS}
     return {"billable": billable, "period": period, "routes": routes, "totals": totals}
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as a table for the terminal."""
-    head = ["route", "operation", "requests", "units", "credits", "amount_cents"]
-    rows = [[r["route"], r["operation"] or "-", *(str(r[k]) for k in head[2:])] for r in report["routes"]]
-    rows.append(["total", "", *(str(report["totals"][k]) for k in head[2:])])
+    head = ["route", "operation", *(_HEADINGS.get(k, k) for k in COLUMNS)]
+    rows = [[r["route"], r["operation"] or "-", *(str(r[k]) for k in COLUMNS)] for r in report["routes"]]
+    rows.append(["total", "", *(str(report["totals"][k]) for k in COLUMNS)])
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:

@@ -1,12 +1,13 @@
 -- One decision: features (decided by the caller), rate limits, limits and credits, all or nothing.
 -- The protocol is gateway/state/decide.py (DecideArgs, DecideReply); the spec is gateway/state/spec.py.
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag).
--- ARGV: 1 spec (JSON), 2 the caller's plan version, 3 calendar bounds (JSON),
---       4 "1" when the caller already denies (features): evaluate, write nothing but events,
+-- ARGV: 1 spec (JSON; `sh` = 1 on a shadowed plan or route), 2 the caller's plan version, 3 calendar bounds (JSON),
+--       4 "1" when the caller already denies (features): evaluate, write nothing but events; "s" when the
+--       caller shadows a denial of its own (features on a shadowed route): counted as a would-be denial,
 --       5 hold id for a metered spend ("" for none), 6 credit cost override ("" for the spec's),
 --       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events),
 --       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
---       under it (`qr:`, `qu:`, `qc:`) for the record's usage history,
+--       under it (`qr:`, `qu:`, `qc:`; would-be denials in shadow `qs:`) for the record's usage history,
 --       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease).
 --#include rules
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
@@ -16,7 +17,7 @@ local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
 -- Every field this decision may read, in one call: the fixed ones here, the spec's own in spec.f.
 local names = {'pv', 'hyd', 'asg', 'sub', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
-  'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key}
+  'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key}
 for _, f in ipairs(spec.f) do names[#names + 1] = f end
 local values = redis.call('HMGET', S, unpack(names))
 local F = {}
@@ -32,6 +33,9 @@ end
 
 local bounds = cjson.decode(ARGV[3])
 local forced_deny = ARGV[4] == '1'
+-- Shadow: a would-be denial is admitted and charged as if it were within; its violations are still answered.
+local shadow = spec.sh == 1
+local caller_shadowed = ARGV[4] == 's'
 local hold_id = ARGV[5]
 local plan = ARGV[9]
 local clock = redis.call('TIME')
@@ -75,7 +79,10 @@ local admitted = not forced_deny
 local policies, violations, events, writes = {}, {}, {}, {}
 local function set(field, value) writes[#writes + 1] = field; writes[#writes + 1] = value end
 -- A violation: {name, kind, retry after, usage, limit, cost, balance}; false stands for none.
-local function violate(v) violations[#violations + 1] = v; admitted = false end
+local function violate(v)
+  violations[#violations + 1] = v
+  if not shadow then admitted = false end
+end
 local deny_events, deny_writes = {}, {}
 -- A denial takes nothing, so its reply shows each policy as it was before the request: index in
 -- `policies` -> {remaining, reset} before, where that differs from the state after an admission.
@@ -95,10 +102,13 @@ for _, r in ipairs(spec.r or {}) do
     local wait = ceil_s(allow_at - now)
     if wait < 1 then wait = 1 end
     violate({name, 'rate', wait, false, false, false, false})
+  end
+  if allow_at > now and not shadow then
     policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
   else
+    -- A shadowed rate limit advances as if the request had been admitted.
     set('r:' .. name, new_tat)
-    local left = gcra_available(new_tat, now, interval, burst)
+    local left = math.max(0, gcra_available(new_tat, now, interval, burst))
     policies[#policies + 1] = {name, 'rate', burst, r[4], left, ceil_s(new_tat - now)}
     before[#policies] = {left + 1, ceil_s(tat - now)}
   end
@@ -110,12 +120,14 @@ for _, l in ipairs(spec.l or {}) do
   local usage = num('u:' .. n, 0)
   local grace_at = num('g:' .. n, nil)
   local warned = num('t:' .. n, 0)
-  local blocked_once = F['b:' .. n] == '1'
+  -- The block mark: '1' once an enforced block was sent, 's' once a shadowed one was (an enforced block
+  -- still follows it, when enforcement starts in the same window).
+  local block_mark = F['b:' .. n] or ''
   local ws, we = nil, nil
   if p ~= '' then
     ws, we = window(p)
     if num('w:' .. n, nil) ~= ws then
-      usage, grace_at, warned, blocked_once = 0, nil, 0, false
+      usage, grace_at, warned, block_mark = 0, nil, 0, ''
       set('w:' .. n, ws); set('g:' .. n, ''); set('t:' .. n, 0); set('b:' .. n, '')
     end
   end
@@ -125,11 +137,11 @@ for _, l in ipairs(spec.l or {}) do
     state = 'unlimited'
   elseif c > to then
     violate({n, 'size', false, usage, to, c, false})
-    state = 'denied'
+    state = shadow and 'shadow' or 'denied'
   elseif after <= to then
     if p == '' and grace_at then
       -- The excess episode is over: a later one earns its own grace.
-      grace_at = nil; blocked_once = false
+      grace_at = nil; block_mark = ''
       set('g:' .. n, ''); set('b:' .. n, '')
     end
   elseif l.a == 'w' then
@@ -156,7 +168,13 @@ for _, l in ipairs(spec.l or {}) do
       local wait = nil
       if p ~= '' then wait = ceil_s(we - now); if wait < 1 then wait = 1 end end
       violate({n, (p == '' and 'cap' or 'allow'), wait or false, usage, to, c, false})
-      if not blocked_once then
+      if shadow then
+        state = 'shadow'
+        if block_mark == '' then
+          set('b:' .. n, 's')
+          event('block', {limit = n, usage = usage, shadow = true})
+        end
+      elseif block_mark ~= '1' then
         deny_writes[#deny_writes + 1] = 'b:' .. n
         deny_event('block', {limit = n, usage = usage})
       end
@@ -209,14 +227,21 @@ if cr then
     spent = spent + cost
   elseif cost > 0 and balance < cost then
     violate({'credits', 'credits', false, false, false, cost, balance})
-    deny_event('insufficient_credits', {needed = cost, balance = balance})
-    cost = 0
+    if shadow then
+      event('insufficient_credits', {needed = cost, balance = balance, shadow = true})
+    else
+      deny_event('insufficient_credits', {needed = cost, balance = balance})
+      cost = 0
+    end
   end
   local from_period, from_purchased = 0, 0
   if not unlimited and cost > 0 then
     from_period = math.min(cost, left)
     from_purchased = cost - from_period
-    spent, purchased = spent + from_period, purchased - from_purchased
+    -- Past the purchased credits (only in shadow) the spend is debt; the hold counts it as purchased, so a
+    -- give-back returns it there and settle pays the debt from it.
+    local owed = from_purchased - math.max(0, math.min(from_purchased, purchased))
+    spent, purchased, debt = spent + from_period, purchased - (from_purchased - owed), debt + owed
   end
   local after = balance - (from_period + from_purchased)
   if unlimited then after = nil end
@@ -276,6 +301,7 @@ elseif admitted then
   set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)
   if taken ~= 0 then set('qc:' .. usage_key, num('qc:' .. usage_key, 0) + taken) end
   if units ~= 0 then set('qu:' .. usage_key, num('qu:' .. usage_key, 0) + units) end
+  if #violations > 0 or caller_shadowed then set('qs:' .. usage_key, num('qs:' .. usage_key, 0) + 1) end
   if hold_id ~= '' and hold then
     hold.exp = now + tonumber(ARGV[8]) * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))

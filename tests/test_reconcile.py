@@ -147,7 +147,7 @@ def test_flush_writes_state_usage_and_events_and_twice_changes_nothing(empty_db_
             usage = {(r["route"], r["operation"]): r for r in await env.rows(tables.usage_totals)}
             assert usage[("POST /cheap-images", "image")] | {} == {
                 "billable": "org-a", "period": month, "route": "POST /cheap-images", "operation": "image",
-                "requests": 4, "units": 0, "credits": 20, "amount_cents": 20,
+                "requests": 4, "units": 0, "credits": 20, "amount_cents": 20, "shadow_denials": 0,
             }
             assert (usage[("POST /projects", "")]["requests"], usage[("POST /projects", "")]["units"]) == (2, 2)
             assert (usage[("POST /chat", "chat")]["units"], usage[("POST /chat", "chat")]["credits"]) == (7, 7)
@@ -663,12 +663,14 @@ def test_usage_history_from_the_record(tmp_path: Path, empty_db_url: str, own_re
         month = current_period(CATALOG.settings.zone, time.time())
         assert report["billable"] == "org-u" and report["period"] == month
         assert report["routes"] == [
-            {"route": "* /*", "operation": None, "requests": 3, "units": 0, "credits": 0, "amount_cents": 0},
+            {"route": "* /*", "operation": None, "requests": 3, "units": 0, "credits": 0, "amount_cents": 0,
+             "shadow_denials": 0},
             {"route": "POST /cheap-images", "operation": "image", "requests": 2, "units": 0, "credits": 10,
-             "amount_cents": 10},
-            {"route": "POST /projects", "operation": None, "requests": 1, "units": 1, "credits": 0, "amount_cents": 0},
+             "amount_cents": 10, "shadow_denials": 0},
+            {"route": "POST /projects", "operation": None, "requests": 1, "units": 1, "credits": 0, "amount_cents": 0,
+             "shadow_denials": 0},
         ]
-        assert report["totals"] == {"requests": 6, "units": 1, "credits": 10, "amount_cents": 10}
+        assert report["totals"] == {"requests": 6, "units": 1, "credits": 10, "amount_cents": 10, "shadow_denials": 0}
         assert r.json() == httpx.get(f"{url}/_gateway/admin/billables/org-u/usage?period={month}", headers=admin).json()
         empty = httpx.get(f"{url}/_gateway/admin/billables/org-u/usage?period=2020-01", headers=admin).json()
         assert empty["routes"] == [] and empty["totals"]["requests"] == 0

@@ -118,7 +118,8 @@ class Engine:
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
                 calendar=self._calendar(),
-                forced_deny=bool(compiled.denied),
+                forced_deny=bool(compiled.denied) and not compiled.shadow,
+                shadowed=bool(compiled.denied) and compiled.shadow,
                 hold_id=hold_id,
                 credit_cost=credit_cost,
                 restores=self.restore is not None,
@@ -141,6 +142,10 @@ class Engine:
 
     def _decision(self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply) -> Decision:
         violations = [*compiled.denied, *reply.violations]
+        shadowed: list[Violation] = []
+        if compiled.shadow:
+            # Admitted and charged as if within: the violations are what it would have been denied for.
+            violations, shadowed = [], violations
         policies = reply.policies
         balance: int | None = None
         recharge = False
@@ -151,7 +156,7 @@ class Engine:
             if route is not None and route.config.spend is not None and credit.allowance >= 0:
                 # q: the nominal allowance plus the purchased credits on hand, so r (the balance) is never above it.
                 policies.append(PolicyState(CREDITS, "credits", credit.allowance + max(0, credit.purchased), None, balance, None))
-        admitted = reply.admitted and not compiled.denied
+        admitted = reply.admitted and not violations
         return Decision(
             admitted=admitted,
             billable=billable,
@@ -164,6 +169,7 @@ class Engine:
             hold=reply.hold if admitted else None,
             now=reply.now_ms / 1000,
             recharge=recharge,
+            shadowed=shadowed,
         )
 
     def _calendar(self) -> str:
@@ -202,6 +208,8 @@ class Engine:
         resolved = self.plans.cached(billable)
         plan = resolved.name if resolved else self.catalog.settings.default_plan
         compiled = self.specs.route(plan, route)
+        if compiled.shadow:
+            return Offline(plan, (), ())  # nothing is enforced in shadow, not even in this process
         return Offline(plan, compiled.denied, compiled.rates)
 
     # ---- after the upstream answered ----------------------------------------------------------------

@@ -23,6 +23,7 @@ class Compiled:
     denied: tuple[Violation, ...]  # the route's features the plan lacks
     metered: bool
     rates: tuple[RateLimit, ...]  # the plan's and the route's rate limits
+    shadow: bool = False  # enforce = "shadow": `denied` and the script's violations are reported, not enforced
 
 
 class Specs:
@@ -56,6 +57,7 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
 
     `plan` is the effective plan: a per-billable override is compiled the same way."""
     denied: list[Violation] = []
+    shadow = catalog.enforcement(plan, route) == "shadow"
     rates = [r for r in (plan.rate, route.rate if route else None) if r is not None]
     limits: list[state.LimitSpec] = []
     metered = False
@@ -85,8 +87,9 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
             shown=route is not None and route.config.spend is not None,
         ),
         recharges_per_month=catalog.settings.auto_recharge_max_per_month,
+        shadow=shadow,
     )
-    return Compiled(spec.encode(), tuple(denied), metered, tuple(rates))
+    return Compiled(spec.encode(), tuple(denied), metered, tuple(rates), shadow)
 
 
 

@@ -23,13 +23,14 @@ class DecideArgs:
     plan: str  # for the events
     usage_key: str  # fields.usage_key
     dry: bool = False  # evaluate everything, write nothing: the decision the request would get
+    shadowed: bool = False  # the caller shadows a denial of its own (features): admitted, counted as one
 
     def argv(self) -> list[str | int]:
         return [
             self.spec,
             self.plan_version,
             self.calendar,
-            "1" if self.forced_deny else "0",
+            "1" if self.forced_deny else "s" if self.shadowed else "0",
             self.hold_id,
             "" if self.credit_cost is None else self.credit_cost,
             "1" if self.restores else "0",

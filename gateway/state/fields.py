@@ -12,6 +12,7 @@
     c:seq       last credit grant applied       c:thr   low-balance threshold
     ar:on ar:amt ar:lease ar:n ar:m   auto-recharge: enabled, amount (cents), lease, count this month, month
     qr: qu: qc: <YYYY-MM>|<route>|<operation>   usage history: admitted requests, units, credits
+    qs:<YYYY-MM>|<route>|<operation>            usage history: would-be denials admitted in shadow
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-UsageColumn = Literal["requests", "units", "credits"]
-_COUNTERS: dict[str, UsageColumn] = {"qr": "requests", "qu": "units", "qc": "credits"}
+UsageColumn = Literal["requests", "units", "credits", "shadow_denials"]
+_COUNTERS: dict[str, UsageColumn] = {"qr": "requests", "qu": "units", "qc": "credits", "qs": "shadow_denials"}
 
 
 def ms(seconds: float) -> int:

@@ -48,6 +48,7 @@ class Spec:
     limits: tuple[LimitSpec, ...]
     credits: CreditSpec
     recharges_per_month: int
+    shadow: bool = False  # enforce = "shadow": a would-be denial is admitted, charged and reported
 
     def encode(self) -> str:
         """The JSON decide.lua decodes, with `f`: every field it reads, fetched in one HMGET."""
@@ -64,11 +65,13 @@ class Spec:
             limits.append(item)
         fields += CREDIT_FIELDS
         c = self.credits
-        spec = {
+        spec: dict[str, object] = {
             "arm": self.recharges_per_month,
             "r": [[r.name, r.interval_ms, r.burst, r.window] for r in self.rates],
             "l": limits,
             "cr": {"a": c.allowance, "p": c.period, "ro": int(c.rollover), "c": c.cost, "show": int(c.shown)},
             "f": fields,
         }
+        if self.shadow:
+            spec["sh"] = 1
         return json.dumps(spec, separators=(",", ":"))

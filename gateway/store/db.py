@@ -215,6 +215,7 @@ usage_totals = sa.Table(
     sa.Column("units", Int, nullable=False, server_default=ZERO),
     sa.Column("credits", Int, nullable=False, server_default=ZERO),
     sa.Column("amount_cents", Int, nullable=False, server_default=ZERO),
+    sa.Column("shadow_denials", Int, nullable=False, server_default=ZERO),  # admitted in shadow, would have been denied
 )
 
 events_outbox = sa.Table(
