@@ -106,7 +106,9 @@ for _, r in ipairs(spec.r or {}) do
   if allow_at > now and not shadow then
     policies[#policies + 1] = {name, 'rate', burst, r[4], 0, ceil_s(tat - now)}
   else
-    -- A shadowed rate limit advances as if the request had been admitted.
+    -- A shadowed rate limit advances as if the request had been admitted, to an empty cell at most: a week
+    -- of shadow traffic over the rate must not leave hours of refusals behind once it enforces.
+    if new_tat > now + burst * interval then new_tat = now + burst * interval end
     set('r:' .. name, new_tat)
     local left = math.max(0, gcra_available(new_tat, now, interval, burst))
     policies[#policies + 1] = {name, 'rate', burst, r[4], left, ceil_s(new_tat - now)}

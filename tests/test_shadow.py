@@ -147,6 +147,22 @@ def test_a_shadowed_rate_limit_advances_as_if_admitted(go: Go[None]) -> None:
     go(check)
 
 
+def test_a_shadow_flood_leaves_the_rate_cell_empty_not_in_debt(go: Go[None]) -> None:
+    """Fifty requests over `2/hour` in shadow leave the cell empty, never further: once enforced, the next unit
+    comes within one interval (30 min), not after 24 hours of refusals."""
+
+    async def check(h: Harness) -> None:
+        for _ in range(50):
+            assert (await h.decide("org", "GET", "/limited")).admitted
+        cell = (await h.engine.status("org"))["rate_limits"]["rate:GET /limited"]
+        assert cell["remaining"] == 0
+        last = await h.decide("org", "GET", "/limited")
+        wait = int(headers(last)["ratelimit"].rsplit("t=", 1)[1])
+        assert wait <= 3600  # an empty cell of burst 2 at 2/hour frees its next unit within the hour
+
+    go(check)
+
+
 def test_features_and_credits_in_shadow_go_into_debt_and_report_403_first(go: Go[None]) -> None:
     """A feature the plan lacks and credits short on a shadowed route: admitted with `403 hd credits` (403
     before 402), charged into debt, its insufficient_credits event marked shadow; a grant pays the debt first."""
