@@ -7,9 +7,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import hiredis
 import pytest
 import redis
 from services import RedisCluster, RedisServer, free_port, raw_redis, shared_redis_url
+from waiting import until
 
 from gateway.errors import ConfigError, RedisReplyError, RedisUnavailable
 from gateway.store.cluster import key_slot
@@ -408,3 +410,38 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+
+def test_a_call_in_flight_when_the_server_closes_never_gets_the_next_connections_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server closes with a call in flight, and the event loop reports the loss late (uvloop closes the
+    handle first): that call fails with ConnectionLost, and the call that connects again gets its own reply,
+    never handed to the older one."""
+    from gateway.store import resp
+
+    late: list[tuple[Any, Exception | None]] = []
+    monkeypatch.setattr(resp._Protocol, "connection_lost", lambda self, exc: late.append((self, exc)))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                if command[1] == b"hold":  # never answered: the server goes away with it in flight
+                    writer.close()
+                    return
+                writer.write(b"$%d\r\n%s\r\n" % (len(command[1]), command[1]))
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        conn = PipelinedConnection("127.0.0.1", server.sockets[0].getsockname()[1], timeout=3)
+        assert await conn.call(("ECHO", "first")) == "first"
+        held = asyncio.ensure_future(conn.call(("ECHO", "hold")))
+        await until(lambda: held.done() or (t := conn._transport) is None or t.is_closing(), "the server to close")
+        assert await conn.call(("ECHO", "next")) == "next"
+        with pytest.raises(resp.ConnectionLost):
+            await held
+        conn.close()
+        server.close()
+
+    go(main())

@@ -58,6 +58,12 @@ class _Protocol(asyncio.Protocol):
         if self.owner._protocol is self:
             self.owner._received(data)
 
+    def eof_received(self) -> None:
+        # The server closed: fail what is in flight now, before a caller can see the transport closing and
+        # connect again (the successor's replies must never reach the calls made on this connection).
+        if self.owner._protocol is self:
+            self.owner._lost(ConnectionLost("connection closed (by the server)"))
+
     def connection_lost(self, exc: Exception | None) -> None:
         # A connection dropped earlier (timed out, replaced) must not take its successor down with it.
         if self.owner._protocol is self:
@@ -127,7 +133,9 @@ class PipelinedConnection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._buffer and self._transport is not None:
+        if self._transport is not None and self._transport.is_closing():
+            self._lost(ConnectionLost("connection closed before the commands were written"))
+        elif self._buffer and self._transport is not None:
             data = b"".join(self._buffer)
             self._buffer.clear()
             self._transport.write(data)
@@ -191,6 +199,10 @@ class PipelinedConnection:
             attempt.exception()  # every waiter was given it
 
     async def _open(self) -> None:
+        # Calls still in flight belong to the connection being replaced (closing, not yet reported lost):
+        # they fail here, else the new connection's replies would be matched to them.
+        if self._transport is not None or self._pending:
+            self._lost(ConnectionLost("connection closed (by the server)"))
         loop = asyncio.get_running_loop()
         context = ssl_module.create_default_context() if self.tls else None
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
