@@ -26,8 +26,7 @@ from services import RedisServer
 
 from gateway.catalog import load_catalog
 from gateway.engine import Engine
-from gateway.grants import Grants
-from gateway.reconcile import attach
+from gateway.reconcile import connect
 from gateway.store.db import Database
 from gateway.store.redis import open_redis
 
@@ -54,8 +53,8 @@ async def main(n: int, rate: float) -> None:
     with RedisServer() as server:
         db = await Database.connect(f"sqlite:///{tempfile.mkdtemp(prefix='gw-restore-')}/gateway.db", auto_upgrade=True)
         store = open_redis(server.url)
-        engine = Engine(store, load_catalog(ROOT / "bench" / "plans.toml"), prefix="gwrestore")
-        reconciler = attach(engine, db, Grants(db, engine))
+        connected = connect(store, load_catalog(ROOT / "bench" / "plans.toml"), db, prefix="gwrestore")
+        engine, reconciler = connected.engine, connected.reconciler
         billables = [f"b-{i:05d}" for i in range(n)]
         await decide_all(engine, billables, rate)
         await reconciler.flush_dirty()  # the record has every billable

@@ -23,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
 from gateway.publishing import Catalogs, Published
-from gateway.reconcile import Reconciler, attach
+from gateway.reconcile import Reconciler, connect
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
 from gateway.state import CHANGE_FIELD
@@ -80,13 +80,12 @@ class Prepared:
         # without a shared Redis the record is asked about each key every second instead.
         feed = RevocationFeed(self.store) if settings.redis_url else None
         keys = None if settings.billable_header else KeyStore(db, feed=feed)
-        engine = Engine(self.store, catalog, hold_ttl=settings.hold_ttl)
-        grants = Grants(db, engine)
         # Redis lost a billable's state: its first request restores it from the record before deciding.
-        reconciler = attach(
-            engine, db, grants, interval=settings.reconcile_interval,
+        connected = connect(
+            self.store, catalog, db, hold_ttl=settings.hold_ttl, interval=settings.reconcile_interval,
             events_retention=timedelta(days=settings.events_retention_days),
         )  # fmt: skip
+        engine, grants, reconciler = connected.engine, connected.grants, connected.reconciler
         reconciler.start()
         catalogs.start(on_change=lambda published: engine.use_catalog(published.catalog))
         policy = await self.store.eviction_policy()

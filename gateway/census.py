@@ -22,7 +22,7 @@ DESIGN states it as "new only if this process saw the same epoch when it last re
 alone would take a billable the record holds but no request has restored since the epoch began for new,
 and hand it a fresh quota. The census is what tells those apart.
 
-    census = Census(engine, db, margin=20.0)
+    census = Census(store, db, prefix="gw", margin=20.0)
     census.start()                      every second: learn the masters' epochs, read the record when due
     await census.is_new(billable)       the rule above, for a billable Redis lacks while the record is down
     await census.stop()
@@ -42,9 +42,10 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from gateway.engine import Engine
+from gateway import state
 from gateway.grants import granted_billables
 from gateway.store.db import Database, plan_assignments, snapshots
+from gateway.store.redis import RedisStore
 
 log = logging.getLogger("gateway.census")
 
@@ -61,15 +62,17 @@ def _hash(billable: str) -> int:
 class Census:
     def __init__(
         self,
-        engine: Engine,
+        store: RedisStore,
         db: Database,
         *,
+        prefix: str,
         margin: float,
         interval: float = INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = engine
+        self.store = store
         self.db = db
+        self.prefix = prefix
         self.margin = margin  # longer than a flush may take from its Redis read to its commit
         self.interval = interval
         self.clock = clock
@@ -109,7 +112,7 @@ class Census:
         """Learn every master's epoch; read the record when one has been seen long enough and is not covered."""
         now = self.clock()
         due = False
-        for epoch in (await self.engine.store.epochs()).values():
+        for epoch in (await self.store.epochs()).values():
             first = self._first_seen.setdefault(epoch, now)
             due = due or self.read_at < first + self.margin <= now
         if due:
@@ -134,7 +137,7 @@ class Census:
 
     async def is_new(self, billable: str) -> bool:
         """The rule of this module's docstring, for a billable Redis lacks while the record is down."""
-        epoch = str(await self.engine.store.run("epoch", self.engine.keys(billable).only_state(), []))
+        epoch = str(await self.store.run("epoch", state.keys(self.prefix, billable).only_state(), []))
         first = self._first_seen.setdefault(epoch, self.clock())
         if first + self.margin > self.read_at:
             return False  # Redis may have lost data since the census read the record

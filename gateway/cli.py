@@ -514,9 +514,7 @@ async def _events_replay(settings: Settings, dead: bool, since: datetime | None,
 
 
 async def _reconcile(settings: Settings, *, once: bool) -> int:
-    from gateway.engine import Engine
-    from gateway.grants import Grants
-    from gateway.reconcile import attach
+    from gateway.reconcile import connect
     from gateway.store.db import Database
     from gateway.store.redis import open_redis
 
@@ -525,8 +523,7 @@ async def _reconcile(settings: Settings, *, once: bool) -> int:
     catalog = load_catalog(settings.plans)
     db = await Database.connect(settings.database_url, auto_upgrade=True)
     store = open_redis(settings.redis_url)
-    engine = Engine(store, catalog)
-    reconciler = attach(engine, db, Grants(db, engine), interval=settings.reconcile_interval)
+    reconciler = connect(store, catalog, db, interval=settings.reconcile_interval).reconciler
     try:
         if once:
             flushed = await reconciler.run_once()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -166,7 +167,7 @@ class Grants:
                 result = await self.engine.apply_grant(billable, seq, amount)
                 if result.status == "gap":
                     # Redis is behind the record (restored from an older snapshot): replay from what it holds.
-                    await self.replay(billable, result.last_sequence)
+                    await self.engine.replay(billable, result.last_sequence, self.after_sequence)
             if pending:
                 async with self.db.engine.begin() as conn:
                     await conn.execute(
@@ -175,29 +176,19 @@ class Grants:
                         .values(applied_at=datetime.now(UTC))
                     )
 
-    async def replay(self, billable: str, after: int) -> None:
-        """Push every grant numbered above `after`: Redis was restored from a snapshot holding grants up to it.
+    async def after_sequence(self, billable: str, after: int) -> list[tuple[int, int]]:
+        """The grants numbered above `after`, as (sequence, amount) in order."""
+        async with self.db.engine.connect() as conn:
+            return await grants_after(conn, billable, after)
 
-        Called from within a restore, which an `apply` of this billable may be waiting on: it takes no
-        lock (Redis applies numbers in order and once, so a concurrent apply cannot double one)."""
+    async def stranded(self, since: datetime) -> list[str]:
+        """The billables with grants recorded before `since` and still not applied to Redis."""
         grants = tables.credit_grants
-        while True:
-            async with self.db.engine.connect() as conn:
-                lost = (
-                    await conn.execute(
-                        sa.select(grants.c.seq, grants.c.amount)
-                        .where(grants.c.billable == billable, grants.c.seq > after)
-                        .order_by(grants.c.seq)
-                    )
-                ).all()
-            for seq, amount in lost:
-                result = await self.engine.apply_grant(billable, seq, amount)
-                if result.status == "gap":
-                    # Another process restored an older snapshot first: start from what Redis holds.
-                    after = result.last_sequence
-                    break
-            else:
-                return
+        async with self.db.engine.connect() as conn:
+            found = await conn.execute(
+                sa.select(grants.c.billable).where(grants.c.applied_at.is_(None), grants.c.created_at < since).distinct()
+            )
+            return list(found.scalars())
 
     async def record_assignment(self, billable: str, plan: str | None) -> None:
         """A manual plan assignment is part of the record before Redis sees it."""
@@ -222,3 +213,18 @@ async def granted(conn: AsyncConnection, key: str) -> GrantRecord | None:
 def granted_billables() -> sa.Select[tuple[str]]:
     """The billables the record has granted credits to, as a query to compose."""
     return sa.select(tables.credit_grants.c.billable)
+
+
+async def grants_after(conn: AsyncConnection, billable: str, after: int) -> list[tuple[int, int]]:
+    """The billable's grants numbered above `after`, as (sequence, amount) in order."""
+    grants = tables.credit_grants
+    found = await conn.execute(
+        sa.select(grants.c.seq, grants.c.amount).where(grants.c.billable == billable, grants.c.seq > after).order_by(grants.c.seq)
+    )
+    return [(int(seq), int(amount)) for seq, amount in found]
+
+
+def numbered_grants(billables: Sequence[str]) -> sa.Select[tuple[str, int, int]]:
+    """The grants of these billables as (billable, seq, amount) rows, as a query to compose."""
+    grants = tables.credit_grants
+    return sa.select(grants.c.billable, grants.c.seq, grants.c.amount).where(grants.c.billable.in_(billables))

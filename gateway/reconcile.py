@@ -1,6 +1,7 @@
 """Redis decides, the record remembers (DESIGN §5): flushes to the database and restores from it.
 
-    reconciler = attach(engine, db, grants, interval=1.0)   restores from the record, flushes to it
+    connected = connect(store, catalog, db, interval=1.0)   engine, grants, reconciler: restores from the record
+    reconciler = connected.reconciler
     reconciler.start()              every interval: flush what this process touched; the leader sweeps
     await reconciler.stop()         flushes once more and gives the lead back
     await reconciler.run_once()     `gateway reconcile --once`: sweep every Redis node, flush what the record lacks
@@ -30,20 +31,23 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.catalog import Catalog
 from gateway.census import Census
 from gateway.coalesce import Coalescer
 from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
-from gateway.grants import Grants
+from gateway.grants import Grants, grants_after, numbered_grants
 from gateway.settings import Settings
 from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
-from gateway.store.db import Database, credit_grants, plan_assignments, snapshots, usage_totals
+from gateway.store.db import Database, plan_assignments, snapshots, usage_totals
+from gateway.store.redis import RedisStore
 from gateway.usage import COLUMNS, rows_from_state
 
 log = logging.getLogger("gateway.reconcile")
@@ -205,7 +209,7 @@ class Reconciler:
         return {
             "database": "up" if self.database_ok else "down",
             # Billables, each once: one already dirty may have been touched again since the last tick.
-            "pending": len(self.dirty) + len(self.engine.touched.difference(self.dirty)),
+            "pending": len(self.dirty) + self.engine.touched_besides(self.dirty),
             "lag_seconds": round(self.lag, 3),
             "leader": self.leader,
             "last_error": self.error or None,
@@ -239,13 +243,7 @@ class Reconciler:
         assert self.grants is not None
         since = datetime.now(UTC) - timedelta(seconds=older_than)
         try:
-            async with self.db.engine.connect() as conn:
-                found = await conn.execute(
-                    sa.select(credit_grants.c.billable)
-                    .where(credit_grants.c.applied_at.is_(None), credit_grants.c.created_at < since)
-                    .distinct()
-                )
-                billables = list(found.scalars())
+            billables = await self.grants.stranded(since)
             for billable in billables:
                 await self.grants.apply(billable)
         except DatabaseUnavailable as exc:
@@ -426,17 +424,38 @@ def census_margin(db: Database) -> float:
     return 2 * db.timeout + 5.0
 
 
-def attach(
-    engine: Engine, db: Database, grants: Grants, *, interval: float = 1.0, events_retention: timedelta = EVENTS_RETENTION
-) -> Reconciler:
-    """Connect an engine to the record: Redis's lost states are restored from it, changes flushed to it.
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """An engine and what connects it to the record, built together (`connect`)."""
+
+    engine: Engine
+    grants: Grants
+    reconciler: Reconciler
+    rehydrator: Rehydrator
+
+
+def connect(
+    store: RedisStore,
+    catalog: Catalog,
+    db: Database,
+    *,
+    prefix: str = "gw",
+    hold_ttl: int = 3600,
+    interval: float = 1.0,
+    events_retention: timedelta = EVENTS_RETENTION,
+) -> Connected:
+    """An engine connected to the record: Redis's lost states are restored from it, changes flushed to it.
 
     Every engine that writes to Redis next to a record needs both: one that applied a grant to a state
     Redis lost, without restoring it first, would hide the record's balance behind a fresh one."""
-    census = Census(engine, db, margin=census_margin(db))
-    rehydrator = Rehydrator(db, grants, census=census)
-    engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
-    return Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention, census=census)
+    census = Census(store, db, prefix=prefix, margin=census_margin(db))
+    rehydrator = Rehydrator(db, census=census)
+    engine = Engine(
+        store, catalog, prefix=prefix, hold_ttl=hold_ttl, restore=rehydrator.restore, grants_after=rehydrator.grants_after
+    )
+    grants = Grants(db, engine)
+    reconciler = Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention, census=census)
+    return Connected(engine, grants, reconciler, rehydrator)
 
 
 class Rehydrator:
@@ -445,18 +464,16 @@ class Rehydrator:
     `restore` reads the last snapshot, the manual plan assignment (part of the record since it was made),
     and the grants numbered after the snapshot's, in one go; the engine puts the snapshot back and applies
     those grants in one script (money first: one applied after the last flush is not lost, even when the
-    process dies right after). `on_restored` replays from what Redis holds when a restore found it behind.
+    process dies right after). `grants_after` gives the engine the grants to replay from what Redis holds
+    when a restore found it behind.
 
     A billable the record has nothing of starts new. When the record does not answer, the billable starts
     new only if the census (`gateway.census`, which states the rule) shows the record has nothing of it
     and Redis has lost nothing since the census read; otherwise the error is raised and the route's
     on_redis_down applies. Without a census, always the latter."""
 
-    def __init__(
-        self, db: Database, grants: Grants, *, timeout: float = RESTORE_TIMEOUT_S, census: Census | None = None
-    ) -> None:
+    def __init__(self, db: Database, *, timeout: float = RESTORE_TIMEOUT_S, census: Census | None = None) -> None:
         self.db = db
-        self.grants = grants
         self.timeout = timeout
         self.census = census
         # One read of the record at a time; the restores asked for while it runs (a Redis restart under load)
@@ -475,14 +492,14 @@ class Rehydrator:
     async def _read(self, billables: list[str]) -> dict[str, Restored]:
         """The snapshots, manual plans and grants of these billables, in one query (one round trip: under
         load each costs a turn of the event loop)."""
-        none = sa.cast(sa.null(), credit_grants.c.seq.type)
+        numbered = numbered_grants(billables).subquery()
+        none = sa.cast(sa.null(), numbered.c.seq.type)
         query = sa.union_all(
             sa.select(sa.literal("s"), snapshots.c.billable, snapshots.c.state, none, none)
             .where(snapshots.c.billable.in_(billables)),
             sa.select(sa.literal("p"), plan_assignments.c.billable, plan_assignments.c.plan, none, none)
             .where(plan_assignments.c.billable.in_(billables)),
-            sa.select(sa.literal("g"), credit_grants.c.billable, sa.cast(sa.null(), sa.Text), credit_grants.c.seq, credit_grants.c.amount)
-            .where(credit_grants.c.billable.in_(billables)),
+            sa.select(sa.literal("g"), numbered.c.billable, sa.cast(sa.null(), sa.Text), numbered.c.seq, numbered.c.amount),
         )  # fmt: skip
         states: dict[str, dict[str, str]] = {}
         plans: dict[str, str] = {}
@@ -509,10 +526,11 @@ class Rehydrator:
             found[billable] = Restored(restorable(state, plan, int(time.time() * 1000)), tuple(after))
         return found
 
-    async def on_restored(self, billable: str, after: int) -> None:
-        """Push every grant numbered above `after`, what Redis holds (a restore found it behind its grants)."""
+    async def grants_after(self, billable: str, after: int) -> list[tuple[int, int]]:
+        """The grants the record numbers above `after` (what Redis holds: a restore found it behind them)."""
         try:
-            await self.grants.replay(billable, after)
+            async with self.db.engine.connect() as conn:
+                return await grants_after(conn, billable, after)
         except DatabaseUnavailable as exc:
             log.error("billable %r was restored but its grants could not be replayed yet: %s", billable, exc)
             raise StateUnavailable(f"the grants of {billable!r} could not be replayed: {exc}") from exc

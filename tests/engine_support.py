@@ -134,9 +134,9 @@ class Harness:
         self.prefix = prefix
         self.engine = Engine(store, catalog, prefix=prefix)
 
-    def other_engine(self) -> Engine:
-        """A second engine on the same Redis: another gateway process with its own caches."""
-        return Engine(self.store, self.catalog, prefix=self.prefix)
+    def other_engine(self, **kw: Any) -> Engine:
+        """A second engine on the same Redis: another gateway process with its own caches (`kw`: Engine's)."""
+        return Engine(self.store, self.catalog, prefix=self.prefix, **kw)
 
     async def decide(self, billable: str, method: str, path: str, *, engine: Engine | None = None, **kw: Any) -> Decision:
         route = self.catalog.route_for(method, path)

@@ -447,9 +447,9 @@ def test_missing_state_is_restored_before_deciding(go: Go[None]) -> None:
             calls.append(billable)
             return Restored({"u:projects": "2"})
 
-        h.engine.restore = restore
-        assert (await h.decide("org", "POST", "/projects")).status == 403
-        assert (await h.decide("org", "POST", "/projects")).status == 403
+        engine = h.other_engine(restore=restore)
+        assert (await h.decide("org", "POST", "/projects", engine=engine)).status == 403
+        assert (await h.decide("org", "POST", "/projects", engine=engine)).status == 403
         assert calls == ["org"]
 
     go(fn)

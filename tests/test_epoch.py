@@ -35,9 +35,8 @@ from gateway.catalog import parse_catalog
 from gateway.census import Census
 from gateway.engine import Engine
 from gateway.errors import RedisUnavailable, StateUnavailable
-from gateway.grants import Grants
 from gateway.identity import KeyStore
-from gateway.reconcile import Reconciler, attach
+from gateway.reconcile import Reconciler, Rehydrator, connect
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
 from gateway.store.cluster import key_slot
@@ -305,18 +304,18 @@ def test_two_gateway_processes_refuse_a_key_revoked_just_before_redis_lost_it(
 
 @dataclass
 class Recorded:
-    """One gateway process's engine attached to the record (census every 50 ms, margin 0.3 s), whose record
+    """One gateway process's engine connected to the record (census every 50 ms, margin 0.3 s), whose record
     the test can cut (a Database on a closed port) and give back."""
 
     engine: Engine
     reconciler: Reconciler
+    rehydrator: Rehydrator
     census: Census
     db: Database
     down: Database
 
     def record(self, up: bool) -> None:
-        rehydrator = self.engine.restore.__self__  # type: ignore[union-attr]  # the bound Rehydrator.restore
-        self.census.db = rehydrator.db = self.reconciler.db = self.db if up else self.down
+        self.census.db = self.rehydrator.db = self.reconciler.db = self.db if up else self.down
 
     async def decide(self, billable: str, method: str, path: str) -> Any:
         return await self.engine.decide(billable, CATALOG.route_for(method, path))
@@ -328,14 +327,14 @@ async def recorded(db_url: str, redis_url: str) -> AsyncIterator[Recorded]:
     await db.upgrade()
     down = await Database.connect(f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing")
     store = open_redis(redis_url)
-    engine = Engine(store, CATALOG, prefix="gwepoch")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gateway.reconcile, "census_margin", lambda db: 0.3)
-        reconciler = attach(engine, db, Grants(db, engine), interval=0.1)
+        connected = connect(store, CATALOG, db, prefix="gwepoch", interval=0.1)
+    reconciler = connected.reconciler
     assert reconciler.census is not None
     reconciler.census.interval = 0.05
     try:
-        yield Recorded(engine, reconciler, reconciler.census, db, down)
+        yield Recorded(connected.engine, reconciler, connected.rehydrator, reconciler.census, db, down)
     finally:
         await reconciler.stop()
         await store.close()

@@ -64,23 +64,23 @@ def test_an_expired_hold_leaves_on_the_next_request_kept_as_charged(go: Go) -> N
     the reserves stay spent, a settle arriving after that changes nothing, and the earliest expiry is gone."""
 
     async def fn(h: Harness) -> None:
-        h.engine.hold_ttl = 1
-        await h.engine.apply_grant("org", 1, 400)
-        taken = [await h.decide("org", "POST", "/chat") for _ in range(3)]
+        engine = h.other_engine(hold_ttl=1)
+        await engine.apply_grant("org", 1, 400)
+        taken = [await h.decide("org", "POST", "/chat", engine=engine) for _ in range(3)]
         assert all(d.admitted for d in taken) and taken[-1].credits == 410 - 300
         assert len(await holds(h, "org")) == 3
         assert await h.field("org", "hx") is not None
 
         async def emptied() -> bool:
-            assert (await h.decide("org", "GET", "/v1/anything")).admitted
+            assert (await h.decide("org", "GET", "/v1/anything", engine=engine)).admitted
             return not await holds(h, "org")
 
         await until(emptied, "the expired holds to leave on the next request")
-        credits = (await h.engine.status("org"))["credits"]
+        credits = (await engine.status("org"))["credits"]
         assert credits["balance"] == 110 and credits["held"] == 0  # kept as charged
         assert await h.field("org", "hx") is None
-        assert await h.engine.settle(taken[0], give_back_limits=True, credits_owed=0) is None  # too late: charged
-        assert (await h.engine.status("org"))["credits"]["balance"] == 110
+        assert await engine.settle(taken[0], give_back_limits=True, credits_owed=0) is None  # too late: charged
+        assert (await engine.status("org"))["credits"]["balance"] == 110
 
     go(fn)
 

@@ -7,14 +7,14 @@ record says (a promoted replica that missed the last writes, a restore from an o
 process), the next grant finds the gap and the record's missing grants are pushed first.
 
 Redis is a private redis-server (these tests restart it) or a replica of one; every process is wired as
-`gateway serve` wires it (`reconcile.attach`).
+`gateway serve` wires it (`reconcile.connect`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ from waiting import wait_until
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine, GrantResult
 from gateway.grants import Grants
-from gateway.reconcile import Reconciler, attach
+from gateway.reconcile import Reconciler, Rehydrator, connect
 from gateway.state import Restored
 from gateway.store.db import Database, credit_grants
 
@@ -37,11 +37,13 @@ ORG = "org-grants"
 
 @dataclass
 class Process:
-    """One gateway process's engine, grants and reconciler; `applied` is every grant it sent Redis and the answer."""
+    """One gateway process's engine, grants, reconciler and restorer; `applied` is every grant it sent Redis and
+    the answer."""
 
     engine: Engine
     grants: Grants
     reconciler: Reconciler
+    rehydrator: Rehydrator
     applied: list[tuple[int, str]] = field(default_factory=list)
 
     async def grant(self, amount: int) -> int:
@@ -65,9 +67,9 @@ class Record:
 
     def process(self, redis_url: str) -> Process:
         """A new gateway process (empty caches, connections of its own) on `redis_url`."""
-        engine = RedisSpace(redis_url, self.prefix).engine(CATALOG)
-        grants = Grants(self.db, engine)
-        p = Process(engine, grants, attach(engine, self.db, grants))
+        c = connect(RedisSpace(redis_url, self.prefix).store(), CATALOG, self.db, prefix=self.prefix)
+        engine = c.engine
+        p = Process(engine, c.grants, c.reconciler, c.rehydrator)
         send = engine.apply_grant
 
         async def recorded(billable: str, sequence: int, amount: int) -> GrantResult:
@@ -193,20 +195,19 @@ def test_a_restore_that_finds_an_older_one_landed_first_replays_from_what_redis_
 
             lose(private_redis, p.engine, "restart")
             r, q = rec.process(private_redis.url), rec.process(private_redis.url)
-            assert r.engine.restore is not None and q.engine.restore is not None
-            older = await r.engine.restore(ORG)  # r reads the record: grant 1's snapshot, grants 2 and 3 after it
+            older = await r.rehydrator.restore(ORG)  # r reads the record: grant 1's snapshot, grants 2 and 3 after it
             assert older is not None and older.grant_sequence == 1 and [g[0] for g in older.grants] == [2, 3]
             await p.reconciler._write([(ORG, in_flight)])  # p's late flush lands: grant 2's snapshot
-            read = q.engine.restore
+            read = q.rehydrator._reads.fetch
 
-            async def while_r_restores_first(billable: str) -> Restored | None:
-                newer = await read(billable)  # q reads grant 2's snapshot (grants after it: 3)
-                assert newer is not None and newer.grant_sequence == 2
-                assert r.engine.restore is not None
-                await r.engine.restore_state(billable, Restored(older.state))  # r's older snapshot lands first, alone
-                return newer
+            async def while_r_restores_first(billables: list[str]) -> Mapping[str, Restored]:
+                found = await read(billables)
+                newer = found[ORG]  # q reads grant 2's snapshot (grants after it: 3)
+                assert newer.grant_sequence == 2
+                await r.engine.restore_state(ORG, Restored(older.state))  # r's older snapshot lands first, alone
+                return found
 
-            q.engine.restore = while_r_restores_first
+            q.rehydrator._reads.fetch = while_r_restores_first
             assert (await q.engine.decide(ORG, CATALOG.route_for("GET", "/anything"))).admitted
             assert q.applied == [(2, "applied"), (3, "applied")]  # its restore found the gap, the replay filled it
             assert await q.purchased() == 70 and await q.sequence() == 3
@@ -230,8 +231,7 @@ def test_a_process_that_dies_between_restore_and_replay_loses_no_grant(
 
             lose(private_redis, p.engine, "restart")
             r = rec.process(private_redis.url)
-            assert r.engine.restore is not None
-            state = await r.engine.restore(ORG)
+            state = await r.rehydrator.restore(ORG)
             assert state is not None
             await r.engine.restore_state(ORG, state)  # r dies here: the snapshot and grant 2 landed as one
 

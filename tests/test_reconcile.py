@@ -34,12 +34,12 @@ from waiting import until, wait_until
 
 from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
-from gateway.engine import Engine
+from gateway.engine import Engine, Restorer
 from gateway.errors import DatabaseUnavailable, StateUnavailable
 from gateway.grants import Grants
 from gateway.reconcile import Reconciler, Rehydrator
 from gateway.settings import Settings
-from gateway.state import Snapshot
+from gateway.state import Restored, Snapshot
 from gateway.store import db as tables
 from gateway.store.cluster import key_slot
 from gateway.store.db import Database
@@ -57,11 +57,12 @@ def go(coro: Awaitable[Any]) -> Any:
 
 @dataclass
 class Proc:
-    """One gateway process's record side: its engine, grants and reconciler over shared Redis and database."""
+    """One gateway process's record side: its engine, grants, reconciler and restorer over shared Redis and database."""
 
     engine: Engine
     grants: Grants
     reconciler: Reconciler
+    rehydrator: Rehydrator
 
     async def decide(self, billable: str, method: str, path: str, **kw: Any) -> Any:
         return await self.engine.decide(billable, CATALOG.route_for(method, path), **kw)
@@ -74,16 +75,25 @@ class Env:
     prefix: str
     stores: list[RedisStore]
 
-    def process(self, *, interval: float = 0.2, redis_url: str | None = None, **kw: Any) -> Proc:
+    def process(
+        self,
+        *,
+        interval: float = 0.2,
+        redis_url: str | None = None,
+        restore: Callable[[Restorer], Restorer] = lambda restore: restore,
+        **kw: Any,
+    ) -> Proc:
+        """`restore` wraps the record's restore the engine is built with (a test's spy)."""
         store = self.store
         if redis_url is not None:
             store = open_redis(redis_url)
             self.stores.append(store)
-        engine = Engine(store, CATALOG, prefix=self.prefix)
+        rehydrator = Rehydrator(self.db)
+        engine = Engine(
+            store, CATALOG, prefix=self.prefix, restore=restore(rehydrator.restore), grants_after=rehydrator.grants_after
+        )
         grants = Grants(self.db, engine)
-        rehydrator = Rehydrator(self.db, grants)
-        engine.restore, engine.on_restored = rehydrator.restore, rehydrator.on_restored
-        return Proc(engine, grants, Reconciler(engine, self.db, grants=grants, interval=interval, **kw))
+        return Proc(engine, grants, Reconciler(engine, self.db, grants=grants, interval=interval, **kw), rehydrator)
 
     async def rows(self, table: sa.Table) -> list[dict[str, Any]]:
         async with self.db.engine.connect() as conn:
@@ -520,17 +530,17 @@ def test_concurrent_first_requests_restore_once_and_a_new_billable_starts_empty(
             assert (await p.decide("org", "POST", "/projects")).admitted
             await p.reconciler.flush_dirty()
             own_redis.client().flushall()
-            q = env.process()
             calls = 0
-            restore = q.engine.restore
-            assert restore is not None
 
-            async def counting(billable: str) -> dict[str, str] | None:
-                nonlocal calls
-                calls += 1
-                return await restore(billable)
+            def counted(restore: Restorer) -> Restorer:
+                async def counting(billable: str) -> Restored | None:
+                    nonlocal calls
+                    calls += 1
+                    return await restore(billable)
 
-            q.engine.restore = counting
+                return counting
+
+            q = env.process(restore=counted)
             results = await asyncio.gather(*(q.decide("org", "POST", "/projects") for _ in range(20)))
             assert calls == 1 and sum(d.admitted for d in results) == 1  # 1 of 2 was used before the loss
             fresh = await q.decide("never-seen", "POST", "/projects")
@@ -546,8 +556,7 @@ def test_restores_asked_for_during_a_read_share_the_next_one(empty_db_url: str, 
     async def main() -> None:
         async with environment(empty_db_url, own_redis.url) as env:
             q = env.process()
-            rehydrator = q.engine.restore.__self__  # type: ignore[union-attr]  # the bound Rehydrator.restore
-            assert isinstance(rehydrator, Rehydrator)
+            rehydrator = q.rehydrator
             reads: list[int] = []
             read = rehydrator._read
 

@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -34,8 +34,8 @@ UNMATCHED = "(unmatched)"
 
 # What the record gives back of a billable Redis lost (None: it has nothing, the billable starts new).
 Restorer = Callable[[str], Awaitable[state.Restored | None]]
-# Replays the grants after a sequence, when a restore found Redis behind the grants the record gave it.
-Replayer = Callable[[str, int], Awaitable[None]]
+# The record's grants numbered after a sequence, as (sequence, amount) in order.
+GrantsAfter = Callable[[str, int], Awaitable[Sequence[tuple[int, int]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ class Engine:
         *,
         prefix: str = "gw",
         restore: Restorer | None = None,
-        on_restored: Replayer | None = None,
+        grants_after: GrantsAfter | None = None,
         hold_ttl: int = 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -72,15 +72,15 @@ class Engine:
         self.catalog = catalog
         self.prefix = prefix
         self.restore = restore
-        # Called when a restore finds Redis behind the first grant after the snapshot: the record replays
-        # every grant after what Redis holds.
-        self.on_restored = on_restored
+        # Read when a restore finds Redis behind the first grant after the snapshot: every grant after what
+        # Redis holds is replayed from the record.
+        self.grants_after = grants_after
         self.hold_ttl = hold_ttl
         # Billables whose Redis state this process changed since the reconciler last took them.
-        self.touched = Touched()
+        self._touched = Touched()
         self.plans = Plans(catalog, clock)
         self.specs = Specs(catalog)
-        self.transfer = Transfer(store, prefix, self.touched, clock)
+        self.transfer = Transfer(store, prefix, self._touched, clock)
         self._bounds: tuple[float, str] = (0.0, "")
         self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
         self._month_start = 0.0
@@ -136,7 +136,7 @@ class Engine:
                 await self.rehydrate(billable)
                 continue
             if not dry:
-                self.touched.add(billable)
+                self._touched.add(billable)
             return self._decision(billable, plan_name, route, compiled, reply)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
@@ -222,7 +222,7 @@ class Engine:
         `units` are what a metered answer reported, counted in the usage history."""
         if decision.hold is None or decision.billable is None:
             return None
-        self.touched.add(decision.billable)
+        self._touched.add(decision.billable)
         args = state.SettleArgs(
             hold=decision.hold,
             give_back_limits=give_back_limits,
@@ -237,7 +237,7 @@ class Engine:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
         plan = self.catalog.plans[plan_name]
         cap = plan.limits.get(limit)
-        self.touched.add(billable)
+        self._touched.add(billable)
         args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
             reply = state.SettleReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
@@ -253,7 +253,7 @@ class Engine:
         return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
 
     async def _update(self, billable: str, *args: str | int) -> None:
-        self.touched.add(billable)
+        self._touched.add(billable)
         await self.store.run("update", self.keys(billable).only_state(), list(args))
         self.plans.forget(billable)
 
@@ -296,7 +296,7 @@ class Engine:
 
     async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
-        self.touched.add(billable)
+        self._touched.add(billable)
         for _ in range(2):
             status, last, balance = await self.store.run("grant", self.keys(billable).only_state(), [sequence, amount, "1" if self.restore else "0"])
             if status != "missing":
@@ -339,9 +339,25 @@ class Engine:
         except Exception as exc:
             raise StateUnavailable(f"the state of {billable!r} is not in Redis and the record cannot restore it: {exc}") from exc
         reply = await self.restore_state(billable, restored or state.Restored())
-        if reply.gap and self.on_restored is not None:
+        if reply.gap and self.grants_after is not None:
             # Another process restored an older snapshot first: replay from what Redis holds.
-            await self.on_restored(billable, reply.last_sequence)
+            await self.replay(billable, reply.last_sequence, self.grants_after)
+
+    async def replay(self, billable: str, after: int, grants_after: GrantsAfter) -> None:
+        """Apply every grant the record numbers above `after`, in order: Redis was restored from a snapshot
+        holding grants up to it.
+
+        Called from within a restore, which an apply of this billable may be waiting on: it takes no lock
+        (Redis applies numbers in order and once, so a concurrent apply cannot double one)."""
+        while True:
+            for seq, amount in await grants_after(billable, after):
+                result = await self.apply_grant(billable, seq, amount)
+                if result.status == "gap":
+                    # Another process restored an older snapshot first: start from what Redis holds.
+                    after = result.last_sequence
+                    break
+            else:
+                return
 
     async def pending_events(self, billable: str, limit: int = 1000) -> list[dict[str, Any]]:
         return await self.transfer.pending_events(billable, limit)
@@ -363,7 +379,11 @@ class Engine:
 
     def take_touched(self) -> set[str]:
         """The billables changed since the last take (the reconciler's to flush)."""
-        return self.touched.take()
+        return self._touched.take()
+
+    def touched_besides(self, billables: Iterable[str]) -> int:
+        """How many billables changed since the last take are not among `billables` (nothing is taken)."""
+        return len(self._touched.difference(billables))
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, evaluated by status.lua with decide.lua's rules (of the restored

@@ -40,7 +40,7 @@ class Transfer:
     def __init__(self, store: RedisStore, prefix: str, touched: Touched, clock: Callable[[], float]) -> None:
         self.store = store
         self.prefix = prefix
-        self.touched = touched
+        self._touched = touched
         self.clock = clock
 
     def keys(self, billable: str) -> state.Keys:
@@ -57,7 +57,7 @@ class Transfer:
             return 0
         forgotten = int(await self.store.run("forget", self.keys(billable).only_state(), [x for kv in counters.items() for x in kv]))
         if forgotten:
-            self.touched.add(billable)
+            self._touched.add(billable)
         return forgotten
 
     async def read_events(self, billable: str, limit: int = 1000) -> EventBatch:
@@ -96,5 +96,5 @@ class Transfer:
         due = [b for b, at in zip(billables, due_at, strict=True) if at is not None and float(at) <= now_ms]
         if due:
             await self.store.run_many("expire", [([self.keys(b).state, self.keys(b).holds], ()) for b in due])
-            self.touched.update(due)
+            self._touched.update(due)
         return due
