@@ -5,6 +5,10 @@ another gateway process keeps or gives back as DESIGN §4 says, once; who may ch
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +16,16 @@ from typing import Any
 import httpx
 import pytest
 from gateway_support import ADMIN_HEADERS, Served, serving
+from http_servers import serve_in_thread
 from services import RedisServer, RedisSpace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from test_kill import ADMIN as OTHER_ADMIN
 from test_kill import GatewayProcess
 
+from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
 from gateway.check import Checker, HoldNotOpen
 from gateway.errors import BadRequest
@@ -316,3 +326,63 @@ def test_the_python_api(redis_space: RedisSpace) -> None:
             await engine.store.close()
 
     asyncio.run(scenario())
+
+
+def readme_node_client() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"^```js\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    return block
+
+
+def test_the_readme_node_client_runs_against_a_gateway(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The README's Node client, as pasted, against a gateway on the project's plans.toml (Free: one project):
+    `node --check` accepts it, and it prints what the README says it prints."""
+    node = shutil.which("node")
+    assert node is not None, "Node (20) is part of the test machine"
+    script = tmp_path / "check.mjs"
+    script.write_text(readme_node_client())
+    subprocess.run([node, "--check", str(script)], check=True, capture_output=True, timeout=60)
+    with redis_server.client() as c:
+        c.flushall()
+    plans = (Path(__file__).resolve().parents[1] / "plans.toml").read_text()
+    with serving(tmp_path, plans, redis_port=redis_server.port, db_url=f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}") as gw:
+        key = key_for(gw, "org_1")["Authorization"].removeprefix("Bearer ")
+        env = {**os.environ, "GATEWAY_URL": gw.url, "KEY": key}
+        done = subprocess.run([node, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("may create a project: true") and "projects: 1" in lines[0], done.stdout
+    assert lines[1] == "200 project 1", done.stdout
+    assert lines[2].startswith("403 You've reached your limit of 1 projects (currently using 1)."), done.stdout
+
+
+def test_gateway_app_check_and_settle_inside_an_app(tmp_path: Path, redis_server: RedisServer) -> None:
+    """`GatewayApp.check` and `.settle`, called by the wrapped app itself (an app that decides without the
+    middleware): a consuming check holds, its settle gives back, a second settle raises HoldNotOpen."""
+    gateway_app: GatewayApp
+
+    async def handler(request: Request) -> JSONResponse:
+        taken = await gateway_app.check("org_5", route="POST /v1/projects", consume=True)
+        assert taken.hold is not None
+        full = await gateway_app.check("org_5", limit="projects", by=2)
+        settled = await gateway_app.settle(taken.hold, outcome="failure")
+        again = ""
+        try:
+            await gateway_app.settle(taken.hold, outcome="failure")
+        except HoldNotOpen as exc:
+            again = str(exc)
+        after = await gateway_app.check("org_5", limit="projects", by=2)
+        return JSONResponse({"taken": taken.body(), "full": full.allowed, "settled": settled.body(), "again": again, "after": after.allowed})
+
+    plans = tmp_path / "plans.toml"
+    plans.write_text(CATALOG)
+    with redis_server.client() as c:
+        c.flushall()
+    app = Starlette(routes=[Route("/v1/status", handler)])
+    gateway_app = GatewayApp.wrap(app, plans=str(plans), redis_url=f"redis://127.0.0.1:{redis_server.port}/0",
+                                  database_url=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")  # fmt: skip
+    with serve_in_thread(gateway_app) as url:
+        body = httpx.get(f"{url}/v1/status", timeout=30).json()
+    assert body["taken"]["allowed"] and body["taken"]["hold"].endswith(".org_5")
+    assert body["full"] is False and body["after"] is True
+    assert body["settled"]["settled"] is True and "settled already" in body["again"]
