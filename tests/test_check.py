@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_kill import ADMIN as OTHER_ADMIN
 from test_kill import GatewayProcess
+from waiting import until
 
 from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
@@ -386,3 +387,35 @@ def test_gateway_app_check_and_settle_inside_an_app(tmp_path: Path, redis_server
     assert body["taken"]["allowed"] and body["taken"]["hold"].endswith(".org_5")
     assert body["full"] is False and body["after"] is True
     assert body["settled"]["settled"] is True and "settled already" in body["again"]
+
+
+def test_a_hold_is_settled_once_and_an_unsettled_one_ends_charged(redis_space: RedisSpace) -> None:
+    """Two settles of one hold at once: exactly one settles. A hold never settled is kept as charged and,
+    after its lifetime (GATEWAY_HOLD_TTL), is no longer open: a late settle changes nothing."""
+    catalog = parse_catalog(CATALOG)
+
+    async def scenario() -> None:
+        engine = redis_space.engine(catalog, hold_ttl=1)
+        checker = Checker(engine)
+        try:
+            taken = await checker.check("org_7", route="POST /v1/projects", consume=True)
+            assert taken.hold is not None
+            both = await asyncio.gather(*(checker.settle(taken.hold, outcome="failure") for _ in range(2)), return_exceptions=True)
+            assert sorted(type(r).__name__ for r in both) == ["HoldNotOpen", "SettleResult"], both
+            assert (await engine.status("org_7"))["limits"]["projects"]["usage"] == 0
+
+            late = await checker.check("org_7", route="POST /v1/projects", consume=True)
+            assert late.hold is not None
+            hold_id = late.hold.partition(".")[0]
+
+            async def ended() -> bool:
+                return await engine.held("org_7", hold_id) is None
+
+            await until(ended, "the hold to outlive its lifetime")
+            with pytest.raises(HoldNotOpen):
+                await checker.settle(late.hold, outcome="failure")
+            assert (await engine.status("org_7"))["limits"]["projects"]["usage"] == 1  # kept as charged
+        finally:
+            await engine.store.close()
+
+    asyncio.run(scenario())
