@@ -96,8 +96,11 @@ class Checker:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.catalog: Catalog = engine.catalog
         self._routes: dict[tuple[str, str], Route] = {}  # a check's own routes: one per feature, limit, operation
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.engine.catalog  # the one running now (a published catalog replaces it between requests)
 
     async def check(
         self,
