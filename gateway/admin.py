@@ -128,7 +128,7 @@ class Endpoints:
             routes=[
                 *[Route(r.path, self._admin(r.endpoint), methods=list(r.methods or [])) for r in admin],
                 Route("/_gateway/usage", self.usage, methods=["GET"]),
-                *CheckEndpoints(Checker(engine), admin_token=admin_token, identify=identify).routes(),
+                *CheckEndpoints(Checker(engine), admin=self.token_name, identify=identify).routes(),
                 Route("/_gateway/health", self.health, methods=["GET"]),
                 Route("/_gateway/metrics", self.prometheus, methods=["GET"]),
                 *(extra_routes or []),

@@ -94,6 +94,7 @@ match = "GET /v1/status"
 public = true
 """
 
+OPS = "ops-secret"  # a named admin token (GATEWAY_ADMIN_TOKENS)
 RATE_HEADERS = ("ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-resource",
                 "x-credits-remaining")  # fmt: skip
 
@@ -108,7 +109,8 @@ def redis_server() -> Iterator[RedisServer]:
 def gw(tmp_path: Path, redis_server: RedisServer) -> Iterator[Served]:
     with redis_server.client() as c:
         c.flushall()
-    with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}") as served:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=db_url, admin_tokens={"ops": OPS}) as served:
         yield served
 
 
@@ -254,7 +256,8 @@ def test_a_consuming_check_holds_and_another_process_settles_it_once(gw: Served,
 
 
 def test_who_may_check_and_settle(gw: Served) -> None:
-    """The admin token for any billable; a billable's own key for itself only (403 for another's); none: 401."""
+    """An admin token (named ones too) for any billable; a billable's own key for itself only (403 for
+    another's); none: 401."""
     own, other = key_for(gw, "org_1"), key_for(gw, "org_2")
     mine = check(gw, own, route="POST /v1/projects", consume=True)
     assert mine.status_code == 200 and mine.json()["hold"].endswith(".org_1")
@@ -266,6 +269,9 @@ def test_who_may_check_and_settle(gw: Served) -> None:
     assert nobody.status_code == 401 and nobody.headers["www-authenticate"] == "Bearer"
     assert httpx.post(f"{gw.url}/_gateway/settle", json={"hold": mine.json()["hold"], "outcome": "failure"}).status_code == 401
     assert settle(gw.url, own, hold=mine.json()["hold"], outcome="failure").status_code == 200
+    ops = {"Authorization": f"Bearer {OPS}"}
+    theirs = check(gw, ops, billable="org_2", route="POST /v1/projects", consume=True)
+    assert theirs.status_code == 200 and settle(gw.url, ops, hold=theirs.json()["hold"], outcome="success").status_code == 200
 
 
 @pytest.mark.parametrize(
