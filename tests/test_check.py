@@ -171,7 +171,9 @@ def test_a_dry_check_writes_nothing_and_agrees_with_the_proxy(gw: Served) -> Non
             assert shown(dry) == shown(proxied)
         else:
             assert answer["problem"] is None and answer["violated_policies"] == []
-            assert answer["remaining"]["projects"] == 2 - attempt  # what is left before taking it
+            # What would be left once taken: what the proxy's answer then shows.
+            assert answer["remaining"]["projects"] == 1 - attempt
+            assert f'"projects";r={1 - attempt}' in proxied.headers["ratelimit"] and f'"projects";r={1 - attempt}' in dry.headers["ratelimit"]
     # A feature the plan lacks, and a public route.
     dry = check(gw, billable="org_1", route="POST /v1/hd")
     proxied = httpx.post(f"{gw.url}/v1/hd", headers=key)
@@ -358,7 +360,7 @@ def test_the_readme_node_client_runs_against_a_gateway(tmp_path: Path, redis_ser
         done = subprocess.run([node, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("may create a project: true") and "projects: 1" in lines[0], done.stdout
+    assert lines[0] == "may create a project: true { rate: 4, projects: 0 }", done.stdout
     assert lines[1] == "200 project 1", done.stdout
     assert lines[2].startswith("403 You've reached your limit of 1 projects (currently using 1)."), done.stdout
 
