@@ -161,7 +161,9 @@ class Checker:
         else:
             reply = await self.engine.settle_hold(decision, give_back_limits=True, credits_owed=owed or 0,
                                                   units=units if metered else None)  # fmt: skip
-        if reply.status != "ok":  # another settle of the same hold came first (or Redis lost it: kept as charged)
+        if reply.status == "missing":
+            raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
+        if reply.status != "ok":  # another settle of the same hold came first
             raise HoldNotOpen(f"Hold {hold} is not open: it was settled already.")
         balance = reply.balance
         if balance is None:  # nothing to settle in credits: the settle script did not count the balance
