@@ -26,6 +26,8 @@ from gateway.engine import Engine
 from gateway.errors import BadRequest
 from gateway.ids import billable as billable_id
 from gateway.paths import BadPath, canonical, encoded
+from gateway.settlement import Outcome as Fate
+from gateway.settlement import Settle, releases, settlement
 
 Outcome = Literal["success", "failure"]
 
@@ -148,19 +150,17 @@ class Checker:
         route = self._settled_route(stored.route)
         operation = self.catalog.operations.get(stored.operation or "")
         decision = Decision(True, billable, plan, route, hold=stored.hold)
-        # TEMPORARY until the middleware's settlement is a function of an outcome (branch `house`): the same
-        # choices as GatewayMiddleware._settle for a complete answer.
-        metered = operation is not None and operation.metered
-        owed = operation.price(units) if metered and units is not None and operation is not None else None
-        if outcome == "success":
-            reply = await self.engine.settle_hold(decision, give_back_limits=False, credits_owed=owed if metered else None,
-                                                  units=units if metered else None)  # fmt: skip
-            release = route.config.release if route is not None else None
-            if reply.status == "ok" and release is not None:
-                await self.engine.release(billable, plan, release)
-        else:
-            reply = await self.engine.settle_hold(decision, give_back_limits=True, credits_owed=owed or 0,
-                                                  units=units if metered else None)  # fmt: skip
+        # Settled through the proxy's own rules (gateway/settlement.py), for a whole answer: a 2xx or not.
+        answered = 200 if outcome == "success" else 500
+        price = operation.price if operation is not None and operation.metered else None
+        todo = settlement(Fate.COMPLETE, answered, units, price)
+        if todo is None:  # kept as charged: the settle only closes the hold
+            todo = Settle(give_back_limits=False, credits_owed=None)
+        reply = await self.engine.settle_hold(decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,
+                                              units=todo.units)  # fmt: skip
+        release = route.config.release if route is not None else None
+        if reply.status == "ok" and release is not None and releases(Fate.COMPLETE, answered, True):
+            await self.engine.release(billable, plan, release)
         if reply.status == "missing":
             raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
         if reply.status != "ok":  # another settle of the same hold came first
