@@ -18,13 +18,17 @@ except PackageNotFoundError:  # run from a source tree that was not installed
 
 if TYPE_CHECKING:
     from gateway.app import GatewayApp
+    from gateway.check import CheckResult, HoldNotOpen, SettleResult
     from gateway.middleware import GatewayMiddleware
     from gateway.settings import Settings
 
 # Imported when first named, so that `gateway --version` or `gateway check` load none of the serving code.
-_LAZY = {"GatewayApp": "gateway.app", "GatewayMiddleware": "gateway.middleware", "Settings": "gateway.settings"}
+_LAZY = {
+    "GatewayApp": "gateway.app", "GatewayMiddleware": "gateway.middleware", "Settings": "gateway.settings",
+    "CheckResult": "gateway.check", "SettleResult": "gateway.check", "HoldNotOpen": "gateway.check",
+}  # fmt: skip
 
-__all__ = ["GatewayApp", "GatewayMiddleware", "Settings", "__version__"]
+__all__ = ["CheckResult", "GatewayApp", "GatewayMiddleware", "HoldNotOpen", "Settings", "SettleResult", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,8 @@ from starlette.routing import Route, Router
 from gateway import audit
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog
+from gateway.check import Checker
+from gateway.check_http import CheckEndpoints
 from gateway.engine import Engine
 from gateway.envelope import caused_event
 from gateway.errors import (
@@ -126,6 +128,7 @@ class Endpoints:
             routes=[
                 *[Route(r.path, self._admin(r.endpoint), methods=list(r.methods or [])) for r in admin],
                 Route("/_gateway/usage", self.usage, methods=["GET"]),
+                *CheckEndpoints(Checker(engine), admin=self.token_name, identify=identify).routes(),
                 Route("/_gateway/health", self.health, methods=["GET"]),
                 Route("/_gateway/metrics", self.prometheus, methods=["GET"]),
                 *(extra_routes or []),

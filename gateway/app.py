@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
+from gateway.check import Checker, CheckResult, Outcome, SettleResult
 from gateway.engine import Engine
 from gateway.errors import ConfigError, DatabaseUnavailable, RedisRefused, RedisUnavailable
 from gateway.events import Deliverer
@@ -193,6 +194,7 @@ class GatewayApp:
         self.billable = billable  # the app names the billable (a callable over the ASGI scope), instead of keys
         self.middleware: GatewayMiddleware | None = None
         self._inner: _Lifespan | None = None
+        self._check: Checker | None = None
 
     @property
     def gateway(self) -> Gateway:
@@ -256,6 +258,40 @@ class GatewayApp:
     async def reload(self) -> Published:
         """SIGHUP: publish --plans again (gateway serve calls it)."""
         return await self.gateway.reload()
+
+    # ---- the decision as data, for an app that does not send its requests through the middleware ----------
+
+    async def check(
+        self,
+        billable: str,
+        *,
+        route: str | None = None,
+        feature: str | None = None,
+        limit: str | None = None,
+        by: int | None = None,
+        operation: str | None = None,
+        units: float | None = None,
+        consume: bool = False,
+    ) -> CheckResult:
+        """May `billable` do this now? Name a route (`"POST /v1/images"`, decided as the proxy decides it) or a
+        feature, a limit with `by` units, or an operation with `units`. Dry by default (writes nothing);
+        `consume=True` takes it as the proxy admits a request and answers a `hold` for `settle`. BadRequest
+        (gateway.errors) for an unknown name or a bad number. See gateway/check.py."""
+        return await self._checker().check(
+            billable, route=route, feature=feature, limit=limit, by=by, operation=operation, units=units, consume=consume
+        )
+
+    async def settle(self, hold: str, *, outcome: Outcome, units: float | None = None) -> SettleResult:
+        """Settle a consuming check's hold (from any process on the same Redis) as the proxy settles an answer:
+        `"success"` keeps it (a metered operation charged for `units`), `"failure"` gives it back.
+        gateway.check.HoldNotOpen when it was settled already or outlived GATEWAY_HOLD_TTL."""
+        return await self._checker().settle(hold, outcome=outcome, units=units)
+
+    def _checker(self) -> Checker:
+        if self._check is None:
+            assert self.gateway.engine is not None, "check and settle work after the gateway started (lifespan startup)"
+            self._check = Checker(self.gateway.engine)
+        return self._check
 
     async def shutdown(self) -> None:
         if self._inner is not None:

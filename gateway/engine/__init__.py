@@ -102,18 +102,20 @@ class Engine:
     # ---- deciding ---------------------------------------------------------------------------------
 
     async def decide(
-        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False
+        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False, hold: bool = False
     ) -> Decision:
         """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
 
         `credit_cost` prices an operation from the request (units read from the request body or headers).
-        `dry` answers the decision the request would get and writes nothing: no events, hold or counters."""
+        `dry` answers the decision the request would get and writes nothing: no events, hold or counters.
+        `hold` stores what an admission holds under `decision.hold.id` (as for a metered spend), so that any
+        process can settle it once (gateway/check.py: `held`, then `settle_hold`)."""
         keys = self.keys(billable)
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
             compiled = self.specs.route(plan_name, route)
-            hold_id = uuid.uuid4().hex[:16] if compiled.metered and not dry else ""
+            hold_id = uuid.uuid4().hex[:16] if (compiled.metered or hold) and not dry else ""
             args = state.DecideArgs(
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
@@ -220,8 +222,15 @@ class Engine:
         """Keep or give back what the decision held; settle a reserve to what is owed. Returns the balance.
 
         `units` are what a metered answer reported, counted in the usage history."""
+        return (await self.settle_hold(decision, give_back_limits=give_back_limits, credits_owed=credits_owed, units=units)).balance
+
+    async def settle_hold(
+        self, decision: Decision, *, give_back_limits: bool, credits_owed: int | None, units: float | None = None
+    ) -> state.SettleReply:
+        """`settle`, answering whether it settled: status "settled" when a stored hold was settled before
+        (nothing changed), "missing" when its state was lost with it (kept as charged)."""
         if decision.hold is None or decision.billable is None:
-            return None
+            return state.SettleReply("ok", None)
         self._touched.add(decision.billable)
         args = state.SettleArgs(
             hold=decision.hold,
@@ -231,7 +240,17 @@ class Engine:
             units=None if units is None else math.ceil(units),
             restores=self.restore is not None,
         )
-        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv())).balance
+        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv()))
+
+    async def held(self, billable: str, hold_id: str) -> tuple[str, state.StoredHold] | None:
+        """A stored hold (`decide(..., hold=True)`) still open, neither settled nor past its lifetime (then it
+        is kept as charged), with the billable's plan now."""
+        snap = await self.snapshot(billable)
+        raw = snap.holds.get(hold_id)
+        found = None if raw is None else state.Hold.stored(raw, hold_id, snap.now_ms)
+        if found is None:
+            return None
+        return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription).name, found
 
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""

@@ -35,6 +35,10 @@ class Specs:
         self._status: dict[str, str] = {}
 
     def route(self, plan_name: str, route: Route | None) -> Compiled:
+        if route is not None and route.index < 0:
+            # A check's own route (gateway/check.py: a feature, a limit or an operation asked about alone):
+            # compiled per call, so that any `by` a caller sends leaves nothing cached.
+            return compile_spec(self.catalog, self.catalog.plans[plan_name], route)
         key = (plan_name, route.index if route else -1)
         found = self._routes.get(key)
         if found is None:
@@ -58,7 +62,9 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
     `plan` is the effective plan: a per-billable override is compiled the same way."""
     denied: list[Violation] = []
     shadow = catalog.enforcement(plan, route) == "shadow"
-    rates = [r for r in (plan.rate, route.rate if route else None) if r is not None]
+    # A check's own route (negative index) asks about the plan's terms, not the request's pace: no plan rate.
+    plan_rate = plan.rate if route is None or route.index >= 0 else None
+    rates = [r for r in (plan_rate, route.rate if route else None) if r is not None]
     limits: list[state.LimitSpec] = []
     metered = False
     cost = 0

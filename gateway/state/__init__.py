@@ -19,7 +19,7 @@ from gateway.state.fields import (
     usage_counters,
     usage_key,
 )
-from gateway.state.hold import HeldLimit, Hold
+from gateway.state.hold import HeldLimit, Hold, StoredHold
 from gateway.state.keys import Keys, billable_of, keys, pattern
 from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
@@ -55,6 +55,7 @@ __all__ = [
     "StatusLimit",
     "StatusReply",
     "StatusSpec",
+    "StoredHold",
     "Subscription",
     "UsageCounter",
     "billable_of",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,20 @@ class Hold:
         held = tuple(HeldLimit(str(name), int(units), int(ws)) for name, units, ws in (limits or ()))
         return cls(int(cp), int(cb), int(window), int(allowance), str(usage_key), held, hold_id)
 
+    @classmethod
+    def stored(cls, raw: str, hold_id: str, now_ms: int) -> StoredHold | None:
+        """A hold as decide.lua stored it in the holds hash (cjson: `l` is {} when empty), None once it is past
+        its lifetime (then it is kept as charged)."""
+        found = json.loads(raw)
+        if int(found.get("exp", 0)) <= now_ms:
+            return None
+        limits = found.get("l") or []
+        hold = cls.parse([found["cp"], found["cb"], found["w"], found.get("a", 0), found.get("q", ""), limits], hold_id)
+        # The usage key (fields.usage_key) names the route and the operation the hold was taken for.
+        _, _, counted = hold.usage_key.partition("|")
+        route, _, operation = counted.rpartition("|")
+        return StoredHold(hold, route, operation or None)
+
     def argv(self) -> list[str | int]:
         """As settle.lua reads it, from its 7th argument on."""
         out: list[str | int] = [self.id, self.period_credits, self.purchased_credits, self.credit_window_ms,
@@ -46,3 +61,12 @@ class Hold:
         for limit in self.limits:
             out += [limit.name, limit.units, limit.window_ms]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredHold:
+    """A stored hold still open, with the route (its match) and the operation it was taken for."""
+
+    hold: Hold
+    route: str
+    operation: str | None

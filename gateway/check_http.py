@@ -1,0 +1,122 @@
+"""`POST /_gateway/check` and `POST /_gateway/settle`: gateway/check.py over HTTP.
+
+Either the admin token (the body names the billable) or the billable's own credentials (an API key, or
+whatever identifies it in this gateway: the body's billable is then optional and must be its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.bounds import MAX_INT
+from gateway.check import Checker, HoldNotOpen, hold_billable
+from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.ids import billable as billable_id
+from gateway.problems import json_body, problem
+
+Identify = Callable[[Request], Awaitable[str | None]]
+
+_CHECK_FIELDS = ("billable", "route", "feature", "limit", "by", "operation", "units", "consume")
+_SETTLE_FIELDS = ("hold", "outcome", "units")
+
+
+class CheckEndpoints:
+    def __init__(self, checker: Checker, *, admin: Callable[[Request], str | None], identify: Identify) -> None:
+        self.checker = checker
+        self.admin = admin  # the name of the admin token a request carries (any named one), else None
+        self.identify = identify
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/_gateway/check", self._guard(self.check), methods=["POST"]),
+            Route("/_gateway/settle", self._guard(self.settle), methods=["POST"]),
+        ]
+
+    def _guard(self, endpoint: Callable[[Request, dict[str, Any], str | None], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            try:
+                own: str | None = None
+                if self.admin(request) is None:
+                    own = await self.identify(request)
+                    if own is None:
+                        return problem(401, "urn:gateway:unauthorized", "Unauthorized",
+                                       "Send the billable's API key (Authorization: Bearer <key> or X-Api-Key: <key>) or the admin token.")  # fmt: skip
+                body = await json_body(request)
+                if isinstance(body, JSONResponse):
+                    return body
+                return await endpoint(request, body, own)
+            except (RedisUnavailable, StateUnavailable, DatabaseUnavailable) as exc:
+                return problem(503, "urn:gateway:unavailable", "Service unavailable", f"{exc} Retry shortly.")
+
+        return guarded
+
+    async def check(self, request: Request, body: dict[str, Any], own: str | None) -> Response:
+        _only(body, _CHECK_FIELDS, "a check")
+        named = body.get("billable")
+        if own is None:
+            if named is None:
+                raise BadRequest('billable is required with the admin token (send {"billable": "org_1", "route": "POST /v1/images"}).')
+            billable = billable_id(named, "billable")
+        else:
+            billable = own
+            if named is not None and billable_id(named, "billable") != own:
+                return _forbidden(f"These credentials are {own}'s: they cannot check {named}.")
+        for name in ("route", "feature", "limit", "operation"):
+            if name in body and not isinstance(body[name], str):
+                raise BadRequest(f"{name} must be a string.")
+        consume = body.get("consume", False)
+        if not isinstance(consume, bool):
+            raise BadRequest("consume must be true or false.")
+        by = body.get("by")
+        if by is not None and (isinstance(by, bool) or not isinstance(by, int) or not 0 <= by <= MAX_INT):
+            raise BadRequest(f"by must be a whole number from 0 to {MAX_INT}.")
+        result = await self.checker.check(
+            billable, route=body.get("route"), feature=body.get("feature"), limit=body.get("limit"), by=by,
+            operation=body.get("operation"), units=_units(body), consume=consume,
+        )  # fmt: skip
+        response = JSONResponse(result.body())
+        response.raw_headers.extend(result.headers)
+        return response
+
+    async def settle(self, request: Request, body: dict[str, Any], own: str | None) -> Response:
+        _only(body, _SETTLE_FIELDS, "a settle")
+        hold = body.get("hold")
+        if not isinstance(hold, str):
+            raise BadRequest('hold is required: the "hold" a consuming check answered.')
+        if own is not None and hold_billable(hold) != own:
+            return _forbidden(f"These credentials are {own}'s: the hold is another billable's.")
+        outcome = body.get("outcome")
+        if outcome not in ("success", "failure"):
+            raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
+        try:
+            result = await self.checker.settle(hold, outcome=outcome, units=_units(body))
+        except HoldNotOpen as exc:
+            return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
+        response = JSONResponse(result.body())
+        if result.balance is not None:
+            response.raw_headers.append((b"x-credits-remaining", b"%d" % result.balance))
+        return response
+
+
+def _only(body: dict[str, Any], known: tuple[str, ...], what: str) -> None:
+    for name in body:
+        if name not in known:
+            raise BadRequest(f"unknown field {name[:80]!r}: {what} takes {', '.join(known)}.")
+
+
+def _units(body: dict[str, Any]) -> float | None:
+    units = body.get("units")
+    if units is None:
+        return None
+    if isinstance(units, bool) or not isinstance(units, int | float) or not 0 <= units <= MAX_INT:
+        raise BadRequest(f"units must be a number from 0 to {MAX_INT}.")
+    return units
+
+
+def _forbidden(detail: str) -> JSONResponse:
+    return problem(403, "urn:gateway:forbidden", "Forbidden", detail)
