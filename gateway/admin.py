@@ -40,7 +40,17 @@ from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.overrides import Overrides, record_overrides, record_suspension
 from gateway.overrides import kept as overrides_kept
 from gateway.overrides import validate as validate_overrides
-from gateway.problems import bad_request, http_problem, json_body, problem, problem_body, read_body, refused
+from gateway.problems import (
+    BAD_REQUEST,
+    bad_request,
+    http_problem,
+    json_body,
+    problem,
+    problem_body,
+    problem_response,
+    read_body,
+    refused,
+)
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
@@ -376,8 +386,7 @@ class Endpoints:
                 terms = validate_overrides(body, self.catalog, before.name, self.engine.clock())
             except InvalidOverrides as exc:
                 problems = [{"place": p.place, "message": p.message} for p in exc.problems]
-                answer = problem_body(400, "urn:gateway:bad-request", "Bad request", str(exc), problems=problems)
-                return JSONResponse(answer, status_code=400, media_type="application/problem+json")
+                return problem_response(400, problem_body(400, BAD_REQUEST, "Bad request", str(exc), problems=problems))
         if self.db is not None:
             await record_overrides(self.db, billable, terms)
         await self.engine.set_overrides(billable, terms)
