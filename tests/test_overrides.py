@@ -5,6 +5,7 @@ Postgres."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,9 @@ import pytest
 from gateway_support import ADMIN_HEADERS, Served, serving
 from services import RedisServer
 from waiting import wait_until
+
+from gateway.catalog import parse_catalog
+from gateway.overrides import validate
 
 CATALOG = """
 [catalog]
@@ -259,3 +263,20 @@ def test_overrides_and_a_suspension_come_back_after_redis_loses_the_billable(
         assert shown["limits"]["exports"]["usage"] == expected_usage
         statuses = [post(gw, "/exports").status_code for _ in range(4 - expected_usage)]
         assert statuses[-1] == 429 and set(statuses[:-1]) == {200}
+
+
+def test_the_effective_plan_is_the_plan_with_the_overrides_in_place() -> None:
+    """apply() on the catalog's models: derived values (the rate, a grace's seconds) follow the new fields,
+    unlimited and numbers replace each other, features are added and taken away."""
+    catalog = parse_catalog(CATALOG.replace('limits.exports = { to = 20, per = "month" }',
+                                            'limits.exports = { to = 20, per = "month", after_limit = "grace_then_block" }'))  # fmt: skip
+    pro = catalog.plans["pro"]
+    assert pro.rate is None and pro.limits["exports"].grace_seconds == 7 * 86400  # computed before the copy
+    body = {"limits": {"exports": {"grace": "1d", "to": 30}, "projects": {"unlimited": True}}, "rate_limit": "50/second",
+            "credits": 7, "disallows": ["hd"]}  # fmt: skip
+    effective = validate(body, catalog, "pro", time.time()).apply(pro, catalog)
+    assert effective.rate is not None and (effective.rate.limit, effective.rate.per_seconds) == (50, 1)
+    assert (effective.limits["exports"].to, effective.limits["exports"].grace_seconds) == (30, 86400)
+    assert effective.is_unlimited("projects") and effective.credits == 7
+    assert (effective.allows, effective.disallows) == (("api",), ("hd",))
+    assert pro.limits["exports"].to == 20 and pro.rate is None  # the catalog's plan is untouched
