@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway import state
-from gateway.catalog import CREDITS, Catalog, RateLimit, Route
+from gateway.catalog import CREDITS, Catalog, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
 from gateway.engine.plans import ACTIVE_STATUSES, Plans, PlanSource, ResolvedPlan
 from gateway.engine.spec import Compiled, Specs, period_code
@@ -283,8 +283,7 @@ class Engine:
 
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
-        plan = self.catalog.plans[plan_name]
-        cap = plan.limits.get(limit)
+        cap = self.terms_of(billable, plan_name).limits.get(limit)
         self._touched.add(billable)
         args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
@@ -294,6 +293,14 @@ class Engine:
             await self.rehydrate(billable)
 
     # ---- plans --------------------------------------------------------------------------------------
+
+    def terms_of(self, billable: str, plan_name: str) -> Plan:
+        """The billable's effective plan as this process last resolved it (its overrides in place), when that
+        was `plan_name`; else the catalog's `plan_name`. No I/O: for what follows a decision."""
+        resolved = self.plans.cached(billable)
+        if resolved is not None and resolved.terms is not None and resolved.name == plan_name:
+            return resolved.terms
+        return self.catalog.plans[plan_name]
 
     async def plan_of(self, billable: str) -> ResolvedPlan:
         """The billable's plan now (read from Redis, then cached like a decision would)."""
