@@ -280,3 +280,16 @@ def test_the_effective_plan_is_the_plan_with_the_overrides_in_place() -> None:
     assert effective.is_unlimited("projects") and effective.credits == 7
     assert (effective.allows, effective.disallows) == (("api",), ("hd",))
     assert pro.limits["exports"].to == 20 and pro.rate is None  # the catalog's plan is untouched
+
+
+def test_shadow_never_relaxes_a_suspension(tmp_path: Path, redis_server: RedisServer, empty_db_url: str) -> None:
+    """In a catalog that only shadows its denials, a suspended billable is still refused, consuming nothing."""
+    shadowed = CATALOG.replace("[catalog]\n", '[catalog]\nenforce = "shadow"\n')
+    with serving(tmp_path, shadowed, redis_port=redis_server.port, db_url=empty_db_url, billable_header="X-Org") as gw:
+        assert [post(gw, "/exports").status_code for _ in range(3)] == [200, 200, 200]  # the third only shadowed
+        assert admin(gw, "PUT", "/suspension", {"reason": "abuse"}).status_code == 200
+        before = gw.state("org_1")
+        denied = post(gw, "/exports")
+        assert (denied.status_code, denied.json()["type"]) == (403, "urn:gateway:suspended")
+        assert "x-gateway-shadow" not in denied.headers
+        assert gw.state("org_1") == before
