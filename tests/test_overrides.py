@@ -197,6 +197,8 @@ def test_a_suspension_refuses_every_request_on_every_process_consuming_nothing_u
     shown = status(b)
     assert (shown["suspended"], shown["limits"]["exports"]["usage"], shown["credits"]["balance"]) == (True, 0, 9)
     assert httpx.post(f"{b.url}/exports", timeout=10).status_code == 401  # identity still comes first
+    checked = httpx.post(f"{a.url}/_gateway/check", json={"billable": "org_1", "route": "POST /exports"}, headers=ADMIN_HEADERS, timeout=10)
+    assert (checked.json()["allowed"], checked.json()["status"], checked.json()["violated_policies"]) == (False, 403, ["suspended"])
 
     assert admin(b, "DELETE", "/suspension").status_code == 200
     assert post(a, "/exports").status_code == 200
