@@ -18,7 +18,7 @@ from starlette.routing import Route, Router
 
 from gateway import audit
 from gateway.bounds import MAX_INT, integer
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, Plan
 from gateway.check import Checker
 from gateway.check_http import CheckEndpoints
 from gateway.engine import Engine
@@ -28,6 +28,7 @@ from gateway.errors import (
     CatalogError,
     DatabaseUnavailable,
     GatewayError,
+    InvalidOverrides,
     RedisUnavailable,
     StateUnavailable,
 )
@@ -36,7 +37,20 @@ from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.problems import bad_request, http_problem, json_body, problem, problem_body, read_body, refused
+from gateway.overrides import Overrides, record_overrides, record_suspension
+from gateway.overrides import kept as overrides_kept
+from gateway.overrides import validate as validate_overrides
+from gateway.problems import (
+    BAD_REQUEST,
+    bad_request,
+    http_problem,
+    json_body,
+    problem,
+    problem_body,
+    problem_response,
+    read_body,
+    refused,
+)
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
 from gateway.store.db import Database
@@ -49,9 +63,9 @@ Identify = Callable[[Request], Awaitable[str | None]]
 MAX_NAME = 255  # a key's name, an idempotency key: labels, not documents
 
 
-def overage(catalog: Catalog, status: dict[str, Any], target: str) -> dict[str, Any]:
-    """What the billable must remove before moving to `target`: each item over its limit, with a sentence."""
-    plan = catalog.plans[target]
+def overage(status: dict[str, Any], target: str, plan: Plan) -> dict[str, Any]:
+    """What the billable must remove before moving to `target` (`plan`: its terms, with the billable's
+    overrides in place, since they stay across a plan change): each item over its limit, with a sentence."""
     items = []
     for name, limit in status["limits"].items():
         if plan.is_unlimited(name):
@@ -117,6 +131,9 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/plan", self.assign_plan, methods=["PUT", "DELETE"]),
             Route("/_gateway/admin/billables/{billable}/credits", self.grant_credits, methods=["POST"]),
             Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.set_limit, methods=["PUT"]),
+            Route("/_gateway/admin/billables/{billable}/limits/{limit}/reset", self.reset_limit, methods=["POST"]),
+            Route("/_gateway/admin/billables/{billable}/overrides", self.overrides, methods=["GET", "PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/suspension", self.suspension, methods=["PUT", "DELETE"]),
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
@@ -337,6 +354,68 @@ class Endpoints:
         await self._audit(request, "limit.set", billable, {"limit": limit, "usage": before}, {"limit": limit, "usage": usage})
         return JSONResponse(status["limits"].get(limit, {"usage": usage}))
 
+    async def reset_limit(self, request: Request) -> Response:
+        """A per-period allowance's use in the current window back to 0, its warnings and grace re-armed."""
+        billable, limit = request.path_params["billable"], request.path_params["limit"]
+        kind = self.catalog.limit_kinds.get(limit)
+        if kind is None:
+            known = ", ".join(sorted(self.catalog.limit_kinds)) or "none"
+            return problem(404, "urn:gateway:not-found", "Not found", f'No limit "{limit}" in plans.toml (its limits: {known}).')
+        if kind.per is None:
+            return bad_request(f'"{limit}" is a persistent cap, not a per-period allowance: set its count with PUT .../limits/{limit} {{"usage": N}}.')
+        before = (await self.engine.status(billable))["limits"].get(limit)  # restores a lost state first
+        await self.engine.reset_limit(billable, limit)
+        after = (await self.engine.status(billable))["limits"].get(limit)
+        await self._audit(request, "limit.reset", billable, {"limit": limit, "usage": before["usage"] if before else None},
+                          {"limit": limit, "usage": after["usage"] if after else 0})  # fmt: skip
+        return JSONResponse(after if after is not None else {"usage": 0, "per": kind.per})
+
+    async def overrides(self, request: Request) -> Response:
+        """GET: the status with the stored overrides; PUT: new ones (validated by the catalog's own rules);
+        DELETE: back to the plan's terms. Each answers the status: the effective terms."""
+        billable = request.path_params["billable"]
+        if request.method == "GET":
+            return JSONResponse(await self.engine.status(billable))
+        before = await self.engine.plan_of(billable)
+        terms: Overrides | None = None
+        if request.method == "PUT":
+            body = await json_body(request)
+            if isinstance(body, JSONResponse):
+                return body
+            try:
+                terms = validate_overrides(body, self.catalog, before.name, self.engine.clock())
+            except InvalidOverrides as exc:
+                problems = [{"place": p.place, "message": p.message} for p in exc.problems]
+                return problem_response(400, problem_body(400, BAD_REQUEST, "Bad request", str(exc), problems=problems))
+        if self.db is not None:
+            await record_overrides(self.db, billable, terms)
+        await self.engine.set_overrides(billable, terms)
+        status = await self.engine.status(billable)
+        shown = before.overrides.shown() if before.overrides is not None else None
+        await self._audit(request, "overrides.set" if terms is not None else "overrides.remove", billable, shown, status["overrides"])
+        return JSONResponse(status)
+
+    async def suspension(self, request: Request) -> Response:
+        """PUT {"reason"}: every request of the billable is 403 suspended from the next one; DELETE lifts it."""
+        billable = request.path_params["billable"]
+        reason: str | None = None
+        if request.method == "PUT":
+            body = await json_body(request)
+            if isinstance(body, JSONResponse):
+                return body
+            reason = body.get("reason", "")
+            if not isinstance(reason, str) or len(reason) > 1000:
+                return bad_request('reason is a string of at most 1000 characters (send {"reason": "..."}).')
+        kept = await overrides_kept(self.db, billable) if self.db is not None else None
+        was = (await self.engine.plan_of(billable)).suspended
+        if self.db is not None:
+            await record_suspension(self.db, billable, reason)
+        await self.engine.set_suspended(billable, reason is not None)
+        before = {"suspended": was, "reason": kept.suspension if kept is not None else None}
+        after = {"suspended": reason is not None, "reason": reason}
+        await self._audit(request, "suspension.set" if reason is not None else "suspension.lift", billable, before, after)
+        return JSONResponse({"billable": billable, **after})
+
     async def auto_recharge(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, JSONResponse):
@@ -360,8 +439,13 @@ class Endpoints:
         target = request.query_params.get("plan")
         if target not in self.catalog.plans:
             return bad_request(f'Name the target plan: ?plan=one of {", ".join(self.catalog.plans)}.')
-        status = await self.engine.status(request.path_params["billable"])
-        return JSONResponse(overage(self.catalog, status, target))
+        billable = request.path_params["billable"]
+        status = await self.engine.status(billable)
+        resolved = await self.engine.plan_of(billable)
+        plan = self.catalog.plans[target]
+        if resolved.overrides is not None and resolved.terms is not None:
+            plan = resolved.overrides.apply(plan, self.catalog)
+        return JSONResponse(overage(status, target, plan))
 
     async def usage_history(self, request: Request) -> Response:
         """Requests, units, credits, amount_cents and shadow_denials per route and operation in a month, from the record."""

@@ -557,14 +557,16 @@ _TYPE_WORDS = {
 }
 
 
-def _pydantic_problems(exc: ValidationError) -> list[Problem]:
+def _pydantic_problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[Problem]:
+    """Every problem of a validation, each at its place; `root` is the model validated (the catalog's file
+    unless told), whose fields an unknown key is compared with for "did you mean"."""
     problems: dict[str, Problem] = {}
     for error in exc.errors(include_url=False):
         loc = error["loc"]
         kind = error["type"]
         place = _place(loc)
         if kind == "extra_forbidden":
-            near = _nearest(str(loc[-1]), _known_keys(loc[:-1]))
+            near = _nearest(str(loc[-1]), _known_keys(loc[:-1], root or CatalogFile))
             hint = f'did you mean "{near}"?' if near else "remove it or check its spelling"
             message = f'unknown key "{loc[-1]}": {hint}'
         elif kind == "missing":
@@ -589,9 +591,9 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     ]
 
 
-def _known_keys(loc: Iterable[int | str]) -> set[str]:
+def _known_keys(loc: Iterable[int | str], root: type[BaseModel]) -> set[str]:
     """The keys the table at `loc` may hold: its model's fields, found by following `loc` through the types."""
-    found: list[Any] = [CatalogFile]
+    found: list[Any] = [root]
     for part in loc:
         found = [child for kind in found for child in _step(kind, part)]
     return {name for kind in found if isinstance(kind, type) and issubclass(kind, BaseModel) for name in kind.model_fields}
@@ -614,6 +616,15 @@ def _members(kind: Any) -> list[Any]:
     if get_origin(kind) in (Union, types.UnionType):
         return [m for a in get_args(kind) for m in _members(a)]
     return [kind]
+
+
+def problems_of(exc: ValidationError, root: type[BaseModel]) -> list[Problem]:
+    """The problems of validating `root` (a body the catalog's own models check, like a billable's overrides)."""
+    return _pydantic_problems(exc, root)
+
+
+def nearest(word: str, known: Iterable[str]) -> str | None:
+    return _nearest(word, known)
 
 
 def _nearest(word: str, known: Iterable[str]) -> str | None:

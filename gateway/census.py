@@ -44,6 +44,7 @@ import sqlalchemy as sa
 
 from gateway import state
 from gateway.grants import granted_billables
+from gateway.overrides import overridden_billables
 from gateway.store.db import Database, plan_assignments, snapshots
 from gateway.store.redis import RedisStore
 
@@ -122,7 +123,7 @@ class Census:
         """Read the ids of every billable the record holds anything of (their hashes: 8 bytes each)."""
         started = self.clock()  # the epochs seen so far were in force before the query sees the record
         query = sa.union(
-            sa.select(snapshots.c.billable), sa.select(plan_assignments.c.billable), granted_billables()
+            sa.select(snapshots.c.billable), sa.select(plan_assignments.c.billable), granted_billables(), overridden_billables()
         )
         hashes: list[int] = []
         async with asyncio.timeout(READ_TIMEOUT_S), self.db.reader.connect() as conn:

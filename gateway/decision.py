@@ -17,6 +17,7 @@ QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded
 # Status precedence of DESIGN §3: the first row that applies decides.
 _OUTCOMES: dict[str, tuple[int, str, str]] = {
     "unauthorized": (401, "urn:gateway:unauthorized", "Unauthorized"),
+    "suspended": (403, "urn:gateway:suspended", "Suspended"),
     "feature": (403, "urn:gateway:feature-not-in-plan", "Feature not in plan"),
     "cap": (403, "urn:gateway:limit-reached", "Limit reached"),
     "size": (403, "urn:gateway:limit-reached", "Limit reached"),
@@ -42,7 +43,7 @@ class Violation(NamedTuple):
     """One violated policy: a feature, a limit, a rate limit or the credit balance."""
 
     name: str
-    kind: str  # feature | cap | size | allow | rate | credits | unauthorized | unavailable | no_route
+    kind: str  # feature | cap | size | allow | rate | credits | unauthorized | suspended | unavailable | no_route
     retry_after: int | None = None
     usage: int | None = None
     limit: int | None = None
@@ -257,6 +258,8 @@ def detail(decision: Decision, catalog: Catalog, *, unauthorized: str = API_KEY_
             s = f"You're out of credits: this request needs {v.cost} and you have {max(0, v.balance or 0)}."
         elif v.kind == "rate":
             s = f"Too many requests ({v.name}): retry in {_duration(v.retry_after or 1)}."
+        elif v.kind == "suspended":
+            s = "This account is suspended: every request is refused until it is lifted. Please contact support."
         elif v.kind == "unavailable":
             s = "The gateway cannot reach its state store right now; please retry shortly."
         elif v.kind == "no_route":

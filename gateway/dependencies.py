@@ -120,7 +120,7 @@ class Guard:
         async def dependency(request: Request, response: Response) -> Decision | None:
             decided: Decision | None = request.scope.get("state", {}).get("gateway")
             if decided is not None and decided.plan is not None:
-                plan = self.catalog.plans[decided.plan]
+                plan = self.engine.terms_of(decided.billable or "", decided.plan)
                 missing = [f for f in features if not plan.allows_feature(f)]
                 if missing:
                     self._deny(Decision(False, decided.billable, decided.plan, violations=[Violation(f, "feature") for f in missing]))

@@ -88,6 +88,15 @@ class BadRequest(GatewayError):
     status = 400
 
 
+class InvalidOverrides(BadRequest):
+    """A billable's overrides that break the catalog's rules; `problems` lists each with its place."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"The overrides do not apply ({count}); nothing changed: " + "; ".join(map(str, problems)))
+
+
 class TooLarge(BadRequest):
     """A body over its size limit: answered 413 without reading the rest."""
 

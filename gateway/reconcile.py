@@ -46,7 +46,7 @@ from gateway.events import Outbox
 from gateway.grants import Grants, grants_after, numbered_grants
 from gateway.settings import Settings
 from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
-from gateway.store.db import Database, plan_assignments, snapshots, usage_totals
+from gateway.store.db import Database, billable_overrides, plan_assignments, snapshots, usage_totals
 from gateway.store.redis import RedisStore
 from gateway.usage import COLUMNS, rows_from_state
 
@@ -499,10 +499,16 @@ class Rehydrator:
             .where(snapshots.c.billable.in_(billables)),
             sa.select(sa.literal("p"), plan_assignments.c.billable, plan_assignments.c.plan, none, none)
             .where(plan_assignments.c.billable.in_(billables)),
+            sa.select(sa.literal("o"), billable_overrides.c.billable, billable_overrides.c.overrides, none, none)
+            .where(billable_overrides.c.billable.in_(billables), billable_overrides.c.overrides.is_not(None)),
+            sa.select(sa.literal("x"), billable_overrides.c.billable, billable_overrides.c.suspension, none, none)
+            .where(billable_overrides.c.billable.in_(billables), billable_overrides.c.suspension.is_not(None)),
             sa.select(sa.literal("g"), numbered.c.billable, sa.cast(sa.null(), sa.Text), numbered.c.seq, numbered.c.amount),
         )  # fmt: skip
         states: dict[str, dict[str, str]] = {}
         plans: dict[str, str] = {}
+        overrides: dict[str, str] = {}
+        suspended: set[str] = set()
         all_grants: list[tuple[str, int, int]] = []
         async with asyncio.timeout(self.timeout), self.db.reader.connect() as conn:
             for kind, billable, text, seq, amount in await conn.execute(query):
@@ -510,6 +516,10 @@ class Rehydrator:
                     states[billable] = json.loads(text)
                 elif kind == "p":
                     plans[billable] = text
+                elif kind == "o":
+                    overrides[billable] = text
+                elif kind == "x":
+                    suspended.add(billable)
                 else:
                     all_grants.append((billable, int(seq), int(amount)))
         grants: dict[str, list[tuple[int, int]]] = {}
@@ -519,11 +529,13 @@ class Rehydrator:
         found: dict[str, Restored] = {}  # the record knows nothing of the others: they start new
         for billable in billables:
             state, plan, after = states.get(billable), plans.get(billable), grants.get(billable, [])
-            if state is None and plan is None and not after:
+            terms, held = overrides.get(billable), billable in suspended
+            if state is None and plan is None and not after and terms is None and not held:
                 continue
             # A plan version no process can have cached: every process resolves the plan again. That is a
             # change, so the restored state is flushed like any other.
-            found[billable] = Restored(restorable(state, plan, int(time.time() * 1000)), tuple(after))
+            saved = restorable(state, plan, int(time.time() * 1000), overrides=terms, suspended=held)
+            found[billable] = Restored(saved, tuple(after))
         return found
 
     async def grants_after(self, billable: str, after: int) -> list[tuple[int, int]]:

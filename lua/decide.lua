@@ -16,7 +16,7 @@ local dry = ARGV[11] == '1'
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
 -- Every field this decision may read, in one call: the fixed ones here, the spec's own in spec.f.
-local names = {'pv', 'hyd', 'asg', 'sub', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
+local names = {'pv', 'hyd', 'asg', 'sub', 'ov', 'sus', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
   'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key}
 for _, f in ipairs(spec.f) do names[#names + 1] = f end
 local values = redis.call('HMGET', S, unpack(names))
@@ -25,7 +25,7 @@ for i, f in ipairs(names) do F[f] = values[i] end
 
 local pv = tonumber(F.pv) or 0
 if pv ~= tonumber(ARGV[2]) then
-  return {'stale', pv, F.asg, F.sub}
+  return {'stale', pv, F.asg or false, F.sub or false, F.ov or false, F.sus or false}
 end
 if ARGV[7] == '1' and not F.hyd then
   return {'missing'}

@@ -12,7 +12,7 @@ for i = 1, #raw, 2 do F[raw[i]] = raw[i + 1] end
 
 local pv = tonumber(F.pv) or 0
 if pv ~= tonumber(ARGV[2]) then
-  return {'stale', pv, F.asg or false, F.sub or false}
+  return {'stale', pv, F.asg or false, F.sub or false, F.ov or false, F.sus or false}
 end
 if ARGV[4] == '1' and not F.hyd then
   return {'missing'}

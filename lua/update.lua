@@ -13,6 +13,15 @@ elseif op == 'period' then        -- 2, 3: billing period start and end (ms), ""
   if ARGV[2] == '' then redis.call('HDEL', S, 'bp_s', 'bp_e')
   else redis.call('HSET', S, 'bp_s', ARGV[2], 'bp_e', ARGV[3]) end
   redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'overrides' then     -- 2: the billable's overrides (JSON, gateway.overrides), "" removes them
+  if ARGV[2] == '' then redis.call('HDEL', S, 'ov') else redis.call('HSET', S, 'ov', ARGV[2]) end
+  redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'suspend' then       -- 2: "1" suspends, "" lifts
+  if ARGV[2] == '' then redis.call('HDEL', S, 'sus') else redis.call('HSET', S, 'sus', '1') end
+  redis.call('HINCRBY', S, 'pv', 1)
+elseif op == 'reset' then         -- 2: an allowance: its window forgotten, so the next decision starts one afresh
+  local n = ARGV[2]
+  redis.call('HDEL', S, 'u:' .. n, 'g:' .. n, 't:' .. n, 'b:' .. n, 'w:' .. n)
 elseif op == 'count' then         -- 2: limit, 3: usage of a persistent cap
   redis.call('HSET', S, 'u:' .. ARGV[2], ARGV[3])
   redis.call('HDEL', S, 't:' .. ARGV[2])

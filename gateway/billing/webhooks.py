@@ -316,7 +316,7 @@ class Webhooks:
         report: dict[str, Any] = {"customer": customer, "billable": billable, "entitlements": sorted(keys)}
         if billable is not None:
             plan = await self.engine.plan_of(billable)
-            allows = set(self.catalog.plans[plan.name].allows)
+            allows = set((plan.terms or self.catalog.plans[plan.name]).allows)  # overrides add and take features
             report |= {
                 "plan": plan.name,
                 "only_in_stripe": sorted(keys - allows),

@@ -17,20 +17,22 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway import state
-from gateway.catalog import CREDITS, Catalog, RateLimit, Route
+from gateway.catalog import CREDITS, Catalog, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
 from gateway.engine.plans import ACTIVE_STATUSES, Plans, PlanSource, ResolvedPlan
 from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
+from gateway.overrides import Overrides
 from gateway.periods import calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
 
-__all__ = ["ACTIVE_STATUSES", "UNMATCHED", "Engine", "GrantResult", "Offline", "PlanSource", "ResolvedPlan", "period_code"]
+__all__ = ["ACTIVE_STATUSES", "SUSPENDED", "UNMATCHED", "Engine", "GrantResult", "Offline", "PlanSource", "ResolvedPlan", "period_code"]
 
 UNMATCHED = "(unmatched)"
+SUSPENDED = "suspended"  # the violated policy of a suspended billable's every request
 
 # What the record gives back of a billable Redis lost (None: it has nothing, the billable starts new).
 Restorer = Callable[[str], Awaitable[state.Restored | None]]
@@ -114,14 +116,17 @@ class Engine:
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
-            compiled = self.specs.route(plan_name, route)
-            hold_id = uuid.uuid4().hex[:16] if (compiled.metered or hold) and not dry else ""
+            compiled = self._compiled(plan_name, route, resolved)
+            # A suspended billable still makes the one call, writing nothing: a lift (a new plan version) is
+            # seen by the script on the very next request of every process.
+            suspended = resolved is not None and resolved.suspended
+            hold_id = uuid.uuid4().hex[:16] if (compiled.metered or hold) and not dry and not suspended else ""
             args = state.DecideArgs(
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
                 calendar=self._calendar(),
-                forced_deny=bool(compiled.denied) and not compiled.shadow,
-                shadowed=bool(compiled.denied) and compiled.shadow,
+                forced_deny=(bool(compiled.denied) and not compiled.shadow) or suspended,  # shadow never relaxes a suspension
+                shadowed=bool(compiled.denied) and compiled.shadow and not suspended,
                 hold_id=hold_id,
                 credit_cost=credit_cost,
                 restores=self.restore is not None,
@@ -132,15 +137,37 @@ class Engine:
             )
             reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
             if isinstance(reply, state.Stale):
-                resolved = self.plans.resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
+                resolved = self._resolve(billable, reply)
                 continue
             if isinstance(reply, state.Missing):
                 await self.rehydrate(billable)
                 continue
             if not dry:
                 self._touched.add(billable)
+            if suspended:
+                return self._suspended(billable, plan_name, route, reply)
             return self._decision(billable, plan_name, route, compiled, reply)
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
+
+    def _compiled(self, plan_name: str, route: Route | None, resolved: ResolvedPlan | None) -> Compiled:
+        if resolved is None or resolved.terms is None:
+            return self.specs.route(plan_name, route)
+        return self.specs.route(plan_name, route, resolved.terms, resolved.digest)
+
+    def _resolve(self, billable: str, reply: state.Stale) -> ResolvedPlan:
+        return self.plans.resolve(billable, reply.plan_version, reply.assignment, reply.subscription, reply.overrides, reply.suspended)
+
+    def _suspended(self, billable: str, plan: str, route: Route | None, reply: state.DecideReply) -> Decision:
+        """403 suspended whatever else applies (DESIGN §3): the headers show what is left, nothing was taken."""
+        return Decision(
+            admitted=False,
+            billable=billable,
+            plan=plan,
+            route=route,
+            violations=[Violation(SUSPENDED, "suspended")],
+            policies=reply.policies,
+            now=reply.now_ms / 1000,
+        )
 
     def _decision(self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply) -> Decision:
         violations = [*compiled.denied, *reply.violations]
@@ -209,7 +236,9 @@ class Engine:
         """The plan, features and rate limits of a request as far as they are known without Redis."""
         resolved = self.plans.cached(billable)
         plan = resolved.name if resolved else self.catalog.settings.default_plan
-        compiled = self.specs.route(plan, route)
+        compiled = self._compiled(plan, route, resolved)
+        if resolved is not None and resolved.suspended:
+            return Offline(plan, (Violation(SUSPENDED, "suspended"),), compiled.rates)
         if compiled.shadow:
             return Offline(plan, (), ())  # nothing is enforced in shadow, not even in this process
         return Offline(plan, compiled.denied, compiled.rates)
@@ -254,8 +283,7 @@ class Engine:
 
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
-        plan = self.catalog.plans[plan_name]
-        cap = plan.limits.get(limit)
+        cap = self.terms_of(billable, plan_name).limits.get(limit)
         self._touched.add(billable)
         args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
@@ -266,10 +294,18 @@ class Engine:
 
     # ---- plans --------------------------------------------------------------------------------------
 
+    def terms_of(self, billable: str, plan_name: str) -> Plan:
+        """The billable's effective plan as this process last resolved it (its overrides in place), when that
+        was `plan_name`; else the catalog's `plan_name`. No I/O: for what follows a decision."""
+        resolved = self.plans.cached(billable)
+        if resolved is not None and resolved.terms is not None and resolved.name == plan_name:
+            return resolved.terms
+        return self.catalog.plans[plan_name]
+
     async def plan_of(self, billable: str) -> ResolvedPlan:
         """The billable's plan now (read from Redis, then cached like a decision would)."""
         snap = await self.snapshot(billable)
-        return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription)
+        return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription, snap.overrides, snap.suspended)
 
     async def _update(self, billable: str, *args: str | int) -> None:
         self._touched.add(billable)
@@ -297,6 +333,21 @@ class Engine:
         if usage < 0:
             raise ValueError("usage cannot be negative")
         await self._update(billable, "count", limit, usage)
+
+    async def set_overrides(self, billable: str, overrides: Overrides | None) -> None:
+        """The billable's own terms (validated by gateway.overrides), None removes them: every process
+        decides with them from its next request (the plan version moves)."""
+        await self._update(billable, "overrides", overrides.to_json() if overrides else "")
+
+    async def set_suspended(self, billable: str, suspended: bool) -> None:
+        await self._update(billable, "suspend", "1" if suspended else "")
+
+    async def reset_limit(self, billable: str, limit: str) -> None:
+        """A per-period allowance starts its current window again: use 0, warnings and grace re-armed."""
+        kind = self.catalog.limit_kinds.get(limit)
+        if kind is None or kind.per is None:
+            raise ValueError(f'"{limit}" is not a per-period allowance in plans.toml')
+        await self._update(billable, "reset", limit)
 
     async def set_auto_recharge(
         self, billable: str, *, enabled: bool, threshold: int | None, amount_cents: int | None = None
@@ -411,11 +462,11 @@ class Engine:
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
-            args = state.StatusArgs(self.specs.status(plan_name), resolved.version if resolved else -1, self._calendar(),
-                                    self.restore is not None)  # fmt: skip
+            spec = self.specs.status(plan_name, resolved.terms, resolved.digest) if resolved else self.specs.status(plan_name)
+            args = state.StatusArgs(spec, resolved.version if resolved else -1, self._calendar(), self.restore is not None)
             reply = state.StatusReply.parse(await self.store.run("status", keys, args.argv()))
             if isinstance(reply, state.Stale):
-                resolved = self.plans.resolve(billable, reply.plan_version, reply.assignment, reply.subscription)
+                resolved = self._resolve(billable, reply)
             elif isinstance(reply, state.Missing):
                 await self.rehydrate(billable)
             else:

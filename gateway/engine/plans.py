@@ -1,5 +1,6 @@
-"""Plan resolution: manual assignment → subscription (past_due within its grace) → the default plan, and
-this process's cache of it (stale as soon as the state's plan version moves: decide.lua says so)."""
+"""Plan resolution: manual assignment → subscription (past_due within its grace) → the default plan, with
+the billable's overrides on top and its suspension, and this process's cache of it (stale as soon as the
+state's plan version moves: decide.lua says so, with everything resolution reads)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.catalog import Catalog
+from pydantic import ValidationError
+
+from gateway.catalog import Catalog, Plan
+from gateway.overrides import Overrides
 from gateway.state import Subscription
 
 log = logging.getLogger("gateway.engine")
 
 PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
+_KEPT = 4096  # distinct overrides parsed at most, before the caches start again
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +28,14 @@ class ResolvedPlan:
     source: PlanSource
     version: int
     expires_at: float = float("inf")
+    overrides: Overrides | None = None  # as stored, in force or expired
+    terms: Plan | None = None  # the effective plan when overrides are in force, else None (the catalog's)
+    suspended: bool = False
+
+    @property
+    def digest(self) -> str:
+        """Names the effective terms in the compile caches ("" for the catalog's plan)."""
+        return self.overrides.digest if self.overrides is not None and self.terms is not None else ""
 
 
 class Plans:
@@ -30,6 +43,9 @@ class Plans:
         self.catalog = catalog
         self.clock = clock
         self._cache: dict[str, ResolvedPlan] = {}
+        # Overrides as stored → parsed, and (plan, digest) → effective plan: shared by every billable alike.
+        self._parsed: dict[str, Overrides | None] = {}
+        self._terms: dict[tuple[str, str], Plan] = {}
 
     def cached(self, billable: str) -> ResolvedPlan | None:
         resolved = self._cache.get(billable)
@@ -38,8 +54,17 @@ class Plans:
     def forget(self, billable: str) -> None:
         self._cache.pop(billable, None)
 
-    def resolve(self, billable: str, version: int, assignment: str | None, sub: Subscription | None) -> ResolvedPlan:
-        """Manual assignment → active subscription (past_due within the grace) → default plan."""
+    def resolve(
+        self,
+        billable: str,
+        version: int,
+        assignment: str | None,
+        sub: Subscription | None,
+        overrides: str | None = None,
+        suspended: bool = False,
+    ) -> ResolvedPlan:
+        """Manual assignment → active subscription (past_due within the grace) → default plan; then the
+        overrides on top until they expire (the cached resolution expires with them: no write needed)."""
         plans = self.catalog.plans
         resolved = ResolvedPlan(self.catalog.settings.default_plan, "default", version)
         if assignment and assignment in plans:
@@ -56,5 +81,31 @@ class Plans:
                 log.warning("billable %r subscribes to plan %r, which plans.toml lacks; using the default", billable, sub.plan)
         elif assignment:
             log.warning("billable %r is assigned plan %r, which plans.toml lacks; using the default", billable, assignment)
+        resolved = self._with_terms(billable, resolved, overrides, suspended)
         self._cache[billable] = resolved
         return resolved
+
+    def _with_terms(self, billable: str, resolved: ResolvedPlan, text: str | None, suspended: bool) -> ResolvedPlan:
+        terms = self._parse(billable, text) if text else None
+        if terms is None:
+            return ResolvedPlan(resolved.name, resolved.source, resolved.version, resolved.expires_at, suspended=suspended)
+        ends = terms.expires()
+        if ends <= self.clock():
+            return ResolvedPlan(resolved.name, resolved.source, resolved.version, resolved.expires_at, terms, suspended=suspended)
+        key = (resolved.name, terms.digest)
+        effective = self._terms.get(key)
+        if effective is None:
+            effective = self._terms[key] = terms.apply(self.catalog.plans[resolved.name], self.catalog)
+        return ResolvedPlan(resolved.name, resolved.source, resolved.version, min(resolved.expires_at, ends), terms, effective, suspended)
+
+    def _parse(self, billable: str, text: str) -> Overrides | None:
+        if text not in self._parsed:
+            if len(self._parsed) > _KEPT:
+                self._parsed.clear()
+                self._terms.clear()
+            try:
+                self._parsed[text] = Overrides.from_json(text)
+            except ValidationError as exc:
+                log.warning("billable %r has overrides this gateway cannot read (%s); using its plan", billable, exc)
+                self._parsed[text] = None
+        return self._parsed[text]

@@ -9,6 +9,8 @@ from gateway.catalog import CREDITS, Catalog, Limit, Plan, RateLimit, Route
 from gateway.decision import Violation
 from gateway.periods import Period
 
+_KEPT = 65536  # compiled specs at most (distinct overrides × routes), before the cache starts again
+
 
 def period_code(period: Period) -> str:
     """How a window is named to the scripts: m, w, d, bc, or s<seconds>."""
@@ -27,32 +29,38 @@ class Compiled:
 
 
 class Specs:
-    """The compiled specs of the catalog's plans, by (plan, route) for decide and by plan for the status."""
+    """The compiled specs of the catalog's plans, by (plan, overrides digest, route) for decide and by (plan,
+    digest) for the status: `terms` is the effective plan of overrides named by `digest` ("" for none)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self._routes: dict[tuple[str, int], Compiled] = {}
-        self._status: dict[str, str] = {}
+        self._routes: dict[tuple[str, str, int], Compiled] = {}
+        self._status: dict[tuple[str, str], str] = {}
 
-    def route(self, plan_name: str, route: Route | None) -> Compiled:
+    def route(self, plan_name: str, route: Route | None, terms: Plan | None = None, digest: str = "") -> Compiled:
         if route is not None and route.index < 0:
             # A check's own route (gateway/check.py: a feature, a limit or an operation asked about alone):
             # compiled per call, so that any `by` a caller sends leaves nothing cached.
-            return compile_spec(self.catalog, self.catalog.plans[plan_name], route)
-        key = (plan_name, route.index if route else -1)
+            return compile_spec(self.catalog, terms or self.catalog.plans[plan_name], route)
+        key = (plan_name, digest, route.index if route else -1)
         found = self._routes.get(key)
         if found is None:
-            found = compile_spec(self.catalog, self.catalog.plans[plan_name], route)
+            found = compile_spec(self.catalog, terms or self.catalog.plans[plan_name], route)
             # A request in flight across a catalog swap brings a route of the old catalog: never cached here.
             routes = self.catalog.routes
             if route is None or (route.index < len(routes) and routes[route.index] is route):
+                if len(self._routes) > _KEPT:
+                    self._routes.clear()
                 self._routes[key] = found
         return found
 
-    def status(self, plan_name: str) -> str:
-        found = self._status.get(plan_name)
+    def status(self, plan_name: str, terms: Plan | None = None, digest: str = "") -> str:
+        key = (plan_name, digest)
+        found = self._status.get(key)
         if found is None:
-            found = self._status[plan_name] = status_spec(self.catalog, self.catalog.plans[plan_name]).encode()
+            if len(self._status) > _KEPT:
+                self._status.clear()
+            found = self._status[key] = status_spec(self.catalog, terms or self.catalog.plans[plan_name]).encode()
         return found
 
 

@@ -12,7 +12,7 @@ from gateway.engine.spec import shown_rates
 
 def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: state.StatusReply) -> dict[str, Any]:
     """The body of what status.lua evaluated: only presentation here, every rule is the script's."""
-    plan = catalog.plans[resolved.name]
+    plan = resolved.terms or catalog.plans[resolved.name]  # the effective terms, overrides in place
     limits: dict[str, Any] = {}
     for found in reply.limits:
         limit = plan.limits.get(found.name) or catalog.limit_kinds[found.name]
@@ -50,4 +50,6 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: 
             "debt": reply.debt,
         },
         "rate_limits": rates,
+        "overrides": resolved.overrides.shown() if resolved.overrides is not None else None,
+        "suspended": resolved.suspended,
     }

@@ -48,12 +48,15 @@ class Stale:
     plan_version: int
     assignment: str | None
     subscription: Subscription | None
+    overrides: str | None = None  # the billable's overrides as stored (gateway.overrides JSON)
+    suspended: bool = False
 
     @classmethod
     def parse(cls, raw: list[Any]) -> Stale:
-        """{"stale", version, assignment or nil, subscription or nil} (a Lua array ends at its first nil)."""
-        assignment, sub = [*raw[2:4], None, None][:2]
-        return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None)
+        """{"stale", version, assignment, subscription, overrides, suspended}, each nil for none (a Lua array
+        ends at its first nil: older scripts sent fewer)."""
+        assignment, sub, overrides, suspended = [*raw[2:6], None, None, None, None][:4]
+        return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None, overrides or None, bool(suspended))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
     pv          plan version: bumped by what decides the plan, so every process's cached plan goes stale
     asg         manual plan assignment          sub     subscription (JSON, Subscription)
+    ov          per-billable overrides (JSON, gateway.overrides)   sus     suspended ("1")
     bp_s bp_e   billing period (ms)             hyd     the state is present (restored or made here)
     chg         change counter (the record's flush compares it)
     eseq        last event sequence             hx      earliest expiry among the holds (ms)
@@ -146,6 +147,14 @@ class Snapshot:
         text = self.state.get("sub")
         return Subscription.from_json(text) if text else None
 
+    @property
+    def overrides(self) -> str | None:
+        return self.state.get("ov") or None
+
+    @property
+    def suspended(self) -> bool:
+        return self.state.get("sus") == "1"
+
     def says(self, subscription: Subscription | None, period: tuple[float, float] | None) -> tuple[bool, bool]:
         """Whether the state already holds this subscription, and this billing period (Unix seconds)."""
         wanted = (str(ms(period[0])), str(ms(period[1]))) if period else (None, None)
@@ -174,14 +183,24 @@ def grant_sequence(state: dict[str, str]) -> int:
     return int(state.get("c:seq", 0) or 0)
 
 
-def restorable(saved: dict[str, str] | None, assignment: str | None, version: int) -> dict[str, str]:
-    """A saved state as it is put back: with the record's manual assignment, a plan version `version` (one no
-    process can have cached) and its change counter bumped (a restore is a change the record gets too)."""
+def restorable(
+    saved: dict[str, str] | None,
+    assignment: str | None,
+    version: int,
+    *,
+    overrides: str | None = None,
+    suspended: bool = False,
+) -> dict[str, str]:
+    """A saved state as it is put back: with the record's manual assignment, overrides and suspension (the
+    record is their truth: a snapshot older than them does not bring back what was), a plan version
+    `version` (one no process can have cached) and its change counter bumped (a restore is a change the
+    record gets too)."""
     state = dict(saved or {})
-    if assignment is not None:
-        state["asg"] = assignment
-    else:
-        state.pop("asg", None)
+    for name, value in (("asg", assignment), ("ov", overrides), ("sus", "1" if suspended else None)):
+        if value is not None:
+            state[name] = value
+        else:
+            state.pop(name, None)
     state["pv"] = str(version)
     state["chg"] = str(change_counter(state) + 1)
     return state

@@ -266,6 +266,17 @@ catalog_versions = sa.Table(
     sa.Column("token", Text, nullable=False),  # the name of the token that published it
 )
 
+billable_overrides = sa.Table(
+    "billable_overrides",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("overrides", Text),  # JSON (gateway.overrides), None for none
+    sa.Column("expires_at", Time),  # the overrides' own expiry, for queries
+    sa.Column("suspension", Text),  # the reason, None when not suspended
+    sa.Column("suspended_at", Time),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
 audit_log = sa.Table(
     "audit_log",
     metadata,
