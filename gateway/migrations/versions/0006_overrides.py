@@ -1,6 +1,6 @@
 """Per-billable terms: overrides on top of the plan, and suspensions (the record is their truth).
 
-Revision ID: 0004_overrides
+Revision ID: 0006_overrides
 Revises: 0005_shadow
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_overrides"
+revision = "0006_overrides"
 down_revision = "0005_shadow"
 branch_labels = None
 depends_on = None
