@@ -6,6 +6,7 @@ from pathlib import Path
 
 import bare  # ../shared/bench/peers
 from common import REDIS_URL, scope_key
+from overridden import on_startup, wanted
 
 from gateway.catalog import load_catalog
 from gateway.engine import Engine
@@ -14,3 +15,5 @@ from gateway.store.redis import open_redis
 
 engine = Engine(open_redis(REDIS_URL), load_catalog(Path(__file__).with_name("plans.toml")), prefix="gwbench")
 app = GatewayMiddleware(bare.app, engine=engine, billable=scope_key)
+if wanted():
+    app = on_startup(app, lambda: engine)  # type: ignore[assignment]

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from common import REDIS_URL
+from overridden import on_startup, wanted
 
 from gateway.app import GatewayApp
 from gateway.settings import Settings
@@ -27,3 +28,6 @@ app = GatewayApp(
         }
     )
 )
+if wanted():
+    gateway_app = app
+    app = on_startup(gateway_app, lambda: gateway_app.gateway.engine)  # type: ignore[assignment]
