@@ -90,7 +90,7 @@ async def main(n: int, rounds: int, profile: bool) -> None:
         if profile:
             found = cProfile.Profile()
             await cpu_per_request(app, n, found)
-            pstats.Stats(found).sort_stats("tottime").print_stats(25)
+            pstats.Stats(found).sort_stats("tottime").print_stats(int(__import__("os").environ.get("PROFILE_TOP", "25")))
         await store.close()
 
 

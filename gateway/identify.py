@@ -44,7 +44,7 @@ class Identifier:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
             found = self.billable(scope)
-            if inspect.isawaitable(found):
+            if found is not None and not isinstance(found, str) and inspect.isawaitable(found):
                 found = await found
             return billable_id(found, "the billable callable's answer") if found else None
         if self.header is not None:

@@ -19,6 +19,7 @@ log = logging.getLogger("gateway.engine")
 
 PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
+_NEVER = float("inf")
 _KEPT = 4096  # distinct overrides parsed at most, before the caches start again
 
 
@@ -49,7 +50,9 @@ class Plans:
 
     def cached(self, billable: str) -> ResolvedPlan | None:
         resolved = self._cache.get(billable)
-        return None if resolved is None or resolved.expires_at <= self.clock() else resolved
+        if resolved is None or (resolved.expires_at != _NEVER and resolved.expires_at <= self.clock()):
+            return None
+        return resolved
 
     def forget(self, billable: str) -> None:
         self._cache.pop(billable, None)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class HeldLimit:
+class HeldLimit(NamedTuple):
+    """A tuple: built per request."""
+
     name: str
     units: int
     window_ms: int  # the limit's window when counted; 0 for a persistent cap
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hold:
     period_credits: int  # taken from the period's allowance
     purchased_credits: int  # taken from purchased credits
@@ -36,9 +37,8 @@ class Hold:
     @classmethod
     def parse(cls, raw: list[Any], hold_id: str) -> Hold:
         """decide.lua's hold reply: {period credits, purchased credits, window, allowance, usage key, limits}."""
-        cp, cb, window, allowance, usage_key, limits = raw
-        held = tuple(HeldLimit(str(name), int(units), int(ws)) for name, units, ws in (limits or ()))
-        return cls(int(cp), int(cb), int(window), int(allowance), str(usage_key), held, hold_id)
+        cp, cb, window, allowance, usage_key, limits = raw  # integers and strings already (no cjson numbers)
+        return cls(cp, cb, window, allowance, usage_key, tuple(map(HeldLimit._make, limits)) if limits else (), hold_id)
 
     @classmethod
     def stored(cls, raw: str, hold_id: str, now_ms: int) -> StoredHold | None:
@@ -47,8 +47,10 @@ class Hold:
         found = json.loads(raw)
         if int(found.get("exp", 0)) <= now_ms:
             return None
-        limits = found.get("l") or []
-        hold = cls.parse([found["cp"], found["cb"], found["w"], found.get("a", 0), found.get("q", ""), limits], hold_id)
+        # cjson's numbers: integers as read back by json may come as floats.
+        limits = [[str(n), int(u), int(w)] for n, u, w in (found.get("l") or [])]
+        values = [int(found["cp"]), int(found["cb"]), int(found["w"]), int(found.get("a", 0)), str(found.get("q", "")), limits]
+        hold = cls.parse(values, hold_id)
         # The usage key (fields.usage_key) names the route and the operation the hold was taken for.
         _, _, counted = hold.usage_key.partition("|")
         route, _, operation = counted.rpartition("|")

@@ -29,6 +29,7 @@ class Keys(NamedTuple):
         return [self.state, self.events, self.holds]
 
 
+@functools.lru_cache(maxsize=65536)
 def keys(prefix: str, billable: str) -> Keys:
     base = f"{prefix}:{{{_tag(billable)}}}"
     return Keys(base, base + ":ev", base + ":holds")
@@ -44,7 +45,6 @@ def billable_of(prefix: str, state_key: str) -> str:
     return unquote(state_key[len(prefix) + 2 : -1])
 
 
-@functools.lru_cache(maxsize=65536)
 def _tag(billable: str) -> str:
     # Percent-encoding keeps `{`, `}` and `:` out of the tag, so no id can reach another's keys.
     return quote(billable, safe="")
