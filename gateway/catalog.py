@@ -15,10 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
@@ -174,6 +182,16 @@ class RateLimit:
         return max(1, math.ceil(self.burst * self.per_seconds / self.limit))
 
 
+def _valid_rate(value: str | RateLimitTable | None) -> str | RateLimitTable | None:
+    if value is not None:
+        RateLimit.parse("rate", value)
+    return value
+
+
+# A plan's, a route's or an override's `rate_limit`: "100/minute" or a table, checked the one way.
+RateLimitSetting = Annotated[str | RateLimitTable | None, AfterValidator(_valid_rate)]
+
+
 class Limit(_Model):
     to: int = Field(ge=0)
     per: str | None = None
@@ -240,7 +258,7 @@ class Plan(_Model):
     price_string: str | None = None
     stripe_price: str | StripePrices | None = None
     bullets: tuple[str, ...] = ()
-    rate_limit: str | RateLimitTable | None = None
+    rate_limit: RateLimitSetting = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
     credits: int | None = Field(None, ge=0)
@@ -257,13 +275,6 @@ class Plan(_Model):
     @classmethod
     def _period(cls, value: str) -> str:
         parse_period(value)
-        return value
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _rate(cls, value: str | RateLimitTable | None) -> str | RateLimitTable | None:
-        if value is not None:
-            RateLimit.parse("rate", value)
         return value
 
     @cached_property
@@ -319,7 +330,7 @@ class RouteConfig(_Model):
     limit: str | None = None
     cost: int = Field(1, ge=0)
     release: str | None = None
-    rate_limit: str | RateLimitTable | None = None
+    rate_limit: RateLimitSetting = None
     on_redis_down: OnRedisDown | None = None
     public: bool = False
     enforce: Enforce | None = None
@@ -328,13 +339,6 @@ class RouteConfig(_Model):
     @classmethod
     def _pattern(cls, value: str) -> str:
         _compile_match(value)
-        return value
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _rate(cls, value: str | RateLimitTable | None) -> str | RateLimitTable | None:
-        if value is not None:
-            RateLimit.parse("rate", value)
         return value
 
 

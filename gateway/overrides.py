@@ -28,8 +28,7 @@ from gateway.catalog import (
     Catalog,
     Limit,
     Plan,
-    RateLimit,
-    RateLimitTable,
+    RateLimitSetting,
     nearest,
     problems_of,
 )
@@ -61,19 +60,12 @@ class LimitTerms(_Model):
 
 class Overrides(_Model):
     limits: dict[str, LimitTerms] = Field(default_factory=dict)
-    rate_limit: str | RateLimitTable | None = None
+    rate_limit: RateLimitSetting = None
     credits: Count | None = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
     expires_at: datetime | None = None
     reason: str = Field("", max_length=1000)
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _rate(cls, value: str | RateLimitTable | None) -> str | RateLimitTable | None:
-        if value is not None:
-            RateLimit.parse("rate", value)
-        return value
 
     @field_validator("expires_at")
     @classmethod
