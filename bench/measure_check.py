@@ -23,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from measure_middleware import IN_FLIGHT, billable_of, noop
 from services import RedisServer
 
 from gateway.admin import Endpoints
@@ -32,21 +33,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
 
-IN_FLIGHT = 64
 ADMIN = "bench-admin"
-BODY = b'{"hello":"world"}'
-
-
-async def noop(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(BODY))]})
-    await send({"type": "http.response.body", "body": BODY, "more_body": False})
-
-
-def billable_of(scope: dict[str, Any]) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-api-key":
-            return value.decode()
-    return None
 
 
 def scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
