@@ -522,3 +522,26 @@ def test_without_redis_the_feed_falls_back_to_asking_the_record_each_second(
             private_redis.start()
 
     go(main())
+
+
+def test_a_poll_of_the_revocation_feed_is_one_script_on_redis(private_redis: RedisServer) -> None:
+    """Each poll of the feed (every 250 ms in every process) reads the revocations and the master's epoch in one
+    script: 10 polls are 10 EVALSHA calls on the server (the commands those scripts run aside)."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        feed = RevocationFeed(store, prefix=f"gwfeed{free_port()}")
+        try:
+            await feed.poll()  # loads the script; the first poll forgets every key
+            with private_redis.client() as c:
+                c.config_resetstat()
+            for _ in range(10):
+                assert await feed.poll() == ([], False)
+            with private_redis.client() as c:
+                stats = c.info("commandstats")
+            scripts = {name: int(stat["calls"]) for name, stat in stats.items() if name.startswith(("cmdstat_eval", "cmdstat_fcall"))}
+            assert scripts == {"cmdstat_evalsha": 10}, scripts
+        finally:
+            await store.close()
+
+    asyncio.run(main())
