@@ -29,6 +29,7 @@ from gateway.errors import (
     DatabaseUnavailable,
     GatewayError,
     InvalidOverrides,
+    KeyRevoked,
     RedisUnavailable,
     StateUnavailable,
 )
@@ -197,6 +198,8 @@ class Endpoints:
             await http_problem(exc, scope["method"], scope["path"])(scope, receive, send)
         except BadRequest as exc:  # an id, a number or a body outside its rule, from any endpoint
             await refused(exc)(scope, receive, send)
+        except KeyRevoked as exc:  # the client's own endpoints, with a key revoked since
+            await problem(401, "urn:gateway:unauthorized", "Unauthorized", str(exc))(scope, receive, send)
 
     @property
     def catalog(self) -> Catalog:
