@@ -20,6 +20,7 @@ from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identify import BillableFn, Identifier
 from gateway.identity import KeyStore
+from gateway.ids import billable as billable_id
 from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
@@ -286,6 +287,11 @@ class GatewayApp:
         `"success"` keeps it (a metered operation charged for `units`), `"failure"` gives it back.
         gateway.check.HoldNotOpen when it was settled already or outlived GATEWAY_HOLD_TTL."""
         return await self._checker().settle(hold, outcome=outcome, units=units)
+
+    async def status(self, billable: str) -> dict[str, Any]:
+        """The billable's status as /_gateway/usage answers it: usage, limits, credits and rate limits, each
+        limit's and the credits' severity and sentence, and the overall banner (see gateway/severity.py)."""
+        return await self.gateway.engine.status(billable_id(billable, "billable"))
 
     def _checker(self) -> Checker:
         if self._check is None:
