@@ -50,6 +50,7 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: 
         "purchased": reply.purchased,
         "held": reply.held,
         "debt": reply.debt,
+        "period_ends_at": None if left is None else state.iso(reply.credits_end_ms / 1000),
         "severity": credit_level,
         "severity_level": severity.level(credit_level),
         "message": severity.credits_message(credit_level, balance),
