@@ -17,15 +17,11 @@ from starlette.routing import Route
 from gateway.billing.money import show, to_minor
 from gateway.billing.sync import PriceBook
 from gateway.catalog import CREDITS, Catalog, Plan
+from gateway.web.page import document
 
 PERIOD_WORDS = {"month": "a month", "week": "a week", "day": "a day", "billing_cycle": "per billing period"}
 
 STYLE = """
-*,*::before,*::after{box-sizing:border-box}
-body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#f6f7fb}
-main{max-width:72rem;margin:0 auto;padding:2rem 1rem 3rem}
-h1{font-size:2rem;line-height:1.2;margin:0 0 .5rem;text-align:center}
-.lead{margin:0 auto 2rem;max-width:36rem;text-align:center;color:#4a5368}
 .plans{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,16rem),1fr));align-items:start}
 .plan{position:relative;background:#fff;border:1px solid #dde1ea;border-radius:12px;padding:1.5rem;display:flex;flex-direction:column;gap:.75rem}
 .plan h2{margin:0;font-size:1.25rem}
@@ -112,14 +108,12 @@ def render(catalog: Catalog, snapshot: dict[str, Any]) -> str:
         parts.append("</article>")
         cards.append("".join(parts))
     packs = _packs(catalog, snapshot.get("packs") or {})
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>Pricing</title><style>{STYLE}</style></head><body><main>"
+    return document(
+        "Pricing",
+        STYLE,
         "<h1>Pricing</h1>"
         '<p class="lead">Pick the plan that fits your usage. Upgrade or downgrade at any time.</p>'
-        f'<section class="plans">{"".join(cards)}</section>{packs}'
-        "</main></body></html>"
+        f'<section class="plans">{"".join(cards)}</section>{packs}',
     )
 
 
