@@ -301,6 +301,9 @@ def test_the_page_in_chromium_at_every_severity(served: Served, tmp_path: Path) 
         return seen
 
     seen = asyncio.run(main())
+    counts = {f"{b}-{w}": view["extra"]["violations"] for b, views in seen.items() for w, view in zip((390, 1280), views, strict=True)}
+    (SHOTS / "axe.json").write_text(json.dumps({"violations": counts, "serious_or_critical": {
+        k: len(view["extra"]["bad"]) for k, view in zip(counts, [v for views in seen.values() for v in views], strict=True)}}, indent=1))
     for billable, (phone, desktop) in seen.items():
         status = served.status(billable)
         assert phone["scrollWidth"] <= phone["innerWidth"] == 390, billable

@@ -54,21 +54,26 @@ section{margin:0 0 1.5rem}
 .banner{border-radius:12px;padding:1rem 1.25rem;border:1px solid;display:flex;flex-wrap:wrap;gap:.5rem 1rem;align-items:center}
 .banner h2{margin:0;font-size:1.15rem}
 .banner p{margin:0;flex:1 1 16rem}
-.sev-ok{background:#ecfdf3;border-color:#86efac}
-.sev-warning{background:#fffbeb;border-color:#fcd34d}
-.sev-at_limit{background:#fff7ed;border-color:#fdba74}
-.sev-grace,.sev-blocked{background:#fef2f2;border-color:#fca5a5}
+.sev-ok{border-color:#86efac}
+.sev-warning{border-color:#fcd34d}
+.sev-at_limit{border-color:#fdba74}
+.sev-grace,.sev-blocked{border-color:#fca5a5}
+.banner.sev-ok{background:#ecfdf3}
+.banner.sev-warning{background:#fffbeb}
+.banner.sev-at_limit{background:#fff7ed}
+.banner.sev-grace,.banner.sev-blocked{background:#fef2f2}
+.card h3{margin:0 0 .5rem;font-size:1rem}
 .button{display:inline-block;padding:.6rem 1rem;border-radius:8px;border:0;background:#4f46e5;color:#fff;font:inherit;font-weight:600;text-decoration:none;cursor:pointer}
 .button.quiet{background:#eef0f6;color:#1d2330}
-.meter h3{margin:0;font-size:1rem;text-transform:capitalize}
+.meter h3{margin:0;text-transform:capitalize}
 .numbers{margin:.25rem 0;font-size:1.1rem;font-weight:600}
 .track{height:.6rem;border-radius:999px;background:#e5e7ef;overflow:hidden}
 .fill{height:100%;background:#15803d}
 .meter.sev-warning .fill{background:#b45309}
 .meter.sev-at_limit .fill{background:#c2410c}
 .meter.sev-grace .fill,.meter.sev-blocked .fill{background:#b91c1c}
-.meter.card{background:#fff}
 .note,.window{margin:.4rem 0 0;color:#4a5368;font-size:.9rem}
+h2 + .note{margin:0 0 .75rem}
 .note.alert{color:#1d2330}
 dl{margin:0;display:grid;grid-template-columns:auto 1fr;gap:.25rem 1rem}
 dt{color:#4a5368}
@@ -76,7 +81,7 @@ dd{margin:0;font-weight:600;overflow-wrap:anywhere}
 .chart{list-style:none;margin:0;padding:0;display:grid;gap:.6rem}
 .chart li{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:.1rem .75rem;align-items:center}
 .chart .route{overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:.9rem}
-.chart svg{grid-column:1 / -1;width:100%;height:.75rem;display:block}
+.chart svg{grid-column:1 / -1;width:100%;height:.75rem;display:block;border-radius:4px}
 .chart rect.bg{fill:#e5e7ef}
 .chart rect.bar{fill:#4f46e5}
 .actions{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center}
@@ -98,14 +103,15 @@ def _date(iso: str | None) -> str:
     return f"{at:%B} {at.day}, {at.year} at {at:%H:%M} UTC"
 
 
-def _number(value: int | None) -> str:
-    return "unlimited" if value is None else f"{value:,}"
+def _month(period: str) -> str:
+    return datetime.strptime(period, "%Y-%m").strftime("%B %Y")
 
 
 def banner(status: dict[str, Any]) -> str:
     """The overall severity, its sentence and its call to action: the page's top, and the embeddable fragment."""
     found = status["overall"]
-    message = f"<p>{escape(found['message'])}</p>" if found["message"] else ""
+    sentence = found["message"] or ("You're within every limit of your plan." if found["severity"] == "ok" else "")
+    message = f"<p>{escape(sentence)}</p>" if sentence else ""
     return (
         f'<section class="banner gateway-banner sev-{escape(found["severity"])}" role="status" '
         f'data-severity="{escape(found["severity"])}" aria-label="Plan status">'
@@ -189,7 +195,7 @@ def chart(report: dict[str, Any] | None) -> str:
         items.append(
             f'<li data-route="{escape(route)}"><span class="route">{escape(route)}</span><span class="count">{count:,}</span>'
             f'<svg viewBox="0 0 100 10" preserveAspectRatio="none" role="img" aria-label="{escape(label)}">'
-            f'<rect class="bg" width="100" height="10" rx="2"></rect><rect class="bar" width="{width:.2f}" height="10" rx="2"></rect></svg></li>'
+            f'<rect class="bg" width="100" height="10"></rect><rect class="bar" width="{width:.2f}" height="10"></rect></svg></li>'
         )
     return f'<ul class="chart">{"".join(items)}</ul>'
 
@@ -204,7 +210,8 @@ def page(status: dict[str, Any], catalog: Catalog, report: dict[str, Any] | None
         + (f'<section aria-label="Limits"><h2>Limits</h2><div class="cards">{meters}</div></section>' if meters else "")
         + '<section aria-label="Credits and rate limit"><h2>Credits and rate limit</h2><div class="cards">'
         f"{_credits(status, catalog, plan.rollover if plan else False)}{_rates(status)}</div></section>"
-        f'<section class="card" aria-label="Requests per route"><h2>Requests per route, {escape(period)}</h2>{chart(report)}</section>'
+        f'<section class="card" aria-label="Requests per route"><h2>Requests per route this month</h2>'
+        f'<p class="note">{escape(_month(period))}, from the usage record (kept per month).</p>{chart(report)}</section>'
         f"{actions}"
     )
     return document(f"Usage · {status['billable']}", STYLE, body)
