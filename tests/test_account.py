@@ -316,3 +316,20 @@ def test_the_page_in_chromium_at_every_severity(served: Served, tmp_path: Path) 
             assert extra["banner"] == status["overall"]["severity"] and extra["credits"] == str(status["credits"]["balance"])
         assert status["overall"]["title"] in phone["text"], billable
     assert [served.status(b)["overall"]["severity"] for b in STATES] == ["ok", "warning", "grace", "blocked"]
+
+
+def test_the_cli_makes_a_link_the_gateway_opens(served: Served, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gateway account-link ok` signs with the gateway's own secret: its link opens ok's page; without a
+    secret it says which to set, in one line."""
+    from gateway.cli import main
+
+    monkeypatch.delenv("GATEWAY_ACCOUNT_SECRET", raising=False)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN)
+    assert main(["account-link", "ok", "--url", served.url, "--expires-in", "60"]) == 0
+    out, err = capsys.readouterr()
+    page = httpx.get(out.strip())
+    assert page.status_code == 200 and "All good" in page.text and err.startswith("expires at 20")
+    monkeypatch.delenv("GATEWAY_ADMIN_TOKEN")
+    assert main(["account-link", "ok"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gateway: account links are signed with GATEWAY_ACCOUNT_SECRET (or GATEWAY_ADMIN_TOKEN): set the one the gateway runs with"]
