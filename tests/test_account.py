@@ -108,7 +108,7 @@ class Served:
 
     def link(self, billable: str, expires_in: int = 3600) -> str:
         r = httpx.post(f"{self.url}/_gateway/admin/billables/{billable}/account-link", json={"expires_in": expires_in}, headers=AUTH)
-        assert r.status_code == 201, r.text
+        assert r.status_code == 200, r.text
         url: str = r.json()["url"]
         return url
 

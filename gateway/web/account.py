@@ -251,7 +251,7 @@ class Account:
         expires_in = links.DEFAULT_EXPIRES_IN if body.get("expires_in") is None else integer(body, "expires_in", low=1, high=links.MAX_EXPIRES_IN)
         assert self.secret is not None  # the admin API is on, so GATEWAY_ADMIN_TOKEN is set
         made = links.make(self.secret, str(request.base_url), request.path_params["billable"], expires_in, self.engine.clock())
-        return JSONResponse(made, status_code=201)
+        return JSONResponse(made)
 
     async def _billable(self, request: Request) -> str | Response:
         """The billable a signed link or an API key names, else the page saying why not."""
