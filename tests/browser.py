@@ -75,6 +75,8 @@ SEEN = """(() => {
     cards: [...document.querySelectorAll('article')].map(el => ({
       text: el.innerText, box: box(el),
       border: getComputedStyle(el).borderTopColor, borderWidth: parseFloat(getComputedStyle(el).borderTopWidth),
+      amountSize: el.querySelector('.amount') && parseFloat(getComputedStyle(el.querySelector('.amount')).fontSize),
+      titleSize: el.querySelector('h2') && parseFloat(getComputedStyle(el.querySelector('h2')).fontSize),
     })),
   };
 })()"""

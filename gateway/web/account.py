@@ -9,6 +9,7 @@ With Stripe configured: "Buy credits" (Checkout for each pack) and "Manage billi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # stripe is imported only when it is configured
     from gateway.billing import Billing
 
 log = logging.getLogger("gateway.account")
+RECORD_TIMEOUT_S = 2.0  # the chart's query: a page without it beats a page that hangs on the record
 
 Identify = Callable[[Request], Awaitable[str | None]]
 
@@ -182,6 +184,8 @@ def chart(report: dict[str, Any] | None) -> str:
     """This month's requests per route, one bar each (inline SVG, no script)."""
     if report is None:
         return '<p class="note">Usage history needs the record (a database): this gateway has none.</p>'
+    if report.get("unavailable"):
+        return '<p class="note">Usage history is unavailable right now: the record did not answer.</p>'
     per_route: dict[str, int] = {}
     for row in report["routes"]:
         per_route[row["route"]] = per_route.get(row["route"], 0) + int(row["requests"])
@@ -274,7 +278,8 @@ class Account:
         try:
             return billable, await self.engine.status(billable)
         except GatewayError as exc:
-            return message_page(503, "Usage is unavailable right now", f"{exc} Please try again in a minute.")
+            log.warning("account page: no status for %s: %s", billable, exc)
+            return message_page(503, "Usage is unavailable right now", "The gateway cannot read your usage right now. Please try again in a minute.")
 
     async def page(self, request: Request) -> Response:
         found = await self._status(request)
@@ -283,12 +288,14 @@ class Account:
         billable, status = found
         catalog = self.engine.catalog
         period = current_period(catalog.settings.zone, self.engine.clock())
-        report = None
+        report: dict[str, Any] | None = None
         if self.db is not None:
             try:
-                report = await usage_report(self.db, billable, period)
-            except GatewayError:
-                report = None
+                async with asyncio.timeout(RECORD_TIMEOUT_S):
+                    report = await usage_report(self.db, billable, period)
+            except Exception as exc:  # noqa: BLE001 - the page shows without its chart while the record is away
+                log.warning("account page: no usage history for %s: %s", billable, exc)
+                report = {"unavailable": True}
         html = page(status, catalog, report, self._actions(request, catalog), period)
         return HTMLResponse(html, headers=HEADERS)
 
