@@ -61,7 +61,8 @@ def credits_severity(balance: int | None, allowance: int, purchased: int, debt: 
     return "ok"
 
 
-def _noun(name: str) -> str:
+def noun(name: str) -> str:
+    """A limit's name as a sentence says it (custom_models: custom models)."""
     return name.replace("_", " ")
 
 
@@ -72,7 +73,7 @@ def _when(iso: str) -> str:
 
 def limit_message(name: str, severity: Severity, usage: int, to: int | None, grace_ends_at: str | None) -> str | None:
     """The seed's sentence for one limit at its severity (None when ok)."""
-    what = f"your limit for {_noun(name)}" + (f" ({usage}/{to})" if to is not None else "")
+    what = f"your limit for {noun(name)}" + (f" ({usage}/{to})" if to is not None else "")
     if severity == "warning":
         return f"You're getting close to {what}. Keep an eye on your usage, or upgrade your plan now to stay ahead."
     if severity == "at_limit":
@@ -117,7 +118,7 @@ def overall(catalog: Catalog, plan: str, limits: dict[str, dict[str, Any]], cred
         "severity": severity,
         "severity_level": level(severity),
         "title": TITLES[severity],
-        "message": _overall_message(severity, [_noun(k) for k in keys], items, keys),
+        "message": _overall_message(severity, [noun(k) for k in keys], items, keys),
         "keys": keys,
         "cta_text": f"Upgrade to {catalog.plan_title(target)}" if target else "View plans",
         "cta_url": catalog.settings.upgrade_url or PRICING_PAGE,
@@ -127,14 +128,14 @@ def overall(catalog: Catalog, plan: str, limits: dict[str, dict[str, Any]], cred
 def _overall_message(severity: Severity, words: list[str], items: dict[str, dict[str, Any]], keys: list[str]) -> str | None:
     if not words:
         return None
-    noun = "plan limit" if len(words) == 1 else "plan limits"
+    what = "plan limit" if len(words) == 1 else "plan limits"
     listed = _sentence(words)
     if severity == "blocked":
-        return f"Your {noun} for {listed} {'has' if len(words) == 1 else 'have'} been exceeded. Please upgrade to continue."
+        return f"Your {what} for {listed} {'has' if len(words) == 1 else 'have'} been exceeded. Please upgrade to continue."
     if severity == "grace":
         ends = sorted(e for k in keys if (e := items[k].get("grace_ends_at")))
         until = f", grace active until {_when(ends[0])}" if ends else ""
-        return f"You are over your {noun} for {listed}{until}. Please upgrade to avoid service disruption."
+        return f"You are over your {what} for {listed}{until}. Please upgrade to avoid service disruption."
     if severity == "at_limit":
-        return f"You have reached your {noun} for {listed}."
-    return f"You are approaching your {noun} for {listed}."
+        return f"You have reached your {what} for {listed}."
+    return f"You are approaching your {what} for {listed}."

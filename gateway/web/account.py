@@ -25,7 +25,8 @@ from gateway.bounds import integer
 from gateway.catalog import Catalog
 from gateway.engine import Engine
 from gateway.errors import GatewayError
-from gateway.problems import json_body
+from gateway.problems import json_body, problem
+from gateway.severity import noun
 from gateway.store.db import Database
 from gateway.usage import current_period, usage_report
 from gateway.web import links
@@ -94,10 +95,6 @@ dd{margin:0;font-weight:600;overflow-wrap:anywhere}
 _PER_WORDS = {"month": "this month", "week": "this week", "day": "today", "billing_cycle": "this billing period", "year": "this year"}
 
 
-def _noun(name: str) -> str:
-    return name.replace("_", " ")
-
-
 def _date(iso: str | None) -> str:
     if not iso:
         return ""
@@ -133,7 +130,7 @@ def _meter(name: str, limit: dict[str, Any]) -> str:
         numbers = f'<span class="usage">{usage:,}</span> of <span class="limit">{to:,}</span> used{escape(shown)}'
         width = 100 if to == 0 else min(100.0, 100 * usage / to)
         bar = (
-            f'<div class="track" role="progressbar" aria-label="{escape(_noun(name))} used" aria-valuemin="0" '
+            f'<div class="track" role="progressbar" aria-label="{escape(noun(name))} used" aria-valuemin="0" '
             f'aria-valuemax="{to}" aria-valuenow="{min(usage, to)}"><div class="fill" style="width:{width:.1f}%"></div></div>'
         )
     if limit["per"]:
@@ -143,7 +140,7 @@ def _meter(name: str, limit: dict[str, Any]) -> str:
     message = f'<p class="note alert">{escape(limit["message"])}</p>' if limit["message"] else ""
     return (
         f'<article class="card meter sev-{escape(limit["severity"])}" data-limit="{escape(name)}">'
-        f"<h3>{escape(_noun(name))}</h3><p class=\"numbers\">{numbers}</p>{bar}"
+        f"<h3>{escape(noun(name))}</h3><p class=\"numbers\">{numbers}</p>{bar}"
         f'<p class="window">{escape(window)}</p>{message}</article>'
     )
 
@@ -253,7 +250,9 @@ class Account:
         if isinstance(body, JSONResponse):
             return body
         expires_in = links.DEFAULT_EXPIRES_IN if body.get("expires_in") is None else integer(body, "expires_in", low=1, high=links.MAX_EXPIRES_IN)
-        assert self.secret is not None  # the admin API is on, so GATEWAY_ADMIN_TOKEN is set
+        if self.secret is None:  # named admin tokens only: nothing to derive a key from
+            return problem(503, "urn:gateway:unavailable", "Service unavailable",
+                           "Account links are off: set GATEWAY_ACCOUNT_SECRET (or GATEWAY_ADMIN_TOKEN) to sign them.")  # fmt: skip
         made = links.make(self.secret, str(request.base_url), request.path_params["billable"], expires_in, self.engine.clock())
         return JSONResponse(made)
 
