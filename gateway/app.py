@@ -20,6 +20,7 @@ from gateway.events import Deliverer
 from gateway.grants import Grants
 from gateway.identify import BillableFn, Identifier
 from gateway.identity import KeyStore
+from gateway.ids import billable as billable_id
 from gateway.metrics import Metrics
 from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
@@ -30,6 +31,8 @@ from gateway.settings import Settings
 from gateway.state import CHANGE_FIELD
 from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
+from gateway.web import links
+from gateway.web.account import Account
 from gateway.web.pricing import pricing_route
 
 if TYPE_CHECKING:  # the billing (and stripe) is imported only when GATEWAY_STRIPE_API_KEY is set
@@ -222,8 +225,12 @@ class GatewayApp:
         identifier = Identifier(keys=gw.keys, billable=self.billable, billable_header=self.settings.billable_header)
         engine = gw.engine
         public = [pricing_route(lambda: engine.catalog, gw.book)]
+        account = Account(engine=engine, db=gw.db, identify=identifier.of_request, secret=links.secret(self.settings), billing=gw.billing)
+        public += account.routes()
+        admin = account.admin_routes()
         if gw.billing is not None:
             public += gw.billing.routes(identifier.of_request)
+            admin += gw.billing.admin_routes()
         endpoints = Endpoints(
             engine=gw.engine,
             keys=gw.keys,
@@ -237,7 +244,7 @@ class GatewayApp:
             catalogs=gw.catalogs,
             metrics_token=self.settings.metrics_token,
             extra_routes=public,
-            extra_admin_routes=gw.billing.admin_routes() if gw.billing is not None else None,
+            extra_admin_routes=admin,
         )
         self.middleware = GatewayMiddleware(
             self.upstream,
@@ -286,6 +293,11 @@ class GatewayApp:
         `"success"` keeps it (a metered operation charged for `units`), `"failure"` gives it back.
         gateway.check.HoldNotOpen when it was settled already or outlived GATEWAY_HOLD_TTL."""
         return await self._checker().settle(hold, outcome=outcome, units=units)
+
+    async def status(self, billable: str) -> dict[str, Any]:
+        """The billable's status as /_gateway/usage answers it: usage, limits, credits and rate limits, each
+        limit's and the credits' severity and sentence, and the overall banner (see gateway/severity.py)."""
+        return await self.gateway.engine.status(billable_id(billable, "billable"))
 
     def _checker(self) -> Checker:
         if self._check is None:

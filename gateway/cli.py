@@ -1,4 +1,5 @@
-"""`gateway serve | demo | check | keys | plans | db upgrade | events replay | reconcile | usage | stripe sync`."""
+"""`gateway serve | demo | check | keys | plans | db upgrade | events replay | reconcile | usage | stripe sync |
+account-link`."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ _HELP = {
     "stripe_api_base": "Stripe's API address (tests)",
     "processes": "processes sharing on_redis_down = \"local\" limits (default: --workers)",
 }
-SECRETS = {"admin_token", "admin_tokens", "metrics_token", "webhook_secret", "stripe_api_key", "stripe_webhook_secret"}
+SECRETS = {"admin_token", "admin_tokens", "metrics_token", "webhook_secret", "stripe_api_key", "stripe_webhook_secret",
+           "account_secret"}
 
 
 def summary(catalog: Catalog) -> str:
@@ -224,6 +226,10 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
     usage.add_argument("--period", help="YYYY-MM (default: this month, flushed from Redis first when --redis-url is set)")
     usage.add_argument("--json", action="store_true", help="print the JSON the admin API answers")
+    link = _command(commands, "account-link", "a signed link to a billable's usage page (GATEWAY_ACCOUNT_SECRET)")
+    link.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
+    link.add_argument("--expires-in", type=int, default=3600, help="seconds the link works (default 3600, at most 30 days)")
+    link.add_argument("--url", help="the gateway's address as the customer reaches it (default http://HOST:PORT)")
     stripe_cmd = _command(commands, "stripe", "Stripe: compare plans.toml with Stripe's products and prices")
     stripe_actions = stripe_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     sync = _command(stripe_actions, "sync", "compare plans.toml with Stripe's products, prices and features",
@@ -285,6 +291,8 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_usage(settings, args.billable, args.period, as_json=args.json))
     if args.command == "stripe":
         return asyncio.run(_stripe_sync(settings, push=args.push))
+    if args.command == "account-link":
+        return _account_link(settings, args.billable, args.expires_in, args.url)
     if args.command == "demo":
         from gateway.demo import run_demo
 
@@ -625,3 +633,17 @@ async def _flush_one(settings: Settings, catalog: Catalog, db: Any, billable: st
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _account_link(settings: Settings, billable: str, expires_in: int, url: str | None) -> int:
+    """Print the link (stdout) and when it expires (stderr), as POST .../account-link answers them."""
+    from gateway.ids import billable as billable_id
+    from gateway.web import links
+
+    key = links.secret(settings)
+    if key is None:
+        raise ConfigError("account links are signed with GATEWAY_ACCOUNT_SECRET (or GATEWAY_ADMIN_TOKEN): set the one the gateway runs with")
+    made = links.make(key, url or f"http://{settings.host}:{settings.port}", billable_id(billable, "BILLABLE"), expires_in, time.time())
+    print(made["url"])
+    print(f"expires at {made['expires_at']}", file=sys.stderr)
+    return 0

@@ -200,15 +200,21 @@ def _noun(limit: str) -> str:
 
 def upgrade_plan(decision: Decision, catalog: Catalog) -> str | None:
     """The cheapest plan that would admit this request, else the highlighted plan, else none."""
-    current = catalog.plans.get(decision.plan or "")
+    return upgrade_target(decision.plan, decision.violations, catalog)
+
+
+def upgrade_target(on: str | None, violations: list[Violation], catalog: Catalog) -> str | None:
+    """The cheapest plan, not cheaper than `on`, under which none of `violations` would be one; else the
+    highlighted plan; else none."""
+    current = catalog.plans.get(on or "")
     for name in catalog.plans_by_price():
         plan = catalog.plans[name]
-        if name == decision.plan or (current is not None and plan.sort_price < current.sort_price):
+        if name == on or (current is not None and plan.sort_price < current.sort_price):
             continue
-        if all(_would_admit(plan, v, catalog) for v in decision.violations):
+        if all(_would_admit(plan, v, catalog) for v in violations):
             return name
     highlighted = catalog.settings.highlighted_plan
-    return highlighted if highlighted and highlighted != decision.plan else None
+    return highlighted if highlighted and highlighted != on else None
 
 
 def _would_admit(plan: Any, v: Violation, catalog: Catalog) -> bool:

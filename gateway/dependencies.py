@@ -129,6 +129,20 @@ class Guard:
 
         return dependency
 
+    def status(self) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+        """A dependency answering the caller's status (as /_gateway/usage: with severities, sentences and
+        the overall), for an endpoint that shows it: `status: dict = Depends(gate.status())`."""
+
+        async def dependency(request: Request) -> dict[str, Any]:
+            billable = await self._billable(request)
+            try:
+                return await self.engine.status(billable)
+            except (RedisUnavailable, StateUnavailable):
+                self._deny(Decision(False, billable, None, violations=[Violation("", "unavailable")]))
+                raise AssertionError("unreachable") from None
+
+        return dependency
+
     def spend(self, operation: str) -> Callable[[Request, Response], Awaitable[Decision]]:
         if operation not in self.catalog.operations:
             raise ValueError(f"unknown operation {operation!r}: plans.toml defines {', '.join(self.catalog.operations) or 'none'}")

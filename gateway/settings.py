@@ -30,6 +30,7 @@ ENVIRONMENT = {
     "admin_tokens": "GATEWAY_ADMIN_TOKENS",
     "metrics_token": "GATEWAY_METRICS_TOKEN",
     "webhook_secret": "GATEWAY_WEBHOOK_SECRET",
+    "account_secret": "GATEWAY_ACCOUNT_SECRET",
     "events_retention_days": "GATEWAY_EVENTS_RETENTION_DAYS",
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
     "stripe_webhook_secret": "GATEWAY_STRIPE_WEBHOOK_SECRET",
@@ -64,6 +65,8 @@ class Settings:
     admin_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     metrics_token: str | None = field(default=None, repr=False)  # unset: /_gateway/metrics needs the admin token
     webhook_secret: str | None = field(default=None, repr=False)
+    # Signs the customer's usage-page links; unset: derived from GATEWAY_ADMIN_TOKEN (gateway/web/links.py).
+    account_secret: str | None = field(default=None, repr=False)
     events_retention_days: float = 7.0  # the outbox forgets an event this long after it was emitted
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_webhook_secret: str | None = field(default=None, repr=False)

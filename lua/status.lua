@@ -50,9 +50,9 @@ for _, l in ipairs(spec.l) do
   limits[#limits + 1] = {n, usage, ws, we, grace_ends, grace_active and 1 or 0, blocked and 1 or 0}
 end
 
--- Credits: {period left (false: unlimited), purchased, debt, held by unsettled holds}.
+-- Credits: {period left (false: unlimited), purchased, debt, held by unsettled holds, period end}.
 local cr = spec.cr
-local ws = window_of(cr.p, now, bounds, bp_s, bp_e)
+local ws, we = window_of(cr.p, now, bounds, bp_s, bp_e)
 local spent, purchased, debt = credits_in(ws, tonumber(F['c:w']), cr.a, cr.ro == 1,
   tonumber(F['c:s']) or 0, tonumber(F['c:p']) or 0, tonumber(F['c:d']) or 0)
 local held = 0
@@ -61,7 +61,7 @@ for i = 2, #holds, 2 do
   local hold = cjson.decode(holds[i])
   if (tonumber(hold.exp) or 0) > now then held = held + (tonumber(hold.cp) or 0) + (tonumber(hold.cb) or 0) end
 end
-local credits = {period_left(cr.a, spent) or false, purchased, debt, held}
+local credits = {period_left(cr.a, spent) or false, purchased, debt, held, we}
 
 -- Rate limits: {name, requests admitted now, when the cell is empty (ms)}.
 local rates = {}

@@ -75,13 +75,20 @@ SEEN = """(() => {
     cards: [...document.querySelectorAll('article')].map(el => ({
       text: el.innerText, box: box(el),
       border: getComputedStyle(el).borderTopColor, borderWidth: parseFloat(getComputedStyle(el).borderTopWidth),
+      amountSize: el.querySelector('.amount') && parseFloat(getComputedStyle(el.querySelector('.amount')).fontSize),
+      titleSize: el.querySelector('h2') && parseFloat(getComputedStyle(el.querySelector('h2')).fontSize),
     })),
   };
 })()"""
 
 
-async def look(devtools: str, url: str, *, width: int, height: int, mobile: bool, screenshot: Path | None = None) -> dict[str, Any]:
-    """Load `url` in a viewport of that size and answer what is seen (see SEEN); optionally save a screenshot."""
+async def look(
+    devtools: str, url: str, *, width: int, height: int, mobile: bool, screenshot: Path | None = None,
+    scripts: tuple[str, ...] = (), expression: str | None = None,
+) -> dict[str, Any]:
+    """Load `url` in a viewport of that size and answer what is seen (see SEEN); optionally save a screenshot.
+    `scripts` run in the loaded page first (a library such as axe-core); `expression`'s value (a promise is
+    awaited) is answered as "extra"."""
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{devtools}/json/list") as r:
             page = next(t for t in await r.json() if t["type"] == "page")
@@ -110,6 +117,13 @@ async def look(devtools: str, url: str, *, width: int, height: int, mobile: bool
                     break
                 await asyncio.sleep(0.05)
             seen = await call("Runtime.evaluate", expression=SEEN, returnByValue=True)
+            for script in scripts:
+                await call("Runtime.evaluate", expression=script)
+            if expression is not None:
+                extra = await call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+                if "exceptionDetails" in extra:
+                    raise RuntimeError(f"the page's expression failed: {extra['exceptionDetails']}")
+                seen["result"]["value"]["extra"] = extra["result"].get("value")
             if screenshot is not None:
                 import base64
 

@@ -16,6 +16,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
 from urllib.parse import parse_qsl
@@ -311,6 +312,11 @@ class FakeStripe:
                 return self._create_feature(params) if method == "POST" else self._list("features", params)
             if parts[1] == "active_entitlements":
                 return self._active_entitlements(params)
+        if parts[0] == "billing_portal" and parts[1] == "sessions" and method == "POST":
+            customer = self.get("customers", params["customer"])["id"]
+            portal = f"bps_{uuid.uuid4().hex[:14]}"
+            return {"id": portal, "object": "billing_portal.session", "customer": customer,
+                    "return_url": params.get("return_url"), "url": f"https://billing.stripe.test/p/session/{portal}"}
         if parts[0] == "checkout" and parts[1] == "sessions":
             if len(parts) == 2:
                 return self._create_session(params) if method == "POST" else self._list("checkout_sessions", params)

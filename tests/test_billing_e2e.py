@@ -91,7 +91,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 def test_pricing_page_reads_well_on_a_phone_and_a_desktop(served: Served, tmp_path: Path) -> None:
     """Chromium loads /_gateway/pricing: every plan in price order with its synced price, bullets and button, the
-    highlighted plan marked, nothing wider than a phone's screen; side by side on a desktop."""
+    highlighted plan marked, nothing wider than a phone's screen; side by side on a desktop, cards of one
+    height, "Contact" at a title's size."""
     if chromium_path() is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed")
@@ -128,9 +129,12 @@ def test_pricing_page_reads_well_on_a_phone_and_a_desktop(served: Served, tmp_pa
     assert all(a["bottom"] <= b["top"] for a, b in itertools.pairwise(boxes))
     assert phone["cards"][1]["borderWidth"] > phone["cards"][0]["borderWidth"]
     assert phone["cards"][1]["border"] != phone["cards"][0]["border"]
-    # On a desktop: the plans side by side.
+    # On a desktop: the plans side by side, of one height; a price in words at a title's size, figures larger.
     tops = {round(card["box"]["top"]) for card in desktop["cards"]}
     assert len(tops) == 1 and desktop["scrollWidth"] <= desktop["innerWidth"]
+    assert len({round(card["box"]["bottom"]) for card in desktop["cards"]}) == 1
+    sizes = [(card["amountSize"], card["titleSize"]) for card in desktop["cards"]]
+    assert sizes[3][0] == sizes[3][1] and all(amount > title for amount, title in sizes[:3])
 
 
 def test_a_webhook_changes_the_plan_of_the_next_request(served: Served) -> None:

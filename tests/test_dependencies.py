@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from engine_support import BASE
 from fastapi import Depends, FastAPI
@@ -31,6 +32,12 @@ def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:
     @app.post("/image")
     async def image(decision: Decision = Depends(spend_image)) -> dict[str, int | None]:
         return {"credits": decision.credits}
+
+    own_status = gate.status()
+
+    @app.get("/me")
+    async def me(status: dict[str, Any] = Depends(own_status)) -> dict[str, Any]:
+        return status
 
     if with_middleware:
         app.add_middleware(GatewayMiddleware, engine=engine, billable=lambda scope: dict(scope["headers"]).get(b"x-org", b"").decode() or None)  # type: ignore[arg-type]
@@ -81,3 +88,15 @@ def test_guard_answers_carry_the_headers_and_record_the_endpoints_route() -> Non
     snapshot = asyncio.run(engine.snapshot("d"))
     counted = {field.split("|", 1)[1]: value for field, value in snapshot.state.items() if field.startswith("qr:")}
     assert counted == {"POST /image|image": "2"}
+
+
+def test_status_dependency_answers_the_callers_status_with_its_severities() -> None:
+    """gate.status() gives the endpoint the caller's status, severities and overall included, after its spending."""
+    app, _ = make_app(with_middleware=False)
+    with TestClient(app) as client:
+        client.post("/image", headers={"x-org": "c"})
+        client.post("/image", headers={"x-org": "c"})
+        status = client.get("/me", headers={"x-org": "c"}).json()
+        assert status["billable"] == "c" and status["credits"]["balance"] == 0
+        assert status["credits"]["severity"] == "blocked" and status["overall"]["keys"] == ["credits"]
+        assert client.get("/me").status_code == 401

@@ -231,7 +231,8 @@ def test_metered_reserve_and_settle(go: Go[None]) -> None:
         assert balance == 180
         assert await h.engine.settle(d, give_back_limits=False, credits_owed=30) is None
         status = (await h.engine.status("org"))["credits"]
-        assert status == {"balance": 180, "period": 0, "purchased": 180, "held": 0, "debt": 0}
+        assert {k: status[k] for k in ("balance", "period", "purchased", "held", "debt")} == {
+            "balance": 180, "period": 0, "purchased": 180, "held": 0, "debt": 0}
 
     go(fn)
 
@@ -535,6 +536,7 @@ def test_the_status_reads_what_the_decisions_wrote_without_writing(go: Go[None])
         assert (await h.engine.snapshot("org")).state == before.state
         assert status["limits"]["exports"]["usage"] == 1
         assert status["rate_limits"]["rate:GET /limited"]["remaining"] == 1
-        assert status["credits"] == {"balance": 210, "period": 10, "purchased": 200, "held": 0, "debt": 0}
+        credits = {k: status["credits"][k] for k in ("balance", "period", "purchased", "held", "debt")}
+        assert credits == {"balance": 210, "period": 10, "purchased": 200, "held": 0, "debt": 0}
 
     go(fn)

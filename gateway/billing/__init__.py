@@ -7,6 +7,8 @@ set) and gives the endpoints they answer:
     POST /_gateway/usage/packs/{pack}/checkout                     a pack's Checkout link (the client's key)
     PUT  /_gateway/admin/billables/{id}/stripe-customer            link or create the Stripe customer
     POST /_gateway/admin/billables/{id}/packs/{pack}/checkout      a pack's Checkout link (admin)
+
+and the customer portal's link (`portal`) for the usage page's "Manage billing".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import stripe
 from starlette.requests import Request
@@ -22,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import audit
-from gateway.billing.client import close_client, each, stripe_client
+from gateway.billing.client import close_client, each, plain, stripe_client
 from gateway.billing.customers import CustomerConflict, Customers, UnknownCustomer
 from gateway.billing.packs import Packs, UnknownPack
 from gateway.billing.payments import Payments
@@ -111,6 +114,12 @@ class Billing:
                 await self._repairing
         await self.recharger.stop()
         await close_client(self.client)
+
+    async def portal(self, billable: str, return_url: str) -> str:
+        """The URL of a Stripe customer portal session for `billable` (its customer created when it has none)."""
+        customer = await self.customers.ensure(billable)
+        params: Any = {"customer": customer, "return_url": return_url}
+        return str(plain(await self.client.v1.billing_portal.sessions.create_async(params))["url"])
 
     # ---- endpoints ----------------------------------------------------------------------------------
 

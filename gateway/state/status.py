@@ -75,10 +75,11 @@ class StatusReply:
     debt: int
     held: int
     rates: list[RateStatus]
+    credits_end_ms: int  # when the credit period ends: its allowance renews (rolls over, with rollover)
 
     @staticmethod
     def parse(raw: list[Any]) -> StatusReply | Stale | Missing:
-        """By position: {now, limits, credits {period left, purchased, debt, held}, rates}."""
+        """By position: {now, limits, credits {period left, purchased, debt, held, period end}, rates}."""
         if raw[0] == "stale":
             return Stale.parse(raw)
         if raw[0] == "missing":
@@ -95,4 +96,5 @@ class StatusReply:
             debt=int(credits[2]),
             held=int(credits[3]),
             rates=[RateStatus(n, int(r), int(t)) for n, r, t in rates],
+            credits_end_ms=int(credits[4]),
         )

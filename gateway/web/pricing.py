@@ -17,16 +17,12 @@ from starlette.routing import Route
 from gateway.billing.money import show, to_minor
 from gateway.billing.sync import PriceBook
 from gateway.catalog import CREDITS, Catalog, Plan
+from gateway.web.page import document
 
 PERIOD_WORDS = {"month": "a month", "week": "a week", "day": "a day", "billing_cycle": "per billing period"}
 
 STYLE = """
-*,*::before,*::after{box-sizing:border-box}
-body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#f6f7fb}
-main{max-width:72rem;margin:0 auto;padding:2rem 1rem 3rem}
-h1{font-size:2rem;line-height:1.2;margin:0 0 .5rem;text-align:center}
-.lead{margin:0 auto 2rem;max-width:36rem;text-align:center;color:#4a5368}
-.plans{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,16rem),1fr));align-items:start}
+.plans{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,16rem),1fr));align-items:stretch}
 .plan{position:relative;background:#fff;border:1px solid #dde1ea;border-radius:12px;padding:1.5rem;display:flex;flex-direction:column;gap:.75rem}
 .plan h2{margin:0;font-size:1.25rem}
 .plan.highlighted{border:2px solid #4f46e5;box-shadow:0 8px 24px rgba(79,70,229,.15)}
@@ -34,6 +30,7 @@ h1{font-size:2rem;line-height:1.2;margin:0 0 .5rem;text-align:center}
 .description{margin:0;color:#4a5368}
 .price{margin:0;display:flex;align-items:baseline;gap:.25rem;flex-wrap:wrap}
 .amount{font-size:2.25rem;font-weight:700;line-height:1}
+.amount.words{font-size:1.25rem;line-height:2.25rem}
 .per,.yearly{color:#4a5368}
 .yearly{margin:0;font-size:.9rem}
 ul{margin:0;padding-left:1.2rem}
@@ -99,7 +96,9 @@ def render(catalog: Catalog, snapshot: dict[str, Any]) -> str:
         parts.append(f"<h2>{escape(title)}</h2>")
         if plan.description:
             parts.append(f'<p class="description">{escape(plan.description)}</p>')
-        parts.append(f'<p class="price"><span class="amount">{escape(amount)}</span><span class="per">{escape(per)}</span></p>')
+        # A price in words ("Contact us") is a label, set at a title's size: only figures take the large type.
+        amount_class = "amount" if any(c.isdigit() for c in amount) else "amount words"
+        parts.append(f'<p class="price"><span class="{amount_class}">{escape(amount)}</span><span class="per">{escape(per)}</span></p>')
         if yearly:
             parts.append(f'<p class="yearly">{escape(yearly)}</p>')
         bullets = _bullets(catalog, plan)
@@ -112,14 +111,12 @@ def render(catalog: Catalog, snapshot: dict[str, Any]) -> str:
         parts.append("</article>")
         cards.append("".join(parts))
     packs = _packs(catalog, snapshot.get("packs") or {})
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>Pricing</title><style>{STYLE}</style></head><body><main>"
+    return document(
+        "Pricing",
+        STYLE,
         "<h1>Pricing</h1>"
         '<p class="lead">Pick the plan that fits your usage. Upgrade or downgrade at any time.</p>'
-        f'<section class="plans">{"".join(cards)}</section>{packs}'
-        "</main></body></html>"
+        f'<section class="plans">{"".join(cards)}</section>{packs}',
     )
 
 
