@@ -29,6 +29,7 @@ from gateway.errors import (
     DatabaseUnavailable,
     GatewayError,
     InvalidOverrides,
+    KeyRevoked,
     RedisUnavailable,
     StateUnavailable,
 )
@@ -90,6 +91,39 @@ def plan_changed(billable: str, before: str, after: str, source: str) -> dict[st
     """The plan_changed event of DESIGN §3 (sent through the outbox like every other event)."""
     # Each assignment is its own cause: two changes to the same plan are two events.
     return caused_event(billable, "plan_changed", f"admin:{uuid.uuid4().hex}", after, {"from": before, "to": after, "source": source})
+
+
+
+class ArchivedPlan(GatewayError):
+    """A plan that is archived, newly assigned: billables on it keep it, none is put on it (answered 409)."""
+
+
+async def assign_plan(
+    engine: Engine, grants: Grants | None, db: Database | None, billable: str, plan: str | None, *, token: str
+) -> dict[str, Any]:
+    """Put `billable` on `plan` (None: back to Stripe's or the default plan), as the admin API and the CLI
+    do: in the record first, then in Redis (every gateway decides with it from its next request), the
+    plan_changed event, the audit entry under `token`. Answers the billable's status."""
+    catalog = engine.catalog
+    if plan is not None and plan not in catalog.plans:
+        raise BadRequest(f'Unknown plan {plan!r}: plans.toml has {", ".join(catalog.plans)}.')
+    resolved = await engine.plan_of(billable)
+    before = resolved.name
+    if plan is not None and catalog.plans[plan].archived and plan != before:
+        offered = ", ".join(catalog.plans_by_price())
+        raise ArchivedPlan(f'Plan "{plan}" is archived: billables already on it keep it, but none is newly assigned to it (assign one of {offered}).')
+    if grants is not None:
+        await grants.record_assignment(billable, plan)
+    await engine.set_assignment(billable, plan)
+    status = await engine.status(billable)
+    if status["plan"] != before and db is not None:
+        await Outbox(db).add([plan_changed(billable, before, status["plan"], status["plan_source"])])
+    if db is not None:
+        await audit.record(
+            db, token=token, action="plan.assign" if plan is not None else "plan.remove", billable=billable,
+            before={"plan": before, "source": resolved.source}, after={"plan": status["plan"], "source": status["plan_source"]},
+        )  # fmt: skip
+    return status
 
 
 class Endpoints:
@@ -164,6 +198,8 @@ class Endpoints:
             await http_problem(exc, scope["method"], scope["path"])(scope, receive, send)
         except BadRequest as exc:  # an id, a number or a body outside its rule, from any endpoint
             await refused(exc)(scope, receive, send)
+        except KeyRevoked as exc:  # the client's own endpoints, with a key revoked since
+            await problem(401, "urn:gateway:unauthorized", "Unauthorized", str(exc))(scope, receive, send)
 
     @property
     def catalog(self) -> Catalog:
@@ -266,23 +302,10 @@ class Endpoints:
             plan = body.get("plan")
             if not isinstance(plan, str) or plan not in catalog.plans:
                 return bad_request(f'Unknown plan {plan!r}: plans.toml has {", ".join(catalog.plans)}.')
-        resolved = await self.engine.plan_of(billable)
-        before = resolved.name
-        if plan is not None and catalog.plans[plan].archived and plan != before:
-            offered = ", ".join(catalog.plans_by_price())
-            return problem(409, "urn:gateway:conflict", "Conflict",
-                           f'Plan "{plan}" is archived: billables already on it keep it, but none is newly assigned to it (assign one of {offered}).')
-        if self.grants is not None:
-            await self.grants.record_assignment(billable, plan)
-        await self.engine.set_assignment(billable, plan)
-        status = await self.engine.status(billable)
-        if status["plan"] != before and self.db is not None:
-            await Outbox(self.db).add([plan_changed(billable, before, status["plan"], status["plan_source"])])
-        await self._audit(
-            request, "plan.assign" if plan is not None else "plan.remove", billable,
-            {"plan": before, "source": resolved.source}, {"plan": status["plan"], "source": status["plan_source"]},
-        )  # fmt: skip
-        return JSONResponse(status)
+        try:
+            return JSONResponse(await assign_plan(self.engine, self.grants, self.db, billable, plan, token=request.state.token))
+        except ArchivedPlan as exc:
+            return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
 
     async def grant_credits(self, request: Request) -> Response:
         """200 with the balance once applied; 202 when recorded but not yet in Redis; 503 when not recorded."""

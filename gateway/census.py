@@ -5,8 +5,8 @@ whenever that master may have lost data: a restart, a replica promoted. A billab
 restored from the record when the record answers (`gateway.reconcile.Rehydrator`). When it does not,
 the rule is:
 
-    new  iff  the epoch of the billable's slot's master, read now, was first seen by this process at least
-              `margin` before the census last read the record, and the billable is not in that census;
+    new  iff  the epoch of the billable's slot's master, read now, began at least `margin` before the census
+              last read the record, and the billable is not in that census;
     otherwise it cannot be told from one Redis lost, and the route's on_redis_down applies.
 
 The census is the set of billables the record holds anything of (a snapshot, a manual plan, a credit
@@ -17,6 +17,11 @@ is required: an evicted billable would pass for new). Whatever the record holds 
 from a flush that read an earlier epoch, before this one began, and committed within a flush's deadline
 of that read: before the census read, which is what the margin ensures. (A plan assigned or a grant
 recorded since goes to Redis too, and is restored or replayed once the record is back.)
+
+When an epoch began is known at the latest: when this process first saw it, or earlier by as long as the
+master says it has lasted (its uptime, while no promotion replaced its replication id: lib/epoch.lua). So
+a process started beside a Redis long up reads the census at once and decides a signup during a record
+outage from its first request; beside a Redis just (re)started it waits out the margin.
 
 DESIGN states it as "new only if this process saw the same epoch when it last read the record"; that
 alone would take a billable the record holds but no request has restored since the epoch began for new,
@@ -79,7 +84,7 @@ class Census:
         self.clock = clock
         self.read_at = -math.inf  # when the last census read began
         self._hashes = array("q")  # sorted
-        self._first_seen: dict[str, float] = {}  # epoch → when this process first saw it
+        self._first_seen: dict[str, float] = {}  # epoch → when it began at the latest (this process saw it, or Redis's uptime)
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -113,8 +118,10 @@ class Census:
         """Learn every master's epoch; read the record when one has been seen long enough and is not covered."""
         now = self.clock()
         due = False
-        for epoch in (await self.store.epochs()).values():
-            first = self._first_seen.setdefault(epoch, now)
+        for epoch, age in (await self.store.epochs()).values():
+            # An epoch Redis says began `age` seconds ago was in force then: a Redis long up is covered by
+            # the first read, and a new process decides a new billable from its start.
+            first = self._first_seen.setdefault(epoch, now - age)
             due = due or self.read_at < first + self.margin <= now
         if due:
             await self.read()

@@ -86,6 +86,9 @@ class CheckEndpoints:
     async def settle(self, request: Request, body: dict[str, Any], own: str | None) -> Response:
         _only(body, _SETTLE_FIELDS, "a settle")
         hold = body.get("hold")
+        if "hold" in body and hold is None:
+            raise BadRequest("hold is null: there is nothing to settle, because the check was denied or dry (only an "
+                             'allowed check with "consume": true answers a hold; its "problem" says why it was denied).')
         if not isinstance(hold, str):
             raise BadRequest('hold is required: the "hold" a consuming check answered.')
         if own is not None and hold_billable(hold) != own:

@@ -1,4 +1,5 @@
-"""`gateway serve | demo | check | keys | db upgrade | events replay | reconcile | usage | stripe sync | account-link`."""
+"""`gateway serve | demo | check | keys | plans | db upgrade | events replay | reconcile | usage | stripe sync |
+account-link`."""
 
 from __future__ import annotations
 
@@ -14,19 +15,37 @@ from typing import Any
 
 from gateway.catalog import CREDITS, Catalog, load_catalog
 from gateway.errors import CatalogError, ConfigError, GatewayError, RedisUnavailable
-from gateway.settings import Settings
+from gateway.settings import ENVIRONMENT, Settings
 
-# Help for the settings the commands other than serve take (flag name -> text; each names its variable).
+# Help for the settings' flags (the variable and the default are added from gateway.settings). Every command
+# takes every one: a setting a command does not use is accepted and ignored, so one environment or one line of
+# flags serves them all. Secrets are read from the environment only: a flag would show in `ps`.
 _HELP = {
-    "plans": "the catalog (GATEWAY_PLANS; default plans.toml)",
-    "host": "listen address (GATEWAY_HOST; default 127.0.0.1)",
-    "port": "listen port (GATEWAY_PORT; default 8080)",
+    "plans": "the catalog file",
+    "upstream": "the API to protect",
+    "host": "listen address",
+    "port": "listen port",
     "redis_url": "the Redis your gateways run on: redis://, rediss:// or redis+cluster://HOST:PORT,... "
-    "(GATEWAY_REDIS_URL; default: the in-process emulation)",
-    "database_url": "the record: postgresql://USER@HOST:PORT/DB or sqlite:///PATH "
-    "(GATEWAY_DATABASE_URL; default sqlite:///gateway.db)",
-    "reconcile_interval": "seconds between flushes to the record (GATEWAY_RECONCILE_INTERVAL; default 1)",
+    "unset: the in-process emulation",
+    "database_url": "the record: postgresql://USER@HOST:PORT/DB or sqlite:///PATH",
+    "reconcile_interval": "seconds between flushes to the record",
+    "billable_header": "trust this header to name the billable instead of API keys",
+    "upstream_timeout": "seconds the upstream may take",
+    "max_body": "bytes a request body may have",
+    "trust_forwarded": "append to the client's X-Forwarded-* instead of dropping them: only behind a load balancer",
+    "workers": "processes on the port, each a whole gateway (needs --redis-url)",
+    "header_timeout": "seconds to receive a request's headers",
+    "body_timeout": "seconds a request body may sit idle",
+    "max_connections": "open client connections per process; more get 503",
+    "shutdown_grace": "seconds from SIGTERM to exit",
+    "db_timeout": "deadline of one record operation, seconds",
+    "hold_ttl": "seconds before a hold whose settle never came is dropped, charged",
+    "events_retention_days": "days the outbox keeps an event",
+    "stripe_api_base": "Stripe's API address (tests)",
+    "processes": "processes sharing on_redis_down = \"local\" limits (default: --workers)",
 }
+SECRETS = {"admin_token", "admin_tokens", "metrics_token", "webhook_secret", "stripe_api_key", "stripe_webhook_secret",
+           "account_secret"}
 
 
 def summary(catalog: Catalog) -> str:
@@ -99,34 +118,31 @@ def _route(config: Any) -> str:
     return "; ".join(parts) or "identity and plan rate limit"
 
 
-def _serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plans", help="catalog file (GATEWAY_PLANS, default plans.toml)")
-    parser.add_argument("--upstream", help="the API to protect (GATEWAY_UPSTREAM)")
-    parser.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", help="listen port (GATEWAY_PORT, default 8080)")
-    parser.add_argument("--redis-url", help="redis://, rediss:// or redis+cluster://; default: in-process emulation")
-    parser.add_argument("--database-url", help="postgresql://... or sqlite:///PATH (default sqlite:///gateway.db)")
-    parser.add_argument("--reconcile-interval", help="seconds between flushes to the record (default 1)")
-    parser.add_argument("--billable-header", help="trust this header to name the billable instead of API keys")
-    parser.add_argument("--upstream-timeout", help="seconds (default 60)")
-    parser.add_argument("--max-body", help="bytes (default 10 MiB)")
-    parser.add_argument(
-        "--trust-forwarded", action="store_true", default=None,
-        help="append to the client's X-Forwarded-* instead of dropping them: only behind a load balancer (GATEWAY_TRUST_FORWARDED)",
-    )  # fmt: skip
-    parser.add_argument("--workers", help="processes on the port, each a whole gateway (GATEWAY_WORKERS, default 1; needs --redis-url)")
-    parser.add_argument("--header-timeout", help="seconds to receive a request's headers (GATEWAY_HEADER_TIMEOUT, default 10)")
-    parser.add_argument("--body-timeout", help="seconds a request body may sit idle (GATEWAY_BODY_TIMEOUT, default 30)")
-    parser.add_argument("--max-connections", help="open client connections per process; more get 503 (GATEWAY_MAX_CONNECTIONS, default 10000)")
+def _settings() -> argparse.ArgumentParser:
+    """The settings' flags, a parent of every command's parser. Not given, a flag sets nothing (SUPPRESS): a
+    group's parser (keys) and its action's (keys create) both take it without one clearing the other."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(
+        "settings", "Every command takes these, as flags or GATEWAY_* variables (flags win); one it does not use is "
+        "ignored. " + ", ".join(ENVIRONMENT[s] for s in sorted(SECRETS)) + " are read from the environment only.")
+    defaults = Settings()
+    for name, variable in ENVIRONMENT.items():
+        if name in SECRETS:
+            continue
+        default = getattr(defaults, name)
+        shown = f"{variable}; default {default}" if default not in (None, "", False) and name != "processes" else variable
+        switch: dict[str, Any] = {"action": "store_true"} if name == "trust_forwarded" else {}
+        group.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{_HELP.get(name, name)} ({shown})", **switch)
+    return parent
 
 
-def _settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
-    for name in names:
-        parser.add_argument("--" + name.replace("_", "-"), help=_HELP[name])
+_SETTINGS = _settings()
 
 
 def _command(commands: Any, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=description or summary[0].upper() + summary[1:] + ".")
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=description or summary[0].upper() + summary[1:] + ".", parents=[_SETTINGS]
+    )
     return parser
 
 
@@ -140,17 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = _command(commands, "serve", "run the gateway in front of --upstream",
+    _command(commands, "serve", "run the gateway in front of --upstream",
                      "Run the gateway as a streaming reverse proxy in front of --upstream.")
-    _serve_flags(serve)
-    demo = _command(commands, "demo", "run the gateway on its embedded defaults in front of a demo API",
+    _command(commands, "demo", "run the gateway on its embedded defaults in front of a demo API",
                     "Run the gateway in front of a built-in demo API, with the in-process Redis emulation and a fresh "
                     "record that is deleted when it stops; prints an API key and curl lines to try.")
-    _settings_flags(demo, "plans", "host", "port")
     check = _command(commands, "check", "validate a plans.toml and print a summary",
                      "Validate a catalog: print plans x features, limits, rates, credits and routes, and its warnings "
                      "(exit 0), or every problem with its place (exit 1).")
-    check.add_argument("plans", nargs="?", default=None, help="the catalog (default: GATEWAY_PLANS, else plans.toml)")
+    check.add_argument("file", nargs="?", metavar="PLANS", help="the catalog (default: --plans, GATEWAY_PLANS, else plans.toml)")
 
     keys = _command(commands, "keys", "create, list and revoke customers' API keys, in the record",
                     "API keys, working on the record directly (no running gateway needed). Pass the settings "
@@ -160,16 +174,24 @@ def _parser() -> argparse.ArgumentParser:
     create = _command(key_actions, "create", "a new key for a billable, printed once")
     create.add_argument("billable", metavar="BILLABLE", help="the customer the key identifies (e.g. org_1)")
     create.add_argument("--name", default="", help="a label to tell keys apart (e.g. ci)")
-    _settings_flags(create, "database_url")
     listed = _command(key_actions, "list", "a billable's keys: id, name, created, last used, revoked (never a secret)")
     listed.add_argument("billable", metavar="BILLABLE", help="the customer whose keys to list")
-    _settings_flags(listed, "database_url")
     revoke = _command(key_actions, "revoke", "revoke a key by its id, on every gateway within a second",
                       "Revoke a key by its id. In the record first; then, with --redis-url, announced on the Redis "
                       "your gateways run on, so each refuses it within a second (gateways on the in-process "
                       "emulation ask the record every second).")
     revoke.add_argument("key_id", metavar="ID", help="the key's id (the part after gw_, as keys list shows it)")
-    _settings_flags(revoke, "redis_url", "database_url")
+
+    plans = _command(commands, "plans", "put a customer on a plan, in the record and on Redis",
+                     "Manual plan assignments, working on the record directly (no running gateway needed), audited as "
+                     "\"cli\". With --redis-url (the Redis your gateways run on) every gateway decides with it from its "
+                     "next request. A manual plan wins over Stripe's until it is unassigned.")
+    plan_actions = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
+    assign = _command(plan_actions, "assign", "put a billable on a plan of the catalog")
+    assign.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
+    assign.add_argument("plan", metavar="PLAN", help="a plan of the running catalog (e.g. pro)")
+    unassign = _command(plan_actions, "unassign", "remove a billable's manual plan: back to Stripe's or the default")
+    unassign.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
 
     catalog_cmd = _command(commands, "catalog", "publish a catalog to every gateway on the record and Redis")
     catalog_actions = catalog_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -177,21 +199,18 @@ def _parser() -> argparse.ArgumentParser:
                     "Validate a plans.toml and publish it as the next catalog version, in the record directly (no "
                     "running gateway needed); with --redis-url it is announced there, and every gateway on that Redis "
                     "runs it within 2 s. A file that does not load is refused with every problem, and nothing changes.")
-    push.add_argument("plans", metavar="PLANS", help="the catalog to publish (e.g. plans.toml)")
-    _settings_flags(push, "redis_url", "database_url")
+    push.add_argument("file", metavar="PLANS", help="the catalog to publish (e.g. plans.toml)")
     audit_cmd = _command(commands, "audit", "the audit log: every admin and CLI change, newest first",
                          "Print the audit log (every change made through the admin API or the CLI, newest first) as "
                          "the admin endpoint answers it.")
     audit_cmd.add_argument("--billable", help="only this billable's changes")
     audit_cmd.add_argument("--since", help="changes at or after this ISO 8601 time (UTC unless it says)")
-    _settings_flags(audit_cmd, "database_url")
 
     db = _command(commands, "db", "the record's schema", "The record's schema (Alembic migrations).")
     db_actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
-    upgrade = _command(db_actions, "upgrade", "migrate the record to the schema this gateway needs",
+    _command(db_actions, "upgrade", "migrate the record to the schema this gateway needs",
                        "Migrate the record to the schema this gateway needs (the embedded SQLite file upgrades itself "
                        "at start; a Postgres that is behind is refused until this runs).")
-    _settings_flags(upgrade, "database_url")
     events = _command(commands, "events", "the webhook outbox")
     event_actions = events.add_subparsers(dest="action", required=True, metavar="ACTION")
     replay = _command(event_actions, "replay", "queue events for delivery again",
@@ -199,29 +218,24 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dead", action="store_true", help="only dead-lettered events (the default with no filter)")
     replay.add_argument("--since", help="events created at or after this ISO 8601 time (UTC unless it says)")
     replay.add_argument("--id", dest="event_id", help="this event")
-    _settings_flags(replay, "database_url")
     reconcile = _command(commands, "reconcile", "flush Redis to the record (what every gateway process does)",
                          "Flush what Redis counted to the record, as every gateway process does each interval; "
                          "runs until interrupted, or once with --once.")
     reconcile.add_argument("--once", action="store_true", help="one full pass (sweep every node, flush), then exit")
-    _settings_flags(reconcile, "plans", "redis_url", "database_url", "reconcile_interval")
     usage = _command(commands, "usage", "a billable's usage in a month, per route and operation, from the record")
     usage.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
     usage.add_argument("--period", help="YYYY-MM (default: this month, flushed from Redis first when --redis-url is set)")
     usage.add_argument("--json", action="store_true", help="print the JSON the admin API answers")
-    _settings_flags(usage, "plans", "redis_url", "database_url")
     link = _command(commands, "account-link", "a signed link to a billable's usage page (GATEWAY_ACCOUNT_SECRET)")
     link.add_argument("billable", metavar="BILLABLE", help="the customer (e.g. org_1)")
     link.add_argument("--expires-in", type=int, default=3600, help="seconds the link works (default 3600, at most 30 days)")
     link.add_argument("--url", help="the gateway's address as the customer reaches it (default http://HOST:PORT)")
-    _settings_flags(link, "host", "port")
     stripe_cmd = _command(commands, "stripe", "Stripe: compare plans.toml with Stripe's products and prices")
     stripe_actions = stripe_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     sync = _command(stripe_actions, "sync", "compare plans.toml with Stripe's products, prices and features",
                     "Compare plans.toml with Stripe's products, prices and features, as a table, and store Stripe's "
                     "prices for every gateway process (needs GATEWAY_STRIPE_API_KEY).")
     sync.add_argument("--push", action="store_true", help="create in Stripe what plans.toml has and Stripe lacks")
-    _settings_flags(sync, "plans", "database_url")
     return parser
 
 
@@ -248,21 +262,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    settings = Settings.load({k: v for k, v in vars(args).items() if k in ENVIRONMENT})
     if args.command == "check":
-        catalog = load_catalog(args.plans or Settings.load().plans)
+        catalog = load_catalog(args.file or settings.plans)
         print(summary(catalog))
         for warning in catalog.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
-    settings = Settings.load(flags)
     _record_folder(settings)
     if args.command == "keys":
         return asyncio.run(_keys(settings, args))
+    if args.command == "plans":
+        return asyncio.run(_plans(settings, args.billable, getattr(args, "plan", None)))
     if args.command == "db":
         return asyncio.run(_db_upgrade(settings))
     if args.command == "catalog":
-        return asyncio.run(_catalog_push(settings, args.plans))
+        return asyncio.run(_catalog_push(settings, args.file))
     if args.command == "audit":
         _existing_record(settings)
         return asyncio.run(_audit(settings, args.billable, _iso(args.since)))
@@ -387,6 +402,39 @@ async def _revoke_key(keys: Any, db: Any, settings: Settings, key_id: str) -> in
     await recorded()
     where = "announced on Redis" if settings.redis_url else "gateways on this record refuse it within a second"
     print(f"revoked {key_id} ({where})")
+    return 0
+
+
+async def _plans(settings: Settings, billable: str, plan: str | None) -> int:
+    """`gateway plans assign BILLABLE PLAN | unassign BILLABLE`: what PUT / DELETE .../plan do, under the
+    running catalog (the newest published to the record, else --plans)."""
+    from gateway import audit
+    from gateway.admin import ArchivedPlan, assign_plan
+    from gateway.errors import BadRequest
+    from gateway.ids import billable as billable_id
+    from gateway.publishing import Catalogs
+    from gateway.reconcile import connect
+    from gateway.store.db import Database
+    from gateway.store.redis import open_redis
+
+    billable_id(billable, "BILLABLE")
+    db = await Database.connect(settings.database_url, auto_upgrade=True)
+    store = open_redis(settings.redis_url)
+    try:
+        published = await Catalogs(db, store).newest()
+        catalog = published.catalog if published is not None else load_catalog(settings.plans)
+        connected = connect(store, catalog, db)
+        try:
+            status = await assign_plan(connected.engine, connected.grants, db, billable, plan, token=audit.CLI)
+        except (BadRequest, ArchivedPlan) as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await store.close()
+        await db.close()
+    where = (f"every gateway on {store.url} decides with it from its next request" if settings.redis_url
+             else "no --redis-url: in the record; a gateway on the in-process emulation takes it when it next starts")  # fmt: skip
+    print(f"{billable} is on {status['plan']} ({status['plan_source']}): {where}")
     return 0
 
 

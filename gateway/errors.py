@@ -80,6 +80,10 @@ class DatabaseUnavailable(GatewayError):
         return DatabaseUnavailable(f"{self}{more}", url=self.url, reason=self.reason)
 
 
+class KeyRevoked(GatewayError):
+    """An API key whose secret matches, revoked: answered 401 saying so and when (a guess never learns it)."""
+
+
 class BadRequest(GatewayError):
     """A value sent by a client or an operator breaks its rule (an id, a number, a body): answered 400.
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from starlette.requests import Request
 
 from gateway.decision import API_KEY_REQUIRED, APP_NAMED_NONE, header_required
+from gateway.errors import KeyRevoked
 from gateway.identity import key_from_headers
 from gateway.ids import billable as billable_id
 
@@ -17,6 +19,8 @@ BillableFn = Callable[[dict[str, Any]], "str | None | Awaitable[str | None]"]
 
 class KeyLookup(Protocol):
     async def authenticate(self, presented: str) -> str | None: ...
+
+    async def revoked_at(self, presented: str) -> datetime | None: ...
 
 
 class Identifier:
@@ -40,7 +44,7 @@ class Identifier:
     async def __call__(self, scope: dict[str, Any]) -> str | None:
         """The billable of a request: the app's callable, the trusted header, or the API key.
 
-        BadRequest when the callable or the header names one outside the billable id rule."""
+        KeyRevoked for a revoked key presented with its own secret; BadRequest when the callable or the header names one outside the billable id rule."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
             found = self.billable(scope)
@@ -55,7 +59,11 @@ class Identifier:
         presented = key_from_headers(headers)
         if presented is None or self.keys is None:
             return None
-        return await self.keys.authenticate(presented)
+        found = await self.keys.authenticate(presented)
+        if found is None and (revoked := await self.keys.revoked_at(presented)) is not None:
+            at = revoked.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise KeyRevoked(f"This API key was revoked on {at}: use another key of this account, or ask for a new one.")
+        return found
 
     async def of_request(self, request: Request) -> str | None:
         """The billable of a request to the gateway's own endpoints."""

@@ -145,6 +145,7 @@ class KeyStore:
         self._pepper_lock = asyncio.Lock()
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id → when it was found missing or revoked
+        self._revoked: OrderedDict[str, tuple[str, datetime]] = OrderedDict()  # id → its hash, when it was revoked
         # One query at a time for each; the ids asked for meanwhile go together in the next one (a query or
         # a write per key, after a start or a lost feed, queued hundreds on SQLite's reader and writer).
         self._lookups: Coalescer[str, _Known] = Coalescer(self._fetch, size=BATCH)
@@ -191,6 +192,15 @@ class KeyStore:
             known.touched_at = now
             self._touches.add(key_id)
         return known.billable
+
+    async def revoked_at(self, presented: str) -> datetime | None:
+        """When the key was revoked, for one `authenticate` refused because the record revoked it and whose
+        secret is this key's (a guess learns nothing); else None. No I/O but the pepper's first read."""
+        parsed = parse_key(presented)
+        revoked = self._revoked.get(parsed[0]) if parsed is not None else None
+        if revoked is None or not hmac.compare_digest(revoked[0], _digest(self._pepper or await self._load_pepper(), presented)):
+            return None
+        return revoked[1]
 
     def _trusted(self, known: _Known, now: float) -> bool:
         age = now - known.fetched_at
@@ -252,6 +262,10 @@ class KeyStore:
         found: dict[str, _Known] = {}
         for key_id in ids:
             row = rows.get(key_id)
+            if row is not None and row.revoked_at is not None:
+                self._revoked[key_id] = (row.hash, row.revoked_at)
+                while len(self._revoked) > self.negative_max:
+                    self._revoked.popitem(last=False)
             if row is None or row.revoked_at is not None or self._revoked_at.get(key_id, -math.inf) >= asked_at:
                 self._forget(key_id)  # (the feed named it while the record was answering: revoked since)
                 continue
@@ -394,7 +408,7 @@ class KeyStore:
         async with self.db.engine.begin() as conn:
             found = (await conn.execute(update)).rowcount == 1
         if found:
-            self._forget(key_id)
+            self._known.pop(key_id, None)  # the next use reads the record: it says when, for the 401
             if self.feed is not None:
                 try:
                     await self.feed.publish(key_id)

@@ -16,7 +16,7 @@ from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
 from gateway.engine import Engine
-from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.errors import BadRequest, DatabaseUnavailable, KeyRevoked, RedisUnavailable, StateUnavailable
 from gateway.headers import forwardable
 from gateway.identify import BillableFn, Identifier, KeyLookup
 from gateway.local import LocalLimits
@@ -149,6 +149,10 @@ class GatewayMiddleware:
             self.metrics.decided("bad_request", ())
             await self._bad_request(scope, send, str(exc))
             return None
+        except KeyRevoked as exc:
+            self.metrics.decided("unauthorized", ())
+            await self._deny(scope, send, Decision(False, None, None, violations=[Violation("", "unauthorized")]), str(exc))
+            return None
         except DatabaseUnavailable as exc:
             log.warning("cannot check an API key: %s", exc)
             self.metrics.decided("unavailable", ())
@@ -186,14 +190,14 @@ class GatewayMiddleware:
 
     # ---- answers the gateway gives itself -----------------------------------------------------------
 
-    async def _deny(self, scope: Scope, send: Send, decision: Decision) -> None:
+    async def _deny(self, scope: Scope, send: Send, decision: Decision, unauthorized: str | None = None) -> None:
         if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008, "reason": decision.problem_type or ""})
             return
         headers = decision.headers()
         if decision.status == 401:
             headers += self.identifier.challenge
-        problem = decision.problem(self.catalog, unauthorized=self.identifier.unauthorized)
+        problem = decision.problem(self.catalog, unauthorized=unauthorized or self.identifier.unauthorized)
         # A websocket here is refused with the denial response (the server supports it).
         start, body = problem_messages(decision.status, problem, headers, websocket=scope["type"] == "websocket")
         await send(start)

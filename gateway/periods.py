@@ -63,7 +63,7 @@ class Period:
 
     @property
     def nominal_seconds(self) -> int:
-        """The window length advertised in the RateLimit-Policy `w=` parameter."""
+        """The window length of the spec: a duration's own; decide.lua answers a calendar window's true length."""
         if self.kind == "duration":
             return self.seconds
         return _NOMINAL_SECONDS[self.kind]

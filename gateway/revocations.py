@@ -8,8 +8,8 @@ record each second.
 
 Redis may lose the feed's last entries: a restart empties it and its sequence starts again at 0, and a
 promoted replica may lack the last revocations while its sequence looks current. So each poll also reads
-the epoch of the feed's master (lua/epoch.lua, DESIGN §5): a new one means every key must be checked
-against the record again, like a feed that lost track.
+the epoch of the feed's master (lua/lib/epoch.lua, DESIGN §5), in the same script: a new one means every
+key must be checked against the record again, like a feed that lost track.
 
     feed = RevocationFeed(store)
     await feed.publish(key_id)              after the record has the revocation
@@ -43,9 +43,8 @@ class RevocationFeed:
         """Key ids revoked since the last poll, and whether the caller must forget every key it trusts
         instead: on the first poll (what came before it is not told), when the feed lost track, and when
         the feed's master has a new epoch."""
-        # The epoch first: a restart between the two reads is then seen by the next poll, never missed.
-        epoch = str(await self.store.run("epoch", self.keys[:1], []))
-        reply = await self.store.run("revocations", self.keys, [self.seen])
+        reply = await self.store.run("revocations", self.keys, [self.seen])  # one script: one round trip
+        epoch = str(reply[2])
         moved = self.epoch is not None and epoch != self.epoch
         if moved:
             log.warning(
@@ -56,4 +55,4 @@ class RevocationFeed:
         self.seen, self.epoch = int(reply[0]), epoch
         if first or moved or reply[1] == "reset":
             return [], True
-        return [str(x) for x in reply[2:]], False
+        return [str(x) for x in reply[3:]], False

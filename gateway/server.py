@@ -256,6 +256,8 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
     respawn: dict[int, float] = {}  # slot → when
     signals: list[int] = []
 
+    parent = os.getpid()
+
     def spawn(slot: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker: a whole gateway on the inherited socket
@@ -264,6 +266,7 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
                 os.close(ready_r)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                _end_with(parent)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its loop takes it: a reload, not an exit
                 status = _run_loop(sock, app, settings, None, None, ready=ready_w)
             finally:
@@ -326,6 +329,21 @@ def _supervise(sock: socket.socket, app: Any, settings: Settings) -> int:
         time.sleep(0.05)
     sock.close()
     return status
+
+
+def _end_with(parent: int) -> None:
+    """A worker is sent SIGTERM (it drains, as on a stop) when its parent dies, even by SIGKILL: no one would
+    supervise it, and a restarted server could not take its port. Linux's PR_SET_PDEATHSIG; elsewhere the
+    worker outlives a killed parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _signal_all(children: dict[int, int], sig: int) -> None:

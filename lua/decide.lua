@@ -189,8 +189,12 @@ for _, l in ipairs(spec.l or {}) do
     remaining = to - shown
     if remaining < 0 then remaining = 0 end
   end
-  if we then reset = ceil_s(we - now) end
-  policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, l.w or false, remaining or false, reset or false}
+  local w = l.w or false
+  if we then
+    reset = ceil_s(we - now)
+    w = math.floor((we - ws) / 1000)  -- this window's true length (a 31-day month is 2678400), not the nominal
+  end
+  policies[#policies + 1] = {n, p == '' and 'cap' or 'allow', to, w, remaining or false, reset or false}
   if to >= 0 and shown ~= usage then before[#policies] = {math.max(0, to - usage), reset or false} end
   if state ~= 'denied' then
     if to >= 0 then held_limits[#held_limits + 1] = {n, c, ws or 0} end

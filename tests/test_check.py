@@ -312,6 +312,17 @@ def test_bad_settles(gw: Served) -> None:
     assert httpx.post(f"{gw.url}/_gateway/settle", content=b"{", headers=ADMIN_HEADERS).status_code == 400
 
 
+def test_a_settle_of_a_denied_or_dry_checks_null_hold_says_there_is_nothing_to_settle(gw: Served) -> None:
+    """What `jq .hold` hands on from a denied (or dry) check is null: the settle's 400 says why there is no hold,
+    not that one is required."""
+    for body in ({"feature": "flux_hd_access", "consume": True}, {"route": "POST /v1/projects"}):
+        answered = check(gw, billable="org_nothing", **body).json()
+        assert answered.get("hold") is None
+        r = settle(gw.url, hold=answered.get("hold"), outcome="success")
+        assert r.status_code == 400, r.text
+        assert "nothing to settle, because the check was denied or dry" in r.json()["detail"]
+
+
 def test_the_python_api(redis_space: RedisSpace) -> None:
     """Checker (what GatewayApp.check and .settle call): typed results, BadRequest and HoldNotOpen as exceptions."""
     catalog = parse_catalog(CATALOG)

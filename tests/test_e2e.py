@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ from waiting import wait_until
 from gateway.app import GatewayApp
 from gateway.client import parse_limits
 from gateway.engine import Engine
+from gateway.periods import calendar_bounds
 from gateway.settings import Settings
 
 ADMIN = "admin-secret"
@@ -318,7 +320,8 @@ def test_every_denial_row(env: Env) -> None:
         httpx.post(f"{env.url}/v1/exports", headers=auth(key))
     allowance = httpx.post(f"{env.url}/v1/exports", headers=auth(key))
     assert allowance.status_code == 429 and int(allowance.headers["retry-after"]) > 60
-    assert '"exports";q=2;w=2592000' in allowance.headers["ratelimit-policy"]
+    _, start, end, _ = calendar_bounds("month", time.time(), ZoneInfo("UTC"))
+    assert f'"exports";q=2;w={end - start}' in allowance.headers["ratelimit-policy"]  # this month's length
 
 
 def test_unmatched_deny_is_404(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -166,6 +167,35 @@ def test_create_list_revoke_authenticate(empty_db_url: str) -> None:
         assert [(k.id, k.revoked) for k in await keys.list("org_1")] == [(ci.id, True), (laptop.id, False)]
 
     with_keys(empty_db_url, test)
+
+
+def test_a_revoked_key_is_told_when_only_with_its_own_secret(empty_db_url: str) -> None:
+    """Once refused, a revoked key's holder can be told when it was revoked (in the process that revoked it, from
+    the negative cache, and in another process once it asks the record); a guessed secret for the same id learns
+    nothing, like a key never issued."""
+
+    async def test(keys: KeyStore, db: Database) -> None:
+        created = await keys.create("org_1", "ci")
+        other = KeyStore(db)
+        try:
+            assert await keys.authenticate(created.key) == await other.authenticate(created.key) == "org_1"
+            assert await keys.revoked_at(created.key) is None  # not revoked
+            before = datetime.now(UTC)
+            await keys.revoke(created.id)
+            forged = f"gw_{created.id}_{'A' * 32}"
+            for store in (keys, keys, other):
+                await until(lambda s=store: _refused(s, created.key), "the revocation to be seen", 10)
+                at = await store.revoked_at(created.key)
+                assert at is not None and before - timedelta(seconds=1) <= at <= datetime.now(UTC)
+                assert await store.authenticate(forged) is None and await store.revoked_at(forged) is None
+        finally:
+            await other.close()
+
+    with_keys(empty_db_url, test)
+
+
+async def _refused(keys: KeyStore, key: str) -> bool:
+    return await keys.authenticate(key) is None
 
 
 def test_a_wrong_secret_for_a_real_id_is_refused(empty_db_url: str) -> None:
@@ -522,3 +552,26 @@ def test_without_redis_the_feed_falls_back_to_asking_the_record_each_second(
             private_redis.start()
 
     go(main())
+
+
+def test_a_poll_of_the_revocation_feed_is_one_script_on_redis(private_redis: RedisServer) -> None:
+    """Each poll of the feed (every 250 ms in every process) reads the revocations and the master's epoch in one
+    script: 10 polls are 10 EVALSHA calls on the server (the commands those scripts run aside)."""
+
+    async def main() -> None:
+        store = open_redis(private_redis.url)
+        feed = RevocationFeed(store, prefix=f"gwfeed{free_port()}")
+        try:
+            await feed.poll()  # loads the script; the first poll forgets every key
+            with private_redis.client() as c:
+                c.config_resetstat()
+            for _ in range(10):
+                assert await feed.poll() == ([], False)
+            with private_redis.client() as c:
+                stats = c.info("commandstats")
+            scripts = {name: int(stat["calls"]) for name, stat in stats.items() if name.startswith(("cmdstat_eval", "cmdstat_fcall"))}
+            assert scripts == {"cmdstat_evalsha": 10}, scripts
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -89,6 +89,13 @@ def create_and_revoke(folder: Path, url: str, *revoke_flags: str) -> None:
     revoked = cli(folder, "keys", "revoke", key_id, *revoke_flags)
     assert revoked.stdout.startswith(f"revoked {key_id} (")
     assert refused_soon(url, key)
+    # Its holder is told it was revoked, and when, by the proxy and by the client's own endpoints; a guessed
+    # secret for the same id is told only that a valid key is required.
+    for path in ("/v1/x", "/_gateway/usage"):
+        told = httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {key}"})
+        assert told.status_code == 401 and told.json()["detail"].startswith("This API key was revoked on 20"), told.text
+        guessed = httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer gw_{key_id}_{'A' * 32}"})
+        assert guessed.status_code == 401 and "revoked" not in guessed.json()["detail"], guessed.text
     assert cli(folder, "keys", "list", "org_1").stdout.splitlines()[1].endswith("revoked")
 
 

@@ -32,6 +32,7 @@ import httpx
 import pytest
 from billing_support import stripe_server
 from services import RedisServer, free_port
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -308,7 +309,7 @@ def test_gateway_command_lines_exit_as_documented(tmp_path: Path, redis_server: 
         for block in BLOCKS:
             if block.lang != "sh" or id(block) in SERVED:
                 continue
-            if all(split_comment(line)[0].startswith("curl ") for line in block.lines):
+            if all(re.match(r"([A-Z_]+=\$\()?curl ", split_comment(line)[0]) for line in block.lines):
                 port = free_port()
                 shell.env["GATEWAY_ADMIN_TOKEN"] = "readme-admin"
                 shell.replace["127.0.0.1:8080"] = f"127.0.0.1:{port}"
@@ -362,3 +363,48 @@ def test_quick_start_demo_and_client(tmp_path: Path) -> None:
                                       text=True, timeout=120, check=False)
                 assert done.returncode == 0, done.stderr
                 assert done.stdout.splitlines()[-1] == "200", done.stdout
+
+
+@pytest.mark.slow
+def test_the_client_example_runs_in_a_fresh_venv_made_as_the_readme_says(tmp_path: Path) -> None:
+    """A venv with only what the quick start installs cannot run the client example (`No module named 'httpx'`);
+    with the README's install line before the example (the `client` extra) it runs as pasted against the demo."""
+    (quick,) = [b for b in BLOCKS if b.lang == "sh" and "gateway demo" in b.text]
+    (client,) = CLIENT_BLOCKS
+    (install,) = [b for b, after in pairwise(BLOCKS) if after is client]
+    venv = tmp_path / "venv"
+
+    def pip_line(text: str) -> str:
+        """A README line run here: its .venv is this test's, its checkout (`.`) this one."""
+        return text.replace(".venv/", f"{venv}/").replace("-e .", f"-e {ROOT}").replace("'.[", f"'{ROOT}[")
+
+    made = quick.lines[0].split(" && ")
+    assert made[0] == "python3 -m venv .venv" and made[-1] == ".venv/bin/gateway demo", quick.lines[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = f"{venv}/bin{os.pathsep}{env.get('PATH', '')}"
+
+    def sh(line: str) -> None:
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+
+    sh(f"{sys.executable} -m venv {venv} && " + pip_line(" && ".join(made[1:-1])))
+    shell = Shell(tmp_path, env, {})
+    shutil.copy(ROOT / "plans.toml", tmp_path / "plans.toml")
+
+    def run_client(base: str) -> subprocess.CompletedProcess[str]:
+        script = client.text.replace("127.0.0.1:8080", base.removeprefix("http://"))
+        return subprocess.run([f"{venv}/bin/python", "-c", script], cwd=tmp_path, env=shell.env, capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+
+    with shell.server(f"{venv}/bin/gateway demo", "the quick start's demo, from the fresh venv") as base:
+        log = next(tmp_path.glob("server-*.log"))
+        key = wait_until(lambda: re.search(r"export KEY=(\S+)", log.read_text()), "the demo's key", START_TIMEOUT)
+        shell.env["KEY"] = key[1]
+        without = run_client(base)
+        assert without.returncode == 1 and "No module named 'httpx'" in without.stderr, without.stderr
+        (line,) = install.lines
+        sh(pip_line(line))
+        done = run_client(base)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "200", done.stdout
+

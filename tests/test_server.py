@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
@@ -297,3 +298,30 @@ def test_connections_past_the_cap_get_503_until_there_is_room(tmp_path: Path) ->
             return httpx.get(f"{gw.url}/v1/x", headers={"X-Org": "a"}, timeout=10).status_code == 200
 
         wait_until(served, "a request to be served again", 10)
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path: Path, private_redis: RedisServer) -> None:
+    """`--workers 2`, the parent SIGKILLed (nothing supervises the workers any more): both workers exit on their
+    own instead of serving on."""
+    env = redis_env(private_redis)
+    with upstream() as up, Served(tmp_path, up.url, env=env, args=["--workers", "2"]) as gw:
+        gw.start()
+        assert gw.proc is not None
+        wait_until(lambda: "2 workers" in gw.log(), "both workers to be ready", 60)
+        workers = children_of(gw.proc.pid)
+        assert len(workers) == 2
+        gw.signal(signal.SIGKILL)
+        gw.exit_status(timeout=30)
+
+        def running(pid: int) -> bool:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return False
+            return stat.rsplit(")", 1)[1].split()[0] != "Z"  # an exited orphan waits for init as a zombie
+
+        try:
+            wait_until(lambda: not any(running(pid) for pid in workers), "the orphaned workers to exit", 30)
+        finally:
+            for pid in filter(running, workers):  # a failed run leaves nothing serving
+                os.kill(pid, signal.SIGKILL)

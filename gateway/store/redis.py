@@ -197,11 +197,12 @@ class RedisStore:
         """The breaker of each master (of the one server, of the emulation), by address."""
         return {node.address: node.breaker for node in self._transport.nodes()}
 
-    async def epochs(self) -> dict[str, str]:
-        """The epoch (lua/epoch.lua) of every master that answers, by address; one that does not is left
-        out: it is down, not lost (DESIGN §5). A billable's own master answers `run("epoch", [its key], [])`."""
+    async def epochs(self) -> dict[str, tuple[str, int]]:
+        """The epoch (lua/lib/epoch.lua) of every master that answers, and the seconds it has lasted at least,
+        by address; one that does not is left out: it is down, not lost (DESIGN §5). A billable's own master
+        answers `run("epoch", [its key], [])`."""
         s = script("epoch")
-        command = ("EVALSHA", s.sha, 0)
+        command = ("EVALSHA", s.sha, 0, "age")
         try:
             replies = await self.on_primaries(command)
             if any(_noscript(reply) for reply in replies.values()):
@@ -209,7 +210,7 @@ class RedisStore:
                 replies = await self.on_primaries(command)
         except RedisUnavailable:
             return {}
-        return {address: str(reply) for address, reply in replies.items() if not isinstance(reply, BaseException)}
+        return {address: (str(reply[0]), int(reply[1])) for address, reply in replies.items() if not isinstance(reply, BaseException)}
 
     async def close(self) -> None:
         await self._transport.close()
