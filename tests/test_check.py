@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_kill import ADMIN as OTHER_ADMIN
 from test_kill import GatewayProcess
-from waiting import until
+from waiting import until, wait_until
 
 from gateway.app import GatewayApp
 from gateway.catalog import parse_catalog
@@ -156,6 +156,8 @@ def test_a_dry_check_writes_nothing_and_agrees_with_the_proxy(gw: Served) -> Non
     key = key_for(gw, "org_1")
     status(gw, "org_1")  # the first read restores the billable (new: from nothing); everything after is compared
     for attempt in range(3):
+        # The reconciler takes the proxied request's events off Redis in its own time: compare after it has.
+        wait_until(lambda: not any(k.endswith(":ev") for k in everything(gw, "org_1")), "the reconciler to take org_1's events")
         before, raw = status(gw, "org_1"), everything(gw, "org_1")
         for _ in range(3):
             dry = check(gw, billable="org_1", route="POST /v1/projects")
