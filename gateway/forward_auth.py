@@ -30,7 +30,7 @@ from gateway.errors import BadRequest
 from gateway.headers import IDENTITY
 from gateway.paths import canonical
 
-__all__ = ["PATH", "admit", "asked", "asks"]
+__all__ = ["PATH", "admit", "answering", "asked", "asks"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -53,9 +53,15 @@ def asks(raw_path: bytes) -> bool:
     return raw_path == PATH or raw_path.startswith(PATH + b"/")
 
 
-def asked(scope: Scope, raw_path: bytes, send: Send) -> tuple[Scope, Send]:
-    """The request the edge asks about, as the scope the middleware decides (canonical path, its query), and
-    the `send` its answer goes out through. BadRequest (or paths.BadPath) says why it cannot be read."""
+def answering(scope: Scope, send: Send) -> Send:
+    """The `send` forward-auth's answer goes out through: nginx's denials carry the problem in a header too."""
+    nginx = _NGINX[1].lower().encode()
+    return _problem_in_header(send) if any(name == nginx for name, _ in scope["headers"]) else send
+
+
+def asked(scope: Scope, raw_path: bytes) -> Scope:
+    """The request the edge asks about, as the scope the middleware decides (canonical path, its query).
+    BadRequest (or paths.BadPath) says why it cannot be read."""
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     named: dict[str, tuple[bytes, bytes]] = {}  # where it was read -> (method, target)
     suffix = raw_path[len(PATH) :]
@@ -80,8 +86,7 @@ def asked(scope: Scope, raw_path: bytes, send: Send) -> tuple[Scope, Send]:
     path, _, query = target.partition(b"?")
     found = canonical(path)
     raw, decoded = found if found is not None else (path, unquote(path.decode("ascii")))
-    asked_scope = {**scope, "method": method.decode("ascii"), "path": decoded, "raw_path": raw, "query_string": query}
-    return asked_scope, _problem_in_header(send) if _one(headers, _NGINX[1]) is not None else send
+    return {**scope, "method": method.decode("ascii"), "path": decoded, "raw_path": raw, "query_string": query}
 
 
 async def admit(scope: Scope, receive: Any, send: Send) -> None:

@@ -90,8 +90,8 @@ class GatewayMiddleware:
         try:
             if self.endpoints is not None and kind == "http" and forward_auth.asks(raw_path):
                 # The edge asks about a request it forwards itself: decided as one passing through.
-                scope, send = forward_auth.asked(scope, raw_path, send)
-                app = forward_auth.admit
+                send, app = forward_auth.answering(scope, send), forward_auth.admit
+                scope = forward_auth.asked(scope, raw_path)
             elif (found := canonical(raw_path)) is not None:
                 scope = {**scope, "raw_path": found[0], "path": found[1]}
         except (BadPath, BadRequest) as exc:
