@@ -551,7 +551,7 @@ class Endpoints:
                 else "Metrics are off: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN) and send it as Authorization: Bearer <token>."
             )
             return problem(401, "urn:gateway:unauthorized", "Unauthorized", detail)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await self.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _bearer(request: Request, token: str) -> bool:
