@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +20,8 @@ from services import RedisSpace
 from test_middleware import status_of
 
 from gateway.catalog import parse_catalog
+from gateway.cli import main
 from gateway.engine import Engine
-from gateway.errors import CatalogError
 from gateway.middleware import GatewayMiddleware
 
 CATALOG = """
@@ -245,12 +246,19 @@ def test_other_gateway_paths_still_reach_the_endpoints(edge: Edge) -> None:
     assert edge.endpoints.saw == ["/_gateway/authx", "/_gateway/usage"]
 
 
-def test_forward_auth_mode_warns_about_what_it_cannot_price() -> None:
-    """mode = "forward-auth" warns about a route metered from the answer and one priced from the request body."""
-    warned = [f"{w.place}: {w.message}" for w in parse_catalog(CATALOG).warnings]
-    assert any("routes[2]" in w and "POST /v1/chat is metered from the answer" in w and "reserve of 20" in w for w in warned)
-    assert any("routes[3]" in w and "POST /v1/priced is priced from the request body" in w for w in warned)
-    inline = parse_catalog(CATALOG.replace('mode = "forward-auth"', ""))
-    assert not any("forward-auth" in w.message for w in inline.warnings)
-    with pytest.raises(CatalogError, match="catalog.mode"):
-        parse_catalog(CATALOG.replace('mode = "forward-auth"', 'mode = "forwardauth"'))
+def test_gateway_check_warns_in_forward_auth_mode_about_what_it_cannot_price(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gateway check` with mode = "forward-auth" warns about a route metered from the answer and one priced
+    from the request body; without the mode it does not; a mode it does not know is an error naming it."""
+    plans = tmp_path / "plans.toml"
+    plans.write_text(CATALOG)
+    assert main(["check", str(plans)]) == 0
+    warned = capsys.readouterr().err
+    assert "warning: routes[2]: POST /v1/chat is metered from the answer (response.json:usage.total_tokens)" in warned
+    assert "each request is charged its reserve of 20 credits" in warned
+    assert "warning: routes[3]: POST /v1/priced is priced from the request body (request.json:n)" in warned
+    plans.write_text(CATALOG.replace('mode = "forward-auth"', ""))
+    assert main(["check", str(plans)]) == 0
+    assert "forward-auth" not in capsys.readouterr().err
+    plans.write_text(CATALOG.replace('mode = "forward-auth"', 'mode = "forwardauth"'))
+    assert main(["check", str(plans)]) == 1
+    assert "catalog.mode: 'forwardauth' is not one of 'proxy' or 'forward-auth'" in capsys.readouterr().err
