@@ -82,7 +82,7 @@ def asked(scope: Scope, raw_path: bytes) -> Scope:
         raise BadRequest(f"{' and '.join(named)} name different requests: the edge must set one (a client may have sent the other).")  # fmt: skip
     method, target = next(iter(named.values()))
     if _METHOD.fullmatch(method) is None:
-        raise BadRequest(f"The method to decide must be an upper-case HTTP method like GET or POST, not {method[:32]!r}.")
+        raise BadRequest(f"The method to decide must be an upper-case HTTP method like GET or POST, not {method[:32].decode('latin-1')!r}.")
     path, _, query = target.partition(b"?")
     found = canonical(path)
     raw, decoded = found if found is not None else (path, unquote(path.decode("ascii")))
@@ -116,9 +116,10 @@ def _problem_in_header(send: Send) -> Send:
 
 
 def _one(headers: list[tuple[bytes, bytes]], name: str) -> bytes | None:
-    """The header's value; BadRequest when it is sent twice (which one the edge set cannot be told)."""
+    """The header's value (an empty one is none: edges never send those); BadRequest when it is sent twice
+    (which one the edge set cannot be told)."""
     key = name.lower().encode()
-    found = [value for k, value in headers if k == key]
+    found = [value for k, value in headers if k == key and value.strip()]
     if len(found) > 1:
         raise BadRequest(f"{name} was sent {len(found)} times: the edge must set it once.")
     return found[0].strip() if found else None

@@ -38,7 +38,7 @@ _SECURITY = {
 }
 _CUSTOMER: list[dict[str, list[str]]] = [{"apiKey": []}, {"apiKeyHeader": []}]
 _BY_CUSTOMER = frozenset({"/_gateway/usage", "/_gateway/check", "/_gateway/settle"})
-_FORWARD_AUTH_METHODS = ("get", "head", "post", "put", "patch", "delete", "options")
+_FORWARD_AUTH_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")  # any: all OpenAPI has
 _EDGE_HEADERS = ("X-Original-Method", "X-Original-URI", "X-Forwarded-Method", "X-Forwarded-Uri")
 _DESCRIPTION = "The gateway's own endpoints under /_gateway: the admin API, check and settle, the customer's usage, forward-auth."
 _MEDIA = {"/_gateway/pricing": "text/html", "/_gateway/metrics": "text/plain"}  # the rest answer JSON
