@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from gateway import audit
+from gateway import audit, openapi
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog, Plan
 from gateway.check import Checker
@@ -173,8 +173,10 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
             Route("/_gateway/admin/catalog", self.catalog_endpoint, methods=["GET", "POST"]),
             Route("/_gateway/admin/audit", self.audit_log, methods=["GET"]),
+            Route("/_gateway/openapi.json", self.openapi, methods=["GET"]),
             *(extra_admin_routes or []),
         ]
+        self.admin_paths = frozenset(r.path for r in admin)
         self.router = Router(
             routes=[
                 *[Route(r.path, self._admin(r.endpoint), methods=list(r.methods or [])) for r in admin],
@@ -565,6 +567,10 @@ class Endpoints:
                 log.warning("health: could not count the event outbox: %s", exc)
         return JSONResponse(body, status_code=code)
 
+    async def openapi(self, request: Request) -> Response:
+        """This router's OpenAPI 3.1 description (gateway/openapi.py)."""
+        return JSONResponse(openapi.document(self.router.routes, self.admin_paths))
+
     async def prometheus(self, request: Request) -> Response:
         tokens = [t for t in (self.metrics_token, *self.tokens.values()) if t]
         if not any(_bearer(request, t) for t in tokens):
@@ -574,7 +580,7 @@ class Endpoints:
                 else "Metrics are off: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN) and send it as Authorization: Bearer <token>."
             )
             return problem(401, "urn:gateway:unauthorized", "Unauthorized", detail)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await self.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _bearer(request: Request, token: str) -> bool:

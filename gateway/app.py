@@ -16,12 +16,12 @@ from gateway.catalog import Catalog, load_catalog
 from gateway.check import Checker, CheckResult, Outcome, SettleResult
 from gateway.engine import Engine
 from gateway.errors import ConfigError, DatabaseUnavailable, RedisRefused, RedisUnavailable
-from gateway.events import Deliverer
+from gateway.events import Deliverer, Outbox
 from gateway.grants import Grants
 from gateway.identify import BillableFn, Identifier
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Probes
 from gateway.middleware import ASGIApp, GatewayMiddleware, freeze_heap
 from gateway.proxy import Proxy
 from gateway.publishing import Catalogs, Published
@@ -107,6 +107,9 @@ class Prepared:
         if catalog.file.events.webhook_url:
             deliverer = Deliverer(db, catalog.file.events.webhook_url, settings.webhook_secret)
             deliverer.start()
+        store = self.store
+        self.metrics.probes = Probes(breakers=lambda: {node: b.state for node, b in store.breakers().items()},
+                                     record=reconciler.health, backlog=Outbox(db).backlog)  # fmt: skip
         return Gateway(
             settings=settings, store=self.store, metrics=self.metrics, db=db, keys=keys, engine=engine, grants=grants,
             reconciler=reconciler, book=book, billing=billing, deliverer=deliverer, catalogs=catalogs,

@@ -59,6 +59,9 @@ class CatalogSettings(_Model):
     currency: str = "usd"
     auto_recharge_max_per_month: int = Field(10, ge=0)
     enforce: Enforce = "enforce"
+    # How requests reach the gateway: through it (its proxy or middleware), or asked about by an edge
+    # proxy at /_gateway/auth (gateway/forward_auth.py), which never shows it the answer.
+    mode: Literal["proxy", "forward-auth"] = "proxy"
 
     @field_validator("timezone")
     @classmethod
@@ -761,7 +764,10 @@ def _lint(parsed: CatalogFile) -> Iterable[Problem]:
 
 def _warnings(parsed: CatalogFile) -> Iterable[Problem]:
     """What loads but surprises: a route a plan opens whose hold is more than the plan's credits, so a
-    billable on that plan is refused (402) until it buys credits."""
+    billable on that plan is refused (402) until it buys credits; in forward-auth mode, a route priced
+    from what forward-auth never sees."""
+    if parsed.catalog.mode == "forward-auth":
+        yield from _forward_auth_warnings(parsed)
     for route in parsed.routes:
         operation = parsed.operations.get(route.spend) if route.spend else None
         if operation is None:
@@ -774,6 +780,20 @@ def _warnings(parsed: CatalogFile) -> Iterable[Problem]:
             if not opens or plan.is_unlimited(CREDITS) or plan.credits is None or hold <= plan.credits:
                 continue
             yield Problem(f"plans.{name}", f"{route.match} holds {hold} credits; the plan has {plan.credits} {_per_words(plan.credits_per)}")
+
+
+def _forward_auth_warnings(parsed: CatalogFile) -> Iterable[Problem]:
+    for i, route in enumerate(parsed.routes):
+        operation = parsed.operations.get(route.spend) if route.spend else None
+        source = operation.units_source if operation is not None else None
+        if operation is None or source is None:
+            continue
+        if operation.metered:
+            yield Problem(f"routes[{i}]", f"{route.match} is metered from the answer ({source}), which forward-auth never sees: "
+                                          f"each request is charged its reserve of {operation.hold} credits")  # fmt: skip
+        elif source.where == "request.json":
+            yield Problem(f"routes[{i}]", f"{route.match} is priced from the request body ({source}), which the edge does not send "
+                                          "to forward-auth: each request is refused 400 (price it from a request.header)")  # fmt: skip
 
 
 def _per_words(per: str) -> str:

@@ -17,7 +17,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, cast
+
+from typing_extensions import TypedDict
 
 from gateway.bounds import MAX_INT
 from gateway.catalog import Catalog, Operation, Route, RouteConfig, _nearest
@@ -26,6 +28,7 @@ from gateway.engine import Engine
 from gateway.errors import BadRequest
 from gateway.ids import billable as billable_id
 from gateway.paths import BadPath, canonical, encoded
+from gateway.problems import Problem
 from gateway.settlement import Outcome as Fate
 from gateway.settlement import Settle, releases, settlement
 
@@ -34,6 +37,27 @@ Outcome = Literal["success", "failure"]
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 _HOLD = re.compile(r"([0-9a-f]{16})\.(.+)", re.DOTALL)
 _KINDS = ("route", "feature", "limit", "operation")
+
+
+class CheckAnswer(TypedDict):
+    """The body of `POST /_gateway/check` (its OpenAPI schema too)."""
+
+    allowed: bool
+    status: int
+    violated_policies: list[str]
+    problem: Problem | None
+    remaining: dict[str, int | None]
+    hold: NotRequired[str]
+
+
+class SettleAnswer(TypedDict):
+    """The body of `POST /_gateway/settle` (its OpenAPI schema too)."""
+
+    hold: str
+    outcome: Outcome
+    billable: str
+    settled: bool
+    balance: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +72,12 @@ class CheckResult:
     hold: str | None = None  # a consuming check's hold, for `settle`
     headers: list[tuple[bytes, bytes]] = field(default_factory=list, repr=False)
 
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def body(self) -> CheckAnswer:
+        out: CheckAnswer = {
             "allowed": self.allowed,
             "status": self.status,
             "violated_policies": self.violated_policies,
-            "problem": self.problem,
+            "problem": cast(Problem | None, self.problem),
             "remaining": self.remaining,
         }
         if self.hold is not None:
@@ -70,7 +94,7 @@ class SettleResult:
     billable: str
     balance: int | None
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> SettleAnswer:
         return {"hold": self.hold, "outcome": self.outcome, "billable": self.billable, "settled": True, "balance": self.balance}
 
 
@@ -278,4 +302,4 @@ def _price(operation: Operation, units: float | None) -> int | None:
     return cost
 
 
-__all__ = ["CheckResult", "Checker", "HoldNotOpen", "Outcome", "SettleResult", "hold_billable"]
+__all__ = ["CheckAnswer", "CheckResult", "Checker", "HoldNotOpen", "Outcome", "SettleAnswer", "SettleResult", "hold_billable"]

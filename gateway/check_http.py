@@ -7,22 +7,48 @@ whatever identifies it in this gateway: the body's billable is then optional and
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any, Required
 
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from typing_extensions import TypedDict
 
 from gateway.bounds import MAX_INT
-from gateway.check import Checker, HoldNotOpen, hold_billable
+from gateway.check import Checker, HoldNotOpen, Outcome, hold_billable
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.ids import billable as billable_id
 from gateway.problems import json_body, problem
 
 Identify = Callable[[Request], Awaitable[str | None]]
 
-_CHECK_FIELDS = ("billable", "route", "feature", "limit", "by", "operation", "units", "consume")
-_SETTLE_FIELDS = ("hold", "outcome", "units")
+Units = Annotated[float, Field(ge=0, le=MAX_INT)]
+
+
+class CheckQuestion(TypedDict, total=False):
+    """The body of `POST /_gateway/check`: its fields are the ones accepted (and its OpenAPI schema)."""
+
+    billable: str  # with the admin token; the key's own otherwise
+    route: str  # "POST /v1/images"
+    feature: str
+    limit: str
+    by: Annotated[int, Field(ge=0, le=MAX_INT)]
+    operation: str
+    units: Units
+    consume: bool
+
+
+class SettleQuestion(TypedDict, total=False):
+    """The body of `POST /_gateway/settle` (hold and outcome are required)."""
+
+    hold: Required[str]
+    outcome: Required[Outcome]
+    units: Units
+
+
+_CHECK_FIELDS = tuple(CheckQuestion.__annotations__)
+_SETTLE_FIELDS = tuple(SettleQuestion.__annotations__)
 
 
 class CheckEndpoints:

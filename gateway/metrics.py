@@ -1,5 +1,6 @@
 """Prometheus metrics: decisions by outcome and policy, decision latency, Redis errors, degraded answers,
-would-be denials in shadow.
+would-be denials in shadow; and, read from the running gateway when scraped, each Redis breaker's state,
+the record's catch-up lag and the webhook outbox (`Probes`). deploy/grafana/gateway.json charts them.
 
 No label carries a billable: their number is unbounded. Each app gets its own registry so several
 gateways (and tests) can live in one process.
@@ -11,17 +12,40 @@ observation, a noticeable share of a decision's Python time.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "Probes"]
+
+log = logging.getLogger("gateway.metrics")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}  # the value of gateway_redis_breaker_state
+BACKLOG_TIMEOUT_S = 2.0  # a scrape never waits long on the database
+
+
+@dataclass
+class Probes:
+    """What a scrape reads from the running gateway (unset: not exported): each Redis master's breaker state
+    by address, the reconciler's health (`pending`, `lag_seconds`), the outbox's backlog (`waiting`, `dead`,
+    `oldest_waiting_seconds`)."""
+
+    breakers: Callable[[], Mapping[str, str]] | None = None
+    record: Callable[[], Mapping[str, Any]] | None = None
+    backlog: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
 
 
 class Metrics:
@@ -35,6 +59,8 @@ class Metrics:
         self.degraded_answers = 0
         self.event_counts: dict[str, int] = {}
         self.shadow_denials: dict[str, int] = {}  # by policy: admitted in shadow, would have been denied
+        self.probes = Probes()
+        self.backlog: Mapping[str, Any] | None = None  # as the last scrape read it
         self.registry.register(_Collector(self))
 
     def decided(self, outcome: str, policies: Iterable[str] = ()) -> None:
@@ -65,6 +91,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """The exposition, with the outbox's backlog read now (the other probes are read as they render)."""
+        if self.probes.backlog is not None:
+            try:
+                async with asyncio.timeout(BACKLOG_TIMEOUT_S):
+                    self.backlog = await self.probes.backlog()
+            except Exception as exc:  # noqa: BLE001 - a scrape answers whatever the database does
+                self.backlog = None
+                log.warning("metrics: could not count the event outbox: %s", exc)
+        return self.render()
 
 
 class _Collector:
@@ -98,3 +135,24 @@ class _Collector:
         for policy, count in sorted(m.shadow_denials.items()):
             shadow.add_metric([policy], count)
         yield shadow
+        breakers = GaugeMetricFamily("gateway_redis_breaker_state", "Each Redis master's circuit breaker: 0 closed, 1 half-open, 2 open",
+                                     labels=["node"])  # fmt: skip
+        for node, state in sorted((m.probes.breakers() if m.probes.breakers else {}).items()):
+            breakers.add_metric([node], BREAKER_STATES[state])
+        yield breakers
+        record = m.probes.record() if m.probes.record else None
+        lag = GaugeMetricFamily("gateway_record_lag_seconds", "How long the oldest change not yet in the record has waited")
+        pending = GaugeMetricFamily("gateway_record_pending", "Billables whose changes are not yet in the record")
+        if record is not None:
+            lag.add_metric([], record["lag_seconds"])
+            pending.add_metric([], record["pending"])
+        yield lag
+        yield pending
+        backlog = GaugeMetricFamily("gateway_webhook_backlog", "Events in the outbox: waiting to be delivered, or dead-lettered", labels=["state"])
+        oldest = GaugeMetricFamily("gateway_webhook_oldest_waiting_seconds", "How long the oldest event waiting for delivery has waited")
+        if m.backlog is not None:
+            backlog.add_metric(["waiting"], m.backlog["waiting"])
+            backlog.add_metric(["dead"], m.backlog["dead"])
+            oldest.add_metric([], m.backlog["oldest_waiting_seconds"])
+        yield backlog
+        yield oldest

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway import forward_auth
 from gateway.bounds import MAX_INT, loads
 from gateway.catalog import Catalog, Operation, Route
 from gateway.decision import Decision, Violation
@@ -85,15 +86,19 @@ class GatewayMiddleware:
         if raw_path is None:  # optional in ASGI: the decoded path, encoded again
             raw_path = encoded(scope["path"])
             scope = {**scope, "raw_path": raw_path}
+        app = self.app
         try:
-            found = canonical(raw_path)
-        except BadPath as exc:
-            await self._bad_path(scope, send, exc.detail)
+            if self.endpoints is not None and kind == "http" and forward_auth.asks(raw_path):
+                # The edge asks about a request it forwards itself: decided as one passing through.
+                send, app = forward_auth.answering(scope, send), forward_auth.admit
+                scope = forward_auth.asked(scope, raw_path)
+            elif (found := canonical(raw_path)) is not None:
+                scope = {**scope, "raw_path": found[0], "path": found[1]}
+        except (BadPath, BadRequest) as exc:
+            await self._bad_path(scope, send, str(exc))
             return
-        if found is not None:
-            scope = {**scope, "raw_path": found[0], "path": found[1]}
         path: str = scope["path"]
-        if path.startswith("/_gateway") and self.endpoints is not None and (len(path) == 9 or path[9] == "/"):
+        if app is self.app and path.startswith("/_gateway") and self.endpoints is not None and (len(path) == 9 or path[9] == "/"):
             await self.endpoints(scope, receive, send)
             return
         method = scope["method"] if kind == "http" else "GET"
@@ -102,12 +107,13 @@ class GatewayMiddleware:
         route = catalog.route_for(method, path)
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
-            await self.app({**scope, "headers": clean}, receive, send)
+            await app({**scope, "headers": clean}, receive, send)
             return
-        await self._gate(scope, receive, send, catalog, route, clean)
+        await self._gate(scope, receive, send, catalog, route, clean, app)
 
     async def _gate(
-        self, scope: Scope, receive: Receive, send: Send, catalog: Catalog, route: Route | None, clean: list[tuple[bytes, bytes]]
+        self, scope: Scope, receive: Receive, send: Send, catalog: Catalog, route: Route | None, clean: list[tuple[bytes, bytes]],
+        app: ASGIApp,
     ) -> None:
         """Identify, price and decide a request that needs a billable; then deny it or pass it on."""
         started = time.perf_counter()
@@ -125,7 +131,7 @@ class GatewayMiddleware:
         try:
             decision = await self.engine.decide(billable, route, credit_cost=credit_cost)
         except (RedisUnavailable, StateUnavailable) as exc:
-            await self._redis_down(scope, receive, send, route, billable, clean, exc)
+            await self._redis_down(scope, receive, send, route, billable, clean, exc, app)
             return
         finally:
             self.metrics.latency(time.perf_counter() - started)
@@ -137,9 +143,9 @@ class GatewayMiddleware:
         upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
         scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
         if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
-        await self._forward(scope, receive, send, decision, route, operation)
+        await self._forward(scope, receive, send, decision, route, operation, app)
 
     async def _billable_or_answer(self, scope: Scope, send: Send, catalog: Catalog, route: Route | None) -> str | None:
         """The request's billable, or None after answering it (400, 401, 503, or a route this gateway denies)."""
@@ -212,6 +218,7 @@ class GatewayMiddleware:
         billable: str,
         clean: list[tuple[bytes, bytes]],
         exc: Exception,
+        app: ASGIApp,
     ) -> None:
         self.metrics.redis_error()
         policy = route.config.on_redis_down if route else None
@@ -245,7 +252,7 @@ class GatewayMiddleware:
             scope = {**scope, "state": {**scope.get("state", {}), "gateway": decision}}
         scope = {**scope, "headers": upstream}
         if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
 
         async def send_flagged(message: Message) -> None:
@@ -253,7 +260,7 @@ class GatewayMiddleware:
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
-        await self.app(scope, receive, send_flagged)
+        await app(scope, receive, send_flagged)
 
     async def _bad_path(self, scope: Scope, send: Send, detail: str) -> None:
         """A path that cannot be made canonical: 400 before identity, nothing charged."""
@@ -335,17 +342,18 @@ class GatewayMiddleware:
     # ---- forwarding and settling --------------------------------------------------------------------
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, decision: Decision, route: Route | None, operation: Operation | None
+        self, scope: Scope, receive: Receive, send: Send, decision: Decision, route: Route | None, operation: Operation | None,
+        app: ASGIApp,
     ) -> None:
         meter_source = operation.units_source if operation is not None and operation.metered else None
         release = route.config.release if route is not None else None
         fate = Fate(send, decision.headers(), meter_source, watch_release=release is not None)
         needs_settle = decision.hold is not None and (meter_source is not None or decision.hold.needs_settle)
         if not needs_settle and release is None:
-            await self.app(scope, receive, fate.send)
+            await app(scope, receive, fate.send)
             return
         try:
-            await self.app(scope, receive, fate.send)
+            await app(scope, receive, fate.send)
         except BaseException:
             fate.failed = True
             raise

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NotRequired
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from typing_extensions import TypedDict
 
 from gateway import bounds
 from gateway.errors import BadRequest, TooLarge
@@ -21,6 +22,26 @@ BAD_REQUEST = "urn:gateway:bad-request"
 PAYLOAD_TOO_LARGE = "urn:gateway:payload-too-large"
 
 _LAST_WORD = re.compile(r"[^:#/]+$")
+
+
+class ProblemError(TypedDict):
+    message: str
+    type: str
+    code: int
+
+
+class Problem(TypedDict):
+    """Every problem+json body's members (the OpenAPI description's `Problem`; gateway/openapi.py)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    plan: NotRequired[str | None]  # a denial of a billable's request: its plan
+    violated_policies: NotRequired[list[str]]
+    upgrade_url: NotRequired[str]
+    problems: NotRequired[list[dict[str, str]]]  # a catalog that does not load: each problem and its place
+    error: ProblemError
 
 
 def problem_body(status: int, type_: str, title: str, detail: str, **members: Any) -> dict[str, Any]:
