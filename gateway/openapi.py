@@ -20,6 +20,7 @@ from gateway.check import CheckAnswer, SettleAnswer
 from gateway.check_http import CheckQuestion, SettleQuestion
 from gateway.forward_auth import PATH as AUTH_PATH
 from gateway.problems import PROBLEM_JSON, Problem
+from gateway.web import links
 
 __all__ = ["document"]
 
@@ -43,6 +44,9 @@ _EDGE_HEADERS = ("X-Original-Method", "X-Original-URI", "X-Forwarded-Method", "X
 _DESCRIPTION = "The gateway's own endpoints under /_gateway: the admin API, check and settle, the customer's usage, forward-auth."
 _MEDIA = {"/_gateway/pricing": "text/html", "/_gateway/metrics": "text/plain"}  # the rest answer JSON
 _PUBLIC = frozenset({"/_gateway/health", "/_gateway/pricing", "/_gateway/stripe/webhook"})
+# The customer's usage pages answer HTML whatever happens (a person reads them), and are opened by a signed
+# link (its fields in the query) or the customer's key; their POSTs are the page's own forms.
+_PAGE = links.ACCOUNT_PAGE
 
 
 def document(routes: Iterable[BaseRoute], admin_paths: Collection[str]) -> dict[str, Any]:
@@ -78,6 +82,8 @@ def _operation(verb: str, route: Route, admin: bool) -> dict[str, Any]:
         operation["security"] = [{"metricsToken": []}, {"adminToken": []}]
     elif path in _PUBLIC:
         operation["security"] = []
+    if path == _PAGE or path.startswith(_PAGE + "/"):
+        return _page(verb, path, operation)
     question, answer = _BODIES.get((verb, path), (None, None))
     if question is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(question)}}}
@@ -87,6 +93,22 @@ def _operation(verb: str, route: Route, admin: bool) -> dict[str, Any]:
     operation["responses"] = {
         "2XX": {"description": "Done", "content": {_MEDIA.get(path, "application/json"): {"schema": answered}}},
         "default": _problem("A refusal or an error"),
+    }
+    return operation
+
+
+def _page(verb: str, path: str, operation: dict[str, Any]) -> dict[str, Any]:
+    operation["parameters"] = [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "the signed link's"} for name in links.FIELDS]  # fmt: skip
+    operation["security"] = [*_CUSTOMER, {}]  # the key, or the link in the query
+    if verb == "post":
+        form = {"type": "object", "additionalProperties": {"type": "string"}}
+        operation["requestBody"] = {"required": False, "content": {"application/x-www-form-urlencoded": {"schema": form}}}
+    html = {"text/html": {"schema": {"type": "string"}}}
+    operation["responses"] = {
+        "2XX": {"description": "The page", "content": html},
+        "3XX": {"description": "On to Stripe (Checkout or the billing portal)"},
+        "default": {"description": "A page saying what is wrong (a link expired or altered, no key)", "content": html},
     }
     return operation
 
