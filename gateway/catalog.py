@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.bounds import MAX_INT
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
@@ -128,12 +129,13 @@ class Operation(_Model):
             return self.reserve
         return math.ceil(self.per_unit or 0)
 
+    def charged_units(self, units: float) -> float:
+        """The units `units` are charged as: within `[0, max_units]` (2^53 - 1 without one)."""
+        return min(max(0.0, units), float(MAX_INT if self.max_units is None else self.max_units))
+
     def price(self, units: float) -> int:
         """Credits for `units`, rounded up and clamped to `[0, max_units]`."""
-        units = max(0.0, units)
-        if self.max_units is not None:
-            units = min(units, float(self.max_units))
-        return math.ceil(units * (self.per_unit or 0) - 1e-9)
+        return math.ceil(self.charged_units(units) * (self.per_unit or 0) - 1e-9)
 
 
 class RateLimitTable(_Model):

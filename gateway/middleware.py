@@ -355,8 +355,8 @@ class GatewayMiddleware:
                 await self.engine.release(decision.billable or "", decision.plan, release)
             if decision.hold is None:
                 return
-            price = operation.price if operation is not None and operation.metered else None
-            todo = settlement(result, fate.status, fate.units(result), price)
+            metered = operation if operation is not None and operation.metered else None
+            todo = settlement(result, fate.status, fate.units(result), metered)
             if todo is not None:
                 await self.engine.settle(
                     decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed, units=todo.units
