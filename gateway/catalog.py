@@ -43,6 +43,12 @@ CREDITS = "credits"
 
 _RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
+# Every number of the catalog, and of a billable's overrides (checked by these same models): at most 2^53 - 1,
+# what the Redis scripts, doubles and JSON clients hold exactly.
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Positive = Annotated[int, Field(gt=0, le=MAX_INT)]
+Amount = Annotated[float, Field(ge=0, le=MAX_INT)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,9 +62,9 @@ class CatalogSettings(_Model):
     on_redis_down: OnRedisDown = "open"
     unmatched: Literal["forward", "deny"] = "forward"
     past_due_grace: str = "3d"
-    credits_per_dollar: int = Field(100, gt=0)
+    credits_per_dollar: Positive = 100
     currency: str = "usd"
-    auto_recharge_max_per_month: int = Field(10, ge=0)
+    auto_recharge_max_per_month: Count = 10
     enforce: Enforce = "enforce"
 
     @field_validator("timezone")
@@ -88,11 +94,11 @@ class CatalogSettings(_Model):
 class Operation(_Model):
     """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer."""
 
-    cost: int | None = Field(None, ge=0)
-    per_unit: float | None = Field(None, gt=0)
+    cost: Count | None = None
+    per_unit: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     units: str | None = None
-    reserve: int | None = Field(None, ge=0)
-    max_units: int | None = Field(None, gt=0)
+    reserve: Count | None = None
+    max_units: Positive | None = None
 
     @field_validator("units")
     @classmethod
@@ -139,9 +145,9 @@ class Operation(_Model):
 
 
 class RateLimitTable(_Model):
-    limit: int = Field(gt=0)
+    limit: Positive
     per: str = "1s"
-    burst: int | None = Field(None, gt=0)
+    burst: Positive | None = None
 
     @field_validator("per")
     @classmethod
@@ -171,10 +177,13 @@ class RateLimit:
     @classmethod
     def parse(cls, name: str, value: str | RateLimitTable) -> RateLimit:
         if isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+)\s*/\s*(\w+)\s*", value)
-            if not match or int(match[1]) <= 0:
+            match = re.fullmatch(r"\s*([0-9]+)\s*/\s*(\w+)\s*", value)
+            digits = match[1].lstrip("0") if match else ""
+            if match is None or not digits:
                 raise ValueError(f'rate limit "{value}" should look like "100/second", "1000/minute" or "10/5s"')
-            limit = int(match[1])
+            limit = int(digits) if len(digits) <= 16 else MAX_INT + 1
+            if limit > MAX_INT:
+                raise ValueError(f'rate limit "{value}" is over {MAX_INT} requests')
             return cls(name, limit, _rate_seconds(match[2]), limit)
         return cls(name, value.limit, _rate_seconds(value.per), value.burst or value.limit)
 
@@ -195,11 +204,11 @@ RateLimitSetting = Annotated[str | RateLimitTable | None, AfterValidator(_valid_
 
 
 class Limit(_Model):
-    to: int = Field(ge=0)
+    to: Count
     per: str | None = None
     after_limit: AfterLimit = "block_usage"
     grace: str | None = None
-    grace_max: int | None = Field(None, ge=0)
+    grace_max: Count | None = None
     warn_at: tuple[float, ...] = DEFAULT_WARN_AT
 
     @field_validator("per")
@@ -255,15 +264,15 @@ class StripePrices(_Model):
 class Plan(_Model):
     name: str | None = None
     description: str | None = None
-    price: float | None = Field(None, ge=0)
-    price_yearly: float | None = Field(None, ge=0)
+    price: Amount | None = None
+    price_yearly: Amount | None = None
     price_string: str | None = None
     stripe_price: str | StripePrices | None = None
     bullets: tuple[str, ...] = ()
     rate_limit: RateLimitSetting = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
-    credits: int | None = Field(None, ge=0)
+    credits: Count | None = None
     credits_per: str = "month"
     rollover: bool = False
     limits: dict[str, Limit] = Field(default_factory=dict)
@@ -313,9 +322,9 @@ class Plan(_Model):
 
 class Pack(_Model):
     name: str | None = None
-    credits: int = Field(gt=0)
-    bonus: int = Field(0, ge=0)
-    price: float | None = Field(None, gt=0)
+    credits: Positive
+    bonus: Count = 0
+    price: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     stripe_price: str | None = None
 
     @model_validator(mode="after")
@@ -330,7 +339,7 @@ class RouteConfig(_Model):
     features: tuple[str, ...] = ()
     spend: str | None = None
     limit: str | None = None
-    cost: int = Field(1, ge=0)
+    cost: Count = 1
     release: str | None = None
     rate_limit: RateLimitSetting = None
     on_redis_down: OnRedisDown | None = None

@@ -330,3 +330,28 @@ allows = ["api_access", "hd"]
     denied = Decision(False, "org_1", "free", violations=[Violation("hd", "feature")])
     assert upgrade_plan(denied, catalog) == "pro"
     assert "Pro" in denied.problem(catalog)["detail"] and "Legacy" not in denied.problem(catalog)["detail"]
+
+
+def test_every_number_is_at_most_2_53_minus_1() -> None:
+    """A rate of 2**60 or 10**30 requests, credits, counts, costs and prices past 2**53 - 1, and a duration of
+    aeons are problems at their place: the scripts and the headers hold every number that loads."""
+    huge = MINIMAL + f"""
+rate_limit = {{ limit = {2**60}, per = "1s", burst = {10**30} }}
+credits = {10**30}
+limits.projects = {{ to = {2**53} }}
+limits.exports = {{ to = 5, per = "99999999999999w" }}
+[operations.chat]
+per_unit = 1e300
+units = "response.json:usage.total_tokens"
+max_units = {2**60}
+[[routes]]
+match = "POST /v1/x"
+rate_limit = "{10**30}/second"
+cost = {2**63}
+"""
+    found = problems(huge)
+    assert sorted(p.split(":")[0] for p in found) == sorted([
+        "plans.free.rate_limit.limit", "plans.free.rate_limit.burst", "plans.free.credits", "plans.free.limits.projects.to",
+        "plans.free.limits.exports.per", "operations.chat.per_unit", "operations.chat.max_units", "routes[0].rate_limit",
+        "routes[0].cost"]), found  # fmt: skip
+    assert all("9007199254740991" in p or "century" in p for p in found), found
