@@ -78,3 +78,66 @@ def integer(body: Mapping[str, Any], name: str, *, low: int = -MAX_INT, high: in
     else:
         shown = f"not {json.dumps(value)[:40]}"
     raise BadRequest(f"{name} must be a whole number from {low} to {high}, {shown}.")
+
+
+# What a TOML scan stops at: a string or comment to skip, or a character that opens, closes or dots.
+_TOML_STOP = re.compile(r"[\"'#\[\]{}=,.\n]")
+_TOML_SKIP = {  # from just after the opening quote(s) to just after the closing ones; None: unterminated
+    '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*"""', re.DOTALL),
+    "'''": re.compile(r"(?:[^']|'(?!''))*'''"),
+    '"': re.compile(r'(?:[^"\\\n]|\\.)*"'),
+    "'": re.compile(r"[^'\n]*'"),
+}
+
+
+def toml_too_deep(text: str) -> bool:
+    """Whether a TOML text nests tables, arrays and dotted keys deeper than MAX_DEPTH levels, counted in one
+    pass without recursion. Strings and comments are skipped; a text that is not TOML is left to the parser."""
+    opened: list[tuple[str, int]] = []  # the arrays and inline tables the scan is in, each with its depth
+    table = base = dots = level = 0  # the header's depth, where the key being read starts, its dots, a value's depth
+    key, header = True, False  # reading a key (else a value); the key is a table header
+    pos = 0
+    while (stop := _TOML_STOP.search(text, pos)) is not None:
+        c, pos = stop[0], stop.end()
+        if c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, stop.start()) else c
+            end = _TOML_SKIP[quote].match(text, stop.start() + len(quote))
+            if end is None:
+                return False  # unterminated: not TOML
+            pos = end.end()
+        elif c == "#":
+            newline = text.find("\n", pos)
+            pos = len(text) if newline < 0 else newline
+        elif c == "\n":
+            if not opened:
+                key, header, base, dots = True, False, table, 0
+        elif c == ".":
+            if key:
+                dots += 1
+                if base + dots >= MAX_DEPTH:
+                    return True
+        elif c == "=":
+            key, level, dots = False, base + dots + 1, 0
+        elif c == "[" and key and not opened:
+            header, base, dots = True, 0, 0
+        elif c == "]" and header:
+            header, key, table = False, False, dots + 1
+        elif c in "[{":
+            if level >= MAX_DEPTH:
+                return True
+            opened.append((c, level))
+            if c == "[":
+                level += 1
+            else:
+                key, base, dots = True, level, 0
+        elif c in "]}" or c == ",":
+            if c != "," and opened:
+                opened.pop()
+            key = False
+            if opened:
+                inside, depth = opened[-1]
+                if inside == "[":
+                    level = depth + 1
+                elif c == ",":
+                    key, base, dots = True, depth, 0
+    return False

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.bounds import MAX_INT
+from gateway.bounds import MAX_DEPTH, MAX_INT, toml_too_deep
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
@@ -514,10 +514,16 @@ def load_catalog(path: str | Path) -> Catalog:
 
 
 def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
+    too_deep = CatalogError([Problem("", f"nested deeper than {MAX_DEPTH} levels (tables, arrays and dotted keys): "
+                                         "a catalog needs a handful")], source)  # fmt: skip
+    if toml_too_deep(text):
+        raise too_deep
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError([Problem("", f"not valid TOML: {exc}")], source)
+    except RecursionError:  # only if the count above was fooled: never a crash
+        raise too_deep from None
     try:
         parsed = CatalogFile.model_validate(raw)
     except ValidationError as exc:

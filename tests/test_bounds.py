@@ -22,7 +22,7 @@ from gateway_support import ADMIN, ADMIN_HEADERS, Served, serving
 from services import RedisServer, RedisSpace, raw_redis, shared_redis_url
 from starlette.requests import Request
 
-from gateway.bounds import MAX_BODY, MAX_INT, loads
+from gateway.bounds import MAX_BODY, MAX_INT, loads, toml_too_deep
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.errors import BadRequest, TooLarge
@@ -615,3 +615,16 @@ def test_metrics_without_any_token_set_say_how_to_turn_them_on(tmp_path: Path, r
         assert r.status_code == 401 and "set GATEWAY_METRICS_TOKEN" in r.json()["detail"]
         assert httpx.get(f"{served.url}/_gateway/health").json() == {"status": "ok"}
 
+
+
+def test_toml_depth_is_counted_without_recursion() -> None:
+    """A TOML text's depth counts tables, dotted keys, arrays and inline tables together, never brackets or dots
+    in strings, comments or numbers; the example catalog is well within it, 65 levels any way are not."""
+    example = (Path(__file__).resolve().parents[1] / "plans.toml").read_text()
+    strings = 'a = "[[[[.{{{{" # [[[[[[[[\nb = [1.5, 2.5]\nc = """' + "[" * 100 + '"""\n' + "d = '" + "{." * 100 + "'\n"
+    shallow = [example, strings, "x = [" + "1.5, " * 10_000 + "]", "[t.u]\nx.y = " + "{a.b = " * 30 + "1" + "}" * 30]
+    assert not any(map(toml_too_deep, shallow))
+    deep = ["x = " + "[" * 65 + "]" * 65, "x = " + "{a = " * 65 + "1" + "}" * 65, ".".join(["a"] * 65) + " = 1",
+            "[" + ".".join(["a"] * 66) + "]", "[t]\nx = {" + ".".join(["a"] * 30) + " = " + "{a.a.a = " * 12 + "1" + "}" * 13,
+            "x = " + "[" * 10**6]  # fmt: skip
+    assert all(map(toml_too_deep, deep))

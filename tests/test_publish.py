@@ -281,3 +281,30 @@ def test_sighup_publishes_the_plans_file_and_every_worker_runs_it(tmp_path: Path
             proc.wait(30)
         text = log_path.read_text()
         assert "running version 2 from the record, which differs from" in text, text[-3000:]
+
+
+DEEP = {
+    "arrays": V1 + "\n[plans.free.meta]\nx = " + "[" * 5000 + "]" * 5000 + "\n",
+    "inline tables": V1 + "\n[plans.free.meta]\nx = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n",
+    "a dotted key": V1 + "\n[plans.free.meta]\n" + ".".join(["a"] * 100_000) + " = 1\n",
+}
+
+
+def test_a_catalog_nested_thousands_deep_is_refused_with_one_line(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Arrays 5,000 deep, inline tables or a dotted key 100,000 deep: the admin API answers 400 with one line and
+    publishes nothing; `gateway check` and `gateway catalog push` exit 1 with one line, never a RecursionError,
+    a 500 or exit 70."""
+    db_url = f"sqlite:///{tmp_path}/gw.db"
+    with serving(tmp_path, V1, redis_port=redis_server.port, db_url=db_url, billable_header="X-Org") as gw:
+        for name, text in DEEP.items():
+            answer = publish(gw, text)
+            assert answer.status_code == 400, (name, answer.status_code, answer.text[:200])
+            assert "nested deeper than 64 levels" in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+            (tmp_path / "deep.toml").write_text(text)
+            for args in (["check", "deep.toml"], ["catalog", "push", "deep.toml", "--redis-url", redis_server.url,
+                                                  "--database-url", db_url]):
+                done = _cli(tmp_path, *args, check=False)
+                assert done.returncode == 1 and "Traceback" not in done.stderr, (name, args, done.stderr[-500:])
+                line = "gateway: deep.toml: nested deeper than 64 levels (tables, arrays and dotted keys): a catalog needs a handful"
+                assert done.stderr.splitlines() == [line], done.stderr[-500:]
+        assert running(gw)["version"] == 1
