@@ -2,9 +2,13 @@
 
     loads(raw)                      JSON (UTF-8), at most MAX_DEPTH levels deep, else BadRequest
     integer(body, "amount", low=1)  a JSON whole number within ±MAX_INT, else BadRequest naming the field
+    unrecordable(doc)               the place of a string in a JSON document the record cannot keep, or None
+    toml_too_deep(text)             whether a TOML text (a catalog) nests deeper than MAX_DEPTH
 
 `json.loads` recurses in C, so a document nested a thousand levels raises RecursionError (or worse):
 the depth is counted on the text first, without recursion, and only a document within it is parsed.
+`tomllib` recurses in Python for arrays and inline tables, and takes quadratic time on a long dotted key
+(`a.a.a...`): a TOML text is counted the same way before it is parsed.
 """
 
 from __future__ import annotations
@@ -64,6 +68,31 @@ def loads(raw: bytes | bytearray | str) -> Any:
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError:
         raise BadRequest("The body is not JSON.") from None
+
+
+# What a Postgres text column cannot hold: NUL, and a surrogate without its pair (JSON's "\ud800" alone),
+# which is no character UTF-8 can encode.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def unrecordable(doc: Any) -> str | None:
+    """The place (`reason`, `limits.exports.grace`, `allows[0]`) of the first string in `doc`, key or value, that
+    the record cannot keep, else None."""
+    pending: list[tuple[Any, str]] = [(doc, "")]
+    while pending:
+        value, place = pending.pop()
+        if isinstance(value, str):
+            if _NOT_TEXT.search(value):
+                return place or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{place}.{key}" if place else key
+                if _NOT_TEXT.search(key):
+                    return ascii(inner)[1:-1]
+                pending.append((item, inner))
+        elif isinstance(value, list):
+            pending.extend((item, f"{place}[{i}]") for i, item in enumerate(value))
+    return None
 
 
 def integer(body: Mapping[str, Any], name: str, *, low: int = -MAX_INT, high: int = MAX_INT) -> int:

@@ -129,4 +129,7 @@ async def json_body(request: Request) -> dict[str, Any] | JSONResponse:
         return refused(exc)
     if not isinstance(body, dict):
         return bad_request("The body must be a JSON object.")
+    place = bounds.unrecordable(body) if b"\\u" in raw else None  # only an escape spells NUL or a lone surrogate
+    if place is not None:
+        return bad_request(f"{place}: NUL (\\u0000) and unpaired surrogates (\\ud800-\\udfff) cannot be kept: send text without them.")
     return body

@@ -628,3 +628,40 @@ def test_toml_depth_is_counted_without_recursion() -> None:
             "[" + ".".join(["a"] * 66) + "]", "[t]\nx = {" + ".".join(["a"] * 30) + " = " + "{a.a.a = " * 12 + "1" + "}" * 13,
             "x = " + "[" * 10**6]  # fmt: skip
     assert all(map(toml_too_deep, deep))
+
+
+# ---- text the record cannot keep --------------------------------------------------------------------------
+
+UNRECORDABLE = ["a\x00b", "\x00", "a\ud800b", "\udfff"]
+
+
+def test_nul_and_lone_surrogates_in_admin_text_are_400_naming_the_field_before_any_write(gw: Served) -> None:
+    """A NUL or an unpaired surrogate in a key's name, a suspension's, a grant's or an override's reason, or an
+    idempotency key is 400 naming the field (on Postgres too, whose text cannot hold it, not a 503): nothing is
+    written, the billable is not suspended, granted or overridden; the same text without it is accepted."""
+    org = "org_text"
+    base = f"{gw.url}/_gateway/admin/billables/{org}"
+    key = httpx.post(f"{gw.url}/_gateway/admin/keys", json={"billable": org, "name": "ok"}, headers=ADMIN_HEADERS).json()["key"]
+    bodies: list[tuple[str, str, str, dict[str, Any]]] = []
+    for text in UNRECORDABLE:
+        bodies += [
+            ("POST", f"{gw.url}/_gateway/admin/keys", "name", {"billable": org, "name": text}),
+            ("PUT", f"{base}/suspension", "reason", {"reason": text}),
+            ("POST", f"{base}/credits", "reason", {"amount": 5, "reason": text, "idempotency_key": f"k-{uuid.uuid4()}"}),
+            ("POST", f"{base}/credits", "idempotency_key", {"amount": 5, "reason": "r", "idempotency_key": text}),
+            ("PUT", f"{base}/overrides", "reason", {"credits": 5, "reason": text}),
+            ("PUT", f"{base}/overrides", "limits", {"limits": {text: {"to": 3}}}),
+        ]
+    before = [count(gw, t) for t in ("api_keys", "credit_grants", "audit_log")]
+    for method, url, field, body in bodies:
+        answer = httpx.request(method, url, content=json.dumps(body).encode(), headers={**ADMIN_HEADERS, "Content-Type": "application/json"})
+        assert_bad_request(answer, field, (method, url, body))
+        assert answer.json()["detail"].startswith(field), answer.json()["detail"]
+    assert [count(gw, t) for t in ("api_keys", "credit_grants", "audit_log")] == before
+    status = httpx.get(base, headers=ADMIN_HEADERS).json()
+    assert status["suspended"] is False and status["overrides"] is None and status["credits"]["purchased"] == 0
+    assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # Text that only looks like it (an escaped backslash, a paired surrogate) is kept as sent.
+    kept = httpx.put(f"{base}/suspension", json={"reason": "\\u0000 \U0001f600"}, headers=ADMIN_HEADERS)
+    assert kept.status_code == 200 and kept.json()["reason"] == "\\u0000 \U0001f600", kept.text
+    assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 403
