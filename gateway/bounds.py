@@ -1,6 +1,7 @@
 """Bounds on the data clients and operators send (DESIGN §3): JSON size and depth, whole numbers.
 
-    loads(raw)                      JSON (UTF-8), at most MAX_DEPTH levels deep, else BadRequest
+    loads(raw)                      JSON (UTF-8), at most MAX_DEPTH levels deep, else BadRequest (once_each=True:
+                                    and no key twice in one object, for the gateway's own endpoints)
     integer(body, "amount", low=1)  a JSON whole number within ±MAX_INT, else BadRequest naming the field
     unrecordable(doc)               the place of a string in a JSON document the record cannot keep, or None
     toml_too_deep(text)             whether a TOML text (a catalog) nests deeper than MAX_DEPTH
@@ -35,7 +36,19 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadRequest(f"{key[:80]!r} is given twice in one object: send each key once.")
+            seen.add(key)
+    return found
+
+
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)  # one decoder: json.loads(**kw) builds one per call
+_STRICT = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_once_each)
 
 
 def too_deep(text: str) -> bool:
@@ -54,8 +67,9 @@ def too_deep(text: str) -> bool:
     return False
 
 
-def loads(raw: bytes | bytearray | str) -> Any:
-    """The JSON document in `raw`; BadRequest when it is not UTF-8 JSON or nests deeper than MAX_DEPTH."""
+def loads(raw: bytes | bytearray | str, *, once_each: bool = False) -> Any:
+    """The JSON document in `raw`; BadRequest when it is not UTF-8 JSON or nests deeper than MAX_DEPTH (and,
+    `once_each`, when an object names a key twice: which one counts is no parser's guess to make)."""
     try:
         text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -63,7 +77,7 @@ def loads(raw: bytes | bytearray | str) -> Any:
     if too_deep(text):
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.")
     try:
-        return _DECODER.decode(text)
+        return (_STRICT if once_each else _DECODER).decode(text)
     except RecursionError:  # only if the count above was fooled: never a 500
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError:

@@ -124,7 +124,7 @@ async def json_body(request: Request) -> dict[str, Any] | JSONResponse:
         raw = await read_body(request)
         if not raw.strip():
             return {}
-        body = bounds.loads(raw)
+        body = bounds.loads(raw, once_each=True)
     except BadRequest as exc:
         return refused(exc)
     if not isinstance(body, dict):

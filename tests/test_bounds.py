@@ -665,3 +665,25 @@ def test_nul_and_lone_surrogates_in_admin_text_are_400_naming_the_field_before_a
     kept = httpx.put(f"{base}/suspension", json={"reason": "\\u0000 \U0001f600"}, headers=ADMIN_HEADERS)
     assert kept.status_code == 200 and kept.json()["reason"] == "\\u0000 \U0001f600", kept.text
     assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 403
+
+
+def test_a_key_given_twice_in_a_body_that_moves_money_is_400(gw: Served) -> None:
+    """A grant, a cap's count, overrides (nested too), a check and a settle naming a key twice are 400 naming it,
+    before anything is written: the gateway does not guess which of the two amounts was meant."""
+    org = "org_twice"
+    base = f"{gw.url}/_gateway/admin/billables/{org}"
+    cases = [
+        ("POST", f"{base}/credits", "amount", '{"amount": 1, "reason": "r", "idempotency_key": "k1", "amount": 1000000}'),
+        ("PUT", f"{base}/limits/projects", "usage", '{"usage": 1, "usage": 0}'),
+        ("PUT", f"{base}/overrides", "to", '{"limits": {"projects": {"to": 1, "to": 1000}}}'),
+        ("PUT", f"{base}/overrides", "credits", '{"credits": 1, "credits": 1000000}'),
+        ("POST", f"{gw.url}/_gateway/check", "billable", '{"billable": "org_twice", "route": "POST /v1/projects", "billable": "x"}'),
+        ("POST", f"{gw.url}/_gateway/settle", "units", '{"hold": "h", "outcome": "success", "units": 1, "units": 2}'),
+    ]
+    audited = count(gw, "audit_log")
+    for method, url, field, body in cases:
+        answer = httpx.request(method, url, content=body.encode(), headers={**ADMIN_HEADERS, "Content-Type": "application/json"})
+        assert_bad_request(answer, f"'{field}' is given twice", (url, body))
+    assert count(gw, "credit_grants") == 0 and count(gw, "audit_log") == audited
+    status = httpx.get(base, headers=ADMIN_HEADERS).json()
+    assert status["overrides"] is None and status["credits"]["purchased"] == 0 and status["limits"]["projects"]["usage"] == 0
