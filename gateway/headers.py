@@ -3,6 +3,8 @@
 - A header the gateway adds (`X-Billable-Id`, `X-Plan`) is dropped from the client in every spelling:
   any case, and `_` for `-` (WSGI and CGI servers read `X_Plan` as `X-Plan`). A client's `Connection`
   may not name them either: a proxy removes the headers `Connection` names, the gateway's included.
+- A header the gateway adds to its answers (`RateLimit`, `X-Credits-Remaining`, `X-Gateway-Degraded`, ...) is
+  dropped from the client in every spelling too: an upstream that reads one reads the gateway's word, or none.
 - Method overrides are dropped: the method that was matched is the method forwarded.
 - A header whose value holds a gateway key (`gw_<id>_<secret>`) never leaves the gateway, whatever its
   name and however the key is spelled in it (`Bearer`, `Token`, a tab, bare, beside other text, or in a
@@ -16,13 +18,16 @@ import re
 
 from gateway.identity import KEY_PATTERN, PREFIX
 
-__all__ = ["IDENTITY", "carries_key", "forwardable", "spelled"]
+__all__ = ["ANSWERED", "IDENTITY", "carries_key", "forwardable", "spelled"]
 
 Headers = list[tuple[bytes, bytes]]
 
 IDENTITY = (b"x-billable-id", b"x-plan")
+# What Decision.headers (and the check endpoint) put on an answer.
+ANSWERED = (b"ratelimit", b"ratelimit-policy", b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
+            b"x-ratelimit-resource", b"retry-after", b"x-credits-remaining", b"x-gateway-degraded", b"x-gateway-shadow")  # fmt: skip
 _METHOD_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
-_DROPPED = frozenset(IDENTITY + _METHOD_OVERRIDES)
+_DROPPED = frozenset(IDENTITY + ANSWERED + _METHOD_OVERRIDES)
 _KEY = PREFIX.encode()
 _KEY_IN = re.compile(KEY_PATTERN.encode())
 _BASIC = b"basic "

@@ -435,3 +435,28 @@ def test_middleware_alone_hands_the_app_no_key_in_any_spelling(key_prefix: str) 
     for got in seen:
         assert all(key.encode() not in v for _, v in got), got
         assert (b"authorization", UPSTREAM_TOKEN.encode()) in got
+
+
+ANSWER_HEADERS = [("X-Gateway-Degraded", "redis"), ("X-Credits-Remaining", "999999"), ("X_Credits_Remaining", "999999"),
+                  ("RateLimit", '"rate";r=999'), ("RateLimit-Policy", '"rate";q=999'), ("X-RateLimit-Remaining", "999"),
+                  ("x-ratelimit-limit", "999"), ("X-RateLimit-Reset", "1"), ("X-RateLimit-Resource", "rate"),
+                  ("Retry-After", "0"), ("X-Gateway-Shadow", "429 rate")]
+CLAIMS = [("Forwarded", "for=6.6.6.6;proto=https"), ("X-Real-IP", "6.6.6.6"), ("X_Real_IP", "7.7.7.7")]
+
+
+def test_headers_the_gateway_answers_with_and_client_claims_never_reach_the_upstream(tmp_path: Path, private_redis: RedisServer) -> None:
+    """A client's own X-Gateway-Degraded, X-Credits-Remaining, RateLimit* and the other headers the gateway adds to its
+    answers are dropped in every spelling, on a billed and a public route; Forwarded and X-Real-IP pass only with
+    --trust-forwarded (as sent, never their `_` spellings)."""
+    for trusted in (False, True):
+        with gateway(tmp_path / str(trusted), private_redis.url, trust_forwarded=trusted) as gw:
+            _, key = gw.key()
+            for method, path, auth in (("POST", "/v1/cheap", [("Authorization", f"Bearer {key}")]), ("GET", "/v1/status", [])):
+                status, seen = send(gw, method, path, [*auth, *ANSWER_HEADERS, *CLAIMS])
+                assert status == 200
+                assert all(values(seen, spelled(k)) == [] for k, _ in ANSWER_HEADERS), seen["headers"]
+                assert values(seen, "forwarded") == (["for=6.6.6.6;proto=https"] if trusted else [])
+                assert values(seen, "x-real-ip") == (["6.6.6.6"] if trusted else []), seen["headers"]
+    from gateway.headers import ANSWERED
+
+    assert {spelled(k).encode() for k, _ in ANSWER_HEADERS} == set(ANSWERED)  # every one the gateway answers with
