@@ -406,10 +406,16 @@ class Route:
     def match(self) -> str:
         return self.config.match
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, *, any_case: bool = False) -> bool:
         if self.method != "*" and self.method != method and not (method == "HEAD" and self.method == "GET"):
             return False
+        if any_case:
+            return self.folded.fullmatch(path) is not None
         return self.pattern.fullmatch(path) is not None
+
+    @cached_property
+    def folded(self) -> re.Pattern[str]:
+        return re.compile(self.pattern.pattern, re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -492,6 +498,25 @@ class Catalog:
             if route.matches(method, path):
                 return route
         return None
+
+    def case_twin(self, method: str, path: str, matched: Route | None) -> Route | None:
+        """A route before `matched` (the path's own) that the path matches only in another case, as `/V1/images`
+        matches `POST /v1/images`: an upstream that reads paths in any case would serve it uncharged, so the
+        gateway refuses it rather than guess. None for a path whose letters are all lower case (unless routes
+        spell theirs in upper case), the common case: one `lower()`."""
+        if path.lower() == path and not self._cased_routes:
+            return None
+        method = method.upper()
+        if len(path) > 1:
+            path = path.rstrip("/") or "/"
+        for route in self.routes[: len(self.routes) if matched is None else matched.index]:
+            if route.matches(method, path, any_case=True):
+                return route
+        return None
+
+    @cached_property
+    def _cased_routes(self) -> bool:
+        return any(r.match.split()[-1] != r.match.split()[-1].lower() for r in self.routes)
 
 
 def load_catalog(path: str | Path) -> Catalog:
