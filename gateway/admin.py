@@ -29,6 +29,7 @@ from gateway.errors import (
     DatabaseUnavailable,
     GatewayError,
     InvalidOverrides,
+    PlansInUse,
     RedisUnavailable,
     StateUnavailable,
 )
@@ -477,6 +478,11 @@ class Endpoints:
             return bad_request(f"The catalog is not UTF-8 text (byte {exc.start} is not): send the plans.toml as UTF-8.")
         try:
             published, changed = await self.catalogs.publish(text, token=request.state.token)
+        except PlansInUse as exc:
+            detail = "Billables are on plans this catalog lacks; nothing changed: " + "; ".join(str(p) for p in exc.problems)
+            body = problem_body(409, "urn:gateway:conflict", "Conflict", detail,
+                                problems=[{"place": p.place, "message": p.message} for p in exc.problems])  # fmt: skip
+            return JSONResponse(body, status_code=409, media_type="application/problem+json")
         except CatalogError as exc:
             problems = [{"place": p.place, "message": p.message} for p in exc.problems]
             count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"

@@ -308,3 +308,30 @@ def test_a_catalog_nested_thousands_deep_is_refused_with_one_line(tmp_path: Path
                 line = "gateway: deep.toml: nested deeper than 64 levels (tables, arrays and dotted keys): a catalog needs a handful"
                 assert done.stderr.splitlines() == [line], done.stderr[-500:]
         assert running(gw)["version"] == 1
+
+
+WITHOUT_PRO = V1.replace('highlighted_plan = "pro"\n', "").replace(
+    '[plans.pro]\nprice = 29\nallows = ["api_access"]\nlimits.exports = { to = 500000, per = "month" }\n', "")
+
+
+def test_a_catalog_without_a_plan_billables_are_on_is_refused_naming_it_and_how_many(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Two billables assigned to pro: a catalog that drops pro is 409 naming plans.pro and the count through the admin
+    API, and exit 1 through `gateway catalog push`; nothing is published, they stay on pro; archiving it instead publishes."""
+    db_url = f"sqlite:///{tmp_path}/gw.db"
+    assert "[plans.pro]" not in WITHOUT_PRO
+    with serving(tmp_path, V1, redis_port=redis_server.port, db_url=db_url, billable_header="X-Org") as gw:
+        for org in ("org_1", "org_2"):
+            assigned = httpx.put(f"{gw.url}/_gateway/admin/billables/{org}/plan", json={"plan": "pro"}, headers=ADMIN_HEADERS, timeout=10)
+            assert assigned.status_code == 200, assigned.text
+        answer = publish(gw, WITHOUT_PRO)
+        assert answer.status_code == 409 and answer.json()["type"] == "urn:gateway:conflict", answer.text
+        assert [p["place"] for p in answer.json()["problems"]] == ["plans.pro"]
+        assert "2 billables are on it" in answer.json()["detail"] and "archived" in answer.json()["detail"]
+        (tmp_path / "without-pro.toml").write_text(WITHOUT_PRO)
+        pushed = _cli(tmp_path, "catalog", "push", "without-pro.toml", "--redis-url", redis_server.url, "--database-url", db_url, check=False)
+        assert pushed.returncode == 1 and "plans.pro: 2 billables are on it" in pushed.stderr, pushed.stderr
+        assert running(gw)["version"] == 1
+        assert httpx.get(f"{gw.url}/_gateway/admin/billables/org_1", headers=ADMIN_HEADERS, timeout=10).json()["plan"] == "pro"
+        archived = publish(gw, V1.replace("[plans.pro]\nprice = 29", '[plans.pro]\nprice = 29\nstatus = "archived"').replace(
+            'highlighted_plan = "pro"\n', ""))
+        assert archived.status_code == 201, archived.text
