@@ -55,7 +55,7 @@ def forwardable(headers: Headers) -> Headers:
     """The client's headers without the gateway's names, method overrides and any header with a gateway key."""
     out: Headers = []
     for name, value in headers:
-        if carries_key(value):
+        if (_KEY in value or value[:1] in b"Bb") and carries_key(value):  # the call only where a key could be
             continue
         key = name.translate(_FOLD)  # spelled(name), inlined: every header of every request
         if key in _DROPPED:
