@@ -30,6 +30,7 @@ from gateway.errors import (
     GatewayError,
     InvalidOverrides,
     KeyRevoked,
+    PlansInUse,
     RedisUnavailable,
     StateUnavailable,
 )
@@ -502,6 +503,11 @@ class Endpoints:
             return bad_request(f"The catalog is not UTF-8 text (byte {exc.start} is not): send the plans.toml as UTF-8.")
         try:
             published, changed = await self.catalogs.publish(text, token=request.state.token)
+        except PlansInUse as exc:
+            detail = "Billables are on plans this catalog lacks; nothing changed: " + "; ".join(str(p) for p in exc.problems)
+            body = problem_body(409, "urn:gateway:conflict", "Conflict", detail,
+                                problems=[{"place": p.place, "message": p.message} for p in exc.problems])  # fmt: skip
+            return JSONResponse(body, status_code=409, media_type="application/problem+json")
         except CatalogError as exc:
             problems = [{"place": p.place, "message": p.message} for p in exc.problems]
             count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
@@ -545,16 +551,20 @@ class Endpoints:
 
     async def health(self, request: Request) -> Response:
         """Liveness for anyone (`{"status"}`); with the admin token, Redis, database, record and outbox state."""
-        redis_up = await self.engine.store.ping()
+        masters = await self.engine.store.masters_up()
+        redis_up = bool(masters) and all(masters.values())
+        some_up = any(masters.values())  # a cluster with a master down still decides on the others' slots
         db_up = await self.db.ping() if self.db is not None else None
         record = self.reconciler.health() if self.reconciler is not None else None
         if db_up and record is not None and record["database"] == "down":
             db_up = False  # it answers a ping but has not taken a flush yet
         body: dict[str, Any] = {"status": "ok" if redis_up and db_up is not False else "degraded"}
-        code = 200 if redis_up else 503
+        code = 200 if some_up else 503
         if self.token_name(request) is None:
             return JSONResponse(body, status_code=code)
-        body["redis"] = "up" if redis_up else "down"
+        body["redis"] = "up" if redis_up else "degraded" if some_up else "down"
+        if self.engine.store.is_cluster:
+            body["redis_masters"] = {address: "up" if up else "down" for address, up in sorted(masters.items())}
         body["database"] = "none" if db_up is None else ("up" if db_up else "down")
         if record is not None:
             # Catch-up: billables waiting for the record, and how long the oldest has waited.

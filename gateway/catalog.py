@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.bounds import MAX_DEPTH, MAX_INT, toml_too_deep
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
@@ -42,6 +43,12 @@ CREDITS = "credits"
 
 _RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
+# Every number of the catalog, and of a billable's overrides (checked by these same models): at most 2^53 - 1,
+# what the Redis scripts, doubles and JSON clients hold exactly.
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Positive = Annotated[int, Field(gt=0, le=MAX_INT)]
+Amount = Annotated[float, Field(ge=0, le=MAX_INT)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,9 +62,9 @@ class CatalogSettings(_Model):
     on_redis_down: OnRedisDown = "open"
     unmatched: Literal["forward", "deny"] = "forward"
     past_due_grace: str = "3d"
-    credits_per_dollar: int = Field(100, gt=0)
+    credits_per_dollar: Positive = 100
     currency: str = "usd"
-    auto_recharge_max_per_month: int = Field(10, ge=0)
+    auto_recharge_max_per_month: Count = 10
     enforce: Enforce = "enforce"
     # How requests reach the gateway: through it (its proxy or middleware), or asked about by an edge
     # proxy at /_gateway/auth (gateway/forward_auth.py), which never shows it the answer.
@@ -90,11 +97,11 @@ class CatalogSettings(_Model):
 class Operation(_Model):
     """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer."""
 
-    cost: int | None = Field(None, ge=0)
-    per_unit: float | None = Field(None, gt=0)
+    cost: Count | None = None
+    per_unit: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     units: str | None = None
-    reserve: int | None = Field(None, ge=0)
-    max_units: int | None = Field(None, gt=0)
+    reserve: Count | None = None
+    max_units: Positive | None = None
 
     @field_validator("units")
     @classmethod
@@ -131,18 +138,19 @@ class Operation(_Model):
             return self.reserve
         return math.ceil(self.per_unit or 0)
 
+    def charged_units(self, units: float) -> float:
+        """The units `units` are charged as: within `[0, max_units]` (2^53 - 1 without one)."""
+        return min(max(0.0, units), float(MAX_INT if self.max_units is None else self.max_units))
+
     def price(self, units: float) -> int:
         """Credits for `units`, rounded up and clamped to `[0, max_units]`."""
-        units = max(0.0, units)
-        if self.max_units is not None:
-            units = min(units, float(self.max_units))
-        return math.ceil(units * (self.per_unit or 0) - 1e-9)
+        return math.ceil(self.charged_units(units) * (self.per_unit or 0) - 1e-9)
 
 
 class RateLimitTable(_Model):
-    limit: int = Field(gt=0)
+    limit: Positive
     per: str = "1s"
-    burst: int | None = Field(None, gt=0)
+    burst: Positive | None = None
 
     @field_validator("per")
     @classmethod
@@ -172,10 +180,13 @@ class RateLimit:
     @classmethod
     def parse(cls, name: str, value: str | RateLimitTable) -> RateLimit:
         if isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+)\s*/\s*(\w+)\s*", value)
-            if not match or int(match[1]) <= 0:
+            match = re.fullmatch(r"\s*([0-9]+)\s*/\s*(\w+)\s*", value)
+            digits = match[1].lstrip("0") if match else ""
+            if match is None or not digits:
                 raise ValueError(f'rate limit "{value}" should look like "100/second", "1000/minute" or "10/5s"')
-            limit = int(match[1])
+            limit = int(digits) if len(digits) <= 16 else MAX_INT + 1
+            if limit > MAX_INT:
+                raise ValueError(f'rate limit "{value}" is over {MAX_INT} requests')
             return cls(name, limit, _rate_seconds(match[2]), limit)
         return cls(name, value.limit, _rate_seconds(value.per), value.burst or value.limit)
 
@@ -196,11 +207,11 @@ RateLimitSetting = Annotated[str | RateLimitTable | None, AfterValidator(_valid_
 
 
 class Limit(_Model):
-    to: int = Field(ge=0)
+    to: Count
     per: str | None = None
     after_limit: AfterLimit = "block_usage"
     grace: str | None = None
-    grace_max: int | None = Field(None, ge=0)
+    grace_max: Count | None = None
     warn_at: tuple[float, ...] = DEFAULT_WARN_AT
 
     @field_validator("per")
@@ -256,15 +267,15 @@ class StripePrices(_Model):
 class Plan(_Model):
     name: str | None = None
     description: str | None = None
-    price: float | None = Field(None, ge=0)
-    price_yearly: float | None = Field(None, ge=0)
+    price: Amount | None = None
+    price_yearly: Amount | None = None
     price_string: str | None = None
     stripe_price: str | StripePrices | None = None
     bullets: tuple[str, ...] = ()
     rate_limit: RateLimitSetting = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
-    credits: int | None = Field(None, ge=0)
+    credits: Count | None = None
     credits_per: str = "month"
     rollover: bool = False
     limits: dict[str, Limit] = Field(default_factory=dict)
@@ -314,9 +325,9 @@ class Plan(_Model):
 
 class Pack(_Model):
     name: str | None = None
-    credits: int = Field(gt=0)
-    bonus: int = Field(0, ge=0)
-    price: float | None = Field(None, gt=0)
+    credits: Positive
+    bonus: Count = 0
+    price: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     stripe_price: str | None = None
 
     @model_validator(mode="after")
@@ -331,7 +342,7 @@ class RouteConfig(_Model):
     features: tuple[str, ...] = ()
     spend: str | None = None
     limit: str | None = None
-    cost: int = Field(1, ge=0)
+    cost: Count = 1
     release: str | None = None
     rate_limit: RateLimitSetting = None
     on_redis_down: OnRedisDown | None = None
@@ -398,10 +409,16 @@ class Route:
     def match(self) -> str:
         return self.config.match
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, *, any_case: bool = False) -> bool:
         if self.method != "*" and self.method != method and not (method == "HEAD" and self.method == "GET"):
             return False
+        if any_case:
+            return self.folded.fullmatch(path) is not None
         return self.pattern.fullmatch(path) is not None
+
+    @cached_property
+    def folded(self) -> re.Pattern[str]:
+        return re.compile(self.pattern.pattern, re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -485,6 +502,25 @@ class Catalog:
                 return route
         return None
 
+    def case_twin(self, method: str, path: str, matched: Route | None) -> Route | None:
+        """A route before `matched` (the path's own) that the path matches only in another case, as `/V1/images`
+        matches `POST /v1/images`: an upstream that reads paths in any case would serve it uncharged, so the
+        gateway refuses it rather than guess. None for a path whose letters are all lower case (unless routes
+        spell theirs in upper case), the common case: one `lower()`."""
+        if path.lower() == path and not self._cased_routes:
+            return None
+        method = method.upper()
+        if len(path) > 1:
+            path = path.rstrip("/") or "/"
+        for route in self.routes[: len(self.routes) if matched is None else matched.index]:
+            if route.matches(method, path, any_case=True):
+                return route
+        return None
+
+    @cached_property
+    def _cased_routes(self) -> bool:
+        return any(r.match.split()[-1] != r.match.split()[-1].lower() for r in self.routes)
+
 
 def load_catalog(path: str | Path) -> Catalog:
     path = Path(path)
@@ -506,10 +542,16 @@ def load_catalog(path: str | Path) -> Catalog:
 
 
 def parse_catalog(text: str, source: str = "plans.toml") -> Catalog:
+    too_deep = CatalogError([Problem("", f"nested deeper than {MAX_DEPTH} levels (tables, arrays and dotted keys): "
+                                         "a catalog needs a handful")], source)  # fmt: skip
+    if toml_too_deep(text):
+        raise too_deep
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError([Problem("", f"not valid TOML: {exc}")], source)
+    except RecursionError:  # only if the count above was fooled: never a crash
+        raise too_deep from None
     try:
         parsed = CatalogFile.model_validate(raw)
     except ValidationError as exc:

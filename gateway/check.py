@@ -176,8 +176,8 @@ class Checker:
         decision = Decision(True, billable, plan, route, hold=stored.hold)
         # Settled through the proxy's own rules (gateway/settlement.py), for a whole answer: a 2xx or not.
         answered = 200 if outcome == "success" else 500
-        price = operation.price if operation is not None and operation.metered else None
-        todo = settlement(Fate.COMPLETE, answered, units, price)
+        metered = operation if operation is not None and operation.metered else None
+        todo = settlement(Fate.COMPLETE, answered, units, metered)
         if todo is None:  # kept as charged: the settle only closes the hold
             todo = Settle(give_back_limits=False, credits_owed=None)
         reply = await self.engine.settle_hold(decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,

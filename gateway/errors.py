@@ -46,6 +46,10 @@ class CatalogError(GatewayError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
 
 
+class PlansInUse(CatalogError):
+    """A catalog to publish lacks plans that billables are on (each a problem at `plans.<name>`): archive them."""
+
+
 class RedisUnavailable(GatewayError):
     """Redis did not answer; the route's on_redis_down decides what the client gets."""
 

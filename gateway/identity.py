@@ -42,7 +42,8 @@ ID_LENGTH = 12
 SECRET_LENGTH = 32
 KEY_LENGTH = len(PREFIX) + ID_LENGTH + 1 + SECRET_LENGTH
 _ALPHABET = string.ascii_letters + string.digits
-_KEY = re.compile(rf"gw_([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGTH}}})")
+KEY_PATTERN = rf"{PREFIX}([A-Za-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9]{{{SECRET_LENGTH}}})"
+_KEY = re.compile(KEY_PATTERN)
 _KEY_ID = re.compile(rf"[A-Za-z0-9]{{{ID_LENGTH}}}")
 PEPPER_SETTING = "api_key_pepper"
 

@@ -105,6 +105,10 @@ class GatewayMiddleware:
         clean = forwardable(scope["headers"])
         catalog = self.engine.catalog  # one catalog for the whole request, even when a new one is published meanwhile
         route = catalog.route_for(method, path)
+        twin = catalog.case_twin(method, path, route)
+        if twin is not None:
+            await self._bad_path(scope, send, _case_detail(path, twin))
+            return
         if method == "OPTIONS" or (route is not None and route.config.public):
             # CORS preflight and public routes go through without identity.
             await app({**scope, "headers": clean}, receive, send)
@@ -367,8 +371,8 @@ class GatewayMiddleware:
                 await self.engine.release(decision.billable or "", decision.plan, release)
             if decision.hold is None:
                 return
-            price = operation.price if operation is not None and operation.metered else None
-            todo = settlement(result, fate.status, fate.units(result), price)
+            metered = operation if operation is not None and operation.metered else None
+            todo = settlement(result, fate.status, fate.units(result), metered)
             if todo is not None:
                 await self.engine.settle(
                     decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed, units=todo.units
@@ -377,6 +381,15 @@ class GatewayMiddleware:
             # The hold stays as charged: never a free answer because Redis blinked.
             self.metrics.redis_error()
             log.warning("could not settle a hold for %r: %s", decision.billable, exc)
+
+
+def _case_detail(path: str, twin: Route) -> str:
+    """The refusal of a path that is `twin` in another case, naming the segment."""
+    for given, spelled in zip(path.split("/"), twin.match.split()[-1].split("/"), strict=False):
+        if given != spelled and given.lower() == spelled.lower():
+            return (f'The path segment "{given[:100]}" is "{spelled}" in the route {twin.match}: send the path as the '
+                    "catalog spells it.")  # fmt: skip
+    return f"The path start {path[:100]!r} is the route {twin.match} in another case: send it as the catalog spells it."
 
 
 def _freezing_after_startup(send: Send) -> Send:

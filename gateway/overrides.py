@@ -21,11 +21,11 @@ from typing import Annotated, Any, TypeVar
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.bounds import MAX_INT
 from gateway.catalog import (
     CREDITS,
     AfterLimit,
     Catalog,
+    Count,
     Limit,
     Plan,
     RateLimitSetting,
@@ -38,7 +38,7 @@ from gateway.store.db import Database, billable_overrides
 PLACE = "overrides"
 _FIXED = ("per", "kind")  # what an override never changes
 M = TypeVar("M", bound=BaseModel)
-Count = Annotated[int, Field(strict=True, ge=0, le=MAX_INT)]
+Whole = Annotated[Count, Field(strict=True)]  # the catalog's bound; a JSON body's 5.0 or "5" is not a count
 
 
 class _Model(BaseModel):
@@ -46,10 +46,10 @@ class _Model(BaseModel):
 
 
 class LimitTerms(_Model):
-    to: Count | None = None
+    to: Whole | None = None
     after_limit: AfterLimit | None = None
     grace: str | None = None
-    grace_max: Count | None = None
+    grace_max: Whole | None = None
     warn_at: tuple[float, ...] | None = None
     unlimited: Annotated[bool, Field(strict=True)] = False
 
@@ -61,7 +61,7 @@ class LimitTerms(_Model):
 class Overrides(_Model):
     limits: dict[str, LimitTerms] = Field(default_factory=dict)
     rate_limit: RateLimitSetting = None
-    credits: Count | None = None
+    credits: Whole | None = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
     expires_at: datetime | None = None

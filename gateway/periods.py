@@ -33,6 +33,7 @@ _CALENDAR_KINDS: dict[str, CalendarKind] = {kind: kind for kind in get_args(Cale
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # ASCII digits only: `\d` would let int() accept other scripts' digits.
 _DURATION = re.compile(r"([0-9]+)([smhdw])")
+MAX_DURATION = 100 * 366 * 86400  # a century: every window in ms stays far below 2^53
 _NOMINAL_SECONDS = {"month": 2592000, "billing_cycle": 2592000, "week": 604800, "day": 86400}
 
 
@@ -41,9 +42,12 @@ def parse_duration(text: str) -> int:
     match = _DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f'unknown duration "{text}": use a number and a unit (s, m, h, d, w), e.g. "7d"')
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    digits = match.group(1).lstrip("0")
+    seconds = int(digits or "0") * _UNIT_SECONDS[match.group(2)] if len(digits) <= 12 else MAX_DURATION + 1
     if seconds <= 0:
         raise ValueError(f'duration "{text}" is empty: use a number above 0, e.g. "7d"')
+    if seconds > MAX_DURATION:
+        raise ValueError(f'duration "{text}" is over a century: use at most {MAX_DURATION // 86400}d')
     return seconds
 
 

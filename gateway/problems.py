@@ -145,9 +145,12 @@ async def json_body(request: Request) -> dict[str, Any] | JSONResponse:
         raw = await read_body(request)
         if not raw.strip():
             return {}
-        body = bounds.loads(raw)
+        body = bounds.loads(raw, once_each=True)
     except BadRequest as exc:
         return refused(exc)
     if not isinstance(body, dict):
         return bad_request("The body must be a JSON object.")
+    place = bounds.unrecordable(body) if b"\\u" in raw else None  # only an escape spells NUL or a lone surrogate
+    if place is not None:
+        return bad_request(f"{place}: NUL (\\u0000) and unpaired surrogates (\\ud800-\\udfff) cannot be kept: send text without them.")
     return body

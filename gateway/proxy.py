@@ -52,8 +52,10 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade"}
 )
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# What else says who the client is: only a trusted balancer's pass (as sent), a client's never.
+_CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
 # Request headers the proxy handles itself: hop-by-hop ones, and those it sets.
-_REQUEST_SPECIAL = _HOP_BY_HOP | _FORWARDED | {
+_REQUEST_SPECIAL = _HOP_BY_HOP | _FORWARDED | _CLIENT_CLAIMS | {
     b"host",
     b"content-length",
     # uvicorn already answered the client's 100-continue; the upstream gets the body straight away.
@@ -418,6 +420,8 @@ class Proxy:
                     connection = value if connection is None else connection + b"," + value
                 elif name in _FORWARDED and self.trust_forwarded:
                     chain[name] = value if name not in chain else chain[name] + b", " + value
+                elif name in _CLIENT_CLAIMS and self.trust_forwarded:
+                    out.append((name.decode("latin-1"), value.decode("latin-1")))
                 continue
             out.append((name.decode("latin-1"), value.decode("latin-1")))
         if connection is not None:

@@ -27,8 +27,15 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway import audit
 from gateway.catalog import Catalog, parse_catalog
-from gateway.errors import CatalogError, DatabaseUnavailable, RedisUnavailable, StateUnavailable
-from gateway.store.db import Database, catalog_versions
+from gateway.errors import (
+    CatalogError,
+    DatabaseUnavailable,
+    PlansInUse,
+    Problem,
+    RedisUnavailable,
+    StateUnavailable,
+)
+from gateway.store.db import Database, catalog_versions, plan_assignments, subscriptions
 from gateway.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,11 @@ class Catalogs:
             newest = (await conn.execute(sa.select(c.version, c.sha256, c.published_at, c.token).order_by(c.version.desc()).limit(1))).first()
             if newest is not None and newest.sha256 == digest:
                 return Published(newest.version, digest, newest.published_at, newest.token, _named(catalog, newest.version)), False
+            in_use = await _plans_in_use(conn, catalog)
+            if in_use:
+                raise PlansInUse([Problem(f"plans.{plan}", f"{count} billable{'s are' if count != 1 else ' is'} on it: keep it with "
+                                          'status = "archived" (they keep its terms, nobody new gets it) instead of removing it')
+                                  for plan, count in sorted(in_use.items())], "the published catalog")  # fmt: skip
             version = (newest.version if newest is not None else 0) + 1
             now = datetime.now(UTC)
             await conn.execute(catalog_versions.insert().values(version=version, text=text, sha256=digest, published_at=now, token=token))
@@ -202,6 +214,20 @@ class Catalogs:
             log.info("catalog version %d runs now (sha256 %s)", published.version, published.sha256[:12])
         if self.on_change is not None:
             self.on_change(published)
+
+
+_LIVE = ("active", "trialing", "past_due")  # a subscription that decides its billable's plan
+
+
+async def _plans_in_use(conn: Any, catalog: Catalog) -> dict[str, int]:
+    """Plans `catalog` lacks that billables are assigned to or subscribe to, with how many each."""
+    kept = list(catalog.plans)
+    a, s = plan_assignments.c, subscriptions.c
+    assigned = sa.select(a.billable, a.plan).where(a.plan.not_in(kept))
+    subscribed = sa.select(s.billable, s.plan).where(s.billable.is_not(None), s.plan.is_not(None), s.plan.not_in(kept), s.status.in_(_LIVE))
+    on = sa.union(assigned, subscribed).subquery()
+    rows = await conn.execute(sa.select(on.c.plan, sa.func.count(sa.distinct(on.c.billable))).group_by(on.c.plan))
+    return {plan: int(count) for plan, count in rows}
 
 
 def _named(catalog: Catalog, version: int) -> Catalog:

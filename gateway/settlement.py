@@ -6,10 +6,10 @@ Pure functions of the outcome: the middleware observes the answer, these decide,
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 
-Price = Callable[[float], int]
+from gateway.bounds import MAX_INT
+from gateway.catalog import Operation
 
 
 class Outcome(enum.Enum):
@@ -35,11 +35,12 @@ class Settle:
     units: float | None = None
 
 
-def settlement(result: Outcome, status: int | None, units: float | None, price: Price | None) -> Settle | None:
+def settlement(result: Outcome, status: int | None, units: float | None, metered: Operation | None) -> Settle | None:
     """What to do with a hold; None keeps it as charged.
 
-    `units` are what the answer reported (for a truncated one, what was seen); `price` is the metered
-    operation's price (None when the operation is not metered)."""
+    `units` are what the answer reported (for a truncated one, what was seen); `metered` is the metered
+    operation (None when the operation is not metered). The units charged and counted are at most its
+    max_units (and 2^53 - 1), whatever the answer said: the settle script gets numbers it can hold."""
     if result is Outcome.NO_ANSWER:
         return None
     if result is Outcome.APP_FAILED:
@@ -47,13 +48,22 @@ def settlement(result: Outcome, status: int | None, units: float | None, price: 
     ok = status is not None and 200 <= status < 300
     if result is Outcome.TRUNCATED or ok:
         # Charged: a metered reserve settles to the units reported (seen), else stays whole.
-        if price is None:
+        if metered is None:
             return None
-        return Settle(give_back_limits=False, credits_owed=None if units is None else price(units), units=units)
+        if units is None:
+            return Settle(give_back_limits=False, credits_owed=None, units=None)
+        return _charged(False, metered, units)
     # A non-2xx answer gives everything back, unless it reports units (then those are charged).
-    if price is None:
+    if metered is None:
         return Settle(give_back_limits=True, credits_owed=0)
-    return Settle(give_back_limits=True, credits_owed=0 if units is None else price(units), units=units)
+    if units is None:
+        return Settle(give_back_limits=True, credits_owed=0, units=None)
+    return _charged(True, metered, units)
+
+
+def _charged(give_back_limits: bool, metered: Operation, units: float) -> Settle:
+    units = metered.charged_units(units)
+    return Settle(give_back_limits=give_back_limits, credits_owed=min(metered.price(units), MAX_INT), units=units)
 
 
 def releases(result: Outcome, status: int | None, confirmed: bool) -> bool:

@@ -2,8 +2,10 @@
 -- KEYS[1] the announcement (a hash; field `v` the version), ARGV[1] a version just published.
 -- Raised, never lowered: two publishers whose announcements arrive out of order leave the newer one.
 -- Answers the version announced now, as a string.
-local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if tonumber(ARGV[1]) > current then
+--#include args
+local version = whole_arg(1, 1)
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0
+if version > current then
   redis.call('HSET', KEYS[1], 'v', ARGV[1])
   return ARGV[1]
 end

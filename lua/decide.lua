@@ -9,8 +9,14 @@
 --       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
 --       under it (`qr:`, `qu:`, `qc:`; would-be denials in shadow `qs:`) for the record's usage history,
 --       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease).
+-- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
+--#include args
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+whole_arg(2)
+for _, i in ipairs({4, 5, 7, 9, 10, 11}) do text_arg(i) end
+local cost_override = whole_arg(6, 0, nil, true)
+local hold_ttl = whole_arg(8, 0)
 local dry = ARGV[11] == '1'
 
 local spec = cjson.decode(ARGV[1])
@@ -221,7 +227,7 @@ local cr = spec.cr
 if cr then
   local allowance = cr.a
   local cost = cr.c
-  if ARGV[6] ~= '' then cost = tonumber(ARGV[6]) end
+  if cost_override then cost = cost_override end
   local ws = window(cr.p)
   local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr.ro == 1,
     num('c:s', 0), num('c:p', 0), num('c:d', 0))
@@ -309,7 +315,7 @@ elseif admitted then
   if units ~= 0 then set('qu:' .. usage_key, num('qu:' .. usage_key, 0) + units) end
   if #violations > 0 or caller_shadowed then set('qs:' .. usage_key, num('qs:' .. usage_key, 0) + 1) end
   if hold_id ~= '' and hold then
-    hold.exp = now + tonumber(ARGV[8]) * 1000
+    hold.exp = now + hold_ttl * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
     if not next_expiry or hold.exp < next_expiry then set('hx', hold.exp) end
   end

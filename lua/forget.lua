@@ -2,6 +2,8 @@
 -- still holds the value the record was given (a later change keeps it for the next flush).
 -- KEYS: 1 state hash. ARGV: field, value, field, value, ...
 -- Answers how many fields were forgotten; forgetting bumps `chg`, so the next flush rewrites the snapshot.
+--#include args
+if #ARGV % 2 ~= 0 then bad_arg(#ARGV, 'followed by its value (ARGV is field, value pairs)') end
 local forgotten = 0
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then

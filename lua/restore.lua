@@ -5,8 +5,14 @@
 -- KEYS: 1 state hash. ARGV: 1 n = twice the field count, 2..n+1 field, value, ..., then sequence, amount, ...
 -- Answers {1 restored here or 0, the last grant applied, 1 when Redis is behind the first grant given}.
 --#include grants
+--#include args
 local S = KEYS[1]
-local n = tonumber(ARGV[1])
+local n = whole_arg(1, 0, #ARGV - 1)
+if n % 2 ~= 0 then bad_arg(1, 'even (twice the field count)') end
+if (#ARGV - n - 1) % 2 ~= 0 then bad_arg(#ARGV, 'followed by its amount (grants are sequence, amount pairs)') end
+local grants = {}
+for i = n + 2, #ARGV, 2 do grants[#grants + 1] = {whole_arg(i, 1), whole_arg(i + 1)} end
+-- Nothing is written above this line.
 local restored = 0
 if redis.call('HEXISTS', S, 'hyd') == 0 then
   for i = 2, n + 1, 2 do
@@ -16,8 +22,8 @@ if redis.call('HEXISTS', S, 'hyd') == 0 then
   restored = 1
 end
 local gap = 0
-for i = n + 2, #ARGV, 2 do
-  if apply_grant(S, tonumber(ARGV[i]), tonumber(ARGV[i + 1])) == 'gap' then
+for _, g in ipairs(grants) do
+  if apply_grant(S, g[1], g[2]) == 'gap' then
     gap = 1
     break
   end

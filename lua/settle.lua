@@ -8,7 +8,26 @@
 --   of each limit held.
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
 -- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}.
+-- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
+--#include args
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
+local op = text_arg(1, {settle = true, release = true})
+text_arg(6)
+local release, hold, owed, units
+if op == 'release' then
+  release = {text_arg(2), whole_arg(3, 0), whole_arg(4, -1, nil, true)}
+  text_arg(5)
+else
+  text_arg(2, {keep = true, back = true})
+  owed = whole_arg(3, 0, nil, true)
+  text_arg(4)
+  units = whole_arg(5, 0, nil, true)
+  hold = {id = text_arg(7), cp = whole_arg(8), cb = whole_arg(9), w = whole_arg(10), a = whole_arg(11, -1),
+    q = text_arg(12), l = {}}
+  if (#ARGV - 12) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
+  for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
+end
+-- Nothing is written above this line.
 -- State Redis lost is not written before it is restored (the restore keeps fields already present, so a
 -- count or balance written now would hide the record's). A hold lost with it stays charged; a release
 -- is retried by the caller after the restore.
@@ -34,29 +53,26 @@ local function give_back_cap(n, units, to)
   end
 end
 
-if ARGV[1] == 'release' then
-  give_back_cap(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+if release then
+  give_back_cap(release[1], release[2], release[3])
   redis.call('HINCRBY', S, 'chg', 1)
   return {'ok'}
 end
 
-local hold = {id = ARGV[7], cp = tonumber(ARGV[8]), cb = tonumber(ARGV[9]), w = tonumber(ARGV[10]),
-  a = tonumber(ARGV[11]), q = ARGV[12], l = {}}
-for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])} end
 if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
   return {'settled'}  -- settled before: settling twice changes nothing
 end
 
 local usage_key = hold.q
 if ARGV[2] == 'back' then
-  if usage_key then redis.call('HINCRBY', S, 'qr:' .. usage_key, -1) end
-  for _, l in ipairs(hold.l or {}) do
-    local n, units, ws = l[1], l[2], l[3]
-    if usage_key then redis.call('HINCRBY', S, 'qu:' .. usage_key, -units) end
+  add_to(S, 'qr:' .. usage_key, -1)
+  for _, l in ipairs(hold.l) do
+    local n, held_units, ws = l[1], l[2], l[3]
+    add_to(S, 'qu:' .. usage_key, -held_units)
     if ws == 0 then
-      give_back_cap(n, units, nil)
+      give_back_cap(n, held_units, nil)
     elseif num('w:' .. n, nil) == ws then
-      local usage = num('u:' .. n, 0) - units
+      local usage = num('u:' .. n, 0) - held_units
       if usage < 0 then usage = 0 end
       redis.call('HSET', S, 'u:' .. n, usage)
     end
@@ -64,8 +80,7 @@ if ARGV[2] == 'back' then
 end
 
 local balance = nil
-if ARGV[3] ~= '' then
-  local owed = tonumber(ARGV[3])
+if owed then
   local held = hold.cp + hold.cb
   local allowance = hold.a or 0
   local spent, purchased, debt = num('c:s', 0), num('c:p', 0), num('c:d', 0)
@@ -98,8 +113,8 @@ if ARGV[3] ~= '' then
     debt = debt + extra - from_purchased
   end
   redis.call('HSET', S, 'c:s', spent, 'c:p', purchased, 'c:d', debt)
-  if usage_key and owed ~= held then redis.call('HINCRBY', S, 'qc:' .. usage_key, owed - held) end
-  if usage_key and ARGV[5] ~= '' then redis.call('HINCRBY', S, 'qu:' .. usage_key, ARGV[5]) end
+  if owed ~= held then add_to(S, 'qc:' .. usage_key, owed - held) end
+  if units then add_to(S, 'qu:' .. usage_key, units) end
   balance = left() + purchased - debt
   if allowance >= 0 and balance < before then
     local threshold = num('c:thr', nil)

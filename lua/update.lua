@@ -1,8 +1,25 @@
 -- Operator and billing changes to one billable's state. KEYS: 1 state hash.
 -- ARGV[1] names the change; the rest are its values. Changes to what decides the plan bump the
 -- plan version (pv), so every process's cached plan goes stale on its next decision.
+-- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
+--#include args
 local S = KEYS[1]
-local op = ARGV[1]
+local op = text_arg(1)
+if op == 'assign' or op == 'subscription' or op == 'overrides' or op == 'suspend' then
+  text_arg(2)
+elseif op == 'period' then
+  if whole_arg(2, 0, nil, true) then whole_arg(3, 0) end
+elseif op == 'reset' then
+  text_arg(2)
+elseif op == 'count' then
+  text_arg(2)
+  whole_arg(3, 0)
+elseif op == 'recharge' then
+  text_arg(2, {['1'] = true, ['0'] = true})
+  whole_arg(3, nil, nil, true)
+  whole_arg(4, 0, nil, true)
+end
+-- Nothing is written above this line.
 if op == 'assign' then            -- 2: plan name, "" removes the manual assignment
   if ARGV[2] == '' then redis.call('HDEL', S, 'asg') else redis.call('HSET', S, 'asg', ARGV[2]) end
   redis.call('HINCRBY', S, 'pv', 1)

@@ -22,7 +22,7 @@ from gateway_support import ADMIN, ADMIN_HEADERS, Served, serving
 from services import RedisServer, RedisSpace, raw_redis, shared_redis_url
 from starlette.requests import Request
 
-from gateway.bounds import MAX_BODY, MAX_INT, loads
+from gateway.bounds import MAX_BODY, MAX_INT, loads, toml_too_deep
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
 from gateway.errors import BadRequest, TooLarge
@@ -615,3 +615,75 @@ def test_metrics_without_any_token_set_say_how_to_turn_them_on(tmp_path: Path, r
         assert r.status_code == 401 and "set GATEWAY_METRICS_TOKEN" in r.json()["detail"]
         assert httpx.get(f"{served.url}/_gateway/health").json() == {"status": "ok"}
 
+
+
+def test_toml_depth_is_counted_without_recursion() -> None:
+    """A TOML text's depth counts tables, dotted keys, arrays and inline tables together, never brackets or dots
+    in strings, comments or numbers; the example catalog is well within it, 65 levels any way are not."""
+    example = (Path(__file__).resolve().parents[1] / "plans.toml").read_text()
+    strings = 'a = "[[[[.{{{{" # [[[[[[[[\nb = [1.5, 2.5]\nc = """' + "[" * 100 + '"""\n' + "d = '" + "{." * 100 + "'\n"
+    shallow = [example, strings, "x = [" + "1.5, " * 10_000 + "]", "[t.u]\nx.y = " + "{a.b = " * 30 + "1" + "}" * 30]
+    assert not any(map(toml_too_deep, shallow))
+    deep = ["x = " + "[" * 65 + "]" * 65, "x = " + "{a = " * 65 + "1" + "}" * 65, ".".join(["a"] * 65) + " = 1",
+            "[" + ".".join(["a"] * 66) + "]", "[t]\nx = {" + ".".join(["a"] * 30) + " = " + "{a.a.a = " * 12 + "1" + "}" * 13,
+            "x = " + "[" * 10**6]  # fmt: skip
+    assert all(map(toml_too_deep, deep))
+
+
+# ---- text the record cannot keep --------------------------------------------------------------------------
+
+UNRECORDABLE = ["a\x00b", "\x00", "a\ud800b", "\udfff"]
+
+
+def test_nul_and_lone_surrogates_in_admin_text_are_400_naming_the_field_before_any_write(gw: Served) -> None:
+    """A NUL or an unpaired surrogate in a key's name, a suspension's, a grant's or an override's reason, or an
+    idempotency key is 400 naming the field (on Postgres too, whose text cannot hold it, not a 503): nothing is
+    written, the billable is not suspended, granted or overridden; the same text without it is accepted."""
+    org = "org_text"
+    base = f"{gw.url}/_gateway/admin/billables/{org}"
+    key = httpx.post(f"{gw.url}/_gateway/admin/keys", json={"billable": org, "name": "ok"}, headers=ADMIN_HEADERS).json()["key"]
+    bodies: list[tuple[str, str, str, dict[str, Any]]] = []
+    for text in UNRECORDABLE:
+        bodies += [
+            ("POST", f"{gw.url}/_gateway/admin/keys", "name", {"billable": org, "name": text}),
+            ("PUT", f"{base}/suspension", "reason", {"reason": text}),
+            ("POST", f"{base}/credits", "reason", {"amount": 5, "reason": text, "idempotency_key": f"k-{uuid.uuid4()}"}),
+            ("POST", f"{base}/credits", "idempotency_key", {"amount": 5, "reason": "r", "idempotency_key": text}),
+            ("PUT", f"{base}/overrides", "reason", {"credits": 5, "reason": text}),
+            ("PUT", f"{base}/overrides", "limits", {"limits": {text: {"to": 3}}}),
+        ]
+    before = [count(gw, t) for t in ("api_keys", "credit_grants", "audit_log")]
+    for method, url, field, body in bodies:
+        answer = httpx.request(method, url, content=json.dumps(body).encode(), headers={**ADMIN_HEADERS, "Content-Type": "application/json"})
+        assert_bad_request(answer, field, (method, url, body))
+        assert answer.json()["detail"].startswith(field), answer.json()["detail"]
+    assert [count(gw, t) for t in ("api_keys", "credit_grants", "audit_log")] == before
+    status = httpx.get(base, headers=ADMIN_HEADERS).json()
+    assert status["suspended"] is False and status["overrides"] is None and status["credits"]["purchased"] == 0
+    assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # Text that only looks like it (an escaped backslash, a paired surrogate) is kept as sent.
+    kept = httpx.put(f"{base}/suspension", json={"reason": "\\u0000 \U0001f600"}, headers=ADMIN_HEADERS)
+    assert kept.status_code == 200 and kept.json()["reason"] == "\\u0000 \U0001f600", kept.text
+    assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 403
+
+
+def test_a_key_given_twice_in_a_body_that_moves_money_is_400(gw: Served) -> None:
+    """A grant, a cap's count, overrides (nested too), a check and a settle naming a key twice are 400 naming it,
+    before anything is written: the gateway does not guess which of the two amounts was meant."""
+    org = "org_twice"
+    base = f"{gw.url}/_gateway/admin/billables/{org}"
+    cases = [
+        ("POST", f"{base}/credits", "amount", '{"amount": 1, "reason": "r", "idempotency_key": "k1", "amount": 1000000}'),
+        ("PUT", f"{base}/limits/projects", "usage", '{"usage": 1, "usage": 0}'),
+        ("PUT", f"{base}/overrides", "to", '{"limits": {"projects": {"to": 1, "to": 1000}}}'),
+        ("PUT", f"{base}/overrides", "credits", '{"credits": 1, "credits": 1000000}'),
+        ("POST", f"{gw.url}/_gateway/check", "billable", '{"billable": "org_twice", "route": "POST /v1/projects", "billable": "x"}'),
+        ("POST", f"{gw.url}/_gateway/settle", "units", '{"hold": "h", "outcome": "success", "units": 1, "units": 2}'),
+    ]
+    audited = count(gw, "audit_log")
+    for method, url, field, body in cases:
+        answer = httpx.request(method, url, content=body.encode(), headers={**ADMIN_HEADERS, "Content-Type": "application/json"})
+        assert_bad_request(answer, f"'{field}' is given twice", (url, body))
+    assert count(gw, "credit_grants") == 0 and count(gw, "audit_log") == audited
+    status = httpx.get(base, headers=ADMIN_HEADERS).json()
+    assert status["overrides"] is None and status["credits"]["purchased"] == 0 and status["limits"]["projects"]["usage"] == 0

@@ -330,3 +330,42 @@ allows = ["api_access", "hd"]
     denied = Decision(False, "org_1", "free", violations=[Violation("hd", "feature")])
     assert upgrade_plan(denied, catalog) == "pro"
     assert "Pro" in denied.problem(catalog)["detail"] and "Legacy" not in denied.problem(catalog)["detail"]
+
+
+def test_every_number_is_at_most_2_53_minus_1() -> None:
+    """A rate of 2**60 or 10**30 requests, credits, counts, costs and prices past 2**53 - 1, and a duration of
+    aeons are problems at their place: the scripts and the headers hold every number that loads."""
+    huge = MINIMAL + f"""
+rate_limit = {{ limit = {2**60}, per = "1s", burst = {10**30} }}
+credits = {10**30}
+limits.projects = {{ to = {2**53} }}
+limits.exports = {{ to = 5, per = "99999999999999w" }}
+[operations.chat]
+per_unit = 1e300
+units = "response.json:usage.total_tokens"
+max_units = {2**60}
+[[routes]]
+match = "POST /v1/x"
+rate_limit = "{10**30}/second"
+cost = {2**63}
+"""
+    found = problems(huge)
+    assert sorted(p.split(":")[0] for p in found) == sorted([
+        "plans.free.rate_limit.limit", "plans.free.rate_limit.burst", "plans.free.credits", "plans.free.limits.projects.to",
+        "plans.free.limits.exports.per", "operations.chat.per_unit", "operations.chat.max_units", "routes[0].rate_limit",
+        "routes[0].cost"]), found  # fmt: skip
+    assert all("9007199254740991" in p or "century" in p for p in found), found
+
+
+def test_a_path_that_is_an_earlier_route_in_another_case_has_a_case_twin() -> None:
+    """`/V1/images` is POST /v1/images in another case (the catch-all it matches comes later); a route spelled with
+    capitals is found from a lower-case path too; a path whose {id} or * part has capitals is its own route."""
+    catalog = parse_catalog(MINIMAL + '[[routes]]\nmatch = "POST /v1/images"\n[[routes]]\nmatch = "GET /v1/Files/{id}"\n'
+                            '[[routes]]\nmatch = "* /*"\n')  # fmt: skip
+    twins = {(m, p): catalog.case_twin(m, p, catalog.route_for(m, p)) for m, p in [
+        ("POST", "/V1/images"), ("post", "/v1/Images/"), ("GET", "/v1/files/1"), ("GET", "/v1/Files/AbC"), ("POST", "/v1/images"),
+        ("GET", "/V1/images")]}  # fmt: skip
+    assert {k: t.match if t else None for k, t in twins.items()} == {
+        ("POST", "/V1/images"): "POST /v1/images", ("post", "/v1/Images/"): "POST /v1/images",
+        ("GET", "/v1/files/1"): "GET /v1/Files/{id}", ("GET", "/v1/Files/AbC"): None, ("POST", "/v1/images"): None,
+        ("GET", "/V1/images"): None}  # fmt: skip

@@ -456,3 +456,28 @@ def test_a_dead_master_degrades_only_its_slots_and_recovers_with_the_cluster() -
     assert gateway_s <= cluster_s + 1.0
     # Every dead-master billable is decided again after the healing.
     assert {o[1] for o in outcomes if o[0] > healed + 1.0 and o[2] == "admitted"} >= set(dead)
+
+
+def test_health_with_one_master_down_is_degraded_for_that_master_only(tmp_path: Any) -> None:
+    """On a private 3-master cluster, one master stopped: health answers 200 "degraded" (the other masters still
+    decide their slots), names that master down and the others up, and a billable on a live master is decided."""
+    import httpx
+    from hostile_support import gateway
+
+    with RedisCluster() as cluster, gateway(tmp_path, cluster.url) as gw:
+        answer = httpx.get(f"{gw.url}/_gateway/health", headers=gw.admin(), timeout=10)
+        assert answer.status_code == 200 and answer.json()["redis"] == "up", answer.text
+        healthy = answer.json()
+        victim = cluster.masters[1]
+        victim.stop()
+        answer = httpx.get(f"{gw.url}/_gateway/health", headers=gw.admin(), timeout=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["status"], body["redis"]) == ("degraded", "degraded"), body
+        assert body["redis_masters"] == {f"127.0.0.1:{s.port}": "down" if s is victim else "up" for s in cluster.masters}
+        assert healthy["redis_masters"] == {f"127.0.0.1:{s.port}": "up" for s in cluster.masters}
+        public = httpx.get(f"{gw.url}/_gateway/health", timeout=10)
+        assert (public.status_code, public.json()) == (200, {"status": "degraded"})
+        live = next(f"org-{i}" for i in range(1000) if key_slot(f"gw:{{org-{i}}}") < 16384 // 3)  # the first master's
+        assert httpx.get(f"{gw.url}/v1/status").status_code == 200
+        assert httpx.get(f"{gw.url}/_gateway/admin/billables/{live}", headers=gw.admin(), timeout=10).status_code == 200

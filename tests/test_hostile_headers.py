@@ -8,6 +8,7 @@ the upstream's own address rewritten, and no error body the gateway writes names
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import subprocess
@@ -362,3 +363,100 @@ def test_trust_forwarded_setting() -> None:
     assert Settings.load({"trust_forwarded": True}, environ={"GATEWAY_TRUST_FORWARDED": "off"}).trust_forwarded is True
     with pytest.raises(ConfigError, match="GATEWAY_TRUST_FORWARDED: expected true or false, got 'maybe'"):
         Settings.load(environ={"GATEWAY_TRUST_FORWARDED": "maybe"})
+
+
+def spellings(key: str) -> list[list[tuple[str, str]]]:
+    """A gateway key as a client may send it besides `Bearer <key>` and `X-Api-Key: <key>`."""
+    basic = base64.b64encode(f"{key}:".encode()).decode()
+    return [[("Authorization", key)], [("Authorization", f"Token {key}")], [("Authorization", f"Bearer\t{key}")],
+            [("Authorization", f"bearer {key} extra")], [("X-Api-Key", f"Bearer {key}")], [("X_Api_Key", f" {key}")],
+            [("Authorization", f"Basic {basic}")], [("Cookie", f"session=1; gw={key}")], [("X-Upstream-Key", key)],
+            [("Proxy-Authorization", f"Bearer {key}")], [("X-Forwarded-Authorization", f"Bearer {key}")]]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/anything"), ("POST", "/v1/cheap"), ("GET", "/v1/status"),
+                                              ("OPTIONS", "/v1/anything")])
+def test_gateway_key_in_any_spelling_never_reaches_the_upstream(gw: Gateway, method: str, path: str) -> None:
+    """Authorization: gw_..., Token gw_..., Bearer<TAB>gw_..., X-Api-Key: Bearer gw_..., a Basic credential, a cookie
+    or any other header holding a gw_ key: removed on every route, public and OPTIONS included, and beside a valid
+    X-Api-Key on an authenticated route; the upstream's own Authorization passes."""
+    _, key = gw.key()
+    _, other = gw.key()
+    for headers in spellings(key):
+        authenticated = path != "/v1/status" and method != "OPTIONS"
+        status, seen = send(gw, method, path, [("X-Api-Key", other), *headers] if authenticated else headers)
+        assert status == 200, (headers, status)
+        assert_key_absent(seen, key)
+        assert_key_absent(seen, other)
+    # The upstream's own Authorization (Bearer, Basic) and a header that only mentions gw_ still pass.
+    basic = "Basic " + base64.b64encode(b"user:gw_not_a_key").decode()
+    for own in (UPSTREAM_TOKEN, basic):
+        status, seen = send(gw, method, path, [("X-Api-Key", other), ("Authorization", own), ("X-Note", "gw_short")])
+        assert status == 200 and values(seen, "authorization") == [own] and values(seen, "x-note") == ["gw_short"]
+
+
+def test_middleware_alone_hands_the_app_no_key_in_any_spelling(key_prefix: str) -> None:
+    """Without the proxy, an app behind the middleware gets no header holding a gw_ key either, on a billed route
+    (the app named the billable) and on a preflight; the upstream's own Authorization still arrives."""
+    engine = Engine(open_redis(shared_redis_url()), parse_catalog(CATALOG), prefix=f"{key_prefix}hk")
+    key = "gw_" + "a" * 12 + "_" + "b" * 32
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["headers"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = GatewayMiddleware(app, engine=engine, billable=lambda scope: "acme", freeze_gc=False)
+
+    async def call(method: str, headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {"type": "http", "method": method, "path": "/v1/anything", "raw_path": b"/v1/anything", "query_string": b"",
+                 "headers": headers, "scheme": "http", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await middleware(scope, receive, send)
+
+    async def main() -> None:
+        try:
+            for method in ("GET", "OPTIONS"):
+                for headers in spellings(key):
+                    await call(method, [(k.lower().encode(), v.encode()) for k, v in headers]
+                               + [(b"authorization", UPSTREAM_TOKEN.encode())])  # fmt: skip
+        finally:
+            await engine.store.close()
+
+    asyncio.run(main())
+    assert len(seen) == 2 * len(spellings(key))
+    for got in seen:
+        assert all(key.encode() not in v for _, v in got), got
+        assert (b"authorization", UPSTREAM_TOKEN.encode()) in got
+
+
+ANSWER_HEADERS = [("X-Gateway-Degraded", "redis"), ("X-Credits-Remaining", "999999"), ("X_Credits_Remaining", "999999"),
+                  ("RateLimit", '"rate";r=999'), ("RateLimit-Policy", '"rate";q=999'), ("X-RateLimit-Remaining", "999"),
+                  ("x-ratelimit-limit", "999"), ("X-RateLimit-Reset", "1"), ("X-RateLimit-Resource", "rate"),
+                  ("Retry-After", "0"), ("X-Gateway-Shadow", "429 rate")]
+CLAIMS = [("Forwarded", "for=6.6.6.6;proto=https"), ("X-Real-IP", "6.6.6.6"), ("X_Real_IP", "7.7.7.7")]
+
+
+def test_headers_the_gateway_answers_with_and_client_claims_never_reach_the_upstream(tmp_path: Path, private_redis: RedisServer) -> None:
+    """A client's own X-Gateway-Degraded, X-Credits-Remaining, RateLimit* and the other headers the gateway adds to its
+    answers are dropped in every spelling, on a billed and a public route; Forwarded and X-Real-IP pass only with
+    --trust-forwarded (as sent, never their `_` spellings)."""
+    for trusted in (False, True):
+        with gateway(tmp_path / str(trusted), private_redis.url, trust_forwarded=trusted) as gw:
+            _, key = gw.key()
+            for method, path, auth in (("POST", "/v1/cheap", [("Authorization", f"Bearer {key}")]), ("GET", "/v1/status", [])):
+                status, seen = send(gw, method, path, [*auth, *ANSWER_HEADERS, *CLAIMS])
+                assert status == 200
+                assert all(values(seen, spelled(k)) == [] for k, _ in ANSWER_HEADERS), seen["headers"]
+                assert values(seen, "forwarded") == (["for=6.6.6.6;proto=https"] if trusted else [])
+                assert values(seen, "x-real-ip") == (["6.6.6.6"] if trusted else []), seen["headers"]
+    from gateway.headers import ANSWERED
+
+    assert {spelled(k).encode() for k, _ in ANSWER_HEADERS} == set(ANSWERED)  # every one the gateway answers with

@@ -109,6 +109,13 @@ CASES = [
     Case("POST", b"/v1/%ff/images", None),
     Case("POST", b"/v1/%ed%a0%80/images", None),
     Case("POST", b"/v1/\xff/images", None),
+    # a route's path in another case (an upstream may read paths in any case): refused, never forwarded uncharged
+    Case("POST", b"/V1/images", None),
+    Case("POST", b"/v1/IMAGES", None, who="pro"),
+    Case("POST", b"/v1/Cheap", None),
+    Case("POST", b"/v1/%43heap/", None),
+    Case("GET", b"/V1/status", None, who="anon"),
+    Case("GET", b"/v1/anything/AbC", "/v1/anything/AbC"),  # only a route's {id} or * part differs: itself
     # a bad escape
     Case("POST", b"/v1/images%", None),
     Case("POST", b"/v1/images%zz", None),

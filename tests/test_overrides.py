@@ -182,6 +182,35 @@ def test_a_bad_override_is_400_naming_every_place_and_changes_nothing(pair: tupl
     assert status(a)["overrides"] is None
 
 
+HUGE = [
+    ({"rate_limit": {"limit": 2**60, "per": "1s"}}, "overrides.rate_limit.limit"),
+    ({"rate_limit": {"limit": 10**30}}, "overrides.rate_limit.limit"),
+    ({"rate_limit": {"limit": 5, "burst": 2**60}}, "overrides.rate_limit.burst"),
+    ({"rate_limit": f"{2**60}/second"}, "overrides.rate_limit"),
+    ({"rate_limit": "5/99999999999999999999w"}, "overrides.rate_limit"),
+    ({"limits": {"exports": {"to": 10**30}}}, "overrides.limits.exports.to"),
+    ({"limits": {"exports": {"after_limit": "grace_then_block", "grace": "9999999999999w"}}}, "overrides.limits.exports.grace"),
+    ({"credits": 2**53}, "overrides.credits"),
+]
+
+
+def test_every_number_of_an_override_is_bounded_like_the_catalogs(tmp_path: Path, redis_server: RedisServer) -> None:
+    """A rate limit of 2**60 or 10**30 requests (or burst), a count or credits past 2**53 - 1 and a grace of
+    aeons are 400 naming the place, with the catalog's own bound; nothing is applied, and the status never shows
+    a remaining past what a counter holds."""
+    with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=f"sqlite:///{tmp_path}/gw.db", billable_header="X-Org") as gw:
+        for body, place in HUGE:
+            answer = admin(gw, "PUT", "/overrides", body)
+            assert answer.status_code == 400, (body, answer.text)
+            assert [p["place"] for p in answer.json()["problems"]] == [place], answer.text
+            assert status(gw)["overrides"] is None
+        # The largest that is accepted still decides and shows numbers a client can read.
+        answer = admin(gw, "PUT", "/overrides", {"rate_limit": {"limit": 2**53 - 1, "per": "1s"}})
+        assert answer.status_code == 200, answer.text
+        assert post(gw, "/exports").status_code == 200
+        assert 0 <= status(gw)["rate_limits"]["rate"]["remaining"] <= 2**53 - 1
+
+
 def test_a_suspension_refuses_every_request_on_every_process_consuming_nothing_until_lifted(pair: tuple[Served, Served]) -> None:
     """403 suspended (the reason not shown), nothing consumed, on the other process from the next request;
     a lift is seen there on the next request too."""

@@ -281,3 +281,57 @@ def test_sighup_publishes_the_plans_file_and_every_worker_runs_it(tmp_path: Path
             proc.wait(30)
         text = log_path.read_text()
         assert "running version 2 from the record, which differs from" in text, text[-3000:]
+
+
+DEEP = {
+    "arrays": V1 + "\n[plans.free.meta]\nx = " + "[" * 5000 + "]" * 5000 + "\n",
+    "inline tables": V1 + "\n[plans.free.meta]\nx = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n",
+    "a dotted key": V1 + "\n[plans.free.meta]\n" + ".".join(["a"] * 100_000) + " = 1\n",
+}
+
+
+def test_a_catalog_nested_thousands_deep_is_refused_with_one_line(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Arrays 5,000 deep, inline tables or a dotted key 100,000 deep: the admin API answers 400 with one line and
+    publishes nothing; `gateway check` and `gateway catalog push` exit 1 with one line, never a RecursionError,
+    a 500 or exit 70."""
+    db_url = f"sqlite:///{tmp_path}/gw.db"
+    with serving(tmp_path, V1, redis_port=redis_server.port, db_url=db_url, billable_header="X-Org") as gw:
+        for name, text in DEEP.items():
+            answer = publish(gw, text)
+            assert answer.status_code == 400, (name, answer.status_code, answer.text[:200])
+            assert "nested deeper than 64 levels" in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+            (tmp_path / "deep.toml").write_text(text)
+            for args in (["check", "deep.toml"], ["catalog", "push", "deep.toml", "--redis-url", redis_server.url,
+                                                  "--database-url", db_url]):
+                done = _cli(tmp_path, *args, check=False)
+                assert done.returncode == 1 and "Traceback" not in done.stderr, (name, args, done.stderr[-500:])
+                line = "gateway: deep.toml: nested deeper than 64 levels (tables, arrays and dotted keys): a catalog needs a handful"
+                assert done.stderr.splitlines() == [line], done.stderr[-500:]
+        assert running(gw)["version"] == 1
+
+
+WITHOUT_PRO = V1.replace('highlighted_plan = "pro"\n', "").replace(
+    '[plans.pro]\nprice = 29\nallows = ["api_access"]\nlimits.exports = { to = 500000, per = "month" }\n', "")
+
+
+def test_a_catalog_without_a_plan_billables_are_on_is_refused_naming_it_and_how_many(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Two billables assigned to pro: a catalog that drops pro is 409 naming plans.pro and the count through the admin
+    API, and exit 1 through `gateway catalog push`; nothing is published, they stay on pro; archiving it instead publishes."""
+    db_url = f"sqlite:///{tmp_path}/gw.db"
+    assert "[plans.pro]" not in WITHOUT_PRO
+    with serving(tmp_path, V1, redis_port=redis_server.port, db_url=db_url, billable_header="X-Org") as gw:
+        for org in ("org_1", "org_2"):
+            assigned = httpx.put(f"{gw.url}/_gateway/admin/billables/{org}/plan", json={"plan": "pro"}, headers=ADMIN_HEADERS, timeout=10)
+            assert assigned.status_code == 200, assigned.text
+        answer = publish(gw, WITHOUT_PRO)
+        assert answer.status_code == 409 and answer.json()["type"] == "urn:gateway:conflict", answer.text
+        assert [p["place"] for p in answer.json()["problems"]] == ["plans.pro"]
+        assert "2 billables are on it" in answer.json()["detail"] and "archived" in answer.json()["detail"]
+        (tmp_path / "without-pro.toml").write_text(WITHOUT_PRO)
+        pushed = _cli(tmp_path, "catalog", "push", "without-pro.toml", "--redis-url", redis_server.url, "--database-url", db_url, check=False)
+        assert pushed.returncode == 1 and "plans.pro: 2 billables are on it" in pushed.stderr, pushed.stderr
+        assert running(gw)["version"] == 1
+        assert httpx.get(f"{gw.url}/_gateway/admin/billables/org_1", headers=ADMIN_HEADERS, timeout=10).json()["plan"] == "pro"
+        archived = publish(gw, V1.replace("[plans.pro]\nprice = 29", '[plans.pro]\nprice = 29\nstatus = "archived"').replace(
+            'highlighted_plan = "pro"\n', ""))
+        assert archived.status_code == 201, archived.text

@@ -14,13 +14,16 @@ redis-server with an append-only file where the test kills it and reads back wha
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from engine_support import BASE
 from fastapi import FastAPI
 from http_servers import serve_in_thread
@@ -32,9 +35,14 @@ from starlette.routing import Route
 
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
+from gateway.grants import Grants
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.proxy import Proxy
+from gateway.reconcile import Reconciler, Rehydrator
+from gateway.store import db as tables
+from gateway.store.db import Database
+from gateway.store.redis import open_redis
 
 CATALOG = parse_catalog(BASE)
 Message = dict[str, Any]
@@ -269,3 +277,76 @@ def test_a_settle_with_redis_gone_keeps_the_hold_and_still_delivers_the_answer(
     assert "could not settle a hold" in caplog.text
     durable_redis.start()
     assert asyncio.run(after()) == kept
+
+
+# ---- an answer reporting more units than anything can hold ----------------------------------------------
+
+
+@pytest.mark.parametrize("reported", ["1e30", str(10**30), "9007199254740993"], ids=["1e30", "10**30", "2**53+1"])
+def test_huge_reported_units_charge_at_most_max_units_and_the_record_catches_up(
+    tmp_path: Path, private_redis: RedisServer, reported: str
+) -> None:
+    """A metered answer reporting 1e30 (or 10**30) tokens is charged max_units on a real redis-server: the settle
+    bumps `chg`, emits credits_depleted, the record takes the settled balance, and a Redis loss gives nothing back."""
+
+    async def main() -> None:
+        db = await Database.connect(f"sqlite:///{tmp_path}/gw.db", auto_upgrade=True)
+        stores = [open_redis(private_redis.url), open_redis(private_redis.url)]
+
+        def process(store: Any) -> tuple[Engine, Reconciler]:
+            rehydrator = Rehydrator(db)
+            engine = Engine(store, CATALOG, restore=rehydrator.restore, grants_after=rehydrator.grants_after)
+            grants = Grants(db, engine)
+            return engine, Reconciler(engine, db, grants=grants)
+
+        try:
+            private_redis.client().flushall()
+            engine, reconciler = process(stores[0])
+            await Grants(db, engine).grant("org", 990, idempotency_key="pack")  # 10 a month + 990: 1000
+            await reconciler.flush_dirty()
+            changes: list[str] = []
+
+            async def answers_huge_usage(scope: Any, receive: Any, send: Any) -> None:
+                changes.append(private_redis.client().hget("gw:{org}", "chg") or "0")  # after the decision
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"usage": {"total_tokens": %s}}' % reported.encode()})
+
+            sent: list[Message] = []
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            app = GatewayMiddleware(answers_huge_usage, engine=engine, billable=billable_from_header, freeze_gc=False)
+            await app(scope_of("POST", "/chat", "org"), incoming(), send)
+            assert sent[0]["status"] == 200
+            credits = (await engine.status("org"))["credits"]
+            assert (credits["balance"], credits["held"]) == (0, 0)  # max_units = 1000 tokens at 1 credit each
+            snap = await engine.snapshot("org")
+            assert int(snap.state["chg"]) > int(changes[0]) and not snap.holds
+            assert [e["type"] for e in await engine.pending_events("org")] == ["credits_depleted"]
+
+            await reconciler.flush_dirty()
+            async with db.engine.connect() as conn:
+                row = (await conn.execute(sa.select(tables.snapshots.c.chg).where(tables.snapshots.c.billable == "org"))).scalar()
+                outbox = [json.loads(b) for b in (await conn.execute(sa.select(tables.events_outbox.c.body))).scalars()]
+            assert row == int(snap.state["chg"])  # the record caught up with the settle
+            assert [e["type"] for e in outbox] == ["credits_depleted"]
+            usage = await db_usage(db, "org")
+            assert usage == {"requests": 1, "units": 1000, "credits": 1000}
+
+            private_redis.client().flushall()  # Redis loses everything: the record gives nothing back
+            restored, _ = process(stores[1])
+            assert (await restored.status("org"))["credits"]["balance"] == 0
+        finally:
+            for store in stores:
+                await store.close()
+            await db.close()
+
+    asyncio.run(main())
+
+
+async def db_usage(db: Database, billable: str) -> dict[str, int]:
+    t = tables.usage_totals.c
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(sa.select(t.requests, t.units, t.credits).where(t.billable == billable, t.route == "POST /chat"))).one()
+    return dict(row._mapping)

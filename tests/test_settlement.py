@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.catalog import Operation
 from gateway.settlement import Outcome, Settle, outcome, releases, settlement
 
-
-def price(units: float) -> int:
-    return int(units * 2)
+METERED = Operation(per_unit=2, units="response.json:usage.total_tokens")
 
 
 C, T, N, F = Outcome.COMPLETE, Outcome.TRUNCATED, Outcome.NO_ANSWER, Outcome.APP_FAILED
@@ -43,7 +42,7 @@ TABLE: list[tuple[Outcome, int | None, float | None, bool, Settle | None]] = [
 @pytest.mark.parametrize(("result", "status", "units", "metered", "expected"), TABLE)
 def test_settlement_table(result: Outcome, status: int | None, units: float | None, metered: bool, expected: Settle | None) -> None:
     """Every outcome, status class and metering settles the hold as DESIGN §4 says."""
-    assert settlement(result, status, units, price if metered else None) == expected
+    assert settlement(result, status, units, METERED if metered else None) == expected
 
 
 @pytest.mark.parametrize(

@@ -174,11 +174,17 @@ class RedisStore:
 
     async def ping(self) -> bool:
         """Every master answers."""
+        masters = await self.masters_up()
+        return bool(masters) and all(masters.values())
+
+    async def masters_up(self) -> dict[str, bool]:
+        """Whether each master answers, by address ({} when none can be named): on a cluster with one master
+        down, the others still decide for their slots."""
         try:
             replies = await self.on_primaries(("PING",))
         except RedisUnavailable:
-            return False
-        return bool(replies) and all(reply == "PONG" for reply in replies.values())
+            return {}
+        return {address: reply == "PONG" for address, reply in replies.items()}
 
     async def eviction_policy(self) -> str | None:
         """maxmemory-policy (the first that is not noeviction, on a cluster); None where CONFIG is refused."""
