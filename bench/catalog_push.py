@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-ADMIN = "bench-admin"
+ADMIN = "bench-admin-for-benches"
 PLANS = """
 [catalog]
 default_plan = "free"

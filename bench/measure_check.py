@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
 
-ADMIN = "bench-admin"
+ADMIN = "bench-admin-for-benches"
 
 
 def scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:

@@ -108,6 +108,18 @@ class Settings:
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+# A bearer token guards the admin API (grants, plans, keys): one short enough to guess is refused at start.
+MIN_TOKEN_LENGTH = 16
+_TOKENS = frozenset({"admin_token", "metrics_token", "account_secret"})
+
+
+def _long_enough(token: str, source: str) -> str:
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{source}: a token of {len(token)} characters is too easy to guess: use at least "
+                          f"{MIN_TOKEN_LENGTH} (python3 -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return token
+
+
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RESERVED = {"admin": "GATEWAY_ADMIN_TOKEN's", "cli": "the CLI's", "serve": "a start-up's", "sighup": "a SIGHUP's"}
 
@@ -129,6 +141,7 @@ def admin_tokens(raw: str | Mapping[str, str], source: str = "GATEWAY_ADMIN_TOKE
             raise ConfigError(f'{source}: "{name}" is {_RESERVED[name]} name in the audit log: choose another')
         if not token:
             raise ConfigError(f'{source}: the token of "{name}" is empty')
+        _long_enough(token, f'{source}: "{name}"')
         if name in found:
             raise ConfigError(f'{source}: "{name}" is named twice')
         if token in found.values():
@@ -140,6 +153,8 @@ def admin_tokens(raw: str | Mapping[str, str], source: str = "GATEWAY_ADMIN_TOKE
 def _convert(name: str, raw: Any, source: str) -> Any:
     if name == "admin_tokens":
         return admin_tokens(raw, source)
+    if name in _TOKENS:
+        return _long_enough(str(raw), source)
     if name == "trust_forwarded":
         if isinstance(raw, bool):
             return raw

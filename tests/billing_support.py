@@ -36,7 +36,7 @@ from gateway.store.redis import RedisStore
 from gateway.web.pricing import pricing_route
 
 SECRET = "whsec_test_secret"
-ADMIN = "admin-token"
+ADMIN = "admin-token-for-tests"
 
 CATALOG = """
 [catalog]

@@ -24,7 +24,7 @@ from gateway.app import GatewayApp
 from gateway.settings import Settings
 from gateway.store.db import Database
 
-ADMIN = "bounds-admin"
+ADMIN = "bounds-admin-for-tests"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.app import GatewayApp
 from gateway.settings import Settings
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-for-tests"
 
 # The example catalog's shape: the Free plan lacks Flux HD, so `POST /v1/images` is a 403 for it.
 CATALOG = """

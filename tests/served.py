@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-ADMIN = "served-admin"
+ADMIN = "served-admin-for-tests"
 CATALOG = """
 [catalog]
 default_plan = "free"

@@ -35,7 +35,7 @@ from gateway.app import GatewayApp
 from gateway.settings import Settings
 from gateway.web import links
 
-ADMIN = "account-admin"
+ADMIN = "account-admin-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 PHONE = {"width": 390, "height": 844, "mobile": True}
 DESKTOP = {"width": 1280, "height": 900, "mobile": False}

@@ -23,8 +23,8 @@ from gateway.errors import ConfigError
 from gateway.settings import Settings, admin_tokens
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
-OPS = {"Authorization": "Bearer ops-secret"}
-BILLING = {"Authorization": "Bearer billing-secret"}
+OPS = {"Authorization": "Bearer ops-secret-for-tests"}
+BILLING = {"Authorization": "Bearer billing-secret-for-tests"}
 
 CATALOG = """
 [catalog]
@@ -62,7 +62,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def gw(tmp_path: Path, redis_server: RedisServer, empty_db_url: str) -> Iterator[Served]:
-    tokens = {"ops": "ops-secret", "billing": "billing-secret"}
+    tokens = {"ops": "ops-secret-for-tests", "billing": "billing-secret-for-tests"}
     with serving(tmp_path, CATALOG, redis_port=redis_server.port, db_url=empty_db_url, admin_tokens=tokens) as served:
         yield served
 
@@ -164,15 +164,24 @@ def test_cli_changes_are_recorded_as_cli_and_gateway_audit_prints_the_log(tmp_pa
 
 def test_named_tokens_parse_and_bad_syntax_is_one_clear_line(tmp_path: Path) -> None:
     """GATEWAY_ADMIN_TOKENS="ops=...,billing=..." is name → token; a malformed list, a reserved or repeated
-    name, an empty or shared token is a ConfigError naming it, and `gateway serve` ends on that one line."""
-    assert admin_tokens("ops=a1, billing=b2") == {"ops": "a1", "billing": "b2"}
-    assert Settings.load(environ={"GATEWAY_ADMIN_TOKENS": "ops=a1"}).admin_tokens == {"ops": "a1"}
-    for raw, said in [("ops", "NAME=TOKEN"), ("ops=a,ops=b", "twice"), ("cli=a", "cli"), ("ops=", "empty"),
-                      ("ops=a,billing=a", "same token"), ("o ps=a", "not a name")]:  # fmt: skip
+    name, an empty, short or shared token is a ConfigError naming it, and `gateway serve` ends on that one line."""
+    a, b = "a1" * 8, "b2" * 8  # 16 characters: the shortest token taken
+    assert admin_tokens(f"ops={a}, billing={b}") == {"ops": a, "billing": b}
+    assert Settings.load(environ={"GATEWAY_ADMIN_TOKENS": f"ops={a}"}).admin_tokens == {"ops": a}
+    for raw, said in [("ops", "NAME=TOKEN"), (f"ops={a},ops={b}", "twice"), (f"cli={a}", "cli"), ("ops=", "empty"),
+                      (f"ops={a},billing={a}", "same token"), (f"o ps={a}", "not a name"),
+                      (f"ops={a[:-1]}", '"ops": a token of 15 characters is too easy to guess')]:  # fmt: skip
         with pytest.raises(ConfigError, match=said):
             admin_tokens(raw)
     with pytest.raises(ConfigError, match="GATEWAY_ADMIN_TOKEN"):
-        Settings.load(environ={"GATEWAY_ADMIN_TOKENS": "ops=a1", "GATEWAY_ADMIN_TOKEN": "a1"})
+        Settings.load(environ={"GATEWAY_ADMIN_TOKENS": f"ops={a}", "GATEWAY_ADMIN_TOKEN": a})
+    for variable in ("GATEWAY_ADMIN_TOKEN", "GATEWAY_METRICS_TOKEN", "GATEWAY_ACCOUNT_SECRET"):
+        with pytest.raises(ConfigError, match=f"{variable}: a token of 5 characters is too easy to guess: use at least 16"):
+            Settings.load(environ={variable: "t0ken"})
+    short = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_ADMIN_TOKEN": "t0ken"}
+    ended = subprocess.run([GATEWAY, "serve", "--upstream", "http://127.0.0.1:9"], cwd=tmp_path, env=short,
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert ended.returncode != 0 and ended.stderr.strip().count("\n") == 0 and "at least 16" in ended.stderr, ended.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_ADMIN_TOKENS": "ops"}
     ended = subprocess.run([GATEWAY, "serve", "--upstream", "http://127.0.0.1:9"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip

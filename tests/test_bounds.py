@@ -94,7 +94,7 @@ def fresh(tmp_path: Path, db_url: str, server: RedisServer, **settings: Any) -> 
 @pytest.fixture
 def gw(tmp_path: Path, empty_db_url: str, redis_server: RedisServer) -> Iterator[Served]:
     """A gateway with API keys."""
-    yield from fresh(tmp_path, empty_db_url, redis_server, metrics_token="metrics-secret")
+    yield from fresh(tmp_path, empty_db_url, redis_server, metrics_token="metrics-secret-for-tests")
 
 
 @pytest.fixture
@@ -592,18 +592,18 @@ def test_health_is_public_only_as_status_and_metrics_need_a_token(gw: Served) ->
     (a customer key does not). Metrics answer 401 problem+json without the metrics or admin token."""
     key = httpx.post(f"{gw.url}/_gateway/admin/keys", json={"billable": "org_h"}, headers=ADMIN_HEADERS).json()["key"]
     assert httpx.get(f"{gw.url}/v1/x", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    for headers in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer metrics-secret"}, {"Authorization": "Bearer nope"}):
+    for headers in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer metrics-secret-for-tests"}, {"Authorization": "Bearer nope"}):
         public = httpx.get(f"{gw.url}/_gateway/health", headers=headers)
         assert public.status_code == 200 and public.json() == {"status": "ok"}, headers
     detailed = httpx.get(f"{gw.url}/_gateway/health", headers=ADMIN_HEADERS).json()
     assert detailed["status"] == "ok" and detailed["redis"] == "up" and detailed["database"] == "up"
     assert set(detailed["record"]) == {"pending", "lag_seconds", "leader"} and "waiting" in detailed["events"]
 
-    for headers in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer nope"}, {"X-Api-Key": "metrics-secret"}):
+    for headers in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer nope"}, {"X-Api-Key": "metrics-secret-for-tests"}):
         r = httpx.get(f"{gw.url}/_gateway/metrics", headers=headers)
         assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json", headers
         assert r.json()["type"] == "urn:gateway:unauthorized" and "GATEWAY_METRICS_TOKEN" in r.json()["detail"]
-    for token in ("metrics-secret", ADMIN):
+    for token in ("metrics-secret-for-tests", ADMIN):
         r = httpx.get(f"{gw.url}/_gateway/metrics", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and "gateway_decisions_total" in r.text and "org_h" not in r.text
 

@@ -94,7 +94,7 @@ match = "GET /v1/status"
 public = true
 """
 
-OPS = "ops-secret"  # a named admin token (GATEWAY_ADMIN_TOKENS)
+OPS = "ops-secret-for-tests"  # a named admin token (GATEWAY_ADMIN_TOKENS)
 RATE_HEADERS = ("ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-resource",
                 "x-credits-remaining")  # fmt: skip
 

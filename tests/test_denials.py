@@ -134,7 +134,7 @@ def test_the_gateways_own_answers_are_problem_json_with_the_error_member(tmp_pat
     proxy's own 502: every one problem+json with the error member."""
     plans = tmp_path / "plans.toml"
     plans.write_text(BASE)
-    settings = Settings(plans=str(plans), database_url=f"sqlite:///{tmp_path}/gw.db", admin_token="t0ken",
+    settings = Settings(plans=str(plans), database_url=f"sqlite:///{tmp_path}/gw.db", admin_token="t0ken-for-the-tests",
                         upstream=f"http://127.0.0.1:{closed_port()}")
     with serve_in_thread(GatewayApp(settings), lifespan="on") as url:
         admin = httpx.get(f"{url}/_gateway/admin/billables/a")

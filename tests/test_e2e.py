@@ -33,7 +33,7 @@ from gateway.engine import Engine
 from gateway.periods import calendar_bounds
 from gateway.settings import Settings
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-for-tests"
 
 CATALOG = """
 [catalog]

@@ -30,7 +30,7 @@ from gateway.middleware import GatewayMiddleware
 from gateway.settings import Settings
 from gateway.store.db import Database
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-for-tests"
 NEVER_ISSUED = "gw_AbCdEf012345_0123456789abcdefghijABCDEFGHIJ01"  # well-formed, in no record
 
 

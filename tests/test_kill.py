@@ -46,7 +46,7 @@ from gateway.usage import rows_from_state
 
 pytestmark = pytest.mark.slow
 
-ADMIN = "kill-admin"
+ADMIN = "kill-admin-for-tests"
 INTERVAL = 0.5
 CATALOG_TEXT = """
 [catalog]

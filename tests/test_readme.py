@@ -311,7 +311,7 @@ def test_gateway_command_lines_exit_as_documented(tmp_path: Path, redis_server: 
                 continue
             if all(re.match(r"([A-Z_]+=\$\()?curl ", split_comment(line)[0]) for line in block.lines):
                 port = free_port()
-                shell.env["GATEWAY_ADMIN_TOKEN"] = "readme-admin"
+                shell.env["GATEWAY_ADMIN_TOKEN"] = "readme-admin-for-tests"
                 shell.replace["127.0.0.1:8080"] = f"127.0.0.1:{port}"
                 with shell.server("gateway serve --upstream http://127.0.0.1:9000", f"README line {block.line}", port=port):
                     shell.run_block(block)

@@ -47,7 +47,7 @@ from gateway.store.redis import RedisStore, open_redis
 from gateway.usage import current_period
 
 CATALOG = parse_catalog(BASE)
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-for-tests"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 

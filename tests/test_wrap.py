@@ -43,10 +43,10 @@ def test_wrap_runs_the_whole_gateway_and_the_apps_lifespan(tmp_path: Path) -> No
     events: list[str] = []
     with RedisServer() as redis_server:
         app = GatewayApp.wrap(api(events), plans=str(tmp_path / "plans.toml"), redis_url=redis_server.url,
-                              database_url=f"sqlite:///{tmp_path}/gw.db", admin_token="t0ken")
+                              database_url=f"sqlite:///{tmp_path}/gw.db", admin_token="t0ken-for-the-tests")
         with serve_in_thread(app, lifespan="on") as url:
             assert events == ["startup"]
-            admin = {"Authorization": "Bearer t0ken"}
+            admin = {"Authorization": "Bearer t0ken-for-the-tests"}
             created = httpx.post(f"{url}/_gateway/admin/keys", headers=admin, json={"billable": "org_1"})
             auth = {"Authorization": f"Bearer {created.json()['key']}"}
             assert httpx.post(f"{url}/v1/projects", headers=auth).json() == {"org": "org_1"}
