@@ -46,9 +46,16 @@ from gateway.events import Outbox
 from gateway.grants import Grants, grants_after, numbered_grants
 from gateway.settings import Settings
 from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
-from gateway.store.db import Database, billable_overrides, plan_assignments, snapshots, usage_totals
+from gateway.store.db import (
+    Database,
+    billable_overrides,
+    plan_assignments,
+    snapshots,
+    usage_daily,
+    usage_totals,
+)
 from gateway.store.redis import RedisStore
-from gateway.usage import COLUMNS, rows_from_state
+from gateway.usage import COLUMNS, DAILY, day_of, rows_from_state
 
 log = logging.getLogger("gateway.reconcile")
 
@@ -113,7 +120,7 @@ class Reconciler:
         self._next_prune = 0.0
         self._task: asyncio.Task[None] | None = None
         self._sweeping: asyncio.Task[None] | None = None
-        self._statements: tuple[Any, Any] | None = None
+        self._statements: tuple[Any, Any, Any] | None = None
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -375,7 +382,9 @@ class Reconciler:
             key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
         )
         states = {billable: snap.state for billable, snap in writes}
-        snapshot_upsert, usage_upsert = self._upserts()
+        zone = self.engine.catalog.settings.zone
+        days = {billable: day_of(zone, snap.now_ms / 1000) for billable, snap in writes}
+        snapshot_upsert, usage_upsert, daily_upsert = self._upserts()
         async with self.db.engine.begin() as conn:
             # One statement each, compiled once and cached; the driver sends the rows in multi-row pages.
             written = set((await conn.execute(snapshot_upsert, rows)).scalars())
@@ -387,9 +396,35 @@ class Reconciler:
                 for r in rows_from_state(states[billable], per_dollar)
             ]
             if usage:
+                daily = await self._increases(conn, usage, days)
                 await conn.execute(usage_upsert, usage)
+                if daily:
+                    await conn.execute(daily_upsert, daily)
 
-    def _upserts(self) -> tuple[Any, Any]:
+    async def _increases(self, conn: Any, usage: list[dict[str, Any]], days: dict[str, str]) -> list[dict[str, Any]]:
+        """What each total grew by since the record's value (read under a row lock, in the upsert's
+        transaction), on the flush's day: a repeated flush of the same absolute totals adds nothing."""
+        t = usage_totals
+        key = (t.c.billable, t.c.period, t.c.route, t.c.operation)
+        old = {
+            tuple(r[:4]): r[4:]
+            for r in await conn.execute(
+                sa.select(*key, *(t.c[c] for c in DAILY))
+                .where(t.c.billable.in_({u["billable"] for u in usage}), t.c.period.in_({u["period"] for u in usage}))
+                .order_by(*key)
+                .with_for_update()
+            )
+        }
+        daily = []
+        for u in usage:
+            before = old.get((u["billable"], u["period"], u["route"], u["operation"]), (0,) * len(DAILY))
+            grown = {c: max(0, int(u[c]) - int(b)) for c, b in zip(DAILY, before, strict=True)}
+            if any(grown.values()):
+                daily.append({"billable": u["billable"], "day": days[u["billable"]], "route": u["route"],
+                              "operation": u["operation"], **grown})
+        return daily
+
+    def _upserts(self) -> tuple[Any, Any, Any]:
         if self._statements is None:
             insert = self.db.insert(snapshots)
             snapshot_upsert = insert.on_conflict_do_update(
@@ -403,7 +438,12 @@ class Reconciler:
                 index_elements=[usage_totals.c.billable, usage_totals.c.period, usage_totals.c.route, usage_totals.c.operation],
                 set_={c: insert.excluded[c] for c in COLUMNS},
             )
-            self._statements = (snapshot_upsert, usage_upsert)
+            insert = self.db.insert(usage_daily)
+            daily_upsert = insert.on_conflict_do_update(
+                index_elements=[usage_daily.c.billable, usage_daily.c.day, usage_daily.c.route, usage_daily.c.operation],
+                set_={c: usage_daily.c[c] + insert.excluded[c] for c in DAILY},
+            )
+            self._statements = (snapshot_upsert, usage_upsert, daily_upsert)
         return self._statements
 
     def _database_down(self, exc: BaseException) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.state import usage_counters
-from gateway.store.db import Database, usage_totals
+from gateway.store.db import Database, usage_daily, usage_totals
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 COLUMNS = ("requests", "units", "credits", "amount_cents", "shadow_denials")
+DAILY = ("requests", "units", "credits")  # what usage_daily keeps of each total's increase
 # The terminal's name of a column, where its JSON key would not say it to an operator.
 _HEADINGS = {"shadow_denials": "would have been denied"}
 
@@ -39,6 +40,23 @@ def current_period(zone: tzinfo, now: float) -> str:
     """YYYY-MM of `now` in the catalog's timezone: the label the scripts count under."""
     at = datetime.fromtimestamp(now, zone)
     return f"{at.year:04d}-{at.month:02d}"
+
+
+def day_of(zone: tzinfo, now: float) -> str:
+    """YYYY-MM-DD of `now` in the catalog's timezone: the day a flush's increases are recorded on."""
+    return datetime.fromtimestamp(now, zone).date().isoformat()
+
+
+async def daily_usage(db: Database, billable: str, period: str) -> list[dict[str, Any]]:
+    """A billable's daily rows of `period` (YYYY-MM): day, route, operation, requests, units, credits."""
+    t = usage_daily
+    async with db.engine.connect() as conn:
+        found = await conn.execute(
+            sa.select(t.c.day, t.c.route, t.c.operation, *(t.c[c] for c in DAILY))
+            .where(t.c.billable == billable, t.c.day.startswith(f"{period}-"))
+            .order_by(t.c.day, t.c.route, t.c.operation)
+        )
+        return [dict(r._mapping) for r in found]
 
 
 def cents(credits: int, credits_per_dollar: int) -> int:

@@ -7,6 +7,7 @@ default prefix); the record is SQLite; Stripe is the fake."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -33,6 +35,8 @@ from waiting import wait_until
 
 from gateway.app import GatewayApp
 from gateway.settings import Settings
+from gateway.store.db import Database
+from gateway.usage import current_period, daily_usage
 from gateway.web import links
 
 ADMIN = "account-admin-for-tests"
@@ -276,6 +280,36 @@ READ = """(async () => {
   return {meters, bad, violations: axeResult.violations.length, banner: banner.dataset.severity,
           credits: document.querySelector('[data-credits]').dataset.credits};
 })()"""
+
+
+def test_the_chart_shows_each_days_requests_as_the_record_has_them(served: Served) -> None:
+    """The page's chart has a bar per day of the month per route, its numbers the record's usage_daily rows."""
+    billable = "warning"
+    period = current_period(UTC, time.time())
+
+    async def record() -> dict[tuple[str, str], int]:
+        db = await Database.connect(served.settings.database_url)
+        try:
+            rows = await daily_usage(db, billable, period)
+        finally:
+            await db.close()
+        found: dict[tuple[str, str], int] = {}
+        for r in rows:
+            found[(r["route"], r["day"])] = found.get((r["route"], r["day"]), 0) + r["requests"]
+        return found
+
+    expected = asyncio.run(record())
+    assert expected and all(expected.values())
+    html = httpx.get(served.link(billable)).text
+    shown: dict[tuple[str, str], int] = {}
+    for route, bars in re.findall(r'<li data-route="([^"]+)">.*?<svg[^>]*role="img"[^>]*>(.*?)</svg>', html):
+        days = re.findall(r'data-day="([^"]+)" data-requests="(\d+)"><title>\1: ([\d,]+) request', bars)
+        assert len(days) == calendar.monthrange(*map(int, period.split("-")))[1], route
+        for day, count, title in days:
+            assert count == title.replace(",", "")
+            if int(count):
+                shown[(route.replace("&amp;", "&"), day)] = int(count)
+    assert shown == expected
 
 
 def test_the_page_in_chromium_at_every_severity(served: Served, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from gateway.store import db as tables
 from gateway.store.cluster import key_slot
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
-from gateway.usage import current_period
+from gateway.usage import current_period, daily_usage, day_of
 
 CATALOG = parse_catalog(BASE)
 ADMIN = "admin-secret-for-tests"
@@ -172,6 +172,37 @@ def test_flush_writes_state_usage_and_events_and_twice_changes_nothing(empty_db_
             await env.process().reconciler.flush(["org-a"], force=True)  # from another process
             after = [await env.rows(t) for t in (tables.snapshots, tables.usage_totals, tables.events_outbox)]
             assert after == before
+
+    go(main())
+
+
+def test_daily_usage_is_each_flush_s_increase_on_its_day(empty_db_url: str) -> None:
+    """usage_daily gets a total's increase on the flush's day: the same totals again add nothing, two days give two rows."""
+
+    async def main() -> None:
+        async with environment(empty_db_url) as env:
+            p = env.process()
+            await p.grants.grant("org-d", 1000, idempotency_key=f"k-{uuid.uuid4()}")
+            for _ in range(3):
+                assert (await p.decide("org-d", "POST", "/cheap-images")).admitted
+            await p.reconciler.flush(["org-d"], force=True)
+            today = day_of(CATALOG.settings.zone, (await p.engine.snapshot("org-d")).now_ms / 1000)
+            daily = await env.rows(tables.usage_daily)
+            assert [(r["day"], r["route"], r["requests"], r["credits"]) for r in daily] == [(today, "POST /cheap-images", 3, 15)]
+
+            await p.reconciler.flush(["org-d"], force=True)  # the same absolute totals, again
+            await env.process().reconciler.flush(["org-d"], force=True)  # and from another process
+            assert await env.rows(tables.usage_daily) == daily
+
+            # Make that flush an earlier day's, then use more today: the increase alone lands on today.
+            async with env.db.engine.begin() as conn:
+                await conn.execute(sa.update(tables.usage_daily).values(day="2000-01-01"))
+            assert (await p.decide("org-d", "POST", "/cheap-images")).admitted
+            await p.reconciler.flush(["org-d"], force=True)
+            rows = await env.rows(tables.usage_daily)
+            assert sorted((r["day"], r["requests"]) for r in rows) == [("2000-01-01", 3), (today, 1)]
+            month = today[:7]
+            assert [(r["day"], r["requests"]) for r in await daily_usage(env.db, "org-d", month)] == [(today, 1)]
 
     go(main())
 

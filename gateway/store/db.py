@@ -218,6 +218,18 @@ usage_totals = sa.Table(
     sa.Column("shadow_denials", Int, nullable=False, server_default=ZERO),  # admitted in shadow, would have been denied
 )
 
+usage_daily = sa.Table(
+    "usage_daily",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("day", Text, primary_key=True),  # 2026-11-30, in the catalog's timezone at the flush
+    sa.Column("route", Text, primary_key=True),
+    sa.Column("operation", Text, primary_key=True),
+    sa.Column("requests", Int, nullable=False, server_default=ZERO),
+    sa.Column("units", Int, nullable=False, server_default=ZERO),
+    sa.Column("credits", Int, nullable=False, server_default=ZERO),
+)
+
 events_outbox = sa.Table(
     "events_outbox",
     metadata,

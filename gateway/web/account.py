@@ -2,14 +2,14 @@
 
 Opened with a signed link (gateway/web/links.py: the API's app asks for one with the admin token) or with the
 billable's API key in Authorization or X-Api-Key. Everything on it is the status (one status.lua call) and
-this month's usage per route from the record (a query, no Redis); every value is escaped. The record keeps
-usage per month, route and operation (gateway/usage.py), so the chart is this month's total per route.
+this month's usage per route and day from the record (a query, no Redis); every value is escaped.
 With Stripe configured: "Buy credits" (Checkout for each pack) and "Manage billing" (the customer portal).
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -28,7 +28,7 @@ from gateway.errors import GatewayError
 from gateway.problems import json_body, problem
 from gateway.severity import noun
 from gateway.store.db import Database
-from gateway.usage import current_period, usage_report
+from gateway.usage import current_period, daily_usage
 from gateway.web import links
 from gateway.web.page import document
 
@@ -84,7 +84,7 @@ dd{margin:0;font-weight:600;overflow-wrap:anywhere}
 .chart{list-style:none;margin:0;padding:0;display:grid;gap:.6rem}
 .chart li{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:.1rem .75rem;align-items:center}
 .chart .route{overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:.9rem}
-.chart svg{grid-column:1 / -1;width:100%;height:.75rem;display:block;border-radius:4px}
+.chart svg{grid-column:1 / -1;width:100%;height:2.5rem;display:block}
 .chart rect.bg{fill:#e5e7ef}
 .chart rect.bar{fill:#4f46e5}
 .actions{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center}
@@ -177,26 +177,38 @@ def _rates(status: dict[str, Any]) -> str:
     return f'<article class="card"><h3>Rate limit</h3><dl>{rows}</dl></article>'
 
 
-def chart(report: dict[str, Any] | None) -> str:
-    """This month's requests per route, one bar each (inline SVG, no script)."""
+def chart(report: dict[str, Any] | None, period: str) -> str:
+    """This month's requests per route and day: per route, one bar per day (inline SVG, no script)."""
     if report is None:
         return '<p class="note">Usage history needs the record (a database): this gateway has none.</p>'
     if report.get("unavailable"):
         return '<p class="note">Usage history is unavailable right now: the record did not answer.</p>'
-    per_route: dict[str, int] = {}
-    for row in report["routes"]:
-        per_route[row["route"]] = per_route.get(row["route"], 0) + int(row["requests"])
-    if not any(per_route.values()):
+    per_route: dict[str, dict[str, int]] = {}
+    for row in report["days"]:
+        days = per_route.setdefault(row["route"], {})
+        days[row["day"]] = days.get(row["day"], 0) + int(row["requests"])
+    if not any(sum(d.values()) for d in per_route.values()):
         return '<p class="note">No requests recorded this month yet.</p>'
-    top = max(per_route.values())
+    year, month = (int(x) for x in period.split("-"))
+    month_days = [f"{period}-{d:02d}" for d in range(1, calendar.monthrange(year, month)[1] + 1)]
+    top = max(n for d in per_route.values() for n in d.values())
     items = []
-    for route, count in sorted(per_route.items(), key=lambda item: (-item[1], item[0])):
-        width = 100 * count / top
-        label = f"{route}: {count:,} request{'s' if count != 1 else ''}"
+    for route, days in sorted(per_route.items(), key=lambda item: (-sum(item[1].values()), item[0])):
+        total = sum(days.values())
+        bars = []
+        for x, day in enumerate(month_days):
+            count = days.get(day, 0)
+            height = 30 * count / top if count else 0
+            bars.append(
+                f'<g data-day="{day}" data-requests="{count}"><title>{day}: {count:,} request{"s" if count != 1 else ""}</title>'
+                f'<rect class="bg" x="{x * 4}" width="3" height="30"></rect>'
+                f'<rect class="bar" x="{x * 4}" y="{30 - height:.2f}" width="3" height="{height:.2f}"></rect></g>'
+            )
+        label = f"{route}: {total:,} request{'s' if total != 1 else ''} this month, per day"
         items.append(
-            f'<li data-route="{escape(route)}"><span class="route">{escape(route)}</span><span class="count">{count:,}</span>'
-            f'<svg viewBox="0 0 100 10" preserveAspectRatio="none" role="img" aria-label="{escape(label)}">'
-            f'<rect class="bg" width="100" height="10"></rect><rect class="bar" width="{width:.2f}" height="10"></rect></svg></li>'
+            f'<li data-route="{escape(route)}"><span class="route">{escape(route)}</span><span class="count">{total:,}</span>'
+            f'<svg viewBox="0 0 {len(month_days) * 4 - 1} 30" preserveAspectRatio="none" role="img" aria-label="{escape(label)}">'
+            f'{"".join(bars)}</svg></li>'
         )
     return f'<ul class="chart">{"".join(items)}</ul>'
 
@@ -212,7 +224,7 @@ def page(status: dict[str, Any], catalog: Catalog, report: dict[str, Any] | None
         + '<section aria-label="Credits and rate limit"><h2>Credits and rate limit</h2><div class="cards">'
         f"{_credits(status, catalog, plan.rollover if plan else False)}{_rates(status)}</div></section>"
         f'<section class="card" aria-label="Requests per route"><h2>Requests per route this month</h2>'
-        f'<p class="note">{escape(_month(period))}, from the usage record (kept per month).</p>{chart(report)}</section>'
+        f'<p class="note">{escape(_month(period))}, per day, from the usage record.</p>{chart(report, period)}</section>'
         f"{actions}"
     )
     return document(f"Usage · {status['billable']}", STYLE, body)
@@ -291,7 +303,7 @@ class Account:
         if self.db is not None:
             try:
                 async with asyncio.timeout(RECORD_TIMEOUT_S):
-                    report = await usage_report(self.db, billable, period)
+                    report = {"days": await daily_usage(self.db, billable, period)}
             except Exception as exc:  # noqa: BLE001 - the page shows without its chart while the record is away
                 log.warning("account page: no usage history for %s: %s", billable, exc)
                 report = {"unavailable": True}
