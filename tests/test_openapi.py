@@ -113,7 +113,7 @@ def test_answers_match_their_schemas(served: Served) -> None:
         conforms(spec, "SettleAnswer", {**settled, "outcome": "maybe"})
 
 
-def test_schemathesis_finds_no_server_error_and_no_answer_off_its_schema(served: Served) -> None:
+def test_schemathesis_finds_no_server_error_and_no_answer_off_its_schema(served: Served, tmp_path: Path) -> None:
     """schemathesis fuzzes every operation (bad inputs included) on the live gateway: no 5xx, every answer as
     described. Left out: `positive_data_acceptance` (bodies without a typed shape are described as any JSON
     object, so a 400 for one is the gateway's rule, not a fault) and `unsupported_method` (forward-auth takes
@@ -123,7 +123,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_its_schema(served:
         [str(st), "run", f"{served.url}/_gateway/openapi.json", "-H", f"Authorization: {ADMIN_HEADERS['Authorization']}",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance,unsupported_method", "--max-examples", "10", "--seed", "19",
          "--workers", "1", "--request-timeout", "30"],
-        check=False, capture_output=True, text=True, timeout=600,
+        check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache stays out of the checkout
     )  # fmt: skip
     summary = [line for line in run.stdout.splitlines() if "generated" in line or "Tested:" in line]
     print("schemathesis:", *summary)
