@@ -1,15 +1,18 @@
 -- After the upstream answered: settle a hold, or release a persistent cap.
--- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash, 4.. the member levels' state hashes
+-- (lib/members.lua), in the order of the hold's member holds.
 -- The protocol is gateway/state/settle.py (SettleArgs, ReleaseArgs, SettleReply).
 -- ARGV[1] = "settle": 2 "keep" or "back" for the limit units, 3 the credits actually owed ("" keeps what
 --   was held), 4 plan name (for events), 5 units the answer reported (counted in the usage history; ""
 --   for none), 6 "1" when the record restores, 7.. the hold (Hold.argv): id ("" when not metered),
---   period credits, purchased credits, credit window, allowance, usage key, then name, units, window
---   of each limit held.
+--   period credits, purchased credits, credit window, allowance, usage key, the member levels' holds
+--   (JSON, "" for none), then name, units, window of each limit held.
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
 -- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}.
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
+--#include rules
 --#include args
+--#include members
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 local op = text_arg(1, {settle = true, release = true})
 text_arg(6)
@@ -23,9 +26,14 @@ else
   text_arg(4)
   units = whole_arg(5, 0, nil, true)
   hold = {id = text_arg(7), cp = whole_arg(8), cb = whole_arg(9), w = whole_arg(10), a = whole_arg(11, -1),
-    q = text_arg(12), l = {}}
-  if (#ARGV - 12) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
-  for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
+    q = text_arg(12), l = {}, m = {}}
+  if text_arg(13) ~= '' then
+    local ok, m = pcall(cjson.decode, ARGV[13])
+    if not ok or type(m) ~= 'table' or #m ~= #KEYS - 3 then bad_arg(13, "the member levels' holds, one per key after the third") end
+    hold.m = m
+  end
+  if (#ARGV - 13) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
+  for i = 14, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
 end
 -- Nothing is written above this line.
 -- State Redis lost is not written before it is restored (the restore keeps fields already present, so a
@@ -55,6 +63,7 @@ end
 
 if release then
   give_back_cap(release[1], release[2], release[3])
+  members_release(release[1], release[2])
   redis.call('HINCRBY', S, 'chg', 1)
   return {'ok'}
 end
@@ -126,6 +135,7 @@ if owed then
   if allowance < 0 then balance = nil end
 end
 
+members_settle(hold.m, ARGV[2] == 'back', owed)
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then
   local seq = num('eseq', 0)

@@ -19,11 +19,13 @@ from typing import Any, Literal
 from gateway import state
 from gateway.catalog import CREDITS, Catalog, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
+from gateway.engine.members import MemberSpecs, member_denials
 from gateway.engine.plans import ACTIVE_STATUSES, Plans, PlanSource, ResolvedPlan
 from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
+from gateway.members import Chain
 from gateway.overrides import Overrides
 from gateway.periods import calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
@@ -38,6 +40,8 @@ SUSPENDED = "suspended"  # the violated policy of a suspended billable's every r
 Restorer = Callable[[str], Awaitable[state.Restored | None]]
 # The record's grants numbered after a sequence, as (sequence, amount) in order.
 GrantsAfter = Callable[[str, int], Awaitable[Sequence[tuple[int, int]]]]
+# A billable's org and the member levels up to it (gateway.members.Members.chain; None: it is an org).
+ChainOf = Callable[[str], Awaitable[Chain | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class Engine:
         grants_after: GrantsAfter | None = None,
         hold_ttl: int = 3600,
         clock: Callable[[], float] = time.time,
+        chain_of: ChainOf | None = None,
     ) -> None:
         # The local clock only picks candidate calendar windows and expires cached plans; Redis TIME decides.
         self.clock = clock
@@ -78,6 +83,9 @@ class Engine:
         # Redis holds is replayed from the record.
         self.grants_after = grants_after
         self.hold_ttl = hold_ttl
+        # A member (a team, a key with terms) is decided with its org, in the org's script call.
+        self.chain_of = chain_of
+        self.member_specs = MemberSpecs()
         # Billables whose Redis state this process changed since the reconciler last took them.
         self._touched = Touched()
         self.plans = Plans(catalog, clock)
@@ -111,8 +119,20 @@ class Engine:
         `credit_cost` prices an operation from the request (units read from the request body or headers).
         `dry` answers the decision the request would get and writes nothing: no events, hold or counters.
         `hold` stores what an admission holds under `decision.hold.id` (as for a metered spend), so that any
-        process can settle it once (gateway/check.py: `held`, then `settle_hold`)."""
+        process can settle it once (gateway/check.py: `held`, then `settle_hold`).
+
+        A member (gateway.members) is decided as its org, with each member level's own terms in the same
+        call: the decision's billable is the org, its `members` the levels."""
+        chain = await self.chain_of(billable) if self.chain_of is not None else None
+        members, levels = self.member_specs.of(chain) if chain is not None else ("", ())
+        if chain is not None:
+            billable = chain.root
         keys = self.keys(billable)
+        key_list = keys.all()
+        member_denied: list[Violation] = []
+        if levels:
+            key_list = [*key_list, *(state.member_key(self.prefix, billable, level.id) for level in levels)]
+            member_denied = member_denials(levels, route.config.features if route is not None else (), self.clock())
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
@@ -125,8 +145,8 @@ class Engine:
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
                 calendar=self._calendar(),
-                forced_deny=(bool(compiled.denied) and not compiled.shadow) or suspended,  # shadow never relaxes a suspension
-                shadowed=bool(compiled.denied) and compiled.shadow and not suspended,
+                forced_deny=(bool(compiled.denied or member_denied) and not compiled.shadow) or suspended,  # shadow never relaxes a suspension
+                shadowed=bool(compiled.denied or member_denied) and compiled.shadow and not suspended,
                 hold_id=hold_id,
                 credit_cost=credit_cost,
                 restores=self.restore is not None,
@@ -134,8 +154,9 @@ class Engine:
                 plan=plan_name,
                 usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
                 dry=dry,
+                members=members,
             )
-            reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
+            reply = state.DecideReply.parse(await self.store.run("decide", key_list, args.argv()), hold_id)
             if isinstance(reply, state.Stale):
                 resolved = self._resolve(billable, reply)
                 continue
@@ -146,7 +167,10 @@ class Engine:
                 self._touched.add(billable)
             if suspended:
                 return self._suspended(billable, plan_name, route, reply)
-            return self._decision(billable, plan_name, route, compiled, reply)
+            decision = self._decision(billable, plan_name, route, compiled, reply, member_denied)
+            if levels:
+                decision.members = tuple(level.id for level in levels)
+            return decision
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
     def _compiled(self, plan_name: str, route: Route | None, resolved: ResolvedPlan | None) -> Compiled:
@@ -169,8 +193,10 @@ class Engine:
             now=reply.now_ms / 1000,
         )
 
-    def _decision(self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply) -> Decision:
-        violations = [*compiled.denied, *reply.violations]
+    def _decision(
+        self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply, member_denied: list[Violation]
+    ) -> Decision:
+        violations = [*compiled.denied, *member_denied, *reply.violations]
         shadowed: list[Violation] = []
         if compiled.shadow:
             # Admitted and charged as if within: the violations are what it would have been denied for.
@@ -269,7 +295,11 @@ class Engine:
             units=None if units is None else math.ceil(units),
             restores=self.restore is not None,
         )
-        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv()))
+        keys = [*self.keys(decision.billable).all(), *self._member_keys(decision.billable, decision.hold.member_ids)]
+        return state.SettleReply.parse(await self.store.run("settle", keys, args.argv()))
+
+    def _member_keys(self, billable: str, members: Iterable[str]) -> list[str]:
+        return [state.member_key(self.prefix, billable, member) for member in members]
 
     async def held(self, billable: str, hold_id: str) -> tuple[str, state.StoredHold] | None:
         """A stored hold (`decide(..., hold=True)`) still open, neither settled nor past its lifetime (then it
@@ -281,13 +311,15 @@ class Engine:
             return None
         return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription).name, found
 
-    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
-        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
+    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1, members: Sequence[str] = ()) -> None:
+        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0, at the
+        billable and each of `members` (a decision's) that counts it as a cap."""
         cap = self.terms_of(billable, plan_name).limits.get(limit)
         self._touched.add(billable)
         args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
-            reply = state.SettleReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            keys = [*self.keys(billable).all(), *self._member_keys(billable, members)]
+            reply = state.SettleReply.parse(await self.store.run("settle", keys, args.argv()))
             if reply.status != "missing":
                 return
             await self.rehydrate(billable)

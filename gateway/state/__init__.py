@@ -20,7 +20,7 @@ from gateway.state.fields import (
     usage_key,
 )
 from gateway.state.hold import HeldLimit, Hold, StoredHold
-from gateway.state.keys import Keys, billable_of, keys, pattern
+from gateway.state.keys import Keys, billable_of, keys, member_key, pattern
 from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
@@ -62,6 +62,7 @@ __all__ = [
     "grant_sequence",
     "iso",
     "keys",
+    "member_key",
     "ms",
     "past_counters",
     "pattern",
