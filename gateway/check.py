@@ -153,7 +153,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=f"{hold}.{billable}" if hold else None,
+            hold=f"{hold}.{decision.billable or billable}" if hold else None,  # a member's hold is in its org's state
             headers=decision.headers(),
         )
 
@@ -184,7 +184,7 @@ class Checker:
                                               units=todo.units)  # fmt: skip
         release = route.config.release if route is not None else None
         if reply.status == "ok" and release is not None and releases(Fate.COMPLETE, answered, True):
-            await self.engine.release(billable, plan, release)
+            await self.engine.release(billable, plan, release, members=stored.hold.member_ids)
         if reply.status == "missing":
             raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
         if reply.status != "ok":  # another settle of the same hold came first

@@ -124,7 +124,7 @@ async def members_of(db: Database, root: str) -> list[str]:
     t = billable_members.c
     async with db.engine.connect() as conn:
         direct = list((await conn.execute(sa.select(t.billable).where(t.parent == root))).scalars())
-        below = list(await conn.execute(sa.select(t.billable).where(t.parent.in_(direct))).scalars()) if direct else []
+        below = list((await conn.execute(sa.select(t.billable).where(t.parent.in_(direct)))).scalars()) if direct else []
     return [*direct, *below]
 
 
