@@ -67,3 +67,24 @@ def test_a_key_budget_under_a_team_under_an_org(pair: tuple[Served, Served]) -> 
     assert [e["action"] for e in entries][:3] == ["key.terms", "key.terms", "key.create"]
     assert entries[0]["before"] == {"id": key_id, "terms": {"credits": 2, "rate_limit": "100/second"}}
     assert "parent.set" in [e["action"] for e in entries]
+
+
+SEATS = CATALOG.replace("credits = 10\n", "credits = 10\nseats = { to = 2 }\n", 1).replace("credits = 100\n", "credits = 100\nseats = { to = 10 }\n", 1)
+
+
+def test_seats_count_the_orgs_and_its_teams_keys(tmp_path: Path, empty_db_url: str) -> None:
+    """Free has 2 seats: a key of the org and one of its team take them; the third is 403 with the upgrade
+    sentence and makes nothing; a revocation gives a seat back."""
+    with RedisServer() as redis, serving(tmp_path, SEATS, redis_port=redis.port, db_url=empty_db_url) as gw:
+        assert admin(gw, "PUT", "/billables/team_a/parent", {"parent": "org_1"}).status_code == 200
+        first = admin(gw, "POST", "/keys", {"billable": "org_1"})
+        assert first.status_code == 201 and admin(gw, "POST", "/keys", {"billable": "team_a"}).status_code == 201
+        refused = admin(gw, "POST", "/keys", {"billable": "org_1"})
+        assert refused.status_code == 403 and refused.json()["type"] == "urn:gateway:no-seat"
+        assert refused.json()["detail"] == (
+            "Your current plan (Free) includes 2 seats, all in use by org_1's keys. Upgrade to Pro for more seats, or revoke a key."
+        )
+        assert len(admin(gw, "GET", "/billables/org_1/keys").json()) == 1
+        assert admin(gw, "POST", "/keys", {"billable": "other_org"}).status_code == 201  # its own seats
+        assert admin(gw, "DELETE", f"/keys/{first.json()['id']}").status_code == 204
+        assert admin(gw, "POST", "/keys", {"billable": "org_1"}).status_code == 201
