@@ -31,6 +31,8 @@ def level_sentence(v: Violation, policies: Sequence[PolicyState], org_credits: i
     every = _adjective(window)
     if v.kind == "feature":
         return f"{this} terms do not allow {item.replace('_', ' ')}: ask the account's owner."
+    if v.kind == "suspended":
+        return f"This {word} is suspended: its requests are refused until it is lifted. Please contact support."
     if v.kind == EXPIRED:
         return f"{this} terms have expired: ask the account's owner for new ones."
     if v.kind == "credits":

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from gateway.errors import BadRequest, DatabaseUnavailable
 from gateway.ids import billable as billable_id
-from gateway.store.db import Database, billable_members
+from gateway.store.db import Database, billable_members, billable_overrides
 from gateway.terms import MemberTerms
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Level:
     id: str
     word: str  # "key" | "team"
     terms: MemberTerms | None
+    suspended: bool = False  # PUT .../suspension on the member: its requests are refused, its org's go on
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +169,17 @@ class Members:
     async def _fetch(self, billable: str, known: tuple[float, Chain | None] | None) -> Chain | None:
         asked = self.clock()
         a, b = billable_members.alias("a"), billable_members.alias("b")
+        sa_, sb = billable_overrides.alias("sa"), billable_overrides.alias("sb")
         query = (
-            sa.select(a.c.parent, a.c.terms, b.c.parent.label("root"), b.c.terms.label("parent_terms"))
-            .select_from(a.outerjoin(b, b.c.billable == a.c.parent))
+            sa.select(
+                a.c.parent, a.c.terms, b.c.parent.label("root"), b.c.terms.label("parent_terms"),
+                sa_.c.suspension.label("suspended"), sb.c.suspension.label("parent_suspended"),
+            )
+            .select_from(
+                a.outerjoin(b, b.c.billable == a.c.parent)
+                .outerjoin(sa_, sa_.c.billable == a.c.billable)
+                .outerjoin(sb, sb.c.billable == a.c.parent)
+            )
             .where(a.c.billable == billable)
         )
         try:
@@ -185,11 +194,12 @@ class Members:
             return None
         chain: Chain | None = None
         if row is not None:
-            own = Level(billable, level_word(billable), MemberTerms.from_json(row.terms) if row.terms else None)
+            own = Level(billable, level_word(billable), MemberTerms.from_json(row.terms) if row.terms else None, row.suspended is not None)
             if row.root is None:
                 chain = Chain(row.parent, (own,))
             else:
-                team = Level(row.parent, "team", MemberTerms.from_json(row.parent_terms) if row.parent_terms else None)
+                team_terms = MemberTerms.from_json(row.parent_terms) if row.parent_terms else None
+                team = Level(row.parent, "team", team_terms, row.parent_suspended is not None)
                 chain = Chain(row.root, (own, team))
         self._known[billable] = (asked, chain)
         if len(self._known) > 100_000:

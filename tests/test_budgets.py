@@ -341,3 +341,25 @@ def test_concurrent_budgets_hold_at_every_level_and_the_record_agrees(tmp_path: 
             assert json.loads(row)["c:s"] == snap.state["c:s"] == str(org_spent)
 
     asyncio.run(main())
+
+
+def test_a_suspended_member_is_refused_and_its_org_goes_on(run: Run) -> None:
+    """A team suspended in the record refuses its keys' requests (taking nothing); the org still decides; a
+    suspended org suspends its members (they decide as it)."""
+
+    async def fn(w: World) -> None:
+        from gateway.overrides import record_suspension
+
+        key = await org_team_key(w, team=None, key=terms(credits=100))
+        await record_suspension(w.db, "team_a", "abuse")
+        refused = await w.decide(key, "POST", "/images")
+        assert refused.status == 403 and refused.violated_policies == ["team-suspended"]
+        assert body(refused, w.catalog)["detail"] == "This team is suspended: its requests are refused until it is lifted. Please contact support."
+        assert await w.member_field("org_1", key, "c:s") is None and await w.org_field("org_1", "c:s") in (None, "0")
+        assert (await w.decide("org_1", "POST", "/images")).admitted
+        await record_suspension(w.db, "team_a", None)
+        assert (await w.decide(key, "POST", "/images")).admitted
+        await w.engine.set_suspended("org_1", True)
+        assert (await w.decide(key, "POST", "/images")).violated_policies == ["suspended"]
+
+    run(fn)

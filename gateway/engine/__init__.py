@@ -130,9 +130,10 @@ class Engine:
         keys = self.keys(billable)
         key_list = keys.all()
         member_denied: list[Violation] = []
+        if chain is not None:
+            member_denied = member_denials(chain.levels, route.config.features if route is not None else (), self.clock())
         if levels:
             key_list = [*key_list, *(state.member_key(self.prefix, billable, level.id) for level in levels)]
-            member_denied = member_denials(levels, route.config.features if route is not None else (), self.clock())
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan

@@ -47,9 +47,11 @@ def _level(member: str, word: str, terms: MemberTerms) -> dict[str, object]:
 
 
 def member_denials(levels: Sequence[Level], features: Sequence[str], now: float) -> list[Violation]:
-    """What a member's terms deny before the script runs: an expiry, features taken away."""
+    """What a member level denies before the script runs: a suspension, an expiry, features taken away."""
     out: list[Violation] = []
     for level in levels:
+        if level.suspended:
+            out.append(Violation(f"{level.word}-suspended", "suspended"))
         if level.terms is None:
             continue
         if level.terms.expired(now):
