@@ -564,7 +564,7 @@ class Endpoints:
             return problem(401, "urn:gateway:unauthorized", "Unauthorized",
                            "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>.")
         try:
-            return JSONResponse(await self.engine.status(billable))
+            return JSONResponse(await self.engine.usage(billable))
         except GatewayError as exc:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
 

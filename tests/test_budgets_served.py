@@ -55,6 +55,13 @@ def test_a_key_budget_under_a_team_under_an_org(pair: tuple[Served, Served]) -> 
     assert spent.status_code == 402
     assert spent.json()["detail"] == "This key's monthly budget of 2 credits is spent; the organization has 8 left."
     assert spent.json()["violated_policies"] == ["key-credits"]
+    usage = httpx.get(f"{b.url}/_gateway/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert usage["billable"] == "org_1" and usage["credits"]["balance"] == 8
+    assert usage["members"] == [
+        {"member": f"key:{key_id}", "level": "key", "suspended": False, "terms": {"credits": 2, "rate_limit": "100/second"},
+         "credits": {"allowance": 2, "spent": 2, "balance": 0, "per": "month"}},
+        {"member": "team_a", "level": "team", "suspended": False, "terms": None},
+    ]  # fmt: skip
 
     raised = admin(a, "PUT", f"/keys/{key_id}/terms", {"credits": 3})
     assert raised.status_code == 200 and raised.json() == {"id": key_id, "billable": "team_a", "terms": {"credits": 3}}

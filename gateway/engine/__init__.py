@@ -25,9 +25,9 @@ from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
-from gateway.members import Chain
+from gateway.members import Chain, Level
 from gateway.overrides import Overrides
-from gateway.periods import calendar_bounds
+from gateway.periods import Period, calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
 
@@ -487,6 +487,54 @@ class Engine:
     def touched_besides(self, billables: Iterable[str]) -> int:
         """How many billables changed since the last take are not among `billables` (nothing is taken)."""
         return len(self._touched.difference(billables))
+
+    async def usage(self, billable: str) -> dict[str, Any]:
+        """What a customer's own view shows: the status of its org, and for a member (a team, a key with
+        terms) `members`: each level's own numbers, nearest first."""
+        chain = await self.chain_of(billable) if self.chain_of is not None else None
+        if chain is None:
+            return await self.status(billable)
+        body = await self.status(chain.root)
+        body["members"] = [await self._member_status(chain.root, level) for level in chain.levels]
+        return body
+
+    async def _member_status(self, root: str, level: Level) -> dict[str, Any]:
+        terms = level.terms
+        out: dict[str, Any] = {"member": level.id, "level": level.word, "suspended": level.suspended,
+                               "terms": terms.shown() if terms is not None else None}  # fmt: skip
+        if terms is None:
+            return out
+        key = state.member_key(self.prefix, root, level.id)
+        now = self.clock()
+
+        async def counted(limit: str | None, period: Period | None) -> int:
+            """A count of the member's hash (a limit's, None: the credits'), 0 when counted in an earlier window."""
+            used, window = state.counted_fields(limit)
+            value, at = (await self.store.fields([key], used))[0], (await self.store.fields([key], window))[0]
+            current = period is None or (at is not None and int(at) == self._window_start(period, now))
+            return int(value or 0) if current else 0
+
+        if terms.credits is not None:
+            spent = await counted(None, terms.credit_period)
+            out["credits"] = {"allowance": terms.credits, "spent": spent, "balance": max(0, terms.credits - spent), "per": terms.credits_per}
+        limits = {}
+        for name, limit in terms.limits.items():
+            used = await counted(name, limit.period)
+            limits[name] = {"usage": used, "limit": limit.to, "remaining": max(0, limit.to - used), "per": limit.per}
+        if limits:
+            out["limits"] = limits
+        return out
+
+    def _window_start(self, period: Period, now: float) -> int:
+        """The start (ms) of the window of `period` holding `now`, as lib/rules.lua's window_of picks it (a
+        member's billing cycle is the calendar month)."""
+        code = period_code(period)
+        if code.startswith("s"):
+            size = int(code[1:]) * 1000
+            return int(now * 1000) // size * size
+        self._calendar()
+        bounds = json.loads(self._bounds[1])["m" if code == "bc" else code]
+        return int((bounds[0] if now < bounds[1] else bounds[1] if now < bounds[2] else bounds[2]) * 1000)
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, evaluated by status.lua with decide.lua's rules (of the restored
