@@ -13,7 +13,6 @@ credential of its owner, and its own budget is counted beside the owner's and th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
+from gateway.coalesce import Coalescer
 from gateway.errors import BadRequest, DatabaseUnavailable
 from gateway.ids import billable as billable_id
 from gateway.store.db import Database, billable_members, billable_overrides
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 KEY_MEMBER = "key:"
 TTL_S = 1.0
+BATCH = 500  # billables in one query (SQLite caps a statement's parameters)
+KNOWN_MAX = 100_000
 
 
 def key_member(key_id: str) -> str:
@@ -133,14 +135,15 @@ async def members_of(db: Database, root: str) -> list[str]:
 
 
 class Members:
-    """Each billable's chain as the record said at most TTL_S ago; concurrent lookups share one query."""
+    """Each billable's chain as the record said at most TTL_S ago; the lookups asked for while one is on its
+    way share the next query (gateway.coalesce: a query per billable and second queued hundreds)."""
 
     def __init__(self, db: Database, *, ttl: float = TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
         self.ttl = ttl
         self.clock = clock
         self._known: dict[str, tuple[float, Chain | None]] = {}
-        self._asking: dict[str, asyncio.Future[Chain | None]] = {}
+        self._lookups: Coalescer[str, Chain] = Coalescer(self._fetch, size=BATCH)
 
     def forget(self, billable: str) -> None:
         self._known.pop(billable, None)
@@ -150,41 +153,8 @@ class Members:
         known = self._known.get(billable)
         if known is not None and self.clock() - known[0] < self.ttl:
             return known[1]
-        asking = self._asking.get(billable)
-        if asking is not None:
-            return await asyncio.shield(asking)
-        future: asyncio.Future[Chain | None] = asyncio.get_running_loop().create_future()
-        self._asking[billable] = future
         try:
-            found = await self._fetch(billable, known)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: whoever waits gets it, none is logged as lost
-            raise
-        finally:
-            del self._asking[billable]
-        future.set_result(found)
-        return found
-
-    async def _fetch(self, billable: str, known: tuple[float, Chain | None] | None) -> Chain | None:
-        asked = self.clock()
-        a, b = billable_members.alias("a"), billable_members.alias("b")
-        sa_, sb = billable_overrides.alias("sa"), billable_overrides.alias("sb")
-        query = (
-            sa.select(
-                a.c.parent, a.c.terms, b.c.parent.label("root"), b.c.terms.label("parent_terms"),
-                sa_.c.suspension.label("suspended"), sb.c.suspension.label("parent_suspended"),
-            )
-            .select_from(
-                a.outerjoin(b, b.c.billable == a.c.parent)
-                .outerjoin(sa_, sa_.c.billable == a.c.billable)
-                .outerjoin(sb, sb.c.billable == a.c.parent)
-            )
-            .where(a.c.billable == billable)
-        )
-        try:
-            async with self.db.reader.connect() as conn:
-                row = (await conn.execute(query)).first()
+            return await self._lookups.get(billable)
         except DatabaseUnavailable as exc:
             if known is not None:
                 return known[1]
@@ -192,16 +162,36 @@ class Members:
                 raise
             log.warning("cannot read the parent of %s (%s): deciding it as a billable of its own", billable, exc)
             return None
-        chain: Chain | None = None
-        if row is not None:
-            own = Level(billable, level_word(billable), MemberTerms.from_json(row.terms) if row.terms else None, row.suspended is not None)
+
+    async def _fetch(self, billables: list[str]) -> dict[str, Chain]:
+        asked = self.clock()
+        a, b = billable_members.alias("a"), billable_members.alias("b")
+        sa_, sb = billable_overrides.alias("sa"), billable_overrides.alias("sb")
+        query = (
+            sa.select(
+                a.c.billable, a.c.parent, a.c.terms, b.c.parent.label("root"), b.c.terms.label("parent_terms"),
+                sa_.c.suspension.label("suspended"), sb.c.suspension.label("parent_suspended"),
+            )
+            .select_from(
+                a.outerjoin(b, b.c.billable == a.c.parent)
+                .outerjoin(sa_, sa_.c.billable == a.c.billable)
+                .outerjoin(sb, sb.c.billable == a.c.parent)
+            )
+            .where(a.c.billable.in_(billables))
+        )
+        async with self.db.reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        found: dict[str, Chain] = {}
+        for row in rows:
+            own = Level(row.billable, level_word(row.billable), MemberTerms.from_json(row.terms) if row.terms else None,
+                        row.suspended is not None)  # fmt: skip
             if row.root is None:
-                chain = Chain(row.parent, (own,))
+                found[row.billable] = Chain(row.parent, (own,))
             else:
                 team_terms = MemberTerms.from_json(row.parent_terms) if row.parent_terms else None
-                team = Level(row.parent, "team", team_terms, row.parent_suspended is not None)
-                chain = Chain(row.root, (own, team))
-        self._known[billable] = (asked, chain)
-        if len(self._known) > 100_000:
+                found[row.billable] = Chain(row.root, (own, Level(row.parent, "team", team_terms, row.parent_suspended is not None)))
+        for billable in billables:
+            self._known[billable] = (asked, found.get(billable))
+        while len(self._known) > KNOWN_MAX:
             self._known.pop(next(iter(self._known)))
-        return chain
+        return found

@@ -23,7 +23,7 @@ from gateway.engine import Engine
 from gateway.errors import BadRequest
 from gateway.members import Members, key_member, set_parent, set_terms
 from gateway.reconcile import connect
-from gateway.store.cluster import key_slot
+from gateway.state import member_key
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
 from gateway.terms import InvalidTerms, MemberTerms, validate
@@ -48,7 +48,7 @@ class World:
         return await (engine or self.engine).decide(billable, self.catalog.route_for(method, path), **kw)
 
     async def member_field(self, root: str, member: str, name: str) -> str | None:
-        value = await self.raw.hget(f"{self.prefix}:{{{root}}}:m:{member.replace(':', '%3A')}", name)
+        value = await self.raw.hget(member_key(self.prefix, root, member), name)
         return value.decode() if isinstance(value, bytes) else value
 
     async def org_field(self, root: str, name: str) -> str | None:
@@ -232,20 +232,21 @@ def test_a_billable_without_parent_decides_as_before(run: Run) -> None:
 def test_cluster_an_org_and_its_members_share_one_slot(redis_cluster: RedisCluster, tmp_path: Any) -> None:
     async def main() -> None:
         async with world(redis_cluster.url, f"sqlite:///{tmp_path}/gateway.db") as w:
-            for org in ["org-1", "a}b{c", "日本"]:
+            for org in ["org-1", "org.2@x", "org:3"]:
                 await w.engine.set_assignment(org, "pro")
                 team = f"team-of-{org}"
                 await set_parent(w.db, team, org)
-                await set_terms(w.db, team, terms(credits=50))
+                await set_terms(w.db, team, terms(credits=500))
                 member = key_member(uuid.uuid4().hex[:12])
                 await set_terms(w.db, member, terms(credits=10), parent=team)
                 slots = {await w.raw.cluster_keyslot(k) for k in w.engine.keys(org)}
-                slots.add(key_slot(f"{w.prefix}:{{{org}}}:m:x"))
+                slots |= {await w.raw.cluster_keyslot(member_key(w.prefix, org, m)) for m in (team, member)}
                 assert len(slots) == 1
                 assert (await w.decide(member, "POST", "/images")).admitted
                 assert (await w.decide(member, "POST", "/images")).admitted
                 assert (await w.decide(member, "POST", "/images")).violated_policies == ["key-credits"]
                 d = await w.decide(team, "POST", "/chat")
+                assert d.admitted and d.members == (team,)
                 await w.engine.settle(d, give_back_limits=False, credits_owed=20)
                 assert await w.org_field(org, "c:s") == "30"
 
