@@ -95,3 +95,28 @@ def test_seats_count_the_orgs_and_its_teams_keys(tmp_path: Path, empty_db_url: s
         assert admin(gw, "POST", "/keys", {"billable": "other_org"}).status_code == 201  # its own seats
         assert admin(gw, "DELETE", f"/keys/{first.json()['id']}").status_code == 204
         assert admin(gw, "POST", "/keys", {"billable": "org_1"}).status_code == 201
+
+
+def test_cli_keys_create_with_a_budget(tmp_path: Path) -> None:
+    """`gateway keys create ... --credits 1 --rate 100/second` makes a key with its own budget (a running
+    gateway refuses its second image with key-credits); a bad --rate is refused naming its place."""
+    import subprocess
+
+    from gateway_support import recording_upstream
+    from http_servers import serve_in_thread
+    from test_keys_cli import GATEWAY, cli, gateway
+
+    (tmp_path / "plans.toml").write_text(CATALOG)
+    bad = subprocess.run([GATEWAY, "keys", "create", "org_1", "--rate", "2/fortnight"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "terms.rate_limit" in bad.stderr
+    created = cli(tmp_path, "keys", "create", "org_1", "--name", "ci", "--credits", "1", "--rate", "100/second")
+    key = created.stdout.strip()
+    with serve_in_thread(recording_upstream([])) as upstream, gateway(tmp_path, upstream) as url:
+        assert call_url(url, key).status_code == 200
+        refused = call_url(url, key)
+        assert refused.status_code == 402 and refused.json()["violated_policies"] == ["key-credits"]
+
+
+def call_url(url: str, key: str) -> httpx.Response:
+    return httpx.post(f"{url}/images", headers={"Authorization": f"Bearer {key}"}, timeout=30)
