@@ -364,3 +364,17 @@ def test_a_suspended_member_is_refused_and_its_org_goes_on(run: Run) -> None:
         assert (await w.decide(key, "POST", "/images")).violated_policies == ["suspended"]
 
     run(fn)
+
+
+def test_a_member_past_its_terms_expiry_is_refused(run: Run) -> None:
+    async def fn(w: World) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        key = await org_team_key(w, team=None, key=None)
+        await set_terms(w.db, key, MemberTerms(credits=100, expires_at=datetime.now(UTC) - timedelta(minutes=1)), parent="team_a")
+        refused = await w.decide(key, "POST", "/images")
+        assert refused.status == 403 and refused.problem_type == "urn:gateway:expired" and refused.violated_policies == ["key-expired"]
+        assert body(refused, w.catalog)["detail"] == "This key's terms have expired: ask the account's owner for new ones."
+        assert await w.org_field("org_1", "c:s") in (None, "0")
+
+    run(fn)

@@ -122,9 +122,7 @@ end
 local function members_commit(levels, decided)
   for i = 1, #levels do
     local writes = decided.writes[i]
-    writes[#writes + 1] = 'chg'
-    writes[#writes + 1] = (tonumber(redis.call('HGET', KEYS[3 + i], 'chg')) or 0) + 1
-    redis.call('HSET', KEYS[3 + i], unpack(writes))
+    if #writes > 0 then redis.call('HSET', KEYS[3 + i], unpack(writes)) end
   end
 end
 
@@ -146,7 +144,6 @@ local function members_settle(held, back, owed)
       local spent = math.max(0, (tonumber(redis.call('HGET', key, 'c:s')) or 0) + owed - m.c)
       redis.call('HSET', key, 'c:s', spent)
     end
-    redis.call('HINCRBY', key, 'chg', 1)
   end
 end
 
@@ -156,7 +153,6 @@ local function members_release(limit, units)
     local usage = tonumber(redis.call('HGET', KEYS[i], 'u:' .. limit))
     if usage and redis.call('HEXISTS', KEYS[i], 'w:' .. limit) == 0 then
       redis.call('HSET', KEYS[i], 'u:' .. limit, math.max(0, usage - units))
-      redis.call('HINCRBY', KEYS[i], 'chg', 1)
     end
   end
 end
