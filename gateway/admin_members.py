@@ -5,6 +5,7 @@ gateway.members.TTL_S (a key's change is announced on the revocation feed, so it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway.store.db import Database
 from gateway.terms import MemberTerms, validate
 
 Audit = Callable[[Request, str, str | None, Any, Any], Awaitable[None]]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class MemberAdmin:
@@ -30,6 +32,22 @@ class MemberAdmin:
         self.catalog = catalog
         self.clock = clock
         self.audit = audit
+
+    def org_only(self, endpoint: Endpoint) -> Endpoint:
+        """An endpoint that changes a billable's own plan, credits, limits or overrides: refused (409) for a
+        member, which decides with its org's (its own state would count for nothing)."""
+
+        @functools.wraps(endpoint)
+        async def guarded(request: Request) -> Response:
+            billable = request.path_params["billable"]
+            found = await parent_of(self.db, billable) if self.db is not None and request.method != "GET" else None
+            if found is not None:
+                return problem(409, "urn:gateway:member", "Member",
+                               f"{billable} is a member of {found[0]}: its plan, credits, limits and overrides are "
+                               f"{found[0]}'s. Give it terms of its own with PUT /_gateway/admin/billables/{billable}/terms.")  # fmt: skip
+            return await endpoint(request)
+
+        return guarded
 
     async def parent(self, request: Request) -> Response:
         """PUT {"parent": "org_1"}: the billable becomes a team of its org (two levels at most: org → team
