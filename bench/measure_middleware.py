@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/measure_middleware.py            # 20,000 requests, 64 in flight, 3 rounds
     .venv/bin/python bench/measure_middleware.py --profile  # and cProfile's top functions
+    .venv/bin/python bench/measure_middleware.py --key-budget   # each billable a key with its own budget
 
 A no-op app behind GatewayMiddleware (billable from X-Api-Key, 1,000 billables), deciding bench/plans.toml's
 GET /hello (a rate limit, an allowance and a credit spend) against a private redis-server. Prints the
 process's CPU time per request (`time.process_time()`), the same app without the middleware beside it.
+With --key-budget each billable is a key with terms of its own (credits and a rate limit: gateway.members,
+in a SQLite record) under an org of its own, decided with its org in the same script call.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import tempfile
+
 from services import RedisServer
 
 from gateway.catalog import load_catalog
 from gateway.engine import Engine
+from gateway.members import Members, key_member, set_terms
 from gateway.middleware import GatewayMiddleware
+from gateway.store.db import Database
 from gateway.store.redis import open_redis
+from gateway.terms import MemberTerms
 
 IN_FLIGHT = 64
 BODY = b'{"hello":"world"}'
@@ -75,11 +83,27 @@ async def cpu_per_request(app: Any, n: int, profile: cProfile.Profile | None = N
     return (time.process_time() - began) / (n // IN_FLIGHT * IN_FLIGHT) * 1e6
 
 
-async def main(n: int, rounds: int, profile: bool) -> None:
-    with RedisServer() as server:
+def key_of(scope: dict[str, Any]) -> str | None:
+    found = billable_of(scope)
+    return key_member(found) if found else None
+
+
+async def members(folder: str) -> Members:
+    """key<i> is a key with terms of its own under org<i>, in a SQLite record."""
+    db = await Database.connect(f"sqlite:///{folder}/bench.db")
+    await db.upgrade()
+    terms = MemberTerms(credits=10**12, rate_limit="1000000/second")
+    for i in range(1000):
+        await set_terms(db, key_member(f"key{i}"), terms, parent=f"org{i}")
+    return Members(db)
+
+
+async def main(n: int, rounds: int, profile: bool, key_budget: bool = False) -> None:
+    with RedisServer() as server, tempfile.TemporaryDirectory() as folder:
         store = open_redis(server.url)
-        engine = Engine(store, load_catalog(ROOT / "bench" / "plans.toml"), prefix="gwmw")
-        app = GatewayMiddleware(noop, engine=engine, billable=billable_of, freeze_gc=False)
+        chain_of = (await members(folder)).chain if key_budget else None
+        engine = Engine(store, load_catalog(ROOT / "bench" / "plans.toml"), prefix="gwmw", chain_of=chain_of)
+        app = GatewayMiddleware(noop, engine=engine, billable=key_of if key_budget else billable_of, freeze_gc=False)
         await cpu_per_request(app, n)  # every billable exists, every cache is warm
         gc.collect()
         gc.freeze()
@@ -99,6 +123,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--key-budget", action="store_true", help="each billable a key with its own budget under an org")
     args = parser.parse_args()
     try:
         import uvloop
@@ -106,4 +131,4 @@ if __name__ == "__main__":
         run: Any = uvloop.run
     except ImportError:
         run = asyncio.run
-    run(main(args.requests, args.rounds, args.profile))
+    run(main(args.requests, args.rounds, args.profile, args.key_budget))

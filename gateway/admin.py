@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from gateway import audit, openapi
+from gateway.admin_members import MemberAdmin
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog, Plan
 from gateway.check import Checker
@@ -55,7 +56,9 @@ from gateway.problems import (
 )
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
+from gateway.seats import NoSeat, check_seat, root_of
 from gateway.store.db import Database
+from gateway.terms import validate as validate_terms
 from gateway.usage import PERIOD, current_period, usage_report
 
 log = logging.getLogger("gateway.admin")
@@ -158,18 +161,22 @@ class Endpoints:
         self.catalogs = catalogs
         if not self.tokens:
             log.warning("GATEWAY_ADMIN_TOKEN is not set: the admin API is off")
+        self.members = MemberAdmin(db, keys, lambda: self.engine.catalog, engine.clock, self._audit)
         admin = [
             Route("/_gateway/admin/keys", self.create_key, methods=["POST"]),
             Route("/_gateway/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
+            Route("/_gateway/admin/keys/{key_id}/terms", self.members.key_terms, methods=["PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/parent", self.members.parent, methods=["PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/terms", self.members.team_terms, methods=["PUT", "DELETE"]),
             Route("/_gateway/admin/billables/{billable}", self.billable_status, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/keys", self.list_keys, methods=["GET"]),
-            Route("/_gateway/admin/billables/{billable}/plan", self.assign_plan, methods=["PUT", "DELETE"]),
-            Route("/_gateway/admin/billables/{billable}/credits", self.grant_credits, methods=["POST"]),
-            Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.set_limit, methods=["PUT"]),
-            Route("/_gateway/admin/billables/{billable}/limits/{limit}/reset", self.reset_limit, methods=["POST"]),
-            Route("/_gateway/admin/billables/{billable}/overrides", self.overrides, methods=["GET", "PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/plan", self.members.org_only(self.assign_plan), methods=["PUT", "DELETE"]),
+            Route("/_gateway/admin/billables/{billable}/credits", self.members.org_only(self.grant_credits), methods=["POST"]),
+            Route("/_gateway/admin/billables/{billable}/limits/{limit}", self.members.org_only(self.set_limit), methods=["PUT"]),
+            Route("/_gateway/admin/billables/{billable}/limits/{limit}/reset", self.members.org_only(self.reset_limit), methods=["POST"]),
+            Route("/_gateway/admin/billables/{billable}/overrides", self.members.org_only(self.overrides), methods=["GET", "PUT", "DELETE"]),
             Route("/_gateway/admin/billables/{billable}/suspension", self.suspension, methods=["PUT", "DELETE"]),
-            Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
+            Route("/_gateway/admin/billables/{billable}/auto-recharge", self.members.org_only(self.auto_recharge), methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
             Route("/_gateway/admin/catalog", self.catalog_endpoint, methods=["GET", "POST"]),
@@ -253,11 +260,23 @@ class Endpoints:
             return bad_request(f'name is a string of at most {MAX_NAME} characters (send {{"billable": "org_1", "name": "ci"}}).')
         if self.keys is None:
             return bad_request("This gateway names billables by a trusted header: it has no API keys.")
+        # A key's own terms (its budget beside its owner's) are checked before the key exists.
+        terms = validate_terms(body["terms"], self.catalog, self.engine.clock()) if body.get("terms") is not None else None
+        if self.db is not None:
+            root = await root_of(self.db, billable)
+            try:
+                await check_seat(self.db, self.catalog, (await self.engine.plan_of(root)).name, root)
+            except NoSeat as exc:
+                return problem(403, "urn:gateway:no-seat", "No seat", str(exc))
         created = await self.keys.create(billable, name)
         await self._audit(request, "key.create", billable, None, {"id": created.id, "name": created.name})
+        if terms is not None:
+            answer = await self.members.put_key_terms(request, created.id, billable, terms, status=201)
+            if answer.status_code != 201:
+                return answer
         return JSONResponse(
             {"id": created.id, "key": created.key, "billable": created.billable, "name": created.name,
-             "created_at": _iso(created.created_at)},
+             "created_at": _iso(created.created_at), **({"terms": terms.shown()} if terms is not None else {})},
             status_code=201,
         )
 
@@ -545,7 +564,7 @@ class Endpoints:
             return problem(401, "urn:gateway:unauthorized", "Unauthorized",
                            "A valid API key is required: send Authorization: Bearer <key> or X-Api-Key: <key>.")
         try:
-            return JSONResponse(await self.engine.status(billable))
+            return JSONResponse(await self.engine.usage(billable))
         except GatewayError as exc:
             return problem(503, "urn:gateway:unavailable", "Service unavailable", str(exc))
 

@@ -264,6 +264,10 @@ class StripePrices(_Model):
     year: str | None = None
 
 
+class Seats(_Model):
+    to: Count  # live API keys under a billable and its teams (gateway.seats)
+
+
 class Plan(_Model):
     name: str | None = None
     description: str | None = None
@@ -284,6 +288,7 @@ class Plan(_Model):
     # Archived: its billables keep its terms; no new assignment, not on the pricing page or in sentences.
     status: PlanStatus = "active"
     enforce: Enforce | None = None
+    seats: Seats | None = None  # None: any number of keys
 
     @field_validator("credits_per")
     @classmethod

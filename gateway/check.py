@@ -169,7 +169,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=f"{hold}{_tag(_settled_as(question.route))}.{billable}" if hold else None,
+            hold=_hold_id(hold, question.route, decision.billable or billable, decision.members) if hold else None,
             headers=decision.headers(),
         )
 
@@ -184,7 +184,7 @@ class Checker:
         if units is not None and not (0 <= units <= MAX_INT):
             raise BadRequest(f"units must be a number from 0 to {MAX_INT}.")
         taken = self._taken_for(hold)
-        if taken is None:  # an older hold id, or its route left the catalog since: read what it was taken for
+        if taken is None:  # an older or a member's hold id, or its route left the catalog: read what it was taken for
             return await self._settle_read(hold, billable, outcome, units)
         todo = _settle(outcome, units, taken.operation)
         release = taken.route.config.release if taken.route is not None else None
@@ -192,6 +192,8 @@ class Checker:
             billable, hold[:16], taken.settled_as, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,
             units=todo.units, release=release if release is not None and releases(Fate.COMPLETE, _answered(outcome), True) else None,
         )  # fmt: skip
+        if reply.status == "read":  # held at member levels too (a tag given to such a hold): read, then settle
+            return await self._settle_read(hold, billable, outcome, units)
         if reply.status == "mismatch":
             raise BadRequest(f"hold: {hold} was not answered by a check (its tag names another route): send the hold as the check answered it.")
         if reply.status == "missing":
@@ -213,7 +215,7 @@ class Checker:
                                               units=todo.units)  # fmt: skip
         release = route.config.release if route is not None else None
         if reply.status == "ok" and release is not None and releases(Fate.COMPLETE, _answered(outcome), True):
-            await self.engine.release(billable, plan, release)
+            await self.engine.release(billable, plan, release, members=stored.hold.member_ids)
         if reply.status == "missing":
             raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
         if reply.status != "ok":  # another settle of the same hold came first
@@ -331,6 +333,14 @@ class Checker:
 
 
 _NEVER = re.compile(r"(?!)")  # a check's own routes match no request
+
+
+def _hold_id(hold: str, route: Route | None, billable: str, members: tuple[str, ...]) -> str:
+    """A consuming check's hold id: in its org's state (a member's hold too), tagged with what it was taken
+    for, so its settle is one call; a hold taken at member levels too is untagged: its settle reads it."""
+    if members:
+        return f"{hold}.{billable}"
+    return f"{hold}{_tag(_settled_as(route))}.{billable}"
 
 
 def _settled_as(route: Route | None) -> str:

@@ -174,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     create = _command(key_actions, "create", "a new key for a billable, printed once")
     create.add_argument("billable", metavar="BILLABLE", help="the customer the key identifies (e.g. org_1)")
     create.add_argument("--name", default="", help="a label to tell keys apart (e.g. ci)")
+    create.add_argument("--credits", type=int, help="the key's own budget of credits per --credits-per, beside its owner's (e.g. 500)")
+    create.add_argument("--credits-per", default="month", help="the period of --credits (default month)")
+    create.add_argument("--rate", help='the key\'s own rate limit (e.g. "2/second")')
+    create.add_argument("--disallow", action="append", default=[], metavar="FEATURE", help="a feature of the plan this key may not use (repeatable)")
+    create.add_argument("--expires", metavar="ISO", help="when the key's terms end, e.g. 2027-01-01T00:00:00Z (then it is refused)")
     listed = _command(key_actions, "list", "a billable's keys: id, name, created, last used, revoked (never a secret)")
     listed.add_argument("billable", metavar="BILLABLE", help="the customer whose keys to list")
     revoke = _command(key_actions, "revoke", "revoke a key by its id, on every gateway within a second",
@@ -338,7 +343,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     keys = KeyStore(db, feed=RevocationFeed(store) if store is not None else None)
     try:
         if args.action == "create":
-            return await _create_key(keys, db, args.billable, args.name)
+            return await _create_key(keys, db, args.billable, args.name, _key_terms(settings, args))
         if args.action == "list":
             return _list_keys(args.billable, await keys.list(args.billable))
         return await _revoke_key(keys, db, settings, args.key_id)
@@ -349,14 +354,41 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         await db.close()
 
 
-async def _create_key(keys: Any, db: Any, billable: str, name: str) -> int:
+def _key_terms(settings: Settings, args: argparse.Namespace) -> Any:
+    """The key's own terms from --credits, --rate, --disallow, --expires (None without any), by the catalog's rules."""
+    from gateway.catalog import load_catalog
+    from gateway.errors import BadRequest
+    from gateway.terms import validate
+
+    body: dict[str, Any] = {}
+    if args.credits is not None:
+        body |= {"credits": args.credits, "credits_per": args.credits_per}
+    if args.rate is not None:
+        body["rate_limit"] = args.rate
+    if args.disallow:
+        body["disallows"] = args.disallow
+    if args.expires is not None:
+        body["expires_at"] = args.expires
+    if not body:
+        return None
+    try:
+        return validate(body, load_catalog(settings.plans), time.time())
+    except BadRequest as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _create_key(keys: Any, db: Any, billable: str, name: str, terms: Any = None) -> int:
     from gateway import audit
+    from gateway.members import key_member, set_terms
 
     try:
         created = await keys.create(billable, name)
     except ValueError as exc:  # the billable id rule
         raise ConfigError(str(exc)) from None
     await audit.record(db, token=audit.CLI, action="key.create", billable=billable, before=None, after={"id": created.id, "name": created.name})
+    if terms is not None:
+        await set_terms(db, key_member(created.id), terms, parent=billable)
+        await audit.record(db, token=audit.CLI, action="key.terms", billable=billable, before=None, after={"id": created.id, "terms": terms.shown()})
     print(created.key)
     print(f"key {created.id} for {billable}" + (f" ({name})" if name else "") + ": shown once, store it now", file=sys.stderr)
     return 0

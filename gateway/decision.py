@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway.catalog import CREDITS, Catalog, Route
+from gateway.levels import EXPIRED, level_sentence
 from gateway.problems import problem_body
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded
 _OUTCOMES: dict[str, tuple[int, str, str]] = {
     "unauthorized": (401, "urn:gateway:unauthorized", "Unauthorized"),
     "suspended": (403, "urn:gateway:suspended", "Suspended"),
+    EXPIRED: (403, "urn:gateway:expired", "Expired"),
     "feature": (403, "urn:gateway:feature-not-in-plan", "Feature not in plan"),
     "cap": (403, "urn:gateway:limit-reached", "Limit reached"),
     "size": (403, "urn:gateway:limit-reached", "Limit reached"),
@@ -77,6 +79,7 @@ class Decision:
     degraded: bool = False
     recharge: bool = False  # this spend took the lease to start an auto-recharge
     shadowed: list[Violation] = field(default_factory=list)  # what an admission in shadow would have been denied for
+    members: tuple[str, ...] = ()  # the member levels (a key's, a team's budget) decided with the billable, nearest first
 
     @property
     def deciding(self) -> Violation | None:
@@ -239,7 +242,9 @@ def detail(decision: Decision, catalog: Catalog, *, unauthorized: str = API_KEY_
     target_title = catalog.plan_title(target) if target else None
     sentences: list[str] = []
     for v in sorted(decision.violations, key=lambda v: _RANK[v.kind]):
-        if v.kind == "feature":
+        if (at_level := level_sentence(v, decision.policies, decision.credits)) is not None:
+            s = at_level
+        elif v.kind == "feature":
             if v.name in catalog.limit_kinds:
                 what = _noun(v.name)
                 s = f"Your current plan ({plan_title}) doesn't include {what}."

@@ -32,8 +32,9 @@ from sqlalchemy.exc import IntegrityError
 from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable
 from gateway.ids import billable as billable_id
+from gateway.members import KEY_MEMBER
 from gateway.revocations import RevocationFeed
-from gateway.store.db import Database, api_keys, settings
+from gateway.store.db import Database, api_keys, billable_members, settings
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,12 @@ class KeyStore:
     async def _fetch(self, ids: list[str]) -> dict[str, _Known]:
         # The clock is read before asking: the answer is then never trusted past TTL after the question.
         asked_at = self.clock()
-        query = sa.select(api_keys.c.id, api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at).where(
-            api_keys.c.id.in_(ids)
+        # A key with terms of its own decides as its member (gateway.members): its budget beside its owner's.
+        member = billable_members.c.billable
+        query = (
+            sa.select(api_keys.c.id, api_keys.c.billable, api_keys.c.hash, api_keys.c.revoked_at, member.label("member"))
+            .select_from(api_keys.outerjoin(billable_members, member == sa.literal(KEY_MEMBER) + api_keys.c.id))
+            .where(api_keys.c.id.in_(ids))
         )
         async with self.db.reader.connect() as conn:
             rows = {row.id: row for row in await conn.execute(query)}
@@ -271,7 +276,7 @@ class KeyStore:
                 self._forget(key_id)  # (the feed named it while the record was answering: revoked since)
                 continue
             stale = self._known.get(key_id)
-            known = found[key_id] = _Known(row.billable, row.hash, asked_at, stale.touched_at if stale else None)
+            known = found[key_id] = _Known(row.member or row.billable, row.hash, asked_at, stale.touched_at if stale else None)
             if self._reset_at >= asked_at:
                 continue  # answered, but not kept: the feed lost track while the record was answering
             self._unknown.pop(key_id, None)
@@ -392,6 +397,16 @@ class KeyStore:
         async with self.db.engine.connect() as conn:
             row = (await conn.execute(query)).first()
         return None if row is None else (row.billable, row.revoked_at is not None)
+
+    async def refresh(self, key_id: str) -> None:
+        """The key changed in the record (its terms): every process reads it again on its next use (with a
+        feed, told at once; else within TTL). RedisUnavailable when the feed cannot take it."""
+        self._known.pop(key_id, None)
+        if self.feed is not None:
+            try:
+                await self.feed.publish(key_id)
+            except RedisReplyError as exc:
+                raise RedisUnavailable(f"Redis did not take the change of {key_id}: {exc}") from exc
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke the key (again is fine); False when there is no such key. Other processes follow within TTL.

@@ -144,7 +144,7 @@ class GatewayMiddleware:
             await self._deny(scope, send, decision)
             return
 
-        upstream_headers = clean + [(b"x-billable-id", billable.encode()), (b"x-plan", (decision.plan or "").encode())]
+        upstream_headers = clean + [(b"x-billable-id", (decision.billable or billable).encode()), (b"x-plan", (decision.plan or "").encode())]
         scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
         if scope["type"] == "websocket":
             await app(scope, receive, send)
@@ -368,7 +368,7 @@ class GatewayMiddleware:
         result = outcome(fate.status, fate.complete, fate.failed)
         try:
             if release is not None and decision.plan and releases(result, fate.status, fate.release_confirmed):
-                await self.engine.release(decision.billable or "", decision.plan, release)
+                await self.engine.release(decision.billable or "", decision.plan, release, members=decision.members)
             if decision.hold is None:
                 return
             metered = operation if operation is not None and operation.metered else None

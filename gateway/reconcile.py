@@ -44,6 +44,7 @@ from gateway.engine import Engine
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable, StateUnavailable
 from gateway.events import Outbox
 from gateway.grants import Grants, grants_after, numbered_grants
+from gateway.members import Members
 from gateway.settings import Settings
 from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
 from gateway.store.db import (
@@ -487,11 +488,13 @@ def connect(
     """An engine connected to the record: Redis's lost states are restored from it, changes flushed to it.
 
     Every engine that writes to Redis next to a record needs both: one that applied a grant to a state
-    Redis lost, without restoring it first, would hide the record's balance behind a fresh one."""
+    Redis lost, without restoring it first, would hide the record's balance behind a fresh one. A team or a
+    key with terms is decided with its org (gateway.members)."""
     census = Census(store, db, prefix=prefix, margin=census_margin(db))
     rehydrator = Rehydrator(db, census=census)
     engine = Engine(
-        store, catalog, prefix=prefix, hold_ttl=hold_ttl, restore=rehydrator.restore, grants_after=rehydrator.grants_after
+        store, catalog, prefix=prefix, hold_ttl=hold_ttl, restore=rehydrator.restore, grants_after=rehydrator.grants_after,
+        chain_of=Members(db).chain,
     )
     grants = Grants(db, engine)
     reconciler = Reconciler(engine, db, grants=grants, interval=interval, events_retention=events_retention, census=census)

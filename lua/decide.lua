@@ -8,16 +8,20 @@
 --       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events),
 --       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
 --       under it (`qr:`, `qu:`, `qc:`; would-be denials in shadow `qs:`) for the record's usage history,
---       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease).
+--       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease),
+--       12 the billable's member levels (lib/members.lua; "" or absent for none): KEYS 4.. are their state
+--       hashes, each decided against its own terms with the root, all or nothing.
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
 --#include args
+--#include members
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 whole_arg(2)
 for _, i in ipairs({4, 5, 7, 9, 10, 11}) do text_arg(i) end
 local cost_override = whole_arg(6, 0, nil, true)
 local hold_ttl = whole_arg(8, 0)
 local dry = ARGV[11] == '1'
+local levels = members_arg(12, #KEYS)
 
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
@@ -220,6 +224,13 @@ for _, l in ipairs(spec.l or {}) do
   end
 end
 
+-- Member levels (a key's, a team's own terms): a violation at any level denies at every level.
+local member = nil
+if #levels > 0 then
+  member = members_decide(levels, now, bounds, spec.cr and (cost_override or spec.cr.c) or 0, spec.l or {}, window)
+  for _, v in ipairs(member.violations) do violate(v) end
+end
+
 -- Credits: balance = period allowance left + purchased - debt; spend takes the allowance first.
 local credit = nil
 local hold = nil
@@ -283,6 +294,7 @@ if cr then
 end
 if not hold then hold = {cp = 0, cb = 0, w = 0} end
 hold.l = held_limits
+if member then hold.m = member.hold end
 hold.q = ARGV[10]
 
 local seq = num('eseq', 0)
@@ -320,6 +332,7 @@ elseif admitted then
     if not next_expiry or hold.exp < next_expiry then set('hx', hold.exp) end
   end
   redis.call('HSET', S, unpack(writes))
+  if member then members_commit(levels, member) end
 else
   -- A denial consumes nothing; it only remembers which block events it has sent.
   if #deny_events > 0 and not forced_deny then
@@ -336,7 +349,7 @@ end
 -- 2^53); false stands for none:
 -- {admitted, now (ms), policies, violations, events (JSON each), credit {allowance, shown, balance,
 --  recharge, purchased} or false, hold {period credits, purchased credits, credit window, allowance, usage
---  key, limits {{name, units, window}}} or false}.
+--  key, limits {{name, units, window}}, member levels' holds (JSON) or false} or false}.
 -- A denial consumed nothing: its policies, balance and purchased credits are those before the request.
 if not admitted then
   for i, b in pairs(before) do
@@ -344,10 +357,13 @@ if not admitted then
   end
   if credit then credit.bal, credit.p = credit.bal0, credit.p0 end
 end
+if member then
+  for _, p in ipairs(admitted and member.after or member.before) do policies[#policies + 1] = p end
+end
 local credit_reply = false
 if credit then
   credit_reply = {credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0, credit.p}
 end
 local hold_reply = false
-if hold then hold_reply = {hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.l} end
+if hold then hold_reply = {hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.l, hold.m and cjson.encode(hold.m) or false} end
 return {admitted and 1 or 0, now, policies, violations, out_events, credit_reply, hold_reply}

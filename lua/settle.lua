@@ -1,11 +1,12 @@
 -- After the upstream answered: settle a hold, or release a persistent cap; or close a check's hold (both).
--- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash, 4.. the member levels' state hashes
+-- (lib/members.lua), in the order of the hold's member holds ("close": none).
 -- The protocol is gateway/state/settle.py (SettleArgs, ReleaseArgs, CloseArgs, SettleReply, CloseReply).
 -- ARGV[1] = "settle": 2 "keep" or "back" for the limit units, 3 the credits actually owed ("" keeps what
 --   was held), 4 plan name (for events), 5 units the answer reported (counted in the usage history; ""
 --   for none), 6 "1" when the record restores, 7.. the hold (Hold.argv): id ("" when not metered),
---   period credits, purchased credits, credit window, allowance, usage key, then name, units, window
---   of each limit held.
+--   period credits, purchased credits, credit window, allowance, usage key, the member levels' holds
+--   (JSON, "" for none), then name, units, window of each limit held.
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
 -- ARGV[1] = "close" (a consuming check's stored hold, in one call): 2 to 6 as "settle", 7 the hold's id,
 --   8 the "<route>|<operation>" the caller settles it as (the hold's usage key must end with it), 9 the
@@ -13,10 +14,12 @@
 --   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (JSON).
 -- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}; "close"
 -- also answers "stale" (as decide.lua: the plan changed, resolve and retry) and "mismatch" (the hold was
--- taken for another route or operation: nothing written), and its balance is status.lua's.
+-- taken for another route or operation: nothing written) and "read" (it was held at member levels too:
+-- settle it as "settle", nothing written), and its balance is status.lua's.
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
 --#include args
+--#include members
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 local op = text_arg(1, {settle = true, release = true, close = true})
 text_arg(6)
@@ -32,9 +35,14 @@ else
 end
 if op == 'settle' then
   hold = {id = text_arg(7), cp = whole_arg(8), cb = whole_arg(9), w = whole_arg(10), a = whole_arg(11, -1),
-    q = text_arg(12), l = {}}
-  if (#ARGV - 12) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
-  for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
+    q = text_arg(12), l = {}, m = {}}
+  if text_arg(13) ~= '' then
+    local ok, m = pcall(cjson.decode, ARGV[13])
+    if not ok or type(m) ~= 'table' or #m ~= #KEYS - 3 then bad_arg(13, "the member levels' holds, one per key after the third") end
+    hold.m = m
+  end
+  if (#ARGV - 13) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
+  for i = 14, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
 elseif op == 'close' then
   close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = json_arg(14)}
   if text_arg(10) ~= '' then release = {ARGV[10], whole_arg(11, 0), whole_arg(12, -1, nil, true)} end
@@ -68,6 +76,7 @@ end
 
 if op == 'release' then
   give_back_cap(release[1], release[2], release[3])
+  members_release(release[1], release[2])
   redis.call('HINCRBY', S, 'chg', 1)
   return {'ok'}
 end
@@ -84,10 +93,11 @@ if close then
   if (tonumber(stored.exp) or 0) <= now then return {'settled'} end  -- past its lifetime: kept as charged
   local q = tostring(stored.q or '')
   if string.match(q, '^[^|]*|(.*)$') ~= close.as then return {'mismatch'} end
+  if stored.m and next(stored.m) then return {'read'} end
   local limits = {}
   for _, l in ipairs(stored.l or {}) do limits[#limits + 1] = {l[1], tonumber(l[2]), tonumber(l[3])} end
   hold = {id = close.id, cp = tonumber(stored.cp) or 0, cb = tonumber(stored.cb) or 0, w = tonumber(stored.w) or 0,
-    a = tonumber(stored.a) or 0, q = q, l = limits}
+    a = tonumber(stored.a) or 0, q = q, l = limits, m = {}}
 end
 
 if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
@@ -158,6 +168,7 @@ if owed then
 end
 
 if close and release then give_back_cap(release[1], release[2], release[3]) end
+members_settle(hold.m, ARGV[2] == 'back', owed)
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then
   local seq = num('eseq', 0)

@@ -19,13 +19,15 @@ from typing import Any, Literal
 from gateway import state
 from gateway.catalog import CREDITS, Catalog, Plan, RateLimit, Route
 from gateway.decision import Decision, PolicyState, Violation
+from gateway.engine.members import MemberSpecs, member_denials
 from gateway.engine.plans import ACTIVE_STATUSES, Plans, PlanSource, ResolvedPlan
 from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
+from gateway.members import Chain, Level
 from gateway.overrides import Overrides
-from gateway.periods import calendar_bounds
+from gateway.periods import Period, calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
 
@@ -38,6 +40,8 @@ SUSPENDED = "suspended"  # the violated policy of a suspended billable's every r
 Restorer = Callable[[str], Awaitable[state.Restored | None]]
 # The record's grants numbered after a sequence, as (sequence, amount) in order.
 GrantsAfter = Callable[[str, int], Awaitable[Sequence[tuple[int, int]]]]
+# A billable's org and the member levels up to it (gateway.members.Members.chain; None: it is an org).
+ChainOf = Callable[[str], Awaitable[Chain | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class Engine:
         grants_after: GrantsAfter | None = None,
         hold_ttl: int = 3600,
         clock: Callable[[], float] = time.time,
+        chain_of: ChainOf | None = None,
     ) -> None:
         # The local clock only picks candidate calendar windows and expires cached plans; Redis TIME decides.
         self.clock = clock
@@ -78,6 +83,9 @@ class Engine:
         # Redis holds is replayed from the record.
         self.grants_after = grants_after
         self.hold_ttl = hold_ttl
+        # A member (a team, a key with terms) is decided with its org, in the org's script call.
+        self.chain_of = chain_of
+        self.member_specs = MemberSpecs()
         # Billables whose Redis state this process changed since the reconciler last took them.
         self._touched = Touched()
         self.plans = Plans(catalog, clock)
@@ -111,8 +119,21 @@ class Engine:
         `credit_cost` prices an operation from the request (units read from the request body or headers).
         `dry` answers the decision the request would get and writes nothing: no events, hold or counters.
         `hold` stores what an admission holds under `decision.hold.id` (as for a metered spend), so that any
-        process can settle it once (gateway/check.py: `held`, then `settle_hold`)."""
+        process can settle it once (gateway/check.py: `held`, then `settle_hold`).
+
+        A member (gateway.members) is decided as its org, with each member level's own terms in the same
+        call: the decision's billable is the org, its `members` the levels."""
+        chain = await self.chain_of(billable) if self.chain_of is not None else None
+        members, levels = self.member_specs.of(chain) if chain is not None else ("", ())
+        if chain is not None:
+            billable = chain.root
         keys = self.keys(billable)
+        key_list = keys.all()
+        member_denied: list[Violation] = []
+        if chain is not None:
+            member_denied = member_denials(chain.levels, route.config.features if route is not None else (), self.clock())
+        if levels:
+            key_list = [*key_list, *(state.member_key(self.prefix, billable, level.id) for level in levels)]
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
@@ -125,8 +146,8 @@ class Engine:
                 spec=compiled.spec,
                 plan_version=resolved.version if resolved else -1,
                 calendar=self._calendar(),
-                forced_deny=(bool(compiled.denied) and not compiled.shadow) or suspended,  # shadow never relaxes a suspension
-                shadowed=bool(compiled.denied) and compiled.shadow and not suspended,
+                forced_deny=(bool(compiled.denied or member_denied) and not compiled.shadow) or suspended,  # shadow never relaxes a suspension
+                shadowed=bool(compiled.denied or member_denied) and compiled.shadow and not suspended,
                 hold_id=hold_id,
                 credit_cost=credit_cost,
                 restores=self.restore is not None,
@@ -134,8 +155,9 @@ class Engine:
                 plan=plan_name,
                 usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
                 dry=dry,
+                members=members,
             )
-            reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
+            reply = state.DecideReply.parse(await self.store.run("decide", key_list, args.argv()), hold_id)
             if isinstance(reply, state.Stale):
                 resolved = self._resolve(billable, reply)
                 continue
@@ -146,7 +168,10 @@ class Engine:
                 self._touched.add(billable)
             if suspended:
                 return self._suspended(billable, plan_name, route, reply)
-            return self._decision(billable, plan_name, route, compiled, reply)
+            decision = self._decision(billable, plan_name, route, compiled, reply, member_denied)
+            if levels:
+                decision.members = tuple(level.id for level in levels)
+            return decision
         raise RuntimeError(f"plan of {billable!r} kept changing during one decision")
 
     def _compiled(self, plan_name: str, route: Route | None, resolved: ResolvedPlan | None) -> Compiled:
@@ -169,8 +194,10 @@ class Engine:
             now=reply.now_ms / 1000,
         )
 
-    def _decision(self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply) -> Decision:
-        violations = [*compiled.denied, *reply.violations]
+    def _decision(
+        self, billable: str, plan: str, route: Route | None, compiled: Compiled, reply: state.DecideReply, member_denied: list[Violation]
+    ) -> Decision:
+        violations = [*compiled.denied, *member_denied, *reply.violations]
         shadowed: list[Violation] = []
         if compiled.shadow:
             # Admitted and charged as if within: the violations are what it would have been denied for.
@@ -269,7 +296,11 @@ class Engine:
             units=None if units is None else math.ceil(units),
             restores=self.restore is not None,
         )
-        return state.SettleReply.parse(await self.store.run("settle", self.keys(decision.billable).all(), args.argv()))
+        keys = [*self.keys(decision.billable).all(), *self._member_keys(decision.billable, decision.hold.member_ids)]
+        return state.SettleReply.parse(await self.store.run("settle", keys, args.argv()))
+
+    def _member_keys(self, billable: str, members: Iterable[str]) -> list[str]:
+        return [state.member_key(self.prefix, billable, member) for member in members]
 
     async def held(self, billable: str, hold_id: str) -> tuple[str, state.StoredHold] | None:
         """A stored hold (`decide(..., hold=True)`) still open, neither settled nor past its lifetime (then it
@@ -313,13 +344,15 @@ class Engine:
             resolved = self._resolve(billable, reply)
         raise RuntimeError(f"plan of {billable!r} kept changing during one settle")
 
-    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
-        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
+    async def release(self, billable: str, plan_name: str, limit: str, units: int = 1, members: Sequence[str] = ()) -> None:
+        """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0, at the
+        billable and each of `members` (a decision's) that counts it as a cap."""
         cap = self.terms_of(billable, plan_name).limits.get(limit)
         self._touched.add(billable)
         args = state.ReleaseArgs(limit, units, None if cap is None else cap.to, plan_name, self.restore is not None)
         for _ in range(2):
-            reply = state.SettleReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            keys = [*self.keys(billable).all(), *self._member_keys(billable, members)]
+            reply = state.SettleReply.parse(await self.store.run("settle", keys, args.argv()))
             if reply.status != "missing":
                 return
             await self.rehydrate(billable)
@@ -486,6 +519,54 @@ class Engine:
     def touched_besides(self, billables: Iterable[str]) -> int:
         """How many billables changed since the last take are not among `billables` (nothing is taken)."""
         return len(self._touched.difference(billables))
+
+    async def usage(self, billable: str) -> dict[str, Any]:
+        """What a customer's own view shows: the status of its org, and for a member (a team, a key with
+        terms) `members`: each level's own numbers, nearest first."""
+        chain = await self.chain_of(billable) if self.chain_of is not None else None
+        if chain is None:
+            return await self.status(billable)
+        body = await self.status(chain.root)
+        body["members"] = [await self._member_status(chain.root, level) for level in chain.levels]
+        return body
+
+    async def _member_status(self, root: str, level: Level) -> dict[str, Any]:
+        terms = level.terms
+        out: dict[str, Any] = {"member": level.id, "level": level.word, "suspended": level.suspended,
+                               "terms": terms.shown() if terms is not None else None}  # fmt: skip
+        if terms is None:
+            return out
+        key = state.member_key(self.prefix, root, level.id)
+        now = self.clock()
+
+        async def counted(limit: str | None, period: Period | None) -> int:
+            """A count of the member's hash (a limit's, None: the credits'), 0 when counted in an earlier window."""
+            used, window = state.counted_fields(limit)
+            value, at = (await self.store.fields([key], used))[0], (await self.store.fields([key], window))[0]
+            current = period is None or (at is not None and int(at) == self._window_start(period, now))
+            return int(value or 0) if current else 0
+
+        if terms.credits is not None:
+            spent = await counted(None, terms.credit_period)
+            out["credits"] = {"allowance": terms.credits, "spent": spent, "balance": max(0, terms.credits - spent), "per": terms.credits_per}
+        limits = {}
+        for name, limit in terms.limits.items():
+            used = await counted(name, limit.period)
+            limits[name] = {"usage": used, "limit": limit.to, "remaining": max(0, limit.to - used), "per": limit.per}
+        if limits:
+            out["limits"] = limits
+        return out
+
+    def _window_start(self, period: Period, now: float) -> int:
+        """The start (ms) of the window of `period` holding `now`, as lib/rules.lua's window_of picks it (a
+        member's billing cycle is the calendar month)."""
+        code = period_code(period)
+        if code.startswith("s"):
+            size = int(code[1:]) * 1000
+            return int(now * 1000) // size * size
+        self._calendar()
+        bounds = json.loads(self._bounds[1])["m" if code == "bc" else code]
+        return int((bounds[0] if now < bounds[1] else bounds[1] if now < bounds[2] else bounds[2]) * 1000)
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The status body of DESIGN §3, evaluated by status.lua with decide.lua's rules (of the restored

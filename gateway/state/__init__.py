@@ -12,6 +12,7 @@ from gateway.state.fields import (
     Snapshot,
     Subscription,
     UsageCounter,
+    counted_fields,
     grant_sequence,
     ms,
     past_counters,
@@ -20,7 +21,7 @@ from gateway.state.fields import (
     usage_key,
 )
 from gateway.state.hold import HeldLimit, Hold, StoredHold
-from gateway.state.keys import Keys, billable_of, keys, pattern
+from gateway.state.keys import Keys, billable_of, keys, member_key, pattern
 from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import CloseArgs, CloseReply, ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
@@ -61,9 +62,11 @@ __all__ = [
     "Subscription",
     "UsageCounter",
     "billable_of",
+    "counted_fields",
     "grant_sequence",
     "iso",
     "keys",
+    "member_key",
     "ms",
     "past_counters",
     "pattern",

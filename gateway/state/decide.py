@@ -24,6 +24,7 @@ class DecideArgs:
     usage_key: str  # fields.usage_key
     dry: bool = False  # evaluate everything, write nothing: the decision the request would get
     shadowed: bool = False  # the caller shadows a denial of its own (features): admitted, counted as one
+    members: str = ""  # the member levels' specs (gateway.budgets.member_specs; keys 4.. are their state)
 
     def argv(self) -> list[str | int]:
         return [
@@ -38,6 +39,7 @@ class DecideArgs:
             self.plan,
             self.usage_key,
             "1" if self.dry else "0",
+            *((self.members,) if self.members else ()),
         ]
 
 

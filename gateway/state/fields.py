@@ -44,6 +44,12 @@ def limit_fields(name: str) -> list[str]:
 # The fields read alone, across many billables in one pipelined round trip.
 CHANGE_FIELD = "chg"
 HOLD_EXPIRY_FIELD = "hx"
+def counted_fields(limit: str | None) -> tuple[str, str]:
+    """A member level's count and the window it was counted in (lib/members.lua): of a limit, or of the
+    credits (None)."""
+    return ("c:s", "c:w") if limit is None else (f"u:{limit}", f"w:{limit}")
+
+
 CREDIT_FIELDS = ("c:w", "c:s", "c:p", "c:d", "c:thr", "ar:on", "ar:lease", "ar:n", "ar:m")
 
 

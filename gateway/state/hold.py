@@ -24,6 +24,12 @@ class Hold:
     usage_key: str  # what the usage history counted the request under
     limits: tuple[HeldLimit, ...]
     id: str = ""  # a metered hold's id in the holds hash ("" for none: nothing was stored)
+    members: str = ""  # what each member level held (lib/members.lua's JSON, nearest first; "" for none)
+
+    @property
+    def member_ids(self) -> list[str]:
+        """The member levels this hold took from, in the order settle.lua gives back to them."""
+        return [str(m["id"]) for m in json.loads(self.members)] if self.members else []
 
     @property
     def credits_held(self) -> int:
@@ -36,9 +42,11 @@ class Hold:
 
     @classmethod
     def parse(cls, raw: list[Any], hold_id: str) -> Hold:
-        """decide.lua's hold reply: {period credits, purchased credits, window, allowance, usage key, limits}."""
-        cp, cb, window, allowance, usage_key, limits = raw  # integers and strings already (no cjson numbers)
-        return cls(cp, cb, window, allowance, usage_key, tuple(map(HeldLimit._make, limits)) if limits else (), hold_id)
+        """decide.lua's hold reply: {period credits, purchased credits, window, allowance, usage key, limits,
+        member holds or nil}."""
+        cp, cb, window, allowance, usage_key, limits = raw[:6]  # integers and strings already (no cjson numbers)
+        members = raw[6] if len(raw) > 6 and raw[6] else ""
+        return cls(cp, cb, window, allowance, usage_key, tuple(map(HeldLimit._make, limits)) if limits else (), hold_id, members)
 
     @classmethod
     def stored(cls, raw: str, hold_id: str, now_ms: int) -> StoredHold | None:
@@ -49,7 +57,8 @@ class Hold:
             return None
         # cjson's numbers: integers as read back by json may come as floats.
         limits = [[str(n), int(u), int(w)] for n, u, w in (found.get("l") or [])]
-        values = [int(found["cp"]), int(found["cb"]), int(found["w"]), int(found.get("a", 0)), str(found.get("q", "")), limits]
+        members = json.dumps(found["m"]) if found.get("m") else ""
+        values = [int(found["cp"]), int(found["cb"]), int(found["w"]), int(found.get("a", 0)), str(found.get("q", "")), limits, members]
         hold = cls.parse(values, hold_id)
         # The usage key (fields.usage_key) names the route and the operation the hold was taken for.
         _, _, counted = hold.usage_key.partition("|")
@@ -59,7 +68,7 @@ class Hold:
     def argv(self) -> list[str | int]:
         """As settle.lua reads it, from its 7th argument on."""
         out: list[str | int] = [self.id, self.period_credits, self.purchased_credits, self.credit_window_ms,
-                                self.allowance, self.usage_key]  # fmt: skip
+                                self.allowance, self.usage_key, self.members]  # fmt: skip
         for limit in self.limits:
             out += [limit.name, limit.units, limit.window_ms]
         return out

@@ -3,6 +3,8 @@
     <prefix>:{b}        hash: the fields of gateway.state.fields
     <prefix>:{b}:ev     list: pending events, oldest first, until the record takes them
     <prefix>:{b}:holds  hash: metered holds awaiting their settle
+    <prefix>:{b}:m:<m>  hash: the own state of member m of root b (a team, a key: gateway.members), under
+                        the root's tag so that one script decides the root and its members
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ class Keys(NamedTuple):
 def keys(prefix: str, billable: str) -> Keys:
     base = f"{prefix}:{{{_tag(billable)}}}"
     return Keys(base, base + ":ev", base + ":holds")
+
+
+@functools.lru_cache(maxsize=65536)
+def member_key(prefix: str, root: str, member: str) -> str:
+    """The state hash of `member` of `root`, in the root's hash slot."""
+    return f"{prefix}:{{{_tag(root)}}}:m:{_tag(member)}"
 
 
 def pattern(prefix: str) -> str:

@@ -84,9 +84,10 @@ class CloseArgs:
 class CloseReply:
     """status "ok" (balance: status's, None when the credits are unlimited), "settled" (settled before or
     past its lifetime: nothing changed), "missing" (Redis lost the state), "mismatch" (the hold was taken
-    for another route or operation: nothing changed); or Stale."""
+    for another route or operation: nothing changed), "read" (it was held at member levels too: settle it
+    with SettleArgs, nothing changed); or Stale."""
 
-    status: Literal["ok", "settled", "missing", "mismatch"]
+    status: Literal["ok", "settled", "missing", "mismatch", "read"]
     balance: int | None
 
     @classmethod

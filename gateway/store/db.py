@@ -289,6 +289,16 @@ billable_overrides = sa.Table(
     sa.Column("updated_at", Time, nullable=False),
 )
 
+billable_members = sa.Table(
+    "billable_members",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),  # a team, or a key's member id (gateway.members.key_member)
+    sa.Column("parent", Text, nullable=False),
+    sa.Column("terms", Text),  # JSON (gateway.terms), None for none
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Index("ix_billable_members_parent", "parent"),
+)
+
 audit_log = sa.Table(
     "audit_log",
     metadata,

@@ -1,0 +1,125 @@
+"""Budgets through the admin API and the proxy (issue 20, items 1-2): a team under its org, a key with its own
+terms given at creation and changed later, each seen by both gateway processes; refusals name their place.
+Two gateways on one private redis-server, the record on SQLite and Postgres."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_support import ADMIN_HEADERS, Served, serving
+from services import RedisServer
+from test_overrides import CATALOG
+from waiting import wait_until
+
+
+@pytest.fixture
+def pair(tmp_path: Path, empty_db_url: str) -> Iterator[tuple[Served, Served]]:
+    with ExitStack() as stack:
+        redis = stack.enter_context(RedisServer())
+        yield tuple(stack.enter_context(serving(tmp_path, CATALOG, redis_port=redis.port, db_url=empty_db_url)) for _ in range(2))  # type: ignore[misc]
+
+
+def admin(gw: Served, method: str, path: str, body: Any = None) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}/_gateway/admin{path}", json=body, headers=ADMIN_HEADERS, timeout=30)
+
+
+def call(gw: Served, key: str, path: str = "/images") -> httpx.Response:
+    return httpx.post(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_a_key_budget_under_a_team_under_an_org(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    assert admin(a, "PUT", "/billables/team_a/parent", {"parent": "org_1"}).json() == {"billable": "team_a", "parent": "org_1"}
+    cycle = admin(a, "PUT", "/billables/org_1/parent", {"parent": "team_a"})
+    assert cycle.status_code == 400 and "would be a cycle" in cycle.json()["detail"]
+    for method, path, sent in [("PUT", "/plan", {"plan": "pro"}), ("POST", "/credits", {"amount": 5}), ("PUT", "/overrides", {"credits": 5})]:
+        member = admin(a, method, f"/billables/team_a{path}", sent)
+        assert member.status_code == 409 and member.json()["detail"].startswith("team_a is a member of org_1: its plan, credits"), path
+    third = admin(a, "PUT", "/billables/sub/parent", {"parent": "team_a"})
+    assert third.status_code == 400 and "two levels at most (org → team → key)" in third.json()["detail"]
+
+    bad = admin(a, "POST", "/keys", {"billable": "team_a", "terms": {"limits": {"exports": {"to": -3}}, "allows": ["hd"]}})
+    assert bad.status_code == 400 and "terms.limits.exports.to" in bad.json()["detail"] and "terms.allows" in bad.json()["detail"]
+    assert admin(a, "GET", "/billables/team_a/keys").json() == []  # nothing was created
+
+    made = admin(a, "POST", "/keys", {"billable": "team_a", "name": "ci", "terms": {"credits": 2, "rate_limit": "100/second"}})
+    assert made.status_code == 201, made.text
+    assert made.json()["terms"] == {"credits": 2, "rate_limit": "100/second"}
+    key, key_id = made.json()["key"], made.json()["id"]
+
+    assert [call(a, key).status_code, call(b, key).status_code] == [200, 200]
+    assert [s.split()[-1] for s in a.upstream_saw + b.upstream_saw] == ["org_1", "org_1"]  # the upstream is told the org
+    spent = call(a, key)
+    assert spent.status_code == 402
+    assert spent.json()["detail"] == "This key's monthly budget of 2 credits is spent; the organization has 8 left."
+    assert spent.json()["violated_policies"] == ["key-credits"]
+    usage = httpx.get(f"{b.url}/_gateway/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert usage["billable"] == "org_1" and usage["credits"]["balance"] == 8
+    assert usage["members"] == [
+        {"member": f"key:{key_id}", "level": "key", "suspended": False, "terms": {"credits": 2, "rate_limit": "100/second"},
+         "credits": {"allowance": 2, "spent": 2, "balance": 0, "per": "month"}},
+        {"member": "team_a", "level": "team", "suspended": False, "terms": None},
+    ]  # fmt: skip
+
+    raised = admin(a, "PUT", f"/keys/{key_id}/terms", {"credits": 3})
+    assert raised.status_code == 200 and raised.json() == {"id": key_id, "billable": "team_a", "terms": {"credits": 3}}
+    wait_until(lambda: call(b, key).status_code == 200, timeout=30, what="the other process to decide with the new terms")
+    assert call(a, key).status_code == 402
+
+    wrong = admin(a, "PUT", f"/keys/{key_id}/terms", {"credits_per": "fortnight"})
+    assert wrong.status_code == 400 and "terms.credits_per" in wrong.json()["detail"]
+    entries = admin(a, "GET", "/audit?billable=team_a").json()["entries"]
+    assert [e["action"] for e in entries][:3] == ["key.terms", "key.terms", "key.create"]
+    assert entries[0]["before"] == {"id": key_id, "terms": {"credits": 2, "rate_limit": "100/second"}}
+    assert "parent.set" in [e["action"] for e in entries]
+
+
+SEATS = CATALOG.replace("credits = 10\n", "credits = 10\nseats = { to = 2 }\n", 1).replace("credits = 100\n", "credits = 100\nseats = { to = 10 }\n", 1)
+
+
+def test_seats_count_the_orgs_and_its_teams_keys(tmp_path: Path, empty_db_url: str) -> None:
+    """Free has 2 seats: a key of the org and one of its team take them; the third is 403 with the upgrade
+    sentence and makes nothing; a revocation gives a seat back."""
+    with RedisServer() as redis, serving(tmp_path, SEATS, redis_port=redis.port, db_url=empty_db_url) as gw:
+        assert admin(gw, "PUT", "/billables/team_a/parent", {"parent": "org_1"}).status_code == 200
+        first = admin(gw, "POST", "/keys", {"billable": "org_1"})
+        assert first.status_code == 201 and admin(gw, "POST", "/keys", {"billable": "team_a"}).status_code == 201
+        refused = admin(gw, "POST", "/keys", {"billable": "org_1"})
+        assert refused.status_code == 403 and refused.json()["type"] == "urn:gateway:no-seat"
+        assert refused.json()["detail"] == (
+            "Your current plan (Free) includes 2 seats, all in use by org_1's keys. Upgrade to Pro for more seats, or revoke a key."
+        )
+        assert len(admin(gw, "GET", "/billables/org_1/keys").json()) == 1
+        assert admin(gw, "POST", "/keys", {"billable": "other_org"}).status_code == 201  # its own seats
+        assert admin(gw, "DELETE", f"/keys/{first.json()['id']}").status_code == 204
+        assert admin(gw, "POST", "/keys", {"billable": "org_1"}).status_code == 201
+
+
+def test_cli_keys_create_with_a_budget(tmp_path: Path) -> None:
+    """`gateway keys create ... --credits 1 --rate 100/second` makes a key with its own budget (a running
+    gateway refuses its second image with key-credits); a bad --rate is refused naming its place."""
+    import subprocess
+
+    from gateway_support import recording_upstream
+    from http_servers import serve_in_thread
+    from test_keys_cli import GATEWAY, cli, gateway
+
+    (tmp_path / "plans.toml").write_text(CATALOG)
+    bad = subprocess.run([GATEWAY, "keys", "create", "org_1", "--rate", "2/fortnight"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "terms.rate_limit" in bad.stderr
+    created = cli(tmp_path, "keys", "create", "org_1", "--name", "ci", "--credits", "1", "--rate", "100/second")
+    key = created.stdout.strip()
+    with serve_in_thread(recording_upstream([])) as upstream, gateway(tmp_path, upstream) as url:
+        assert call_url(url, key).status_code == 200
+        refused = call_url(url, key)
+        assert refused.status_code == 402 and refused.json()["violated_policies"] == ["key-credits"]
+
+
+def call_url(url: str, key: str) -> httpx.Response:
+    return httpx.post(f"{url}/images", headers={"Authorization": f"Bearer {key}"}, timeout=30)
