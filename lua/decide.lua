@@ -1,6 +1,7 @@
 -- One decision: features (decided by the caller), rate limits, limits and credits, all or nothing.
 -- The protocol is gateway/state/decide.py (DecideArgs, DecideReply); the spec is gateway/state/spec.py.
--- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag).
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag), 4 (optional) the
+--       idempotency record of a consuming check (gateway/idempotency.py).
 -- ARGV: 1 spec (JSON; `sh` = 1 on a shadowed plan or route), 2 the caller's plan version, 3 calendar bounds (JSON),
 --       4 "1" when the caller already denies (features): evaluate, write nothing but events; "s" when the
 --       caller shadows a denial of its own (features on a shadowed route): counted as a would-be denial,
@@ -8,7 +9,8 @@
 --       7 "1" when missing state must be restored first, 8 hold lifetime (s), 9 plan name (for events),
 --       10 usage key "<month>|<route>|<operation>": admitted requests, units and credits are counted
 --       under it (`qr:`, `qu:`, `qc:`; would-be denials in shadow `qs:`) for the record's usage history,
---       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease).
+--       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease),
+--       12 with KEYS[4]: the request's fingerprint (the record keeps it with the hold id).
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
 --#include args
@@ -18,6 +20,13 @@ for _, i in ipairs({4, 5, 7, 9, 10, 11}) do text_arg(i) end
 local cost_override = whole_arg(6, 0, nil, true)
 local hold_ttl = whole_arg(8, 0)
 local dry = ARGV[11] == '1'
+local ONCE = KEYS[4]
+if ONCE then
+  text_arg(12)
+  -- A retry of a request decided before answers what that one answered (or its fingerprint): nothing is taken again.
+  local seen = redis.call('GET', ONCE)
+  if seen then return {'once', seen} end
+end
 
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
@@ -330,6 +339,9 @@ else
     redis.call('HSET', S, unpack(marks))
   end
   hold = nil
+end
+if ONCE and not dry then
+  redis.call('SET', ONCE, cjson.encode({f = ARGV[12], h = hold_id}), 'EX', 86400)
 end
 
 -- The reply is a plain array (cheaper than JSON on both sides; numbers are integer replies, exact up to

@@ -24,6 +24,7 @@ from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
+from gateway.idempotency import LIFETIME, Decided, Once
 from gateway.overrides import Overrides
 from gateway.periods import calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
@@ -104,15 +105,24 @@ class Engine:
     # ---- deciding ---------------------------------------------------------------------------------
 
     async def decide(
-        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False, hold: bool = False
+        self,
+        billable: str,
+        route: Route | None,
+        *,
+        credit_cost: int | None = None,
+        dry: bool = False,
+        hold: bool = False,
+        once: Once | None = None,
     ) -> Decision:
         """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
 
         `credit_cost` prices an operation from the request (units read from the request body or headers).
         `dry` answers the decision the request would get and writes nothing: no events, hold or counters.
         `hold` stores what an admission holds under `decision.hold.id` (as for a metered spend), so that any
-        process can settle it once (gateway/check.py: `held`, then `settle_hold`)."""
+        process can settle it once (gateway/check.py: `held`, then `settle_hold`). With `once`, the script
+        makes the request's idempotency record in the same call, or raises Decided when it was there."""
         keys = self.keys(billable)
+        script_keys = keys.all() if once is None else [*keys.all(), once.record]
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
@@ -134,8 +144,11 @@ class Engine:
                 plan=plan_name,
                 usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
                 dry=dry,
+                fingerprint=once.fingerprint if once else "",
             )
-            reply = state.DecideReply.parse(await self.store.run("decide", keys.all(), args.argv()), hold_id)
+            reply = state.DecideReply.parse(await self.store.run("decide", script_keys, args.argv()), hold_id)
+            if isinstance(reply, state.Seen):
+                raise Decided(reply.record)
             if isinstance(reply, state.Stale):
                 resolved = self._resolve(billable, reply)
                 continue
@@ -280,6 +293,19 @@ class Engine:
         if found is None:
             return None
         return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription).name, found
+
+    async def once_read(self, request: Once) -> str | None:
+        """The idempotency record of `request` (gateway/idempotency.py), None when there is none."""
+        found: str | None = await self.store.run("once", [request.record], ["read"])
+        return found
+
+    async def once_answer(self, request: Once, record: str) -> None:
+        """Replace the record decide.lua made with `record` (the same, with its answer), keeping its expiry."""
+        await self.store.run("once", [request.record], ["answer", record])
+
+    async def once_put(self, request: Once, record: str) -> bool:
+        """Make the record `request` with its answer, for its lifetime; False when one was there."""
+        return bool(await self.store.run("once", [request.record], ["put", record, LIFETIME]))
 
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""

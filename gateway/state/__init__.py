@@ -3,7 +3,7 @@
 Nothing outside this package names a key or a field; the engine builds the scripts' arguments with the
 types here and reads their replies with them (DESIGN §7)."""
 
-from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Stale
+from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Seen, Stale
 from gateway.state.events import EventBatch, iso, script_event
 from gateway.state.fields import (
     CHANGE_FIELD,
@@ -46,6 +46,7 @@ __all__ = [
     "ReleaseArgs",
     "RestoreReply",
     "Restored",
+    "Seen",
     "SettleArgs",
     "SettleReply",
     "Snapshot",

@@ -24,6 +24,7 @@ class DecideArgs:
     usage_key: str  # fields.usage_key
     dry: bool = False  # evaluate everything, write nothing: the decision the request would get
     shadowed: bool = False  # the caller shadows a denial of its own (features): admitted, counted as one
+    fingerprint: str = ""  # with an idempotency record as KEYS[4]: what the request asked (gateway/idempotency.py)
 
     def argv(self) -> list[str | int]:
         return [
@@ -38,6 +39,7 @@ class DecideArgs:
             self.plan,
             self.usage_key,
             "1" if self.dry else "0",
+            self.fingerprint,
         ]
 
 
@@ -57,6 +59,13 @@ class Stale:
         ends at its first nil: older scripts sent fewer)."""
         assignment, sub, overrides, suspended = [*raw[2:6], None, None, None, None][:4]
         return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None, overrides or None, bool(suspended))
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """The request's idempotency record was there: it was decided before, nothing was taken now."""
+
+    record: str  # its JSON (gateway/idempotency.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +93,14 @@ class DecideReply:
     hold: Hold | None
 
     @staticmethod
-    def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing:
+    def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing | Seen:
         """By position: {admitted, now, policies, violations, events, credit or nil, hold or nil}."""
         if raw[0] == "stale":
             return Stale.parse(raw)
         if raw[0] == "missing":
             return Missing()
+        if raw[0] == "once":
+            return Seen(raw[1])
         ok, now, policies, violations, events, credit, hold = raw
         # Positional and without conversions: this runs once per request, on integers and strings already.
         return DecideReply(
