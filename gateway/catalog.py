@@ -28,12 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.amounts import Price, units_within
 from gateway.bounds import MAX_DEPTH, MAX_INT, toml_too_deep
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
 
-AfterLimit = Literal["block_usage", "just_warn", "grace_then_block"]
+AfterLimit = Literal["block_usage", "just_warn", "grace_then_block", "bill"]
 OnRedisDown = Literal["open", "closed", "local"]
 Enforce = Literal["enforce", "shadow"]
 PlanStatus = Literal["active", "archived"]
@@ -206,6 +207,23 @@ def _valid_rate(value: str | RateLimitTable | None) -> str | RateLimitTable | No
 RateLimitSetting = Annotated[str | RateLimitTable | None, AfterValidator(_valid_rate)]
 
 
+MeterName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")]
+
+
+class Overage(_Model):
+    """What a limit with after_limit = "bill" charges past `to`: `unit_price` a unit (the catalog's currency),
+    counted on `meter`, at most `max_per_period` a period (then block_usage)."""
+
+    unit_price: Price
+    meter: MeterName
+    max_per_period: Price | None = None
+
+    @cached_property
+    def max_units(self) -> int:
+        """The billed units the spend cap allows a period (-1: no cap)."""
+        return -1 if self.max_per_period is None else units_within(self.max_per_period, self.unit_price)
+
+
 class Limit(_Model):
     to: Count
     per: str | None = None
@@ -213,6 +231,7 @@ class Limit(_Model):
     grace: str | None = None
     grace_max: Count | None = None
     warn_at: tuple[float, ...] = DEFAULT_WARN_AT
+    overage: Overage | None = None
 
     @field_validator("per")
     @classmethod
@@ -242,6 +261,13 @@ class Limit(_Model):
             for key in ("grace", "grace_max"):
                 if getattr(self, key) is not None:
                     raise ValueError(f'{key} only applies with after_limit = "grace_then_block"')
+        if self.after_limit == "bill":
+            if self.overage is None:
+                raise ValueError('after_limit = "bill" needs overage = { unit_price = "0.002", meter = "api_requests" }')
+            if self.per is None:
+                raise ValueError('after_limit = "bill" needs per = "month" (or another period): overage is billed per period')
+        elif self.overage is not None:
+            raise ValueError('overage only applies with after_limit = "bill"')
         return self
 
     @cached_property

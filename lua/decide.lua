@@ -107,6 +107,44 @@ local function event(kind, data) events[#events + 1] = {kind, data} end
 local function deny_event(kind, data) deny_events[#deny_events + 1] = {kind, data} end
 local held_limits = {}
 
+-- after_limit = "bill": a request past `to` is admitted and its units past `to` are billed, counted on the
+-- limit's meter in this window (`o:<meter>|<window start>`, saturating at the spend cap; the reconciler takes
+-- their increase to the record's outbox, gateway/billing/outbox.py). At the cap it is block_usage, with
+-- its own violation ('spend') and one spend_cap_reached event a window; warnings at warn_at of the cap.
+-- Answers whether it may go on.
+local billed = {}
+local function bill(l, usage, after, ws)
+  local meter, cap = l.o[1], l.o[2]
+  local at = meter .. '|' .. ws
+  local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
+  local units = after - math.max(usage, l.to)
+  if cap >= 0 and so_far + units > cap then
+    violate({l.n, 'spend', false, so_far, cap, units, false})
+    if not shadow then
+      if redis.call('HGET', S, 'oc:' .. at) ~= '1' then
+        deny_writes[#deny_writes + 1] = 'oc:' .. at
+        deny_event('spend_cap_reached', {limit = l.n, meter = meter, units = so_far, cap = cap})
+      end
+      return false
+    end
+    units = cap - so_far
+  end
+  billed[at] = so_far + units
+  set('o:' .. at, so_far + units)
+  if cap > 0 then
+    local warned = tonumber(redis.call('HGET', S, 'ow:' .. at)) or 0
+    local top = nil
+    for _, t in ipairs(l.wa) do
+      if (so_far + units) / cap >= t and t > warned then top = t end
+    end
+    if top then
+      set('ow:' .. at, top)
+      event('spend_warning', {limit = l.n, meter = meter, threshold = top, units = so_far + units, cap = cap})
+    end
+  end
+  return true
+end
+
 -- Rate limits: GCRA, one cell per policy, times in ms.
 for _, r in ipairs(spec.r or {}) do
   local name, interval, burst = r[1], r[2], r[3]
@@ -152,7 +190,7 @@ for _, l in ipairs(spec.l or {}) do
   local state = 'within'
   if to < 0 then
     state = 'unlimited'
-  elseif c > to then
+  elseif c > to and l.a ~= 'o' then
     violate({n, 'size', false, usage, to, c, false})
     state = shadow and 'shadow' or 'denied'
   elseif after <= to then
@@ -163,6 +201,8 @@ for _, l in ipairs(spec.l or {}) do
     end
   elseif l.a == 'w' then
     state = 'over'
+  elseif l.a == 'o' then
+    state = bill(l, usage, after, ws) and 'billed' or 'denied'
   else
     local in_grace = false
     if l.a == 'g' then

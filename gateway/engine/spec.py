@@ -119,6 +119,7 @@ def limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.Lim
         grace_max=-1 if limit.grace_max is None else limit.grace_max,
         warn_at=tuple(limit.warn_at),
         window=period.nominal_seconds if period is not None else None,
+        overage=(limit.overage.meter, limit.overage.max_units) if limit.overage is not None else None,
     )
 
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from gateway.state.fields import CREDIT_FIELDS, limit_fields, rate_field
 
-After = Literal["block_usage", "just_warn", "grace_then_block"]
-AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
+After = Literal["block_usage", "just_warn", "grace_then_block", "bill"]
+AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g", "bill": "o"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class LimitSpec:
     grace_max: int  # -1: no maximum
     warn_at: tuple[float, ...]
     window: int | None  # the period's nominal length (s), for the headers
+    overage: tuple[str, int] | None = None  # after = "bill": its meter and the units its spend cap allows (-1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class Spec:
             }  # fmt: skip
             if lim.window is not None:
                 item["w"] = lim.window
+            if lim.overage is not None:
+                item["o"] = list(lim.overage)
             limits.append(item)
         fields += CREDIT_FIELDS
         c = self.credits

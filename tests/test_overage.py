@@ -1,0 +1,86 @@
+"""Overage (issue 21 items 1-2): after_limit = "bill" admits past `to`, counts the units past it on the
+limit's meter in the billable's state (saturating at the spend cap), and at the cap is block_usage with
+its own sentence and one spend_cap_reached event; warnings at warn_at of the cap."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+from engine_support import Harness, body, harness
+from services import shared_redis_url
+
+from gateway.catalog import parse_catalog
+from gateway.errors import CatalogError
+
+T = TypeVar("T")
+Go = Callable[[Callable[[Harness], Awaitable[T]]], T]
+
+CATALOG = """
+[catalog]
+default_plan = "free"
+
+[plans.free]
+price = 0
+limits.calls = { to = 3, per = "month", after_limit = "bill", warn_at = [0.5], overage = { unit_price = "0.002", meter = "api_requests", max_per_period = "0.01" } }
+
+[[routes]]
+match = "POST /calls"
+limit = "calls"
+
+[[routes]]
+match = "POST /batch"
+limit = "calls"
+cost = 2
+"""
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def go(request: pytest.FixtureRequest) -> Any:
+    url = shared_redis_url() if request.param == "redis" else None
+    with harness(url, CATALOG) as runner:
+        yield runner
+
+
+def test_overage_is_admitted_billed_to_the_cap_then_blocked(go: Go[None]) -> None:
+    async def fn(h: Harness) -> None:
+        events: list[tuple[str, Any]] = []
+        for _ in range(3):
+            assert (await h.decide("org", "POST", "/calls")).admitted
+        assert not [f for f in await h.raw.hkeys(f"{h.prefix}:{{org}}") if f.startswith("o:")]  # within `to`: nothing billed
+        for _ in range(2):  # a batch of 2 units past `to`, twice: 4 billed
+            d = await h.decide("org", "POST", "/batch")
+            assert d.admitted
+            events += [(e["type"], e["data"].get("threshold")) for e in d.events]
+        d = await h.decide("org", "POST", "/calls")  # the 5th billed unit: the cap (0.01 / 0.002)
+        assert d.admitted
+        events += [(e["type"], e["data"].get("threshold")) for e in d.events]
+        assert events == [("spend_warning", 0.5)]
+        denied = await h.decide("org", "POST", "/calls")
+        again = await h.decide("org", "POST", "/calls")
+        assert not denied.admitted and denied.status == 402
+        problem = body(denied, h.catalog)
+        assert problem["type"] == "urn:gateway:spend-cap-reached"
+        assert "spend cap of 0.01 USD" in problem["detail"] and "5 billed at 0.002 each" in problem["detail"]
+        assert [e["type"] for e in denied.events] == ["spend_cap_reached"] and again.events == []
+        fields = await h.raw.hgetall(f"{h.prefix}:{{org}}")
+        billed = {k: v for k, v in fields.items() if k.startswith("o:")}
+        assert list(billed.values()) == ["5"] and fields["u:calls"] == "8"
+
+    go(fn)
+
+
+def test_a_billed_limit_is_checked_where_it_is_written() -> None:
+    bad = {
+        'after_limit = "bill" }': 'after_limit = "bill" needs overage',
+        'after_limit = "bill", per = "month", overage = { unit_price = 0.002, meter = "m" } }': "decimal string",
+        'after_limit = "bill", per = "month", overage = { unit_price = "0.002x", meter = "m" } }': "is not a decimal amount",
+        'per = "month", overage = { unit_price = "0.002", meter = "m" } }': 'overage only applies with after_limit = "bill"',
+        'after_limit = "bill", overage = { unit_price = "0.002", meter = "m" } }': 'needs per = "month"',
+    }
+    for tail, message in bad.items():
+        text = f'[plans.free]\nprice = 0\nlimits.calls = {{ to = 3, {tail}\n'
+        with pytest.raises(CatalogError) as caught:
+            parse_catalog(text)
+        assert "plans.free.limits.calls" in str(caught.value) and message in str(caught.value), str(caught.value)
