@@ -386,8 +386,15 @@ class Events(_Model):
     webhook_url: str | None = None
 
 
+class Meter(_Model):
+    """A meter billed units are counted on, and the Stripe meter they are sent to (its event_name)."""
+
+    stripe_meter: Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class CatalogFile(_Model):
     catalog: CatalogSettings = Field(default_factory=lambda: CatalogSettings())
+    meters: dict[MeterName, Meter] = Field(default_factory=dict)
     features: dict[str, str] = Field(default_factory=dict)
     operations: dict[str, Operation] = Field(default_factory=dict)
     plans: dict[str, Plan] = Field(default_factory=dict)
@@ -472,6 +479,22 @@ class Catalog:
     @property
     def packs(self) -> dict[str, Pack]:
         return self.file.packs
+
+    @cached_property
+    def billed_limits(self) -> tuple[tuple[str, str, Limit], ...]:
+        """(plan, limit name, limit) of every limit with after_limit = "bill"."""
+        return tuple((p, n, lim) for p, plan in self.plans.items() for n, lim in plan.limits.items() if lim.overage is not None)
+
+    def stripe_meter(self, meter: str) -> str | None:
+        """The event_name of the Stripe meter `meter`'s units are sent to (None: no [meters] mapping)."""
+        found = self.file.meters.get(meter)
+        return found.stripe_meter if found is not None else None
+
+    def unmapped_meters(self) -> list[Problem]:
+        """A billed limit whose meter has no Stripe meter: with Stripe configured, its units could not be sent."""
+        return [Problem(f"plans.{p}.limits.{n}.overage.meter", f'meter "{lim.overage.meter}" has no Stripe meter: add '
+                        f'[meters.{lim.overage.meter}] stripe_meter = "<the event_name of a meter in Stripe>"')
+                for p, n, lim in self.billed_limits if lim.overage is not None and self.stripe_meter(lim.overage.meter) is None]  # fmt: skip
 
     @cached_property
     def limit_kinds(self) -> dict[str, Limit]:
