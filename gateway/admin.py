@@ -38,6 +38,7 @@ from gateway.events import Outbox
 from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
+from gateway.invoice import invoice_preview
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.overrides import Overrides, record_overrides, record_suspension
 from gateway.overrides import kept as overrides_kept
@@ -172,6 +173,7 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.auto_recharge, methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
+            Route("/_gateway/admin/billables/{billable}/invoice-preview", self.invoice_preview, methods=["GET"]),
             Route("/_gateway/admin/catalog", self.catalog_endpoint, methods=["GET", "POST"]),
             Route("/_gateway/admin/audit", self.audit_log, methods=["GET"]),
             Route("/_gateway/openapi.json", self.openapi, methods=["GET"]),
@@ -293,6 +295,10 @@ class Endpoints:
 
     async def billable_status(self, request: Request) -> Response:
         return JSONResponse(await self.engine.status(request.path_params["billable"]))
+
+    async def invoice_preview(self, request: Request) -> Response:
+        """The period's lines so far (plan price, overage per meter) with their amounts (gateway/invoice.py)."""
+        return JSONResponse(invoice_preview(self.catalog, await self.engine.status(request.path_params["billable"])))
 
     async def assign_plan(self, request: Request) -> Response:
         billable = request.path_params["billable"]

@@ -7,9 +7,12 @@ an amount is units × unit price, rounded to the currency's minor unit only wher
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator
+
+if TYPE_CHECKING:
+    from gateway.catalog import Overage
 
 MAX_PRICE = Decimal(1_000_000_000)
 
@@ -44,3 +47,18 @@ def rounded(amount: Decimal, currency: str) -> Decimal:
 
     step = Decimal(1) if currency.lower() in ZERO_DECIMAL else Decimal("0.01")
     return amount.quantize(step, rounding=ROUND_HALF_UP)
+
+
+def billed(overage: Overage, units: int, currency: str) -> dict[str, Any]:
+    """A billed limit's period so far, as the status and the usage page show it (money as decimal strings)."""
+    cap = overage.max_per_period
+    return {
+        "meter": overage.meter,
+        "units": units,
+        "unit_price": str(overage.unit_price),
+        "amount": str(units * overage.unit_price),
+        "currency": currency,
+        "cap": None if cap is None else str(cap),
+        "cap_units": None if cap is None else overage.max_units,
+        "cap_reached": cap is not None and units >= overage.max_units,
+    }

@@ -4,12 +4,15 @@ its own sentence and one spend_cap_reached event; warnings at warn_at of the cap
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from engine_support import Harness, body, harness
-from services import shared_redis_url
+from gateway_support import ADMIN_HEADERS, serving
+from services import RedisServer, shared_redis_url
 
 from gateway.catalog import parse_catalog
 from gateway.errors import CatalogError
@@ -48,6 +51,8 @@ def test_overage_is_admitted_billed_to_the_cap_then_blocked(go: Go[None]) -> Non
         events: list[tuple[str, Any]] = []
         for _ in range(3):
             assert (await h.decide("org", "POST", "/calls")).admitted
+        within = (await h.engine.status("org"))["limits"]["calls"]
+        assert not within["blocked"] and within["billed"]["units"] == 0 and within["billed"]["amount"] == "0.000"
         assert not [f for f in await h.raw.hkeys(f"{h.prefix}:{{org}}") if f.startswith("o:")]  # within `to`: nothing billed
         for _ in range(2):  # a batch of 2 units past `to`, twice: 4 billed
             d = await h.decide("org", "POST", "/batch")
@@ -64,6 +69,10 @@ def test_overage_is_admitted_billed_to_the_cap_then_blocked(go: Go[None]) -> Non
         assert problem["type"] == "urn:gateway:spend-cap-reached"
         assert "spend cap of 0.01 USD" in problem["detail"] and "5 billed at 0.002 each" in problem["detail"]
         assert [e["type"] for e in denied.events] == ["spend_cap_reached"] and again.events == []
+        status = (await h.engine.status("org"))["limits"]["calls"]
+        assert status["blocked"] and status["usage"] == 8
+        assert status["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
+                                    "cap": "0.01", "cap_units": 5, "cap_reached": True}  # fmt: skip
         fields = await h.raw.hgetall(f"{h.prefix}:{{org}}")
         billed = {k: v for k, v in fields.items() if k.startswith("o:")}
         assert list(billed.values()) == ["5"] and fields["u:calls"] == "8"
@@ -84,3 +93,48 @@ def test_a_billed_limit_is_checked_where_it_is_written() -> None:
         with pytest.raises(CatalogError) as caught:
             parse_catalog(text)
         assert "plans.free.limits.calls" in str(caught.value) and message in str(caught.value), str(caught.value)
+
+
+SERVED = """
+[catalog]
+default_plan = "pro"
+currency = "usd"
+
+[meters.api_requests]
+stripe_meter = "api_requests"
+
+[plans.pro]
+price = 29
+limits.calls = { to = 2, per = "month", after_limit = "bill", overage = { unit_price = "0.002", meter = "api_requests", max_per_period = "200.00" } }
+
+[[routes]]
+match = "POST /v1/calls"
+limit = "calls"
+"""
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_cap(tmp_path: Path, redis_server: RedisServer) -> None:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    with serving(tmp_path, SERVED, redis_port=redis_server.port, db_url=db_url) as gw:
+        made = httpx.post(f"{gw.url}/_gateway/admin/keys", json={"billable": "org_1"}, headers=ADMIN_HEADERS)
+        key = {"Authorization": f"Bearer {made.json()['key']}"}
+        for _ in range(7):  # 2 within, 5 billed
+            assert httpx.post(f"{gw.url}/v1/calls", headers=key, timeout=10).status_code == 200
+        usage = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()["limits"]["calls"]
+        assert usage["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
+                                   "cap": "200.00", "cap_units": 100_000, "cap_reached": False}  # fmt: skip
+        assert usage["blocked"] is False
+        page = httpx.get(f"{gw.url}/_gateway/account", headers=key, timeout=10).text
+        assert "Past the limit: 5 billed at 0.002 USD each, 0.010 USD so far this period; spend cap 200.00 USD." in page
+        preview = httpx.get(f"{gw.url}/_gateway/admin/billables/org_1/invoice-preview", headers=ADMIN_HEADERS, timeout=10)
+        assert preview.status_code == 200, preview.text
+        body = preview.json()
+        assert [(line["kind"], line["quantity"], line["unit_price"], line["amount"]) for line in body["lines"]] == [
+            ("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01")]  # fmt: skip
+        assert body["total"] == "29.01" and body["currency"] == "usd"

@@ -134,6 +134,7 @@ def status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
                 period=period_code(limit.period) if limit.period is not None else "",
                 after=limit.after_limit,
                 grace_ms=limit.grace_seconds * 1000,
+                overage=(limit.overage.meter, limit.overage.max_units) if limit.overage is not None else None,
             )
         )
     rates = shown_rates(catalog, plan)
