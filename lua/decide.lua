@@ -113,6 +113,7 @@ local held_limits = {}
 -- its own violation ('spend') and one spend_cap_reached event a window; warnings at warn_at of the cap.
 -- Answers whether it may go on.
 local billed = {}
+local billed_held = {}  -- {counter field, units, window}: given back by a settle that gives the limits back
 local function bill(l, usage, after, ws)
   local meter, cap = l.o[1], l.o[2]
   local at = meter .. '|' .. ws
@@ -131,6 +132,7 @@ local function bill(l, usage, after, ws)
   end
   billed[at] = so_far + units
   set('o:' .. at, so_far + units)
+  if units > 0 then billed_held[#billed_held + 1] = {'o:' .. at, units, ws} end
   if cap > 0 then
     local warned = tonumber(redis.call('HGET', S, 'ow:' .. at)) or 0
     local top = nil
@@ -357,6 +359,7 @@ elseif admitted then
   local taken = hold.cp + hold.cb
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end
+  for _, b in ipairs(billed_held) do hold.l[#hold.l + 1] = b end
   push_events(events)
   set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)
   set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)

@@ -138,3 +138,22 @@ def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_c
         assert [(line["kind"], line["quantity"], line["unit_price"], line["amount"]) for line in body["lines"]] == [
             ("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01")]  # fmt: skip
         assert body["total"] == "29.01" and body["currency"] == "usd"
+
+
+def test_a_request_given_back_is_not_billed(go: Go[None]) -> None:
+    """A billed request whose answer failed (its settle gives the limits back) takes its billed units back."""
+
+    async def fn(h: Harness) -> None:
+        for _ in range(4):  # 3 within, 1 billed
+            assert (await h.decide("org", "POST", "/calls")).admitted
+        failed = await h.decide("org", "POST", "/batch")  # 2 more billed, then given back
+        assert failed.admitted and failed.hold is not None
+        assert (await h.engine.status("org"))["limits"]["calls"]["billed"]["units"] == 3
+        await h.engine.settle(failed, give_back_limits=True, credits_owed=None)
+        status = (await h.engine.status("org"))["limits"]["calls"]
+        assert (status["usage"], status["billed"]["units"]) == (4, 1)
+        kept = await h.decide("org", "POST", "/calls")
+        await h.engine.settle(kept, give_back_limits=False, credits_owed=None)
+        assert (await h.engine.status("org"))["limits"]["calls"]["billed"]["units"] == 2
+
+    go(fn)
