@@ -213,3 +213,57 @@ def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: 
     for billable, customer in customers.items():
         assert stripe.metered_total("api_requests", customer) == sum(r["units"] for r in rows if r["billable"] == billable)
     assert len({e["identifier"] for e in stripe.meter_events}) == len(stripe.meter_events) == len(rows)
+
+
+GATEWAY = str(Path(sys.executable).parent / "gateway")
+UNMAPPED = CATALOG.replace('[meters.api_requests]\nstripe_meter = "api_requests"\n', "")
+
+
+def _gateway(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run([GATEWAY, *args], cwd=folder, env={**clean, **env}, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_check_explains_each_billed_limit_and_needs_a_stripe_meter_with_stripe(tmp_path: Path) -> None:
+    (tmp_path / "mapped.toml").write_text(CATALOG)
+    (tmp_path / "unmapped.toml").write_text(UNMAPPED)
+    done = _gateway(tmp_path, "check", "mapped.toml")
+    assert done.returncode == 0, done.stderr
+    assert "free.calls: past 3 per month, each unit 0.002 USD on meter api_requests (Stripe meter api_requests); no spend cap" in done.stdout
+    assert _gateway(tmp_path, "check", "unmapped.toml").returncode == 0  # without Stripe, nothing is sent
+    refused = _gateway(tmp_path, "check", "unmapped.toml", GATEWAY_STRIPE_API_KEY="sk_test_fake")
+    assert refused.returncode == 1
+    assert ('plans.free.limits.calls.overage.meter: meter "api_requests" has no Stripe meter: add [meters.api_requests] '
+            'stripe_meter = "<the event_name of a meter in Stripe>"') in refused.stderr  # fmt: skip
+
+
+def test_stripe_meters_prints_each_total_and_fails_on_a_difference(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
+    stripe, url = fake
+    (tmp_path / "plans.toml").write_text(CATALOG)
+    now = int(time.time()) // 60 * 60 - 3600
+
+    async def prepare() -> None:
+        db = await _record(tmp_path / "gw.db")
+        await _link(db, stripe, "org_a")
+        await _link(db, stripe, "org_b")
+        await _fill(db, [{"billable": b, "meter": "api_requests", "minute": now, "units": 5, "next_attempt_at": datetime.now(UTC)}
+                         for b in ("org_a", "org_b")])  # fmt: skip
+        sender = _sender(db, url)
+        await sender.run_once()
+        await close_client(sender.client)
+        async with db.engine.begin() as conn:  # 2 units more for org_b, not sent yet
+            await conn.execute(sa.insert(meter_outbox).values(billable="org_b", meter="api_requests", minute=now + 60, units=2,
+                                                              next_attempt_at=datetime.now(UTC)))  # fmt: skip
+        await db.close()
+
+    asyncio.run(prepare())
+    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}", "GATEWAY_STRIPE_API_KEY": "sk_test_fake", "GATEWAY_STRIPE_API_BASE": url}
+    period = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
+    done = _gateway(tmp_path, "stripe", "meters", "--period", period, **env)
+    assert done.returncode == 1, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert lines[1][0] == "org_a" and lines[1][2:] == ["api_requests", "5", "0", "5", "ok"]
+    assert lines[2][0] == "org_b" and lines[2][2:] == ["api_requests", "7", "2", "5", "DIFFERS"]
+    assert "1 of 2 total(s) differ" in done.stdout
+    bad = _gateway(tmp_path, "stripe", "meters", "--period", "December", **env)
+    assert bad.returncode == 2 and "'December' is not a month" in bad.stderr
