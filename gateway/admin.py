@@ -56,6 +56,7 @@ from gateway.problems import (
 )
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
+from gateway.state import billed_counters
 from gateway.store.db import Database
 from gateway.usage import PERIOD, current_period, usage_report
 
@@ -297,8 +298,11 @@ class Endpoints:
         return JSONResponse(await self.engine.status(request.path_params["billable"]))
 
     async def invoice_preview(self, request: Request) -> Response:
-        """The period's lines so far (plan price, overage per meter) with their amounts (gateway/invoice.py)."""
-        return JSONResponse(invoice_preview(self.catalog, await self.engine.status(request.path_params["billable"])))
+        """The period's lines so far (plan price, overage per meter, pay-as-you-go) with their amounts (gateway/invoice.py)."""
+        billable = request.path_params["billable"]
+        status = await self.engine.status(billable)
+        counters = billed_counters((await self.engine.snapshot(billable)).state)
+        return JSONResponse(invoice_preview(self.catalog, status, counters))
 
     async def assign_plan(self, request: Request) -> Response:
         billable = request.path_params["billable"]

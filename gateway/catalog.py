@@ -95,14 +95,24 @@ class CatalogSettings(_Model):
         return parse_duration(self.past_due_grace)
 
 
+class PayAsYouGo(_Model):
+    """An operation's `metered = { meter, unit_price }`: every unit billed on `meter` (a request, or the units
+    its answer reports), invoiced by Stripe at the period's end."""
+
+    meter: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")]
+    unit_price: Price
+
+
 class Operation(_Model):
-    """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer."""
+    """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer;
+    or that is billed by the unit (`metered`, pay-as-you-go), with or without credits."""
 
     cost: Count | None = None
     per_unit: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     units: str | None = None
     reserve: Count | None = None
     max_units: Positive | None = None
+    payg: PayAsYouGo | None = Field(default=None, alias="metered")
 
     @field_validator("units")
     @classmethod
@@ -113,6 +123,13 @@ class Operation(_Model):
 
     @model_validator(mode="after")
     def _one_pricing(self) -> Operation:
+        if self.payg is not None and self.cost is None and self.per_unit is None:
+            if self.units is not None and not self.units.startswith("response."):
+                raise ValueError('metered units are read from the answer (units = "response.json:PATH" or "response.header:NAME"), '
+                                 "or each request is one unit (no units)")  # fmt: skip
+            if self.reserve is not None:
+                raise ValueError("reserve only applies with per_unit (credits held until the answer)")
+            return self
         if self.cost is None and self.per_unit is None:
             raise ValueError('give either cost = N (credits per request) or per_unit = N with units = "..."')
         if self.cost is not None and self.per_unit is not None:
@@ -491,10 +508,12 @@ class Catalog:
         return found.stripe_meter if found is not None else None
 
     def unmapped_meters(self) -> list[Problem]:
-        """A billed limit whose meter has no Stripe meter: with Stripe configured, its units could not be sent."""
-        return [Problem(f"plans.{p}.limits.{n}.overage.meter", f'meter "{lim.overage.meter}" has no Stripe meter: add '
-                        f'[meters.{lim.overage.meter}] stripe_meter = "<the event_name of a meter in Stripe>"')
-                for p, n, lim in self.billed_limits if lim.overage is not None and self.stripe_meter(lim.overage.meter) is None]  # fmt: skip
+        """A billed limit or pay-as-you-go operation whose meter has no Stripe meter: with Stripe configured,
+        its units could not be sent."""
+        used = [(f"plans.{p}.limits.{n}.overage.meter", lim.overage.meter) for p, n, lim in self.billed_limits if lim.overage]
+        used += [(f"operations.{n}.metered.meter", op.payg.meter) for n, op in self.operations.items() if op.payg is not None]
+        return [Problem(place, f'meter "{meter}" has no Stripe meter: add [meters.{meter}] stripe_meter = "<the event_name of a '
+                        'meter in Stripe>"') for place, meter in used if self.stripe_meter(meter) is None]  # fmt: skip
 
     @cached_property
     def limit_kinds(self) -> dict[str, Limit]:

@@ -65,6 +65,10 @@ def summary(catalog: Catalog) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     routes = [f"  {r.match:<32} " + _route(r.config) for r in catalog.routes]
     billed = [f"  {_billed(catalog, plan, name, limit)}" for plan, name, limit in catalog.billed_limits]
+    billed += [f"  operations.{name}: every unit {op.payg.unit_price} {catalog.settings.currency.upper()} on meter {op.payg.meter} "
+               f"({'the units its answer reports' if op.metered else 'one a request'}; "
+               f"{'Stripe meter ' + (catalog.stripe_meter(op.payg.meter) or '') if catalog.stripe_meter(op.payg.meter) else 'no Stripe meter'})"
+               for name, op in sorted(catalog.operations.items()) if op.payg is not None]  # fmt: skip
     return "\n".join(
         [f"{catalog.source}: {len(plans)} plans, {len(catalog.routes)} routes, default plan {catalog.settings.default_plan}", "", *lines, "", "routes (first match wins):", *routes,
          *(["", "billed (invoiced by Stripe at the period's end):", *billed] if billed else [])]

@@ -336,6 +336,21 @@ if not hold then hold = {cp = 0, cb = 0, w = 0} end
 hold.l = held_limits
 hold.q = ARGV[10]
 
+-- Pay-as-you-go (an operation's metered = { meter, unit_price }): every unit billed on the meter in this
+-- month's window, `o:<meter>|<window>` as overage is. pg = {meter, 1}: the request is one unit, billed now
+-- (given back with the limits); {meter, 0}: the units its answer reports are billed by the settle ('p:').
+local function pay_as_you_go(pg)
+  local ws = window('m')
+  local at = pg[1] .. '|' .. ws
+  if pg[2] == 1 then
+    local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
+    set('o:' .. at, so_far + 1)
+    billed_held[#billed_held + 1] = {'o:' .. at, 1, ws}
+  else
+    billed_held[#billed_held + 1] = {'p:' .. at, 0, ws}
+  end
+end
+
 local seq = num('eseq', 0)
 local out_events = {}
 local function push_events(list)
@@ -359,6 +374,7 @@ elseif admitted then
   local taken = hold.cp + hold.cb
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end
+  if spec.pg then pay_as_you_go(spec.pg) end
   for _, b in ipairs(billed_held) do hold.l[#hold.l + 1] = b end
   push_events(events)
   set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)

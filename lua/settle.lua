@@ -69,9 +69,9 @@ if ARGV[2] == 'back' then
   for _, l in ipairs(hold.l) do
     local n, held_units, ws = l[1], l[2], l[3]
     if string.sub(n, 1, 2) == 'o:' then
-      -- Units billed past a limit (decide.lua's bill): a request given back is not billed.
+      -- Units billed past a limit, or a pay-as-you-go request (decide.lua): a request given back is not billed.
       redis.call('HSET', S, n, math.max(0, num(n, 0) - held_units))
-    else
+    elseif string.sub(n, 1, 2) ~= 'p:' then
       add_to(S, 'qu:' .. usage_key, -held_units)
       if ws == 0 then
         give_back_cap(n, held_units, nil)
@@ -81,6 +81,13 @@ if ARGV[2] == 'back' then
         redis.call('HSET', S, 'u:' .. n, usage)
       end
     end
+  end
+end
+
+-- Pay-as-you-go priced from the answer (decide.lua's 'p:<meter>|<window>'): the units it reported are billed.
+if units then
+  for _, l in ipairs(hold.l) do
+    if string.sub(l[1], 1, 2) == 'p:' then add_to(S, 'o:' .. string.sub(l[1], 3), units) end
   end
 end
 

@@ -231,6 +231,11 @@ def test_check_explains_each_billed_limit_and_needs_a_stripe_meter_with_stripe(t
     assert done.returncode == 0, done.stderr
     assert "free.calls: past 3 per month, each unit 0.002 USD on meter api_requests (Stripe meter api_requests); no spend cap" in done.stdout
     assert _gateway(tmp_path, "check", "unmapped.toml").returncode == 0  # without Stripe, nothing is sent
+    (tmp_path / "payg.toml").write_text('[operations.chat]\nmetered = { meter = "tokens", unit_price = "0.00001" }\n'
+                                        'units = "response.json:usage.total_tokens"\n[plans.free]\nprice = 0\n')
+    payg = _gateway(tmp_path, "check", "payg.toml")
+    assert "operations.chat: every unit 0.00001 USD on meter tokens (the units its answer reports; no Stripe meter)" in payg.stdout
+    assert "operations.chat.metered.meter" in _gateway(tmp_path, "check", "payg.toml", GATEWAY_STRIPE_API_KEY="sk_test_fake").stderr
     refused = _gateway(tmp_path, "check", "unmapped.toml", GATEWAY_STRIPE_API_KEY="sk_test_fake")
     assert refused.returncode == 1
     assert ('plans.free.limits.calls.overage.meter: meter "api_requests" has no Stripe meter: add [meters.api_requests] '

@@ -107,9 +107,16 @@ stripe_meter = "api_requests"
 price = 29
 limits.calls = { to = 2, per = "month", after_limit = "bill", overage = { unit_price = "0.002", meter = "api_requests", max_per_period = "200.00" } }
 
+[operations.search]
+metered = { meter = "searches", unit_price = "0.015" }
+
 [[routes]]
 match = "POST /v1/calls"
 limit = "calls"
+
+[[routes]]
+match = "POST /v1/search"
+spend = "search"
 """
 
 
@@ -126,6 +133,8 @@ def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_c
         key = {"Authorization": f"Bearer {made.json()['key']}"}
         for _ in range(7):  # 2 within, 5 billed
             assert httpx.post(f"{gw.url}/v1/calls", headers=key, timeout=10).status_code == 200
+        for _ in range(3):  # pay-as-you-go: 3 searches
+            assert httpx.post(f"{gw.url}/v1/search", headers=key, timeout=10).status_code == 200
         usage = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()["limits"]["calls"]
         assert usage["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
                                    "cap": "200.00", "cap_units": 100_000, "cap_reached": False}  # fmt: skip
@@ -136,8 +145,8 @@ def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_c
         assert preview.status_code == 200, preview.text
         body = preview.json()
         assert [(line["kind"], line["quantity"], line["unit_price"], line["amount"]) for line in body["lines"]] == [
-            ("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01")]  # fmt: skip
-        assert body["total"] == "29.01" and body["currency"] == "usd"
+            ("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01"), ("pay_as_you_go", 3, "0.015", "0.05")]  # fmt: skip
+        assert body["total"] == "29.06" and body["currency"] == "usd"
 
 
 def test_a_request_given_back_is_not_billed(go: Go[None]) -> None:
@@ -157,3 +166,70 @@ def test_a_request_given_back_is_not_billed(go: Go[None]) -> None:
         assert (await h.engine.status("org"))["limits"]["calls"]["billed"]["units"] == 2
 
     go(fn)
+
+
+PAYG = """
+[catalog]
+default_plan = "free"
+
+[operations.search]
+metered = { meter = "searches", unit_price = "0.01" }
+
+[operations.chat]
+metered = { meter = "tokens", unit_price = "0.00001" }
+units = "response.json:usage.total_tokens"
+max_units = 1000
+
+[plans.free]
+price = 0
+
+[[routes]]
+match = "POST /search"
+spend = "search"
+
+[[routes]]
+match = "POST /chat"
+spend = "chat"
+"""
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def payg(request: pytest.FixtureRequest) -> Any:
+    url = shared_redis_url() if request.param == "redis" else None
+    with harness(url, PAYG) as runner:
+        yield runner
+
+
+def test_pay_as_you_go_bills_every_unit(payg: Go[None]) -> None:
+    """metered = { meter, unit_price } on an operation: a request is a unit billed at once (not when it is
+    given back); one priced from the answer bills the units the settle reports (at most max_units)."""
+
+    async def fn(h: Harness) -> None:
+        async def billed() -> dict[str, str]:
+            fields = await h.raw.hgetall(f"{h.prefix}:{{org}}")
+            return {k.partition("|")[0]: v for k, v in fields.items() if k.startswith("o:")}
+
+        for _ in range(3):
+            assert (await h.decide("org", "POST", "/search")).admitted
+        failed = await h.decide("org", "POST", "/search")
+        await h.engine.settle(failed, give_back_limits=True, credits_owed=0)
+        assert await billed() == {"o:searches": "3"}
+        chat = await h.decide("org", "POST", "/chat")
+        assert chat.admitted and chat.hold is not None and chat.hold.id
+        assert "o:tokens" not in await billed()  # nothing until the answer says how many
+        await h.engine.settle(chat, give_back_limits=False, credits_owed=0, units=120)
+        again = await h.decide("org", "POST", "/chat")
+        await h.engine.settle(again, give_back_limits=False, credits_owed=0, units=1000)
+        assert await billed() == {"o:searches": "3", "o:tokens": "1120"}
+
+    payg(fn)
+
+
+def test_pay_as_you_go_is_checked_where_it_is_written() -> None:
+    bad = '[operations.x]\nmetered = { meter = "m", unit_price = "0.01" }\nunits = "request.json:n"\n[plans.free]\nprice = 0\n'
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(bad)
+    assert "operations.x" in str(caught.value) and "metered units are read from the answer" in str(caught.value)
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog('[operations.x]\nmetered = { meter = "m", unit_price = 0.01 }\n[plans.free]\nprice = 0\n')
+    assert "operations.x.metered.unit_price" in str(caught.value) and "decimal string" in str(caught.value)

@@ -76,6 +76,7 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
     limits: list[state.LimitSpec] = []
     metered = False
     cost = 0
+    payg: tuple[str, int] | None = None
     if route is not None:
         config = route.config
         denied += [Violation(f, "feature") for f in config.features if not plan.allows_feature(f)]
@@ -90,6 +91,8 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
             operation = catalog.operations[config.spend]
             metered = operation.metered
             cost = operation.hold if operation.per_unit is not None else (operation.cost or 0)
+            if operation.payg is not None:
+                payg = (operation.payg.meter, 0 if operation.metered else 1)
     spec = state.Spec(
         rates=tuple(state.RateSpec(r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window) for r in rates),
         limits=tuple(limits),
@@ -102,6 +105,7 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
         ),
         recharges_per_month=catalog.settings.auto_recharge_max_per_month,
         shadow=shadow,
+        payg=payg,
     )
     return Compiled(spec.encode(), tuple(denied), metered, tuple(rates), shadow)
 

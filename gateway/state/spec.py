@@ -50,6 +50,9 @@ class Spec:
     credits: CreditSpec
     recharges_per_month: int
     shadow: bool = False  # enforce = "shadow": a would-be denial is admitted, charged and reported
+    # Pay-as-you-go: the operation's meter, and 1 when a request is one unit billed at once (0: its answer's
+    # units are billed at the settle).
+    payg: tuple[str, int] | None = None
 
     def encode(self) -> str:
         """The JSON decide.lua decodes, with `f`: every field it reads, fetched in one HMGET."""
@@ -77,4 +80,6 @@ class Spec:
         }
         if self.shadow:
             spec["sh"] = 1
+        if self.payg is not None:
+            spec["pg"] = list(self.payg)
         return json.dumps(spec, separators=(",", ":"))
