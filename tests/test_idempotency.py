@@ -110,3 +110,31 @@ def test_a_retried_settle_answers_the_first_answer(gw: Served) -> None:
     assert reused.status_code == 422 and reused.json()["type"] == "urn:gateway:idempotency-key-reused"
     assert status(gw, "org_1")["credits"]["balance"] == 83
     assert settle(gw.url, hold=other, outcome="failure").json()["balance"] == 88
+
+
+def test_a_retry_of_a_request_that_stopped_before_answering_takes_nothing(gw: Served) -> None:
+    """The first request decided (its record and hold made by the script) and its process stopped before
+    answering: a retry waits for the answer, then is 409 saying so; nothing more is taken."""
+    from gateway.catalog import parse_catalog
+    from gateway.engine import Engine
+    from gateway.idempotency import once
+    from gateway.store.redis import open_redis
+
+    catalog = parse_catalog(CATALOG)
+
+    async def first() -> None:
+        store = open_redis(f"redis://127.0.0.1:{gw.redis_port}/0")
+        engine = Engine(store, catalog, prefix="gw")
+        asked = {"route": "POST /v1/projects", "feature": None, "limit": None, "by": None, "operation": None, "units": None}
+        request = once(engine.keys("org_1").state, "check", "stopped", asked)
+        decision = await engine.decide("org_1", catalog.route_for("POST", "/v1/projects"), hold=True, once=request)
+        assert decision.admitted
+        await store.close()
+
+    status(gw, "org_1")  # restored from the record first, as the gateway's first request would
+    asyncio.run(first())
+    assert status(gw, "org_1")["limits"]["projects"]["usage"] == 1
+    retry = check(gw, keyed("stopped"), billable="org_1", route="POST /v1/projects", consume=True)
+    assert retry.status_code == 409, retry.text
+    assert retry.json()["type"] == "urn:gateway:idempotency-key-in-use" and "nothing more was taken" in retry.json()["detail"]
+    assert status(gw, "org_1")["limits"]["projects"]["usage"] == 1
