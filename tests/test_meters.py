@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from fake_stripe import FakeStripe
 from http_servers import serve_in_thread
-from services import shared_redis_url
+from services import raw_redis, shared_redis_url
 from waiting import until, wait_until
 
 from gateway.billing.client import close_client, stripe_client
@@ -31,6 +31,7 @@ from gateway.billing.meters import MeterSender, compare, identifier
 from gateway.catalog import parse_catalog
 from gateway.reconcile import connect
 from gateway.settings import Settings
+from gateway.state import keys
 from gateway.store.db import Database, meter_outbox, stripe_customers
 from gateway.store.redis import open_redis
 
@@ -121,6 +122,7 @@ def test_the_reconciler_sums_billed_units_into_the_outbox_and_each_row_is_billed
             assert [(t.billable, t.customer, t.meter, t.gateway, t.unsent, t.stripe, t.differs) for t in totals] == [
                 ("org_1", customer, "api_requests", 6, 0, 6.0, False)]  # fmt: skip
         finally:
+            await raw_redis(shared_redis_url()).delete(*keys(prefix, "org_1").all())
             await close_client(sender.client)
             await store.close()
             await db.close()
@@ -272,3 +274,51 @@ def test_stripe_meters_prints_each_total_and_fails_on_a_difference(tmp_path: Pat
     assert "1 of 2 total(s) differ" in done.stdout
     bad = _gateway(tmp_path, "stripe", "meters", "--period", "December", **env)
     assert bad.returncode == 2 and "'December' is not a month" in bad.stderr
+
+
+CAPPED = CATALOG.replace('overage = { unit_price = "0.002", meter = "api_requests" }',
+                         'overage = { unit_price = "0.002", meter = "api_requests", max_per_period = "0.10" }')  # 50 units
+
+
+def _decide_many(url: str, prefix: str, requests: int) -> tuple[int, int]:
+    async def main() -> tuple[int, int]:
+        from gateway.engine import Engine
+
+        store = open_redis(url)
+        catalog = parse_catalog(CAPPED)
+        engine = Engine(store, catalog, prefix=prefix)
+        route = catalog.route_for("POST", "/calls")
+        decided = [await engine.decide("org_cap", route) for _ in range(requests)]
+        await store.close()
+        return sum(d.admitted for d in decided), sum(d.status == 402 for d in decided)
+
+    return asyncio.run(main())
+
+
+def test_three_processes_over_a_spend_cap_bill_exactly_the_cap(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
+    import multiprocessing
+
+    stripe, url = fake
+    prefix = f"gwt{uuid.uuid4().hex[:8]}"
+    redis_url = shared_redis_url()
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        counts = pool.starmap(_decide_many, [(redis_url, prefix, 40)] * 3)
+    assert sum(c[0] for c in counts) == 3 + 50 and sum(c[1] for c in counts) == 120 - 53
+
+    async def main() -> None:
+        db = await _record(tmp_path / "gw.db")
+        store = open_redis(redis_url)
+        sender = _sender(db, url)
+        try:
+            customer = await _link(db, stripe, "org_cap")
+            await connect(store, parse_catalog(CAPPED), db, prefix=prefix).reconciler.flush(["org_cap"], force=True)
+            while await sender.run_once():
+                pass
+            assert stripe.metered_total("api_requests", customer) == 50
+        finally:
+            await raw_redis(redis_url).delete(*keys(prefix, "org_cap").all())
+            await close_client(sender.client)
+            await store.close()
+            await db.close()
+
+    asyncio.run(main())
