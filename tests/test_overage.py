@@ -70,7 +70,8 @@ def test_overage_is_admitted_billed_to_the_cap_then_blocked(go: Go[None]) -> Non
         assert "spend cap of 0.01 USD" in problem["detail"] and "5 billed at 0.002 each" in problem["detail"]
         assert [e["type"] for e in denied.events] == ["spend_cap_reached"] and again.events == []
         status = (await h.engine.status("org"))["limits"]["calls"]
-        assert status["blocked"] and status["usage"] == 8
+        assert status["blocked"] and status["usage"] == 8 and status["severity"] == "blocked"
+        assert status["message"].startswith("You've reached this period's spend cap of 0.01 USD for calls")
         assert status["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
                                     "cap": "0.01", "cap_units": 5, "cap_reached": True}  # fmt: skip
         fields = await h.raw.hgetall(f"{h.prefix}:{{org}}")
@@ -138,7 +139,7 @@ def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_c
         usage = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()["limits"]["calls"]
         assert usage["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
                                    "cap": "200.00", "cap_units": 100_000, "cap_reached": False}  # fmt: skip
-        assert usage["blocked"] is False
+        assert (usage["blocked"], usage["severity"], usage["message"]) == (False, "ok", None)  # past `to` is billed, not refused
         page = httpx.get(f"{gw.url}/_gateway/account", headers=key, timeout=10).text
         assert "Past the limit: 5 billed at 0.002 USD each, 0.010 USD so far this period; spend cap 200.00 USD." in page
         preview = httpx.get(f"{gw.url}/_gateway/admin/billables/org_1/invoice-preview", headers=ADMIN_HEADERS, timeout=10)
