@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_support import ADMIN_HEADERS, Served, serving
-from services import RedisServer
+from services import RedisCluster, RedisServer
 from test_check import CATALOG, check, settle, status
 
 CONCURRENT = 16
@@ -138,3 +138,24 @@ def test_a_retry_of_a_request_that_stopped_before_answering_takes_nothing(gw: Se
     assert retry.status_code == 409, retry.text
     assert retry.json()["type"] == "urn:gateway:idempotency-key-in-use" and "nothing more was taken" in retry.json()["detail"]
     assert status(gw, "org_1")["limits"]["projects"]["usage"] == 1
+
+
+def test_the_record_shares_the_billables_slot_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    """On a Redis Cluster the record is written by the same script call as the state (one slot): a second
+    decision with the same key is answered from it, and takes nothing."""
+    from engine_support import Harness, harness
+
+    from gateway.idempotency import Decided, once
+    from gateway.store.cluster import key_slot
+
+    async def fn(h: Harness) -> None:
+        request = once(h.engine.keys("org_c").state, "check", "k", {"route": "POST /projects"})
+        assert key_slot(request.record) == key_slot(h.engine.keys("org_c").state)
+        route = h.catalog.route_for("POST", "/projects")
+        assert (await h.engine.decide("org_c", route, hold=True, once=request)).admitted
+        with pytest.raises(Decided):
+            await h.engine.decide("org_c", route, hold=True, once=request)
+        assert (await h.engine.status("org_c"))["limits"]["projects"]["usage"] == 1
+
+    with harness(redis_cluster.url) as go:
+        go(fn)
