@@ -61,8 +61,8 @@ def fake() -> Iterator[tuple[FakeStripe, str]]:
         yield stripe, url
 
 
-async def _record(path: Path) -> Database:
-    db = await Database.connect(f"sqlite+aiosqlite:///{path}")
+async def _record(where: Path | str) -> Database:
+    db = await Database.connect(where if isinstance(where, str) else f"sqlite:///{where}")
     await db.upgrade()
     return db
 
@@ -85,13 +85,13 @@ def _sender(db: Database, url: str, **kw: Any) -> MeterSender:
                        clock=lambda: time.time() + LATER, poll=0.05, **kw)  # fmt: skip
 
 
-def test_the_reconciler_sums_billed_units_into_the_outbox_and_each_row_is_billed_once(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
+def test_the_reconciler_sums_billed_units_into_the_outbox_and_each_row_is_billed_once(empty_db_url: str, fake: tuple[FakeStripe, str]) -> None:
     stripe, url = fake
     catalog = parse_catalog(CATALOG)
     route = catalog.route_for("POST", "/calls")
 
     async def main() -> None:
-        db = await _record(tmp_path / "gw.db")
+        db = await _record(empty_db_url)
         store = open_redis(shared_redis_url())
         prefix = f"gwt{uuid.uuid4().hex[:8]}"
         connected = connect(store, catalog, db, prefix=prefix)
@@ -141,11 +141,11 @@ async def _fill(db: Database, rows: list[dict[str, Any]]) -> None:
         await conn.execute(sa.insert(meter_outbox), rows)
 
 
-def test_failures_back_off_and_two_senders_bill_each_row_once(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
+def test_failures_back_off_and_two_senders_bill_each_row_once(empty_db_url: str, fake: tuple[FakeStripe, str]) -> None:
     stripe, url = fake
 
     async def main() -> None:
-        db = await _record(tmp_path / "gw.db")
+        db = await _record(empty_db_url)
         one, two = _sender(db, url, batch=25, concurrency=4), _sender(db, url, batch=25, concurrency=4)
         try:
             customers = {b: await _link(db, stripe, b) for b in ("org_a", "org_b", "org_c")}
