@@ -13,6 +13,7 @@ the plan's terms, so the plan's rate limit is not applied to them).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from gateway import idempotency
 from gateway.bounds import MAX_INT
 from gateway.catalog import Catalog, Operation, Route, RouteConfig, _nearest
 from gateway.decision import Decision
-from gateway.engine import Engine
+from gateway.engine import UNMATCHED, Engine
 from gateway.errors import BadRequest
 from gateway.ids import billable as billable_id
 from gateway.paths import BadPath, canonical, encoded
@@ -37,7 +38,8 @@ from gateway.settlement import Settle, releases, settlement
 Outcome = Literal["success", "failure"]
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-_HOLD = re.compile(r"([0-9a-f]{16})\.(.+)", re.DOTALL)
+# A hold id: the holds hash's field, then (newer ones) a tag naming what it was taken for, then the billable.
+_HOLD = re.compile(r"([0-9a-f]{16})([0-9a-f]{12})?\.(.+)", re.DOTALL)
 _KINDS = ("route", "feature", "limit", "operation")
 
 
@@ -121,6 +123,19 @@ class HoldNotOpen(LookupError):
 
 
 @dataclass(frozen=True, slots=True)
+class _Taken:
+    """What a hold was taken for, as settling needs it: "<route>|<operation>" (its usage key's end)."""
+
+    settled_as: str
+    route: Route | None
+    operation: Operation | None
+
+
+def _tag(settled_as: str) -> str:
+    return hashlib.sha256(settled_as.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
 class _Question:
     route: Route | None
     public: bool = False
@@ -131,8 +146,8 @@ def hold_billable(hold: str) -> str:
     """The billable a hold id belongs to; BadRequest when it is no hold id."""
     found = _HOLD.fullmatch(hold) if isinstance(hold, str) else None
     if found is None:
-        raise BadRequest('hold must be the "hold" a consuming check answered (16 hex digits, ".", the billable).')
-    return billable_id(found[2], "the billable in hold")
+        raise BadRequest('hold must be the "hold" a consuming check answered (hex digits, ".", the billable).')
+    return billable_id(found[3], "the billable in hold")
 
 
 class Checker:
@@ -141,6 +156,7 @@ class Checker:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._routes: dict[tuple[str, str], Route] = {}  # a check's own routes: one per feature, limit, operation
+        self._taken: tuple[Catalog | None, dict[str, _Taken]] = (None, {})  # by tag, for the running catalog
 
     @property
     def catalog(self) -> Catalog:
@@ -187,7 +203,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=f"{hold}.{billable}" if hold else None,
+            hold=f"{hold}{_tag(_settled_as(question.route))}.{billable}" if hold else None,
             headers=decision.headers(),
         )
         if request is not None:
@@ -227,23 +243,36 @@ class Checker:
             raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
         if units is not None and not (0 <= units <= MAX_INT):
             raise BadRequest(f"units must be a number from 0 to {MAX_INT}.")
+        taken = self._taken_for(hold)
+        if taken is None:  # an older hold id, or its route left the catalog since: read what it was taken for
+            return await self._settle_read(hold, billable, outcome, units)
+        todo = _settle(outcome, units, taken.operation)
+        release = taken.route.config.release if taken.route is not None else None
+        reply = await self.engine.close(
+            billable, hold[:16], taken.settled_as, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,
+            units=todo.units, release=release if release is not None and releases(Fate.COMPLETE, _answered(outcome), True) else None,
+        )  # fmt: skip
+        if reply.status == "mismatch":
+            raise BadRequest(f"hold: {hold} was not answered by a check (its tag names another route): send the hold as the check answered it.")
+        if reply.status == "missing":
+            raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
+        if reply.status != "ok":
+            raise HoldNotOpen(f"Hold {hold} is not open: it was settled already, or outlived GATEWAY_HOLD_TTL (then it was kept as charged).")
+        return SettleResult(hold, outcome, billable, reply.balance)
+
+    async def _settle_read(self, hold: str, billable: str, outcome: Outcome, units: float | None) -> SettleResult:
+        """`settle` of a hold whose tag this catalog cannot name: read it, settle it, release (three calls)."""
         held = await self.engine.held(billable, hold[:16])
         if held is None:
             raise HoldNotOpen(f"Hold {hold} is not open: it was settled already, or outlived GATEWAY_HOLD_TTL (then it was kept as charged).")
         plan, stored = held
         route = self._settled_route(stored.route)
-        operation = self.catalog.operations.get(stored.operation or "")
         decision = Decision(True, billable, plan, route, hold=stored.hold)
-        # Settled through the proxy's own rules (gateway/settlement.py), for a whole answer: a 2xx or not.
-        answered = 200 if outcome == "success" else 500
-        metered = operation if operation is not None and operation.metered else None
-        todo = settlement(Fate.COMPLETE, answered, units, metered)
-        if todo is None:  # kept as charged: the settle only closes the hold
-            todo = Settle(give_back_limits=False, credits_owed=None)
+        todo = _settle(outcome, units, self.catalog.operations.get(stored.operation or ""))
         reply = await self.engine.settle_hold(decision, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,
                                               units=todo.units)  # fmt: skip
         release = route.config.release if route is not None else None
-        if reply.status == "ok" and release is not None and releases(Fate.COMPLETE, answered, True):
+        if reply.status == "ok" and release is not None and releases(Fate.COMPLETE, _answered(outcome), True):
             await self.engine.release(billable, plan, release)
         if reply.status == "missing":
             raise HoldNotOpen(f"Hold {hold} is not open: Redis lost it (it is kept as charged).")
@@ -333,6 +362,26 @@ class Checker:
             found = self._routes[key] = Route(index=-2, config=config, method="CHECK", pattern=_NEVER, rate=None)
         return found
 
+    def _taken_for(self, hold: str) -> _Taken | None:
+        """What a hold id's tag names in the running catalog (None: no tag, or nothing of this catalog)."""
+        found = _HOLD.fullmatch(hold)
+        if found is None or found[2] is None:
+            return None
+        catalog, by_tag = self._taken
+        if catalog is not self.catalog:
+            catalog = self.catalog
+            routes: list[Route | None] = [None, *catalog.routes]
+            routes += [self._own("feature", name) for name in catalog.feature_names]
+            routes += [self._own("limit", name) for name in catalog.limit_kinds]
+            routes += [self._own("operation", name) for name in catalog.operations]
+            by_tag = {}
+            for route in routes:
+                settled_as = _settled_as(route)
+                spend = route.config.spend if route is not None else None
+                by_tag[_tag(settled_as)] = _Taken(settled_as, route, catalog.operations.get(spend) if spend else None)
+            self._taken = (catalog, by_tag)
+        return by_tag.get(found[2])
+
     def _settled_route(self, match: str) -> Route | None:
         """The route a hold was decided for, as far as settling needs it (a release; the operation is the hold's)."""
         for route in self.catalog.routes:
@@ -342,6 +391,21 @@ class Checker:
 
 
 _NEVER = re.compile(r"(?!)")  # a check's own routes match no request
+
+
+def _settled_as(route: Route | None) -> str:
+    """What a hold's usage key ends with (gateway.state.usage_key): the route's match and its operation."""
+    return f"{route.match}|{route.config.spend or ''}" if route is not None else f"{UNMATCHED}|"
+
+
+def _answered(outcome: Outcome) -> int:
+    return 200 if outcome == "success" else 500
+
+
+def _settle(outcome: Outcome, units: float | None, operation: Operation | None) -> Settle:
+    """A whole answer's settle through the proxy's own rules (gateway/settlement.py): a 2xx or not."""
+    todo = settlement(Fate.COMPLETE, _answered(outcome), units, operation if operation is not None and operation.metered else None)
+    return todo if todo is not None else Settle(give_back_limits=False, credits_owed=None)  # kept: only closes the hold
 
 
 def _known(name: Any, kind: str, known: Mapping[str, Any] | frozenset[str]) -> str:

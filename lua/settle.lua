@@ -1,19 +1,26 @@
--- After the upstream answered: settle a hold, or release a persistent cap.
+-- After the upstream answered: settle a hold, or release a persistent cap; or close a check's hold (both).
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
--- The protocol is gateway/state/settle.py (SettleArgs, ReleaseArgs, SettleReply).
+-- The protocol is gateway/state/settle.py (SettleArgs, ReleaseArgs, CloseArgs, SettleReply, CloseReply).
 -- ARGV[1] = "settle": 2 "keep" or "back" for the limit units, 3 the credits actually owed ("" keeps what
 --   was held), 4 plan name (for events), 5 units the answer reported (counted in the usage history; ""
 --   for none), 6 "1" when the record restores, 7.. the hold (Hold.argv): id ("" when not metered),
 --   period credits, purchased credits, credit window, allowance, usage key, then name, units, window
 --   of each limit held.
 -- ARGV[1] = "release": 2 limit name, 3 units, 4 the plan's cap, 5 plan name, 6 "1" when the record restores.
--- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}.
+-- ARGV[1] = "close" (a consuming check's stored hold, in one call): 2 to 6 as "settle", 7 the hold's id,
+--   8 the "<route>|<operation>" the caller settles it as (the hold's usage key must end with it), 9 the
+--   caller's plan version, 10 a cap to release ("" for none), 11 its units, 12 its cap ("" for none),
+--   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (JSON).
+-- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}; "close"
+-- also answers "stale" (as decide.lua: the plan changed, resolve and retry) and "mismatch" (the hold was
+-- taken for another route or operation: nothing written), and its balance is status.lua's.
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
+--#include rules
 --#include args
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
-local op = text_arg(1, {settle = true, release = true})
+local op = text_arg(1, {settle = true, release = true, close = true})
 text_arg(6)
-local release, hold, owed, units
+local release, hold, owed, units, close
 if op == 'release' then
   release = {text_arg(2), whole_arg(3, 0), whole_arg(4, -1, nil, true)}
   text_arg(5)
@@ -22,10 +29,16 @@ else
   owed = whole_arg(3, 0, nil, true)
   text_arg(4)
   units = whole_arg(5, 0, nil, true)
+end
+if op == 'settle' then
   hold = {id = text_arg(7), cp = whole_arg(8), cb = whole_arg(9), w = whole_arg(10), a = whole_arg(11, -1),
     q = text_arg(12), l = {}}
   if (#ARGV - 12) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
   for i = 13, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
+elseif op == 'close' then
+  close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = json_arg(14)}
+  if text_arg(10) ~= '' then release = {ARGV[10], whole_arg(11, 0), whole_arg(12, -1, nil, true)} end
+  if close.id == '' then bad_arg(7, 'a hold id') end
 end
 -- Nothing is written above this line.
 -- State Redis lost is not written before it is restored (the restore keeps fields already present, so a
@@ -53,10 +66,28 @@ local function give_back_cap(n, units, to)
   end
 end
 
-if release then
+if op == 'release' then
   give_back_cap(release[1], release[2], release[3])
   redis.call('HINCRBY', S, 'chg', 1)
   return {'ok'}
+end
+
+if close then
+  local pv = tonumber(redis.call('HGET', S, 'pv')) or 0
+  if pv ~= close.pv then
+    local found = redis.call('HMGET', S, 'asg', 'sub', 'ov', 'sus')
+    return {'stale', pv, found[1], found[2], found[3], found[4]}
+  end
+  local raw = redis.call('HGET', HOLDS, close.id)
+  if not raw then return {'settled'} end
+  local stored = cjson.decode(raw)
+  if (tonumber(stored.exp) or 0) <= now then return {'settled'} end  -- past its lifetime: kept as charged
+  local q = tostring(stored.q or '')
+  if string.match(q, '^[^|]*|(.*)$') ~= close.as then return {'mismatch'} end
+  local limits = {}
+  for _, l in ipairs(stored.l or {}) do limits[#limits + 1] = {l[1], tonumber(l[2]), tonumber(l[3])} end
+  hold = {id = close.id, cp = tonumber(stored.cp) or 0, cb = tonumber(stored.cb) or 0, w = tonumber(stored.w) or 0,
+    a = tonumber(stored.a) or 0, q = q, l = limits}
 end
 
 if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
@@ -138,6 +169,7 @@ if owed then
   if allowance < 0 then balance = nil end
 end
 
+if close and release then give_back_cap(release[1], release[2], release[3]) end
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then
   local seq = num('eseq', 0)
@@ -146,5 +178,14 @@ if #events > 0 then
     redis.call('RPUSH', EV, cjson.encode({seq = seq, type = e[1], at = now, plan = ARGV[4], data = e[2]}))
   end
   redis.call('HSET', S, 'eseq', seq)
+end
+if close then
+  -- What status.lua would answer now (read only: the period's rollover is written by the next decision).
+  local cr = close.spec.cr
+  local ws = window_of(cr.p, now, close.bounds, tonumber(redis.call('HGET', S, 'bp_s')), tonumber(redis.call('HGET', S, 'bp_e')))
+  local spent, purchased, debt = credits_in(ws, tonumber(redis.call('HGET', S, 'c:w')), cr.a, cr.ro == 1,
+    num('c:s', 0), num('c:p', 0), num('c:d', 0))
+  local left = period_left(cr.a, spent)
+  balance = left and left + purchased - debt
 end
 return {'ok', balance or false}

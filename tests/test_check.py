@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from test_engine_cluster import Monitor
 from test_kill import ADMIN as OTHER_ADMIN
 from test_kill import GatewayProcess
 from waiting import until, wait_until
@@ -427,7 +428,7 @@ def test_a_hold_is_settled_once_and_an_unsettled_one_ends_charged(redis_space: R
 
             late = await checker.check("org_7", route="POST /v1/projects", consume=True)
             assert late.hold is not None
-            hold_id = late.hold.partition(".")[0]
+            hold_id = late.hold[:16]
 
             async def ended() -> bool:
                 return await engine.held("org_7", hold_id) is None
@@ -438,5 +439,69 @@ def test_a_hold_is_settled_once_and_an_unsettled_one_ends_charged(redis_space: R
             assert (await engine.status("org_7"))["limits"]["projects"]["usage"] == 1  # kept as charged
         finally:
             await engine.store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_settle_of_a_checks_hold_is_one_script_call(redis_server: RedisServer) -> None:
+    """Issue 17 item 6: settling a consuming check's hold (a metered reserve, a cap it releases) takes one
+    EVALSHA in the process that checked (scripts loaded), two in one that has not seen the billable's plan yet; its balance
+    is the status's, a hold id altered to name another route is a 400 that writes nothing, and a hold id of
+    the older form (no tag) still settles."""
+    catalog = parse_catalog(CATALOG)
+    space = RedisSpace(redis_server.url, f"gwone{os.getpid()}")
+
+    async def scenario() -> None:
+        engine, cold = space.engine(catalog), space.engine(catalog)
+        checker = Checker(engine)
+        try:
+            warm = await checker.check("org_0", route="POST /v1/chat", consume=True)
+            assert warm.hold is not None
+            await checker.settle(warm.hold, outcome="success", units=1)  # loads the settle script
+            chat = await checker.check("org_1", route="POST /v1/chat", consume=True)
+            assert chat.allowed and chat.hold is not None
+            with Monitor(redis_server.port) as monitor:
+                settled = await checker.settle(chat.hold, outcome="success", units=12)
+            assert monitor.commands() == ["EVALSHA"]
+            assert settled.balance == 100 - 12 == (await engine.status("org_1"))["credits"]["balance"]
+
+            made = await checker.check("org_1", route="POST /v1/projects", consume=True)
+            assert made.hold is not None
+            await checker.settle(made.hold, outcome="success")
+            deleted = await checker.check("org_1", route="DELETE /v1/projects/7", consume=True)
+            assert deleted.hold is not None
+            assert (await engine.status("org_1"))["limits"]["projects"]["usage"] == 1
+            with Monitor(redis_server.port) as monitor:
+                await checker.settle(deleted.hold, outcome="success")  # settles and releases the cap: one call
+            assert monitor.commands() == ["EVALSHA"]
+            assert (await engine.status("org_1"))["limits"]["projects"]["usage"] == 0
+
+            # A hold whose tag was changed to name another route: 400, nothing written, the hold still open.
+            other = await checker.check("org_1", route="POST /v1/images", consume=True)
+            assert other.hold is not None
+            tags = {h[16:28] for h in (chat.hold, made.hold, deleted.hold)}
+            forged = other.hold[:16] + next(iter(tags - {other.hold[16:28]})) + other.hold[28:]
+            held = (await engine.snapshot("org_1")).holds
+            with pytest.raises(BadRequest, match="another route"):
+                await checker.settle(forged, outcome="failure")
+            assert (await engine.snapshot("org_1")).holds == held
+
+            # Another process, cold: it learns the plan from the script's answer, then settles.
+            await cold.status("org_elsewhere")  # the cold process connected (it has not seen org_1)
+            with Monitor(redis_server.port) as monitor:
+                gave_back = await Checker(cold).settle(other.hold, outcome="failure")
+            assert monitor.commands() == ["EVALSHA", "EVALSHA"]
+            assert gave_back.balance == 100 - 12 == (await engine.status("org_1"))["credits"]["balance"]
+
+            # The older hold id, without the tag: read, then settled.
+            old = await checker.check("org_1", route="POST /v1/images", consume=True)
+            assert old.hold is not None
+            untagged = old.hold[:16] + old.hold[28:]
+            assert (await checker.settle(untagged, outcome="failure")).balance == 100 - 12
+            with pytest.raises(HoldNotOpen):
+                await checker.settle(old.hold, outcome="failure")
+        finally:
+            await engine.store.close()
+            await cold.store.close()
 
     asyncio.run(scenario())

@@ -78,6 +78,36 @@ def test_a_settle_with_a_bad_argument_writes_nothing(go: Go, index: int, value: 
     go(fn)
 
 
+async def close(h: Harness, hold_id: str) -> Any:
+    return await h.engine.close("org", hold_id, "POST /chat|chat", give_back_limits=False, credits_owed=7, units=7, release="projects")
+
+
+CLOSE_SPOILED = [(3, "1e30"), (5, "1e30"), (9, "x"), (11, "1e30"), (12, "nan"), (13, "{")]
+
+
+@pytest.mark.parametrize(("index", "value"), CLOSE_SPOILED, ids=[f"{i}={v[:6]}" for i, v in CLOSE_SPOILED])
+def test_a_close_with_a_bad_argument_writes_nothing(go: Go, index: int, value: str) -> None:
+    """Closing a check's stored hold (settle and release in one call) given a number no counter can hold, a plan
+    version or cap that is not one, or a spec that is not JSON: refused before the hold leaves its hash."""
+
+    async def fn(h: Harness) -> None:
+        await h.engine.apply_grant("org", 1, 500)
+        decision = await h.decide("org", "POST", "/chat", hold=True)
+        assert decision.hold is not None
+        calls = spy(h)
+        assert (await close(h, decision.hold.id)).status == "ok"
+        ((name, keys, args),) = calls
+        fresh = await h.decide("org", "POST", "/chat", hold=True)
+        assert fresh.hold is not None
+        args[6] = fresh.hold.id
+        spoiled = [*args]
+        spoiled[index - 1] = value
+        await refused_unchanged(h, name, keys, spoiled)
+        assert (await close(h, fresh.hold.id)).status == "ok"
+
+    go(fn)
+
+
 def test_a_decision_with_a_bad_hold_lifetime_sends_no_events(go: Go) -> None:
     """A decision that would emit a warning, given a hold lifetime that is not a number, pushes no event and counts
     nothing (the events were pushed before the lifetime was read)."""

@@ -246,13 +246,6 @@ class Subscriptions:
         if not same_period:
             await self.engine.set_billing_period(billable, period)
 
-    async def billables_of(self, customer: str) -> list[str]:
-        async with self.db.engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(table.c.billable).where(table.c.customer == customer, table.c.billable.is_not(None)).distinct()
-            )
-            return [r[0] for r in rows]
-
     async def known_ids(self) -> list[str]:
         """Subscriptions the record holds that may still change (not canceled for good)."""
         async with self.db.engine.connect() as conn:

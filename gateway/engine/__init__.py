@@ -307,6 +307,38 @@ class Engine:
         """Make the record `request` with its answer, for its lifetime; False when one was there."""
         return bool(await self.store.run("once", [request.record], ["put", record, LIFETIME]))
 
+    async def close(
+        self, billable: str, hold_id: str, settled_as: str, *, give_back_limits: bool, credits_owed: int | None,
+        units: float | None, release: str | None,
+    ) -> state.CloseReply:
+        """Settle a stored hold (`decide(..., hold=True)`) as taken for `settled_as` ("<route>|<operation>"),
+        give back the cap `release` names, and answer the balance: one call (two when this process has not
+        seen the billable's plan yet)."""
+        resolved = self.plans.cached(billable)
+        self._touched.add(billable)
+        for _ in range(4):
+            plan_name = resolved.name if resolved else self.catalog.settings.default_plan
+            terms = (resolved.terms if resolved else None) or self.catalog.plans[plan_name]
+            cap = terms.limits.get(release) if release else None
+            args = state.CloseArgs(
+                hold_id=hold_id,
+                settled_as=settled_as,
+                give_back_limits=give_back_limits,
+                credits_owed=credits_owed,
+                units=None if units is None else math.ceil(units),
+                plan=plan_name,
+                plan_version=resolved.version if resolved else -1,
+                release=None if release is None else state.ReleaseArgs(release, 1, None if cap is None else cap.to, plan_name, False),
+                status_spec=self.specs.status(plan_name, resolved.terms, resolved.digest) if resolved else self.specs.status(plan_name),
+                calendar=self._calendar(),
+                restores=self.restore is not None,
+            )
+            reply = state.CloseReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            if not isinstance(reply, state.Stale):
+                return reply
+            resolved = self._resolve(billable, reply)
+        raise RuntimeError(f"plan of {billable!r} kept changing during one settle")
+
     async def release(self, billable: str, plan_name: str, limit: str, units: int = 1) -> None:
         """Give back `units` of a persistent cap (a delete the upstream confirmed), never below 0."""
         cap = self.terms_of(billable, plan_name).limits.get(limit)

@@ -21,6 +21,7 @@ PlanSource = Literal["assignment", "subscription", "default"]
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
 _NEVER = float("inf")
 _KEPT = 4096  # distinct overrides parsed at most, before the caches start again
+BILLABLES_KEPT = 100_000  # billables whose plan this process remembers; past it the oldest is resolved again
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,11 @@ class Plans:
         elif assignment:
             log.warning("billable %r is assigned plan %r, which plans.toml lacks; using the default", billable, assignment)
         resolved = self._with_terms(billable, resolved, overrides, suspended)
-        self._cache[billable] = resolved
+        cache = self._cache
+        if len(cache) >= BILLABLES_KEPT and billable not in cache:
+            # The first one in: a forgotten plan costs one stale answer from decide.lua, never a wrong one.
+            del cache[next(iter(cache))]
+        cache[billable] = resolved
         return resolved
 
     def _with_terms(self, billable: str, resolved: ResolvedPlan, text: str | None, suspended: bool) -> ResolvedPlan:

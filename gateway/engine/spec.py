@@ -151,13 +151,6 @@ def status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
     )
 
 
-def _rates(catalog: Catalog, plan: Plan) -> list[RateLimit]:
-    """The rate limits a status shows: the plan's and every route's."""
-    return [r for r in [plan.rate, *(route.rate for route in catalog.routes)] if r is not None]
-
-
-
-
 def shown_rates(catalog: Catalog, plan: Plan) -> list[RateLimit]:
     """The rate limits a status shows: the plan's and every route's."""
     return [r for r in [plan.rate, *(route.rate for route in catalog.routes)] if r is not None]

@@ -23,13 +23,15 @@ from gateway.state.fields import (
 from gateway.state.hold import HeldLimit, Hold, StoredHold
 from gateway.state.keys import Keys, billable_of, keys, pattern
 from gateway.state.restore import Restored, RestoreReply
-from gateway.state.settle import ReleaseArgs, SettleArgs, SettleReply
+from gateway.state.settle import CloseArgs, CloseReply, ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
 from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimit, StatusReply, StatusSpec
 
 __all__ = [
     "CHANGE_FIELD",
     "HOLD_EXPIRY_FIELD",
+    "CloseArgs",
+    "CloseReply",
     "CreditReply",
     "CreditSpec",
     "DecideArgs",

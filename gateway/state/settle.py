@@ -1,10 +1,12 @@
-"""settle.lua's protocol: settling a hold, releasing a persistent cap, and the reply of both."""
+"""settle.lua's protocol: settling a hold, releasing a persistent cap, closing a check's hold (both in one
+call), and their replies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.state.decide import Stale
 from gateway.state.hold import Hold
 
 
@@ -39,6 +41,59 @@ class ReleaseArgs:
 
     def argv(self) -> list[str | int]:
         return ["release", self.limit, self.units, "" if self.cap is None else self.cap, self.plan, "1" if self.restores else "0"]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseArgs:
+    """A consuming check's stored hold, settled as `settled_as` ("<route>|<operation>", what its usage key
+    ends with) and, when `release` names a cap, that cap given back too: one call."""
+
+    hold_id: str
+    settled_as: str
+    give_back_limits: bool
+    credits_owed: int | None  # None keeps what was held
+    units: int | None
+    plan: str
+    plan_version: int
+    release: ReleaseArgs | None
+    status_spec: str  # the plan's status spec (its credits), for the balance
+    calendar: str
+    restores: bool
+
+    def argv(self) -> list[str | int]:
+        release = self.release
+        return [
+            "close",
+            "back" if self.give_back_limits else "keep",
+            "" if self.credits_owed is None else self.credits_owed,
+            self.plan,
+            "" if self.units is None else self.units,
+            "1" if self.restores else "0",
+            self.hold_id,
+            self.settled_as,
+            self.plan_version,
+            "" if release is None else release.limit,
+            0 if release is None else release.units,
+            "" if release is None or release.cap is None else release.cap,
+            self.status_spec,
+            self.calendar,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReply:
+    """status "ok" (balance: status's, None when the credits are unlimited), "settled" (settled before or
+    past its lifetime: nothing changed), "missing" (Redis lost the state), "mismatch" (the hold was taken
+    for another route or operation: nothing changed); or Stale."""
+
+    status: Literal["ok", "settled", "missing", "mismatch"]
+    balance: int | None
+
+    @classmethod
+    def parse(cls, raw: list[Any]) -> CloseReply | Stale:
+        if raw[0] == "stale":
+            return Stale.parse(raw)
+        return cls(raw[0], None if len(raw) < 2 or raw[1] is None else int(raw[1]))
 
 
 @dataclass(frozen=True, slots=True)

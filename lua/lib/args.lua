@@ -26,6 +26,13 @@ local function text_arg(i, allowed)
   return v
 end
 
+-- ARGV[i] as a JSON object or array.
+local function json_arg(i)
+  local ok, v = pcall(cjson.decode, text_arg(i))
+  if not ok or type(v) ~= 'table' then bad_arg(i, 'a JSON object') end
+  return v
+end
+
 -- A counter `field` of hash `key` plus `delta`, kept within ±(2^53 - 1): HINCRBY fails past 2^63 (and on a
 -- value it cannot read as an integer), after the writes before it.
 local function add_to(key, field, delta)
