@@ -39,6 +39,7 @@ from gateway.events import Outbox
 from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
+from gateway.invoice import invoice_preview
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.overrides import Overrides, record_overrides, record_suspension
 from gateway.overrides import kept as overrides_kept
@@ -57,6 +58,7 @@ from gateway.problems import (
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
 from gateway.seats import NoSeat, check_seat, root_of
+from gateway.state import billed_counters
 from gateway.store.db import Database
 from gateway.terms import validate as validate_terms
 from gateway.usage import PERIOD, current_period, usage_report
@@ -179,6 +181,7 @@ class Endpoints:
             Route("/_gateway/admin/billables/{billable}/auto-recharge", self.members.org_only(self.auto_recharge), methods=["PUT"]),
             Route("/_gateway/admin/billables/{billable}/overage", self.overage, methods=["GET"]),
             Route("/_gateway/admin/billables/{billable}/usage", self.usage_history, methods=["GET"]),
+            Route("/_gateway/admin/billables/{billable}/invoice-preview", self.invoice_preview, methods=["GET"]),
             Route("/_gateway/admin/catalog", self.catalog_endpoint, methods=["GET", "POST"]),
             Route("/_gateway/admin/audit", self.audit_log, methods=["GET"]),
             Route("/_gateway/openapi.json", self.openapi, methods=["GET"]),
@@ -312,6 +315,13 @@ class Endpoints:
 
     async def billable_status(self, request: Request) -> Response:
         return JSONResponse(await self.engine.status(request.path_params["billable"]))
+
+    async def invoice_preview(self, request: Request) -> Response:
+        """The period's lines so far (plan price, overage per meter, pay-as-you-go) with their amounts (gateway/invoice.py)."""
+        billable = request.path_params["billable"]
+        status = await self.engine.status(billable)
+        counters = billed_counters((await self.engine.snapshot(billable)).state)
+        return JSONResponse(invoice_preview(self.catalog, status, counters))
 
     async def assign_plan(self, request: Request) -> Response:
         billable = request.path_params["billable"]

@@ -282,20 +282,23 @@ class GatewayApp:
         operation: str | None = None,
         units: float | None = None,
         consume: bool = False,
+        idempotency_key: str | None = None,
     ) -> CheckResult:
         """May `billable` do this now? Name a route (`"POST /v1/images"`, decided as the proxy decides it) or a
         feature, a limit with `by` units, or an operation with `units`. Dry by default (writes nothing);
         `consume=True` takes it as the proxy admits a request and answers a `hold` for `settle`. BadRequest
-        (gateway.errors) for an unknown name or a bad number. See gateway/check.py."""
+        (gateway.errors) for an unknown name or a bad number. With an `idempotency_key`, a consuming check
+        retried within 24 h answers the first answer and takes nothing more. See gateway/check.py."""
         return await self._checker().check(
-            billable, route=route, feature=feature, limit=limit, by=by, operation=operation, units=units, consume=consume
-        )
+            billable, route=route, feature=feature, limit=limit, by=by, operation=operation, units=units, consume=consume,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
 
-    async def settle(self, hold: str, *, outcome: Outcome, units: float | None = None) -> SettleResult:
+    async def settle(self, hold: str, *, outcome: Outcome, units: float | None = None, idempotency_key: str | None = None) -> SettleResult:
         """Settle a consuming check's hold (from any process on the same Redis) as the proxy settles an answer:
         `"success"` keeps it (a metered operation charged for `units`), `"failure"` gives it back.
         gateway.check.HoldNotOpen when it was settled already or outlived GATEWAY_HOLD_TTL."""
-        return await self._checker().settle(hold, outcome=outcome, units=units)
+        return await self._checker().settle(hold, outcome=outcome, units=units, idempotency_key=idempotency_key)
 
     async def status(self, billable: str) -> dict[str, Any]:
         """The billable's status as /_gateway/usage answers it: usage, limits, credits and rate limits, each

@@ -28,12 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.amounts import Price, units_within
 from gateway.bounds import MAX_DEPTH, MAX_INT, toml_too_deep
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
 from gateway.periods import Period, parse_duration, parse_period
 
-AfterLimit = Literal["block_usage", "just_warn", "grace_then_block"]
+AfterLimit = Literal["block_usage", "just_warn", "grace_then_block", "bill"]
 OnRedisDown = Literal["open", "closed", "local"]
 Enforce = Literal["enforce", "shadow"]
 PlanStatus = Literal["active", "archived"]
@@ -94,14 +95,24 @@ class CatalogSettings(_Model):
         return parse_duration(self.past_due_grace)
 
 
+class PayAsYouGo(_Model):
+    """An operation's `metered = { meter, unit_price }`: every unit billed on `meter` (a request, or the units
+    its answer reports), invoiced by Stripe at the period's end."""
+
+    meter: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")]
+    unit_price: Price
+
+
 class Operation(_Model):
-    """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer."""
+    """Something that spends credits: a fixed `cost`, or `per_unit` × units read from the request or answer;
+    or that is billed by the unit (`metered`, pay-as-you-go), with or without credits."""
 
     cost: Count | None = None
     per_unit: Annotated[float, Field(gt=0, le=MAX_INT)] | None = None
     units: str | None = None
     reserve: Count | None = None
     max_units: Positive | None = None
+    payg: PayAsYouGo | None = Field(default=None, alias="metered")
 
     @field_validator("units")
     @classmethod
@@ -112,6 +123,13 @@ class Operation(_Model):
 
     @model_validator(mode="after")
     def _one_pricing(self) -> Operation:
+        if self.payg is not None and self.cost is None and self.per_unit is None:
+            if self.units is not None and not self.units.startswith("response."):
+                raise ValueError('metered units are read from the answer (units = "response.json:PATH" or "response.header:NAME"), '
+                                 "or each request is one unit (no units)")  # fmt: skip
+            if self.reserve is not None:
+                raise ValueError("reserve only applies with per_unit (credits held until the answer)")
+            return self
         if self.cost is None and self.per_unit is None:
             raise ValueError('give either cost = N (credits per request) or per_unit = N with units = "..."')
         if self.cost is not None and self.per_unit is not None:
@@ -206,6 +224,23 @@ def _valid_rate(value: str | RateLimitTable | None) -> str | RateLimitTable | No
 RateLimitSetting = Annotated[str | RateLimitTable | None, AfterValidator(_valid_rate)]
 
 
+MeterName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")]
+
+
+class Overage(_Model):
+    """What a limit with after_limit = "bill" charges past `to`: `unit_price` a unit (the catalog's currency),
+    counted on `meter`, at most `max_per_period` a period (then block_usage)."""
+
+    unit_price: Price
+    meter: MeterName
+    max_per_period: Price | None = None
+
+    @cached_property
+    def max_units(self) -> int:
+        """The billed units the spend cap allows a period (-1: no cap)."""
+        return -1 if self.max_per_period is None else units_within(self.max_per_period, self.unit_price)
+
+
 class Limit(_Model):
     to: Count
     per: str | None = None
@@ -213,6 +248,7 @@ class Limit(_Model):
     grace: str | None = None
     grace_max: Count | None = None
     warn_at: tuple[float, ...] = DEFAULT_WARN_AT
+    overage: Overage | None = None
 
     @field_validator("per")
     @classmethod
@@ -242,6 +278,13 @@ class Limit(_Model):
             for key in ("grace", "grace_max"):
                 if getattr(self, key) is not None:
                     raise ValueError(f'{key} only applies with after_limit = "grace_then_block"')
+        if self.after_limit == "bill":
+            if self.overage is None:
+                raise ValueError('after_limit = "bill" needs overage = { unit_price = "0.002", meter = "api_requests" }')
+            if self.per is None:
+                raise ValueError('after_limit = "bill" needs per = "month" (or another period): overage is billed per period')
+        elif self.overage is not None:
+            raise ValueError('overage only applies with after_limit = "bill"')
         return self
 
     @cached_property
@@ -365,8 +408,15 @@ class Events(_Model):
     webhook_url: str | None = None
 
 
+class Meter(_Model):
+    """A meter billed units are counted on, and the Stripe meter they are sent to (its event_name)."""
+
+    stripe_meter: Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class CatalogFile(_Model):
     catalog: CatalogSettings = Field(default_factory=lambda: CatalogSettings())
+    meters: dict[MeterName, Meter] = Field(default_factory=dict)
     features: dict[str, str] = Field(default_factory=dict)
     operations: dict[str, Operation] = Field(default_factory=dict)
     plans: dict[str, Plan] = Field(default_factory=dict)
@@ -451,6 +501,24 @@ class Catalog:
     @property
     def packs(self) -> dict[str, Pack]:
         return self.file.packs
+
+    @cached_property
+    def billed_limits(self) -> tuple[tuple[str, str, Limit], ...]:
+        """(plan, limit name, limit) of every limit with after_limit = "bill"."""
+        return tuple((p, n, lim) for p, plan in self.plans.items() for n, lim in plan.limits.items() if lim.overage is not None)
+
+    def stripe_meter(self, meter: str) -> str | None:
+        """The event_name of the Stripe meter `meter`'s units are sent to (None: no [meters] mapping)."""
+        found = self.file.meters.get(meter)
+        return found.stripe_meter if found is not None else None
+
+    def unmapped_meters(self) -> list[Problem]:
+        """A billed limit or pay-as-you-go operation whose meter has no Stripe meter: with Stripe configured,
+        its units could not be sent."""
+        used = [(f"plans.{p}.limits.{n}.overage.meter", lim.overage.meter) for p, n, lim in self.billed_limits if lim.overage]
+        used += [(f"operations.{n}.metered.meter", op.payg.meter) for n, op in self.operations.items() if op.payg is not None]
+        return [Problem(place, f'meter "{meter}" has no Stripe meter: add [meters.{meter}] stripe_meter = "<the event_name of a '
+                        'meter in Stripe>"') for place, meter in used if self.stripe_meter(meter) is None]  # fmt: skip
 
     @cached_property
     def limit_kinds(self) -> dict[str, Limit]:

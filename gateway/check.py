@@ -18,10 +18,12 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NotRequired, cast
 
 from typing_extensions import TypedDict
 
+from gateway import idempotency
 from gateway.bounds import MAX_INT
 from gateway.catalog import Catalog, Operation, Route, RouteConfig, _nearest
 from gateway.decision import Decision
@@ -73,6 +75,17 @@ class CheckResult:
     remaining: dict[str, int | None]
     hold: str | None = None  # a consuming check's hold, for `settle`
     headers: list[tuple[bytes, bytes]] = field(default_factory=list, repr=False)
+    replayed: bool = False  # the first answer of its Idempotency-Key, given again
+
+    def kept(self) -> dict[str, Any]:
+        """What an idempotency record keeps of it (its body and headers), to answer a retry."""
+        return {"body": self.body(), "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]}
+
+    @classmethod
+    def again(cls, kept: dict[str, Any]) -> CheckResult:
+        body = kept["body"]
+        return cls(body["allowed"], body["status"], body["violated_policies"], body["problem"], body["remaining"], body.get("hold"),
+                   [(k.encode("latin-1"), v.encode("latin-1")) for k, v in kept["headers"]], replayed=True)  # fmt: skip
 
     def body(self) -> CheckAnswer:
         out: CheckAnswer = {
@@ -95,9 +108,14 @@ class SettleResult:
     outcome: Outcome
     billable: str
     balance: int | None
+    replayed: bool = False  # the first answer of its Idempotency-Key, given again
 
     def body(self) -> SettleAnswer:
         return {"hold": self.hold, "outcome": self.outcome, "billable": self.billable, "settled": True, "balance": self.balance}
+
+    @classmethod
+    def again(cls, body: dict[str, Any]) -> SettleResult:
+        return cls(body["hold"], body["outcome"], body["billable"], body["balance"], replayed=True)
 
 
 class HoldNotOpen(LookupError):
@@ -155,15 +173,33 @@ class Checker:
         operation: str | None = None,
         units: float | None = None,
         consume: bool = False,
+        idempotency_key: str | None = None,
     ) -> CheckResult:
-        """The decision the proxy would make; with `consume` also taken, as the proxy admits, under a hold."""
+        """The decision the proxy would make; with `consume` also taken, as the proxy admits, under a hold.
+
+        A consuming check with an `idempotency_key` used before (24 h) answers what that one answered and
+        takes nothing (KeyReused when it asked something else, StillAnswering when it has not answered)."""
         billable = billable_id(billable, "billable")
         question = self._question(route=route, feature=feature, limit=limit, by=by, operation=operation, units=units)
         if question.public:
             return CheckResult(True, 200, [], None, {})
-        decision = await self.engine.decide(billable, question.route, credit_cost=question.credit_cost, hold=consume, dry=not consume)
+        request = None
+        if consume and idempotency_key is not None:
+            asked = {"route": route, "feature": feature, "limit": limit, "by": by, "operation": operation, "units": units}
+            # Under the state the decision is kept in (a member's org's): one slot for the script on a cluster.
+            root = await self.engine.root_of(billable)
+            request = idempotency.once(self.engine.keys(root).state, "check", idempotency_key, asked)
+        try:
+            decision = await self.engine.decide(billable, question.route, credit_cost=question.credit_cost, hold=consume, dry=not consume,
+                                                once=request)  # fmt: skip
+        except idempotency.Decided as seen:
+            assert request is not None
+            kept = idempotency.answer_of(request, seen.record) or await idempotency.wait_for_answer(request, partial(self.engine.once_read, request))
+            if kept is None:
+                raise idempotency.still_answering(request) from None
+            return CheckResult.again(kept)
         hold = decision.hold.id if consume and decision.admitted and decision.hold else None
-        return CheckResult(
+        result = CheckResult(
             allowed=decision.admitted,
             status=decision.status,
             violated_policies=[n for n in decision.violated_policies if n],
@@ -172,8 +208,34 @@ class Checker:
             hold=_hold_id(hold, question.route, decision.billable or billable, decision.members) if hold else None,
             headers=decision.headers(),
         )
+        if request is not None:
+            await self.engine.once_answer(request, idempotency.record(request, result.kept(), hold or ""))
+        return result
 
-    async def settle(self, hold: str, *, outcome: Outcome, units: float | None = None) -> SettleResult:
+    async def settle(self, hold: str, *, outcome: Outcome, units: float | None = None, idempotency_key: str | None = None) -> SettleResult:
+        """`settle_once` with an `idempotency_key`: a retry within 24 h answers the first settle's answer
+        (KeyReused when it settled something else); without one, a second settle is HoldNotOpen."""
+        if idempotency_key is None:
+            return await self.settle_once(hold, outcome=outcome, units=units)
+        billable = hold_billable(hold)
+        request = idempotency.once(self.engine.keys(billable).state, "settle", idempotency_key,
+                                   {"hold": hold, "outcome": outcome, "units": units})  # fmt: skip
+        raw = await self.engine.once_read(request)
+        kept = None if raw is None else idempotency.answer_of(request, raw)
+        if kept is not None:
+            return SettleResult.again(kept)
+        try:
+            result = await self.settle_once(hold, outcome=outcome, units=units)
+        except HoldNotOpen:
+            # Settled already: by this key's first request (racing this one, its answer soon there) or not.
+            kept = await idempotency.wait_for_answer(request, partial(self.engine.once_read, request))
+            if kept is None:
+                raise
+            return SettleResult.again(kept)
+        await self.engine.once_put(request, idempotency.record(request, dict(result.body())))
+        return result
+
+    async def settle_once(self, hold: str, *, outcome: Outcome, units: float | None = None) -> SettleResult:
         """Settle a consuming check's hold as the proxy settles a complete answer: `success` a 2xx (a metered
         operation charged for `units`, at most its max_units, else its whole reserve), `failure` a non-2xx
         (limits and credits given back, unless `units` were reported: those are charged). HoldNotOpen when

@@ -18,6 +18,7 @@ from typing_extensions import TypedDict
 from gateway.bounds import MAX_INT
 from gateway.check import Checker, HoldNotOpen, Outcome, hold_billable
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
+from gateway.idempotency import KeyReused, StillAnswering, key_from
 from gateway.ids import billable as billable_id
 from gateway.problems import json_body, problem
 
@@ -37,6 +38,7 @@ class CheckQuestion(TypedDict, total=False):
     operation: str
     units: Units
     consume: bool
+    idempotency_key: str  # or the Idempotency-Key header: a consuming check retried with it answers the first answer
 
 
 class SettleQuestion(TypedDict, total=False):
@@ -45,6 +47,7 @@ class SettleQuestion(TypedDict, total=False):
     hold: Required[str]
     outcome: Required[Outcome]
     units: Units
+    idempotency_key: str  # or the Idempotency-Key header: a settle retried with it answers the first answer
 
 
 _CHECK_FIELDS = tuple(CheckQuestion.__annotations__)
@@ -76,6 +79,10 @@ class CheckEndpoints:
                 if isinstance(body, JSONResponse):
                     return body
                 return await endpoint(request, body, own)
+            except KeyReused as exc:
+                return problem(422, "urn:gateway:idempotency-key-reused", "Idempotency key reused", str(exc))
+            except StillAnswering as exc:
+                return problem(409, "urn:gateway:idempotency-key-in-use", "Idempotency key in use", str(exc))
             except (RedisUnavailable, StateUnavailable, DatabaseUnavailable) as exc:
                 return problem(503, "urn:gateway:unavailable", "Service unavailable", f"{exc} Retry shortly.")
 
@@ -103,10 +110,12 @@ class CheckEndpoints:
             raise BadRequest(f"by must be a whole number from 0 to {MAX_INT}.")
         result = await self.checker.check(
             billable, route=body.get("route"), feature=body.get("feature"), limit=body.get("limit"), by=by,
-            operation=body.get("operation"), units=_units(body), consume=consume,
+            operation=body.get("operation"), units=_units(body), consume=consume, idempotency_key=_key(request, body),
         )  # fmt: skip
         response = JSONResponse(result.body())
         response.raw_headers.extend(result.headers)
+        if result.replayed:
+            response.raw_headers.append(_REPLAYED)
         return response
 
     async def settle(self, request: Request, body: dict[str, Any], own: str | None) -> Response:
@@ -123,13 +132,22 @@ class CheckEndpoints:
         if outcome not in ("success", "failure"):
             raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
         try:
-            result = await self.checker.settle(hold, outcome=outcome, units=_units(body))
+            result = await self.checker.settle(hold, outcome=outcome, units=_units(body), idempotency_key=_key(request, body))
         except HoldNotOpen as exc:
             return problem(409, "urn:gateway:conflict", "Conflict", str(exc))
         response = JSONResponse(result.body())
+        if result.replayed:
+            response.raw_headers.append(_REPLAYED)
         if result.balance is not None:
             response.raw_headers.append((b"x-credits-remaining", b"%d" % result.balance))
         return response
+
+
+_REPLAYED = (b"idempotent-replayed", b"true")  # as Stripe marks a retry's answer
+
+
+def _key(request: Request, body: dict[str, Any]) -> str | None:
+    return key_from(request.headers.get("idempotency-key"), body.get("idempotency_key"))
 
 
 def _only(body: dict[str, Any], known: tuple[str, ...], what: str) -> None:

@@ -64,9 +64,26 @@ def summary(catalog: Catalog) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     routes = [f"  {r.match:<32} " + _route(r.config) for r in catalog.routes]
+    billed = [f"  {_billed(catalog, plan, name, limit)}" for plan, name, limit in catalog.billed_limits]
+    billed += [f"  operations.{name}: every unit {op.payg.unit_price} {catalog.settings.currency.upper()} on meter {op.payg.meter} "
+               f"({'the units its answer reports' if op.metered else 'one a request'}; "
+               f"{'Stripe meter ' + (catalog.stripe_meter(op.payg.meter) or '') if catalog.stripe_meter(op.payg.meter) else 'no Stripe meter'})"
+               for name, op in sorted(catalog.operations.items()) if op.payg is not None]  # fmt: skip
     return "\n".join(
-        [f"{catalog.source}: {len(plans)} plans, {len(catalog.routes)} routes, default plan {catalog.settings.default_plan}", "", *lines, "", "routes (first match wins):", *routes]
-    )
+        [f"{catalog.source}: {len(plans)} plans, {len(catalog.routes)} routes, default plan {catalog.settings.default_plan}", "", *lines, "", "routes (first match wins):", *routes,
+         *(["", "billed (invoiced by Stripe at the period's end):", *billed] if billed else [])]
+    )  # fmt: skip
+
+
+def _billed(catalog: Catalog, plan: str, name: str, limit: Any) -> str:
+    """One billed limit in words: what is admitted past `to`, its price, meter and spend cap."""
+    o = limit.overage
+    currency = catalog.settings.currency.upper()
+    cap = (f"at most {o.max_per_period} {currency} a period ({o.max_units} units), then refused (402)"
+           if o.max_per_period is not None else "no spend cap")  # fmt: skip
+    sent = catalog.stripe_meter(o.meter)
+    to = f"Stripe meter {sent}" if sent else "no Stripe meter ([meters] has none)"
+    return f"{plan}.{name}: past {limit.to} per {limit.per}, each unit {o.unit_price} {currency} on meter {o.meter} ({to}); {cap}"
 
 
 def _price(catalog: Catalog, name: str) -> str:
@@ -88,7 +105,7 @@ def _limit(catalog: Catalog, plan_name: str, limit: str) -> str:
     found = plan.limits.get(limit)
     if found is None:
         return "closed"
-    policy = {"block_usage": "", "just_warn": " warn", "grace_then_block": f" grace {found.grace or '7d'}"}[found.after_limit]
+    policy = {"block_usage": "", "just_warn": " warn", "grace_then_block": f" grace {found.grace or '7d'}", "bill": " then billed"}[found.after_limit]
     return f"{found.to}{policy}"
 
 
@@ -241,6 +258,13 @@ def _parser() -> argparse.ArgumentParser:
                     "Compare plans.toml with Stripe's products, prices and features, as a table, and store Stripe's "
                     "prices for every gateway process (needs GATEWAY_STRIPE_API_KEY).")
     sync.add_argument("--push", action="store_true", help="create in Stripe what plans.toml has and Stripe lacks")
+    meters = _command(stripe_actions, "meters", "compare the units the gateway billed with Stripe's meter event summaries",
+                      "Compare the gateway's billed units per customer and meter in a month with Stripe's meter event "
+                      "summaries; prints every total and exits 1 when one differs (needs GATEWAY_STRIPE_API_KEY).")  # fmt: skip
+    meters.add_argument("--period", required=True, metavar="YYYY-MM", help="the month (UTC), e.g. 2026-12")
+    _command(stripe_actions, "send-meters", "send the billed units waiting in the record to Stripe, until stopped",
+             "Send the meter outbox to Stripe (what `gateway serve` does with GATEWAY_STRIPE_API_KEY set), until "
+             "SIGINT or SIGTERM; a row sent twice is refused by Stripe, so any number may run.")  # fmt: skip
     return parser
 
 
@@ -270,6 +294,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = Settings.load({k: v for k, v in vars(args).items() if k in ENVIRONMENT})
     if args.command == "check":
         catalog = load_catalog(args.file or settings.plans)
+        if settings.stripe_api_key and (unmapped := catalog.unmapped_meters()):
+            raise CatalogError(unmapped, catalog.source)  # the units billed could not reach Stripe
         print(summary(catalog))
         for warning in catalog.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -294,6 +320,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "usage":
         _existing_record(settings)
         return asyncio.run(_usage(settings, args.billable, args.period, as_json=args.json))
+    if args.command == "stripe" and args.action == "meters":
+        _existing_record(settings)
+        return asyncio.run(_stripe_meters(settings, args.period))
+    if args.command == "stripe" and args.action == "send-meters":
+        _existing_record(settings)
+        return asyncio.run(_send_meters(settings))
     if args.command == "stripe":
         return asyncio.run(_stripe_sync(settings, push=args.push))
     if args.command == "account-link":
@@ -496,6 +528,58 @@ async def _stripe_sync(settings: Settings, *, push: bool) -> int:
     state = "stored" if result.changed else "unchanged"
     print(f"snapshot version {result.version} {state}; every gateway process reads it within seconds")
     return 0
+
+
+async def _stripe_meters(settings: Settings, period: str) -> int:
+    """`gateway stripe meters --period YYYY-MM`: the gateway's billed totals against Stripe's, 1 if one differs."""
+    import stripe
+
+    from gateway.billing.client import close_client, stripe_client
+    from gateway.billing.meters import compare, month_bounds, totals_table
+    from gateway.store.db import Database
+
+    try:
+        month_bounds(period)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    catalog = load_catalog(settings.plans)
+    client = stripe_client(settings)
+    db = await Database.connect(settings.database_url, auto_upgrade=settings.database_url.startswith("sqlite"))
+    try:
+        totals = await compare(db, client, catalog.stripe_meter, period)
+    except stripe.StripeError as exc:
+        print(f"gateway: Stripe answered: {exc.user_message or exc}", file=sys.stderr)
+        return 2
+    finally:
+        await close_client(client)
+        await db.close()
+    if not totals:
+        print(f"nothing billed in {period}")
+        return 0
+    print(totals_table(totals))
+    differing = [t for t in totals if t.differs]
+    print(f"{len(differing)} of {len(totals)} total(s) differ" if differing else f"all {len(totals)} total(s) agree with Stripe")
+    return 1 if differing else 0
+
+
+async def _send_meters(settings: Settings) -> int:
+    """`gateway stripe send-meters`: the meter sender alone, until interrupted."""
+    from gateway.billing.client import close_client, stripe_client
+    from gateway.billing.meters import MeterSender
+    from gateway.store.db import Database
+
+    catalog = load_catalog(settings.plans)
+    client = stripe_client(settings)
+    db = await Database.connect(settings.database_url, auto_upgrade=settings.database_url.startswith("sqlite"))
+    sender = MeterSender(db, client, event_name=lambda meter: catalog.stripe_meter(meter) or meter)
+    sender.start()
+    try:
+        await asyncio.Event().wait()  # until interrupted
+        return 0
+    finally:
+        await sender.stop()
+        await close_client(client)
+        await db.close()
 
 
 async def _catalog_push(settings: Settings, path: str) -> int:

@@ -24,6 +24,7 @@ _OUTCOMES: dict[str, tuple[int, str, str]] = {
     "cap": (403, "urn:gateway:limit-reached", "Limit reached"),
     "size": (403, "urn:gateway:limit-reached", "Limit reached"),
     "credits": (402, "urn:gateway:insufficient-credits", "Insufficient credits"),
+    "spend": (402, "urn:gateway:spend-cap-reached", "Spend cap reached"),
     "rate": (429, QUOTA_EXCEEDED, "Quota exceeded"),
     "allow": (429, QUOTA_EXCEEDED, "Quota exceeded"),
     "unavailable": (503, "urn:gateway:unavailable", "Service unavailable"),
@@ -265,6 +266,8 @@ def detail(decision: Decision, catalog: Catalog, *, unauthorized: str = API_KEY_
             s = f"This request needs {v.cost} {_noun(v.name)}, more than your plan's limit of {v.limit}."
             if target_title:
                 s += f" Upgrade to {target_title} for higher limits."
+        elif v.kind == "spend":
+            s = _spend_cap(decision, v, catalog)
         elif v.kind == "credits":
             s = f"You're out of credits: this request needs {v.cost} and you have {max(0, v.balance or 0)}."
         elif v.kind == "rate":
@@ -279,6 +282,18 @@ def detail(decision: Decision, catalog: Catalog, *, unauthorized: str = API_KEY_
             s = unauthorized
         sentences.append(s)
     return " ".join(dict.fromkeys(sentences))
+
+
+def _spend_cap(decision: Decision, v: Violation, catalog: Catalog) -> str:
+    plan = catalog.plans.get(decision.plan or "")
+    limit = plan.limits.get(v.name) if plan is not None else None
+    overage = limit.overage if limit is not None else None
+    if overage is None or overage.max_per_period is None:  # the catalog changed since the decision
+        return f"You've reached this period's spend cap on {_noun(v.name)} beyond your plan's limit."
+    cap = f"{overage.max_per_period} {catalog.settings.currency.upper()}"
+    return (f"You've reached this period's spend cap of {cap} for {_noun(v.name)} over your plan's {limit.to if limit else 0} "
+            f"({v.usage} billed at {overage.unit_price} each): further requests are refused until the period resets. "
+            "Ask your account owner to raise the cap.")  # fmt: skip
 
 
 def _duration(seconds: int) -> str:

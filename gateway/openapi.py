@@ -72,6 +72,9 @@ def _operation(verb: str, route: Route, admin: bool) -> dict[str, Any]:
     path = route.path
     operation: dict[str, Any] = {"operationId": _operation_id(verb, path), "summary": f"{verb.upper()} {path}"}
     parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.param_convertors]
+    if (verb, path) in _BODIES:
+        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+                           "description": "A retry with the same key within 24 h answers the first answer and takes nothing more"})  # fmt: skip
     if parameters:
         operation["parameters"] = parameters
     if admin:

@@ -37,6 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.billing.outbox import take_billed
 from gateway.catalog import Catalog
 from gateway.census import Census
 from gateway.coalesce import Coalescer
@@ -401,6 +402,7 @@ class Reconciler:
                 await conn.execute(usage_upsert, usage)
                 if daily:
                     await conn.execute(daily_upsert, daily)
+            await take_billed(conn, self.db, dict(writes), written)
 
     async def _increases(self, conn: Any, usage: list[dict[str, Any]], days: dict[str, str]) -> list[dict[str, Any]]:
         """What each total grew by since the record's value (read under a row lock, in the upsert's

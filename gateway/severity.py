@@ -48,6 +48,29 @@ def limit_severity(usage: int, to: int | None, grace_active: bool, warn_at: Sequ
     return "ok"
 
 
+def spend_severity(billed: int, cap_units: int, warn_at: Sequence[float]) -> Severity:
+    """A billed limit (after_limit = "bill") is measured by its spend cap, not by `to` (past it is billed):
+    blocked at the cap, warning at or above the highest threshold of it, else ok; without a cap, ok."""
+    if cap_units < 0:
+        return "ok"
+    if billed >= cap_units:
+        return "blocked"
+    if warn_at and cap_units > 0 and billed / cap_units >= max(warn_at):
+        return "warning"
+    return "ok"
+
+
+def spend_message(name: str, severity: Severity, billed: dict[str, Any]) -> str | None:
+    """The sentence of a billed limit at its severity (None when ok)."""
+    cap = f"{billed['cap']} {billed['currency'].upper()}"
+    if severity == "blocked":
+        return (f"You've reached this period's spend cap of {cap} for {noun(name)}: further requests are refused "
+                "until the period resets, or the cap is raised.")  # fmt: skip
+    if severity == "warning":
+        return f"You've spent {billed['amount']} of this period's spend cap of {cap} for {noun(name)}."
+    return None
+
+
 def credits_severity(balance: int | None, allowance: int, purchased: int, debt: int) -> Severity:
     """Unlimited (`balance` None) is ok; blocked at 0 or below (no plan allows a debt); warning at or below
     LOW_CREDITS of the period's allowance plus the purchased credits. A plan without credits, with none

@@ -1,6 +1,8 @@
 -- One decision: features (decided by the caller), rate limits, limits and credits, all or nothing.
 -- The protocol is gateway/state/decide.py (DecideArgs, DecideReply); the spec is gateway/state/spec.py.
--- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag).
+-- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag), 4.. the member
+--       levels' state hashes (ARGV 12), then, last (with ARGV 13), the idempotency record of a consuming
+--       check (gateway/idempotency.py).
 -- ARGV: 1 spec (JSON; `sh` = 1 on a shadowed plan or route), 2 the caller's plan version, 3 calendar bounds (JSON),
 --       4 "1" when the caller already denies (features): evaluate, write nothing but events; "s" when the
 --       caller shadows a denial of its own (features on a shadowed route): counted as a would-be denial,
@@ -10,7 +12,9 @@
 --       under it (`qr:`, `qu:`, `qc:`; would-be denials in shadow `qs:`) for the record's usage history,
 --       11 "1" for a dry run: evaluate everything, write nothing (no events, holds, counters or lease),
 --       12 the billable's member levels (lib/members.lua; "" or absent for none): KEYS 4.. are their state
---       hashes, each decided against its own terms with the root, all or nothing.
+--       hashes, each decided against its own terms with the root, all or nothing,
+--       13 the request's fingerprint, with the idempotency record as the last key ("" or absent for none;
+--       the record keeps it with the hold id).
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
 --#include args
@@ -21,7 +25,15 @@ for _, i in ipairs({4, 5, 7, 9, 10, 11}) do text_arg(i) end
 local cost_override = whole_arg(6, 0, nil, true)
 local hold_ttl = whole_arg(8, 0)
 local dry = ARGV[11] == '1'
-local levels = members_arg(12, #KEYS)
+local fingerprint = ARGV[13] or ''
+local ONCE = nil
+if fingerprint ~= '' then ONCE = KEYS[#KEYS] end
+local levels = members_arg(12, ONCE and #KEYS - 1 or #KEYS)
+if ONCE then
+  -- A retry of a request decided before answers what that one answered (or its fingerprint): nothing is taken again.
+  local seen = redis.call('GET', ONCE)
+  if seen then return {'once', seen} end
+end
 
 local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
@@ -102,6 +114,46 @@ local function event(kind, data) events[#events + 1] = {kind, data} end
 local function deny_event(kind, data) deny_events[#deny_events + 1] = {kind, data} end
 local held_limits = {}
 
+-- after_limit = "bill": a request past `to` is admitted and its units past `to` are billed, counted on the
+-- limit's meter in this window (`o:<meter>|<window start>`, saturating at the spend cap; the reconciler takes
+-- their increase to the record's outbox, gateway/billing/outbox.py). At the cap it is block_usage, with
+-- its own violation ('spend') and one spend_cap_reached event a window; warnings at warn_at of the cap.
+-- Answers whether it may go on.
+local billed = {}
+local billed_held = {}  -- {counter field, units, window}: given back by a settle that gives the limits back
+local function bill(l, usage, after, ws)
+  local meter, cap = l.o[1], l.o[2]
+  local at = meter .. '|' .. ws
+  local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
+  local units = after - math.max(usage, l.to)
+  if cap >= 0 and so_far + units > cap then
+    violate({l.n, 'spend', false, so_far, cap, units, false})
+    if not shadow then
+      if redis.call('HGET', S, 'oc:' .. at) ~= '1' then
+        deny_writes[#deny_writes + 1] = 'oc:' .. at
+        deny_event('spend_cap_reached', {limit = l.n, meter = meter, units = so_far, cap = cap})
+      end
+      return false
+    end
+    units = cap - so_far
+  end
+  billed[at] = so_far + units
+  set('o:' .. at, so_far + units)
+  if units > 0 then billed_held[#billed_held + 1] = {'o:' .. at, units, ws} end
+  if cap > 0 then
+    local warned = tonumber(redis.call('HGET', S, 'ow:' .. at)) or 0
+    local top = nil
+    for _, t in ipairs(l.wa) do
+      if (so_far + units) / cap >= t and t > warned then top = t end
+    end
+    if top then
+      set('ow:' .. at, top)
+      event('spend_warning', {limit = l.n, meter = meter, threshold = top, units = so_far + units, cap = cap})
+    end
+  end
+  return true
+end
+
 -- Rate limits: GCRA, one cell per policy, times in ms.
 for _, r in ipairs(spec.r or {}) do
   local name, interval, burst = r[1], r[2], r[3]
@@ -147,7 +199,7 @@ for _, l in ipairs(spec.l or {}) do
   local state = 'within'
   if to < 0 then
     state = 'unlimited'
-  elseif c > to then
+  elseif c > to and l.a ~= 'o' then
     violate({n, 'size', false, usage, to, c, false})
     state = shadow and 'shadow' or 'denied'
   elseif after <= to then
@@ -158,6 +210,8 @@ for _, l in ipairs(spec.l or {}) do
     end
   elseif l.a == 'w' then
     state = 'over'
+  elseif l.a == 'o' then
+    state = bill(l, usage, after, ws) and 'billed' or 'denied'
   else
     local in_grace = false
     if l.a == 'g' then
@@ -297,6 +351,21 @@ hold.l = held_limits
 if member then hold.m = member.hold end
 hold.q = ARGV[10]
 
+-- Pay-as-you-go (an operation's metered = { meter, unit_price }): every unit billed on the meter in this
+-- month's window, `o:<meter>|<window>` as overage is. pg = {meter, 1}: the request is one unit, billed now
+-- (given back with the limits); {meter, 0}: the units its answer reports are billed by the settle ('p:').
+local function pay_as_you_go(pg)
+  local ws = window('m')
+  local at = pg[1] .. '|' .. ws
+  if pg[2] == 1 then
+    local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
+    set('o:' .. at, so_far + 1)
+    billed_held[#billed_held + 1] = {'o:' .. at, 1, ws}
+  else
+    billed_held[#billed_held + 1] = {'p:' .. at, 0, ws}
+  end
+end
+
 local seq = num('eseq', 0)
 local out_events = {}
 local function push_events(list)
@@ -320,6 +389,8 @@ elseif admitted then
   local taken = hold.cp + hold.cb
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end
+  if spec.pg then pay_as_you_go(spec.pg) end
+  for _, b in ipairs(billed_held) do hold.l[#hold.l + 1] = b end
   push_events(events)
   set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)
   set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)
@@ -343,6 +414,9 @@ else
     redis.call('HSET', S, unpack(marks))
   end
   hold = nil
+end
+if ONCE and not dry then
+  redis.call('SET', ONCE, cjson.encode({f = fingerprint, h = hold_id}), 'EX', 86400)
 end
 
 -- The reply is a plain array (cheaper than JSON on both sides; numbers are integer replies, exact up to

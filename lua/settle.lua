@@ -109,14 +109,26 @@ if ARGV[2] == 'back' then
   add_to(S, 'qr:' .. usage_key, -1)
   for _, l in ipairs(hold.l) do
     local n, held_units, ws = l[1], l[2], l[3]
-    add_to(S, 'qu:' .. usage_key, -held_units)
-    if ws == 0 then
-      give_back_cap(n, held_units, nil)
-    elseif num('w:' .. n, nil) == ws then
-      local usage = num('u:' .. n, 0) - held_units
-      if usage < 0 then usage = 0 end
-      redis.call('HSET', S, 'u:' .. n, usage)
+    if string.sub(n, 1, 2) == 'o:' then
+      -- Units billed past a limit, or a pay-as-you-go request (decide.lua): a request given back is not billed.
+      redis.call('HSET', S, n, math.max(0, num(n, 0) - held_units))
+    elseif string.sub(n, 1, 2) ~= 'p:' then
+      add_to(S, 'qu:' .. usage_key, -held_units)
+      if ws == 0 then
+        give_back_cap(n, held_units, nil)
+      elseif num('w:' .. n, nil) == ws then
+        local usage = num('u:' .. n, 0) - held_units
+        if usage < 0 then usage = 0 end
+        redis.call('HSET', S, 'u:' .. n, usage)
+      end
     end
+  end
+end
+
+-- Pay-as-you-go priced from the answer (decide.lua's 'p:<meter>|<window>'): the units it reported are billed.
+if units then
+  for _, l in ipairs(hold.l) do
+    if string.sub(l[1], 1, 2) == 'p:' then add_to(S, 'o:' .. string.sub(l[1], 3), units) end
   end
 end
 

@@ -23,7 +23,7 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local bp_s, bp_e = tonumber(F.bp_s), tonumber(F.bp_e)
 
--- Limits: {name, usage, window start, window end, grace end, grace active, blocked}; false for none.
+-- Limits: {name, usage, window start, window end, grace end, grace active, blocked, billed units}; false for none.
 local limits = {}
 for _, l in ipairs(spec.l) do
   local n, to, p, after, grace = l[1], l[2], l[3], l[4], l[5]
@@ -47,7 +47,13 @@ for _, l in ipairs(spec.l) do
   else
     blocked = over
   end
-  limits[#limits + 1] = {n, usage, ws, we, grace_ends, grace_active and 1 or 0, blocked and 1 or 0}
+  -- after_limit = "bill" (l[6] its meter, l[7] the spend cap in units): blocked at the cap, not at `to`.
+  local billed = false
+  if after == 'o' then
+    billed = tonumber(F['o:' .. l[6] .. '|' .. ws]) or 0
+    blocked = l[7] >= 0 and billed >= l[7]
+  end
+  limits[#limits + 1] = {n, usage, ws, we, grace_ends, grace_active and 1 or 0, blocked and 1 or 0, billed}
 end
 
 -- Credits: {period left (false: unlimited), purchased, debt, held by unsettled holds, period end}.

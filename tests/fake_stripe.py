@@ -122,6 +122,11 @@ class FakeStripe:
         self.card_outcomes: dict[str, list[str]] = defaultdict(list)  # payment method → next outcomes
         self.entitlements: dict[str, list[str]] = {}  # customer → active feature lookup keys
         self.fail_next: list[int] = []  # HTTP statuses to answer to the next requests (then normal)
+        # Billing meters: meter id → meter; every meter event accepted, in order; their identifiers.
+        self.meters: dict[str, dict[str, Any]] = {}
+        self.meter_events: list[dict[str, Any]] = []
+        self.meter_identifiers: set[str] = set()
+        self.duplicate_meter_events = 0
         self._ids = itertools.count(1)
 
     # ---- objects ---------------------------------------------------------------------------------------
@@ -307,6 +312,8 @@ class FakeStripe:
 
     def _route(self, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
         parts = path.split("/")
+        if parts[0] == "billing" and len(parts) >= 2 and parts[1] in ("meters", "meter_events"):
+            return self._metering(method, parts[1:], params)
         if parts[0] == "entitlements":
             if parts[1] == "features" and len(parts) == 2:
                 return self._create_feature(params) if method == "POST" else self._list("features", params)
@@ -352,6 +359,78 @@ class FakeStripe:
                     obj[name] = value
             return copy.deepcopy(obj)
         return self.view(kind, oid)
+
+    # ---- billing meters -------------------------------------------------------------------------------
+
+    def add_meter(self, event_name: str, *, display_name: str | None = None) -> dict[str, Any]:
+        """A meter summing `payload[value]` by `payload[stripe_customer_id]`, as the Dashboard makes one."""
+        with self.lock:
+            meter = {
+                "id": f"mtr_{next(self._ids):06d}", "object": "billing.meter", "event_name": event_name,
+                "display_name": display_name or event_name, "status": "active", "default_aggregation": {"formula": "sum"},
+                "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+                "value_settings": {"event_payload_key": "value"}, "created": int(time.time()),
+            }  # fmt: skip
+            self.meters[meter["id"]] = meter
+            return copy.deepcopy(meter)
+
+    def metered_total(self, event_name: str, customer: str) -> float:
+        """What Stripe would bill: the sum of the values of the accepted events of a meter and customer."""
+        with self.lock:
+            return sum(float(e["payload"]["value"]) for e in self.meter_events
+                       if e["event_name"] == event_name and e["payload"]["stripe_customer_id"] == customer)  # fmt: skip
+
+    def _metering(self, method: str, parts: list[str], params: dict[str, Any]) -> dict[str, Any]:
+        if parts == ["meter_events"] and method == "POST":
+            return self._meter_event(params)
+        if parts == ["meters"]:
+            if method == "POST":
+                return self.add_meter(params["event_name"], display_name=params.get("display_name"))
+            return self._page(list(self.meters.values()), params, "/v1/billing/meters")
+        meter = self.meters.get(parts[1])
+        if meter is None:
+            raise StripeError(404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                                              "message": f"No such billing meter: '{parts[1]}'"}})  # fmt: skip
+        if len(parts) == 3 and parts[2] == "event_summaries" and method == "GET":
+            return self._event_summaries(meter, params)
+        return copy.deepcopy(meter)
+
+    def _meter_event(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Stripe's checks of a meter event, and its identifier de-duplicated: one it has is a 400."""
+        name, payload = params.get("event_name"), params.get("payload") or {}
+        if not any(m["event_name"] == name and m["status"] == "active" for m in self.meters.values()):
+            raise StripeError(400, {"error": {"type": "invalid_request_error", "message": f"No active meter was found for event name {name}."}})
+        value = str(payload.get("value", ""))
+        if not re.fullmatch(r"\d+(\.\d+)?", value) or "stripe_customer_id" not in payload:
+            raise StripeError(400, {"error": {"type": "invalid_request_error", "message": "payload needs value (a number) and stripe_customer_id."}})
+        self.get("customers", payload["stripe_customer_id"])
+        identifier = params.get("identifier") or f"auto_{uuid.uuid4().hex}"
+        if identifier in self.meter_identifiers:
+            self.duplicate_meter_events += 1
+            raise StripeError(400, {"error": {"type": "invalid_request_error", "code": "duplicate_meter_event",
+                                              "message": f"An event already exists with identifier {identifier}."}})  # fmt: skip
+        event = {"object": "billing.meter_event", "created": int(time.time()), "event_name": name, "identifier": identifier,
+                 "livemode": False, "payload": dict(payload), "timestamp": int(params.get("timestamp") or time.time())}  # fmt: skip
+        self.meter_identifiers.add(identifier)
+        self.meter_events.append(event)
+        return copy.deepcopy(event)
+
+    def _event_summaries(self, meter: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """One summary of the customer's events within [start_time, end_time) (no value_grouping_window)."""
+        customer = params.get("customer")
+        try:
+            start, end = int(params["start_time"]), int(params["end_time"])
+        except (KeyError, ValueError):
+            raise StripeError(400, {"error": {"type": "invalid_request_error", "message": "customer, start_time and end_time are required."}}) from None
+        if not customer or start % 60 or end % 60:
+            raise StripeError(400, {"error": {"type": "invalid_request_error",
+                                              "message": "start_time and end_time must be aligned with minute boundaries."}})  # fmt: skip
+        total = sum(float(e["payload"]["value"]) for e in self.meter_events
+                    if e["event_name"] == meter["event_name"] and e["payload"]["stripe_customer_id"] == customer
+                    and start <= e["timestamp"] < end)  # fmt: skip
+        summary = {"id": f"mtrusg_{meter['id']}_{customer}_{start}", "object": "billing.meter_event_summary",
+                   "aggregated_value": total, "start_time": start, "end_time": end, "livemode": False, "meter": meter["id"]}  # fmt: skip
+        return self._page([summary], params, f"/v1/billing/meters/{meter['id']}/event_summaries")
 
     def _create(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         params.pop("expand", None)

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from gateway import audit
 from gateway.billing.client import close_client, each, plain, stripe_client
 from gateway.billing.customers import CustomerConflict, Customers, UnknownCustomer
+from gateway.billing.meters import MeterSender
 from gateway.billing.packs import Packs, UnknownPack
 from gateway.billing.payments import Payments
 from gateway.billing.recharge import DELAYS, Recharger
@@ -93,6 +94,8 @@ class Billing:
             interval=repair_interval,
         )
         self._repairing: asyncio.Task[None] | None = None
+        # Billed units (overage) to Stripe's meters, to the Stripe meter of the catalog running at each send.
+        self.meters = MeterSender(db, self.client, event_name=lambda meter: self.catalog.stripe_meter(meter) or meter)
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
 
@@ -106,8 +109,10 @@ class Billing:
 
     async def start(self) -> None:
         self._repairing = asyncio.get_running_loop().create_task(self.repair.loop())
+        self.meters.start()
 
     async def stop(self) -> None:
+        await self.meters.stop()
         if self._repairing is not None:
             self._repairing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

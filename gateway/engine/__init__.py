@@ -25,6 +25,7 @@ from gateway.engine.spec import Compiled, Specs, period_code
 from gateway.engine.status import status_body
 from gateway.engine.transfer import Touched, Transfer
 from gateway.errors import StateUnavailable
+from gateway.idempotency import LIFETIME, Decided, Once
 from gateway.members import Chain, Level
 from gateway.overrides import Overrides
 from gateway.periods import Period, calendar_bounds
@@ -112,14 +113,22 @@ class Engine:
     # ---- deciding ---------------------------------------------------------------------------------
 
     async def decide(
-        self, billable: str, route: Route | None, *, credit_cost: int | None = None, dry: bool = False, hold: bool = False
+        self,
+        billable: str,
+        route: Route | None,
+        *,
+        credit_cost: int | None = None,
+        dry: bool = False,
+        hold: bool = False,
+        once: Once | None = None,
     ) -> Decision:
         """Decide one request. `route` None is an unmatched request forwarded with the plan's rate limit.
 
         `credit_cost` prices an operation from the request (units read from the request body or headers).
         `dry` answers the decision the request would get and writes nothing: no events, hold or counters.
         `hold` stores what an admission holds under `decision.hold.id` (as for a metered spend), so that any
-        process can settle it once (gateway/check.py: `held`, then `settle_hold`).
+        process can settle it once (gateway/check.py: `close`). With `once`, the script makes the request's
+        idempotency record in the same call, or raises Decided when it was there.
 
         A member (gateway.members) is decided as its org, with each member level's own terms in the same
         call: the decision's billable is the org, its `members` the levels."""
@@ -134,6 +143,8 @@ class Engine:
             member_denied = member_denials(chain.levels, route.config.features if route is not None else (), self.clock())
         if levels:
             key_list = [*key_list, *(state.member_key(self.prefix, billable, level.id) for level in levels)]
+        if once is not None:
+            key_list = [*key_list, once.record]
         resolved = self.plans.cached(billable)
         for _ in range(4):
             plan_name = resolved.name if resolved else self.catalog.settings.default_plan
@@ -156,8 +167,11 @@ class Engine:
                 usage_key=state.usage_key(self._month, route.match if route else UNMATCHED, route.config.spend or "" if route else ""),
                 dry=dry,
                 members=members,
+                fingerprint=once.fingerprint if once else "",
             )
             reply = state.DecideReply.parse(await self.store.run("decide", key_list, args.argv()), hold_id)
+            if isinstance(reply, state.Seen):
+                raise Decided(reply.record)
             if isinstance(reply, state.Stale):
                 resolved = self._resolve(billable, reply)
                 continue
@@ -311,6 +325,19 @@ class Engine:
         if found is None:
             return None
         return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription).name, found
+
+    async def once_read(self, request: Once) -> str | None:
+        """The idempotency record of `request` (gateway/idempotency.py), None when there is none."""
+        found: str | None = await self.store.run("once", [request.record], ["read"])
+        return found
+
+    async def once_answer(self, request: Once, record: str) -> None:
+        """Replace the record decide.lua made with `record` (the same, with its answer), keeping its expiry."""
+        await self.store.run("once", [request.record], ["answer", record])
+
+    async def once_put(self, request: Once, record: str) -> bool:
+        """Make the record `request` with its answer, for its lifetime; False when one was there."""
+        return bool(await self.store.run("once", [request.record], ["put", record, LIFETIME]))
 
     async def close(
         self, billable: str, hold_id: str, settled_as: str, *, give_back_limits: bool, credits_owed: int | None,
@@ -519,6 +546,11 @@ class Engine:
     def touched_besides(self, billables: Iterable[str]) -> int:
         """How many billables changed since the last take are not among `billables` (nothing is taken)."""
         return len(self._touched.difference(billables))
+
+    async def root_of(self, billable: str) -> str:
+        """The billable whose state a decision for `billable` is kept in: its org when it is a member."""
+        chain = await self.chain_of(billable) if self.chain_of is not None else None
+        return chain.root if chain is not None else billable
 
     async def usage(self, billable: str) -> dict[str, Any]:
         """What a customer's own view shows: the status of its org, and for a member (a team, a key with

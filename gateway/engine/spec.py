@@ -76,6 +76,7 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
     limits: list[state.LimitSpec] = []
     metered = False
     cost = 0
+    payg: tuple[str, int] | None = None
     if route is not None:
         config = route.config
         denied += [Violation(f, "feature") for f in config.features if not plan.allows_feature(f)]
@@ -90,6 +91,8 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
             operation = catalog.operations[config.spend]
             metered = operation.metered
             cost = operation.hold if operation.per_unit is not None else (operation.cost or 0)
+            if operation.payg is not None:
+                payg = (operation.payg.meter, 0 if operation.metered else 1)
     spec = state.Spec(
         rates=tuple(state.RateSpec(r.name, r.per_seconds * 1000 / r.limit, r.burst, r.window) for r in rates),
         limits=tuple(limits),
@@ -102,6 +105,7 @@ def compile_spec(catalog: Catalog, plan: Plan, route: Route | None) -> Compiled:
         ),
         recharges_per_month=catalog.settings.auto_recharge_max_per_month,
         shadow=shadow,
+        payg=payg,
     )
     return Compiled(spec.encode(), tuple(denied), metered, tuple(rates), shadow)
 
@@ -119,6 +123,7 @@ def limit_spec(name: str, limit: Limit, cost: int, unlimited: bool) -> state.Lim
         grace_max=-1 if limit.grace_max is None else limit.grace_max,
         warn_at=tuple(limit.warn_at),
         window=period.nominal_seconds if period is not None else None,
+        overage=(limit.overage.meter, limit.overage.max_units) if limit.overage is not None else None,
     )
 
 
@@ -133,6 +138,7 @@ def status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
                 period=period_code(limit.period) if limit.period is not None else "",
                 after=limit.after_limit,
                 grace_ms=limit.grace_seconds * 1000,
+                overage=(limit.overage.meter, limit.overage.max_units) if limit.overage is not None else None,
             )
         )
     rates = shown_rates(catalog, plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import severity, state
+from gateway.amounts import billed
 from gateway.catalog import CREDITS, Catalog
 from gateway.engine.plans import ResolvedPlan
 from gateway.engine.spec import shown_rates
@@ -36,6 +37,11 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: 
             "severity_level": severity.level(level),
             "message": severity.limit_message(found.name, level, usage, to, grace_ends_at),
         }
+        if limit.overage is not None:
+            spent = limits[found.name]["billed"] = billed(limit.overage, found.billed or 0, catalog.settings.currency)
+            level = severity.spend_severity(spent["units"], limit.overage.max_units, limit.warn_at)
+            limits[found.name].update(severity=level, severity_level=severity.level(level),
+                                      message=severity.spend_message(found.name, level, spent))  # fmt: skip
     rates = {
         found.name: {"limit": rate.burst, "remaining": found.remaining, "reset": state.iso(found.reset_ms / 1000)}
         for rate, found in zip(shown_rates(catalog, plan), reply.rates, strict=True)

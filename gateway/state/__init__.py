@@ -3,7 +3,7 @@
 Nothing outside this package names a key or a field; the engine builds the scripts' arguments with the
 types here and reads their replies with them (DESIGN §7)."""
 
-from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Stale
+from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Seen, Stale
 from gateway.state.events import EventBatch, iso, script_event
 from gateway.state.fields import (
     CHANGE_FIELD,
@@ -12,6 +12,7 @@ from gateway.state.fields import (
     Snapshot,
     Subscription,
     UsageCounter,
+    billed_counters,
     counted_fields,
     grant_sequence,
     ms,
@@ -49,6 +50,7 @@ __all__ = [
     "ReleaseArgs",
     "RestoreReply",
     "Restored",
+    "Seen",
     "SettleArgs",
     "SettleReply",
     "Snapshot",
@@ -62,6 +64,7 @@ __all__ = [
     "Subscription",
     "UsageCounter",
     "billable_of",
+    "billed_counters",
     "counted_fields",
     "grant_sequence",
     "iso",

@@ -25,6 +25,7 @@ class DecideArgs:
     dry: bool = False  # evaluate everything, write nothing: the decision the request would get
     shadowed: bool = False  # the caller shadows a denial of its own (features): admitted, counted as one
     members: str = ""  # the member levels' specs (gateway.budgets.member_specs; keys 4.. are their state)
+    fingerprint: str = ""  # with an idempotency record as the last key: what the request asked (gateway/idempotency.py)
 
     def argv(self) -> list[str | int]:
         return [
@@ -39,7 +40,9 @@ class DecideArgs:
             self.plan,
             self.usage_key,
             "1" if self.dry else "0",
-            *((self.members,) if self.members else ()),
+            # Trailing arguments only when given: a plain decision sends eleven.
+            *((self.members,) if self.members or self.fingerprint else ()),
+            *((self.fingerprint,) if self.fingerprint else ()),
         ]
 
 
@@ -59,6 +62,13 @@ class Stale:
         ends at its first nil: older scripts sent fewer)."""
         assignment, sub, overrides, suspended = [*raw[2:6], None, None, None, None][:4]
         return cls(int(raw[1]), assignment, Subscription.from_json(sub) if sub else None, overrides or None, bool(suspended))
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """The request's idempotency record was there: it was decided before, nothing was taken now."""
+
+    record: str  # its JSON (gateway/idempotency.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +96,14 @@ class DecideReply:
     hold: Hold | None
 
     @staticmethod
-    def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing:
+    def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing | Seen:
         """By position: {admitted, now, policies, violations, events, credit or nil, hold or nil}."""
         if raw[0] == "stale":
             return Stale.parse(raw)
         if raw[0] == "missing":
             return Missing()
+        if raw[0] == "once":
+            return Seen(raw[1])
         ok, now, policies, violations, events, credit, hold = raw
         # Positional and without conversions: this runs once per request, on integers and strings already.
         return DecideReply(

@@ -94,6 +94,15 @@ def usage_counters(state: dict[str, str]) -> Iterator[UsageCounter]:
         yield UsageCounter(period, route, operation, column, int(float(value)))
 
 
+def billed_counters(state: dict[str, str]) -> Iterator[tuple[str, int, int]]:
+    """(meter, window start in ms, units) of each billed-units counter: decide.lua's `o:<meter>|<window>`."""
+    for field, value in state.items():
+        if field[:2] == "o:":
+            meter, _, window = field[2:].rpartition("|")
+            if meter and window.isdigit():
+                yield meter, int(window), int(float(value))
+
+
 def past_counters(state: dict[str, str], month: str) -> dict[str, str]:
     """The usage counters of months before `month`, as field → value (what `forget` is given back)."""
     return {

@@ -8,8 +8,8 @@ from typing import Literal
 
 from gateway.state.fields import CREDIT_FIELDS, limit_fields, rate_field
 
-After = Literal["block_usage", "just_warn", "grace_then_block"]
-AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g"}
+After = Literal["block_usage", "just_warn", "grace_then_block", "bill"]
+AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g", "bill": "o"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class LimitSpec:
     grace_max: int  # -1: no maximum
     warn_at: tuple[float, ...]
     window: int | None  # the period's nominal length (s), for the headers
+    overage: tuple[str, int] | None = None  # after = "bill": its meter and the units its spend cap allows (-1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class Spec:
     credits: CreditSpec
     recharges_per_month: int
     shadow: bool = False  # enforce = "shadow": a would-be denial is admitted, charged and reported
+    # Pay-as-you-go: the operation's meter, and 1 when a request is one unit billed at once (0: its answer's
+    # units are billed at the settle).
+    payg: tuple[str, int] | None = None
 
     def encode(self) -> str:
         """The JSON decide.lua decodes, with `f`: every field it reads, fetched in one HMGET."""
@@ -62,6 +66,8 @@ class Spec:
             }  # fmt: skip
             if lim.window is not None:
                 item["w"] = lim.window
+            if lim.overage is not None:
+                item["o"] = list(lim.overage)
             limits.append(item)
         fields += CREDIT_FIELDS
         c = self.credits
@@ -74,4 +80,6 @@ class Spec:
         }
         if self.shadow:
             spec["sh"] = 1
+        if self.payg is not None:
+            spec["pg"] = list(self.payg)
         return json.dumps(spec, separators=(",", ":"))

@@ -17,6 +17,11 @@ class StatusLimit:
     period: str  # a period code, "" for a persistent cap
     after: After
     grace_ms: int
+    overage: tuple[str, int] | None = None  # after = "bill": its meter and spend cap in units (-1: none)
+
+    def encoded(self) -> list[object]:
+        item: list[object] = [self.name, self.to, self.period, AFTER_CODES[self.after], self.grace_ms]
+        return item + list(self.overage) if self.overage is not None else item
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +35,7 @@ class StatusSpec:
     def encode(self) -> str:
         return json.dumps(
             {
-                "l": [[lim.name, lim.to, lim.period, AFTER_CODES[lim.after], lim.grace_ms] for lim in self.limits],
+                "l": [lim.encoded() for lim in self.limits],
                 "r": [list(r) for r in self.rates],
                 "cr": {"a": self.credit_allowance, "p": self.credit_period, "ro": int(self.rollover)},
             },
@@ -57,6 +62,7 @@ class LimitStatus:
     grace_ends_ms: int | None
     grace_active: bool
     blocked: bool
+    billed: int | None = None  # after_limit = "bill": the units billed in this window
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +94,9 @@ class StatusReply:
         return StatusReply(
             now_ms=int(now),
             limits=[
-                LimitStatus(n, int(u), None if ws is None else (int(ws), int(we)), None if g is None else int(g), bool(a), bool(b))
-                for n, u, ws, we, g, a, b in limits
+                LimitStatus(n, int(u), None if ws is None else (int(ws), int(we)), None if g is None else int(g), bool(a), bool(b),
+                            None if len(more) == 0 or more[0] is None else int(more[0]))
+                for n, u, ws, we, g, a, b, *more in limits
             ],
             period_left=None if credits[0] is None else int(credits[0]),
             purchased=int(credits[1]),

@@ -252,6 +252,33 @@ sa.Index(
     sqlite_where=_UNDELIVERED,
 )
 
+# Billed units (overage, pay-as-you-go; gateway/billing/outbox.py): each meter's absolute count per window
+# as the record last took it from the state, and the increases, per (billable, meter, minute of the flush),
+# waiting to be sent to Stripe as one meter event each (gateway/billing/meters.py).
+meter_totals = sa.Table(
+    "meter_totals",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("meter", Text, primary_key=True),
+    sa.Column("window", Int, primary_key=True, autoincrement=False),  # the counting window's start (ms)
+    sa.Column("units", Int, nullable=False, server_default=ZERO),
+)
+
+meter_outbox = sa.Table(
+    "meter_outbox",
+    metadata,
+    sa.Column("billable", Text, primary_key=True),
+    sa.Column("meter", Text, primary_key=True),
+    sa.Column("minute", Int, primary_key=True, autoincrement=False),  # unix seconds, a multiple of 60
+    sa.Column("units", Int, nullable=False, server_default=ZERO),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("next_attempt_at", Time, nullable=False),
+    sa.Column("sent_at", Time),
+    sa.Column("last_error", Text),
+)
+_UNSENT = meter_outbox.c.sent_at.is_(None)
+sa.Index("ix_meter_outbox_due", meter_outbox.c.next_attempt_at, postgresql_where=_UNSENT, sqlite_where=_UNSENT)
+
 stripe_events = sa.Table(
     "stripe_events",
     metadata,

@@ -141,8 +141,20 @@ def _meter(name: str, limit: dict[str, Any]) -> str:
     return (
         f'<article class="card meter sev-{escape(limit["severity"])}" data-limit="{escape(name)}">'
         f"<h3>{escape(noun(name))}</h3><p class=\"numbers\">{numbers}</p>{bar}"
-        f'<p class="window">{escape(window)}</p>{message}</article>'
+        f'<p class="window">{escape(window)}</p>{_billed(limit.get("billed"))}{message}</article>'
     )
+
+
+def _billed(billed: dict[str, Any] | None) -> str:
+    """A billed limit's period so far: the units past the limit, what they cost, and the spend cap."""
+    if billed is None:
+        return ""
+    currency = billed["currency"].upper()
+    cap = f"; spend cap {billed['cap']} {currency}" + (" (reached: further requests are refused)" if billed["cap_reached"] else "")
+    text = (f"Past the limit: {billed['units']:,} billed at {billed['unit_price']} {currency} each, "
+            f"{billed['amount']} {currency} so far this period{cap if billed['cap'] is not None else ''}.")  # fmt: skip
+    return f'<p class="note billed" data-billed="{escape(billed["amount"])}">{escape(text)}</p>'
+
 
 
 def _credits(status: dict[str, Any], catalog: Catalog, plan_rollover: bool) -> str:

@@ -1,0 +1,292 @@
+"""Billed units to Stripe, exactly once: each outbox row (gateway/billing/outbox.py) is one meter event
+(`POST /v1/billing/meter_events`) whose `identifier` is derived from the row's key, so a retry, a crash
+between sending and marking it sent, or two processes sending the same row can never bill twice: Stripe
+refuses an identifier it has (within 24 h at least), and that refusal marks the row sent.
+
+    sender = MeterSender(db, client)      # its own background task: start() / stop()
+    await sender.run_once()               # one batch: claim due rows, send, mark sent or back off
+
+A row is sent once its minute is over by `margin` seconds (no flush adds to it any more); the customer is
+the billable's Stripe customer (stripe_customers), the event's name the catalog's Stripe meter of that
+meter. A failure backs off (doubling up to 10 minutes) and is retried for as long as it takes: the backlog
+is in the record, so it survives restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import stripe
+from stripe.params.billing import MeterEventCreateParams
+
+from gateway.billing.client import each
+from gateway.store.db import Database, meter_outbox, stripe_customers
+
+log = logging.getLogger(__name__)
+
+MARGIN_S = 120.0  # a minute's row is sent this long after the minute ended
+_DUPLICATE_CODES = frozenset({"duplicate_meter_event"})
+_DUPLICATE_MESSAGE = "An event already exists with identifier"
+
+
+def identifier(billable: str, meter: str, minute: int) -> str:
+    """The meter event's identifier of one outbox row: the same row, the same identifier, in any process."""
+    digest = hashlib.sha256(f"{billable}\x1f{meter}\x1f{minute}".encode()).hexdigest()[:48]
+    return f"gw_{digest}"
+
+
+def is_duplicate(exc: stripe.StripeError) -> bool:
+    """Stripe refused the event because it has one with this identifier: the row was sent before."""
+    message = str(getattr(exc, "user_message", None) or exc)
+    return exc.code in _DUPLICATE_CODES or _DUPLICATE_MESSAGE in message
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    billable: str
+    meter: str
+    minute: int
+    units: int
+    attempts: int
+    customer: str | None
+
+
+class MeterSender:
+    """Sends due outbox rows, a bounded batch a few at a time; counts what it did (for tests and logs)."""
+
+    def __init__(
+        self,
+        db: Database,
+        client: stripe.StripeClient,
+        *,
+        event_name: Callable[[str], str] = lambda meter: meter,
+        batch: int = 200,
+        concurrency: int = 16,
+        lease: float = 30.0,
+        margin: float = MARGIN_S,
+        max_backoff: float = 600.0,
+        poll: float = 1.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.db = db
+        self.client = client
+        self.event_name = event_name
+        self.batch = batch
+        self.concurrency = concurrency
+        self.margin = margin
+        self.max_backoff = max_backoff
+        self.poll = poll
+        self.clock = clock or (lambda: datetime.now(UTC).timestamp())
+        # How long a claim keeps other senders off its rows: one that outlives it (a slow Stripe, a sender
+        # killed) is sent again, which Stripe refuses by its identifier, so it only costs a request.
+        self.lease = lease
+        self.sent = 0
+        self.duplicates = 0  # rows Stripe had already (sent before a crash, or by another process)
+        self.failed = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-meters")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping.set()
+            try:
+                await asyncio.wait_for(task, self.lease)
+            except TimeoutError:
+                pass  # cancelled: its claims come due again when their lease ends, and resending is harmless
+
+    async def _run(self) -> None:
+        failing = 0
+        while not self._stopping.is_set():
+            try:
+                handled = await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the record is down, most likely: retry, never give up
+                if failing == 0:
+                    log.warning("meters: cannot reach the outbox, retrying until it answers: %s", exc)
+                failing += 1
+                handled = 0
+            else:
+                failing = 0
+            if handled >= self.batch:
+                continue  # more may be due right now
+            wait = min(self.poll * 2 ** min(failing, 5), 30.0) if failing else self.poll
+            try:
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        """Claim due rows, send each, record each outcome; answers how many were claimed."""
+        claimed = await self._claim()
+        if not claimed:
+            return 0
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def send(row: _Row) -> tuple[_Row, str | None]:
+            async with gate:
+                return row, await self._send(row)
+
+        await self._record(await asyncio.gather(*(send(r) for r in claimed)))
+        return len(claimed)
+
+    async def _claim(self) -> list[_Row]:
+        o = meter_outbox.c
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        over = int(self.clock() - self.margin) // 60 * 60 - 60  # the last minute over by `margin`
+        due = (
+            sa.select(o.billable, o.meter, o.minute, o.units, o.attempts, o.next_attempt_at, stripe_customers.c.customer)
+            .select_from(meter_outbox.outerjoin(stripe_customers, stripe_customers.c.billable == o.billable))
+            .where(o.sent_at.is_(None), o.next_attempt_at <= now, o.minute <= over)
+            .order_by(o.next_attempt_at, o.minute, o.billable, o.meter)
+            .limit(self.batch)
+        )
+        lease_until = now + timedelta(seconds=self.lease)
+        claimed: list[_Row] = []
+        async with self.db.engine.begin() as conn:
+            rows = (await conn.execute(due)).all()
+            # Claimed in key order, so two processes claiming overlapping batches cannot deadlock.
+            for r in sorted(rows, key=lambda r: (r.billable, r.meter, r.minute)):
+                taken = await conn.execute(
+                    sa.update(meter_outbox)
+                    .where(o.billable == r.billable, o.meter == r.meter, o.minute == r.minute, o.sent_at.is_(None),
+                           o.next_attempt_at == r.next_attempt_at)
+                    .values(next_attempt_at=lease_until)
+                )
+                if taken.rowcount == 1:
+                    claimed.append(_Row(r.billable, r.meter, r.minute, r.units, r.attempts, r.customer))
+        return claimed
+
+    async def _send(self, row: _Row) -> str | None:
+        """One meter event; None when Stripe has it (now, or from before), else what went wrong."""
+        if row.customer is None:
+            return f"{row.billable} has no Stripe customer yet: its usage is sent once it has one"
+        params: MeterEventCreateParams = {
+            "event_name": self.event_name(row.meter),
+            "identifier": identifier(row.billable, row.meter, row.minute),
+            "timestamp": row.minute,
+            "payload": {"stripe_customer_id": row.customer, "value": str(row.units)},
+        }
+        try:
+            await self.client.v1.billing.meter_events.create_async(params)
+        except stripe.StripeError as exc:
+            if is_duplicate(exc):
+                self.duplicates += 1
+                return None
+            return f"{type(exc).__name__}: {exc}"[:500]
+        except (TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return None
+
+    async def _record(self, outcomes: list[tuple[_Row, str | None]]) -> None:
+        o = meter_outbox.c
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        sent = [{"b": r.billable, "m": r.meter, "t": r.minute} for r, error in outcomes if error is None]
+        async with self.db.engine.begin() as conn:
+            if sent:
+                await conn.execute(
+                    sa.update(meter_outbox)
+                    .where(o.billable == sa.bindparam("b"), o.meter == sa.bindparam("m"), o.minute == sa.bindparam("t"))
+                    .values(sent_at=now, last_error=None),
+                    sent,
+                )
+            for row, error in outcomes:
+                if error is None:
+                    continue
+                wait = min(self.max_backoff, 2.0 ** min(row.attempts, 20))
+                await conn.execute(
+                    sa.update(meter_outbox)
+                    .where(o.billable == row.billable, o.meter == row.meter, o.minute == row.minute)
+                    .values(attempts=row.attempts + 1, next_attempt_at=now + timedelta(seconds=wait), last_error=error)
+                )
+        self.sent += len(sent)
+        failed = len(outcomes) - len(sent)
+        if failed:
+            self.failed += failed
+            log.warning("meters: %d meter event(s) not sent, retried later: %s", failed, next(e for _, e in outcomes if e))
+
+    async def backlog(self) -> int:
+        """Rows not sent yet."""
+        async with self.db.reader.connect() as conn:
+            found = await conn.scalar(sa.select(sa.func.count()).select_from(meter_outbox).where(meter_outbox.c.sent_at.is_(None)))
+        return int(found or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterTotal:
+    """One customer's units of one meter in a period: the gateway's (sent or not) against Stripe's."""
+
+    billable: str
+    customer: str | None
+    meter: str
+    gateway: int
+    unsent: int
+    stripe: float | None  # None: not asked (no customer, or no Stripe meter)
+
+    @property
+    def differs(self) -> bool:
+        return self.stripe is None or self.stripe != self.gateway
+
+
+def month_bounds(period: str) -> tuple[int, int]:
+    """[start, end) of a calendar month "YYYY-MM" in UTC, in unix seconds (how meter events are timed)."""
+    try:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f'--period {period!r} is not a month: write it as "2026-12"') from None
+    end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+async def compare(db: Database, client: stripe.StripeClient, event_name: Callable[[str], str | None], period: str) -> list[MeterTotal]:
+    """The gateway's totals per (billable, meter) in `period` and Stripe's event summaries of them."""
+    start, end = month_bounds(period)
+    o = meter_outbox.c
+    unsent = sa.func.sum(sa.case((o.sent_at.is_(None), o.units), else_=0))
+    query = (
+        sa.select(o.billable, o.meter, sa.func.sum(o.units), unsent, stripe_customers.c.customer)
+        .select_from(meter_outbox.outerjoin(stripe_customers, stripe_customers.c.billable == o.billable))
+        .where(o.minute >= start, o.minute < end)
+        .group_by(o.billable, o.meter, stripe_customers.c.customer)
+        .order_by(o.billable, o.meter)
+    )
+    async with db.reader.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    meters: dict[str, str] = {}
+    async for meter in _each_meter(client):
+        meters[meter["event_name"]] = meter["id"]
+    out = []
+    for billable, meter, units, waiting, customer in rows:
+        name = event_name(meter)
+        found = None
+        if customer is not None and name is not None and name in meters:
+            page = await client.v1.billing.meters.event_summaries.list_async(
+                meters[name], {"customer": customer, "start_time": start, "end_time": end}
+            )
+            found = sum(float(s.aggregated_value) for s in page.data)
+        out.append(MeterTotal(billable, customer, meter, int(units), int(waiting or 0), found))
+    return out
+
+
+async def _each_meter(client: stripe.StripeClient) -> AsyncIterator[dict[str, Any]]:
+    async for meter in each(client.v1.billing.meters.list_async):
+        yield meter
+
+
+def totals_table(totals: list[MeterTotal]) -> str:
+    """The comparison as the CLI prints it: every row, the differing ones marked."""
+    head = ["billable", "customer", "meter", "gateway", "unsent", "stripe", ""]
+    rows = [head] + [[t.billable, t.customer or "-", t.meter, str(t.gateway), str(t.unsent),
+                      "-" if t.stripe is None else f"{t.stripe:g}", "DIFFERS" if t.differs else "ok"] for t in totals]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
