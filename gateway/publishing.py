@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from gateway import audit
+from gateway import audit, state
 from gateway.catalog import Catalog, parse_catalog
 from gateway.errors import (
     CatalogError,
@@ -75,12 +75,12 @@ class Catalogs:
         db: Database,
         store: RedisStore,
         *,
-        prefix: str = "gw",
+        prefix: str = state.PREFIX,
         interval: float = POLL_INTERVAL_S,
     ) -> None:
         self.db = db
         self.store = store
-        self.key = f"{prefix}:catalog"
+        self.key = state.catalog_key(prefix)
         self.on_change: Callable[[Published], None] | None = None  # given by start: what runs a new version
         self.interval = interval
         self.running: Published | None = None  # what this process decides with
@@ -120,7 +120,7 @@ class Catalogs:
         else:
             raise DatabaseUnavailable("the record kept refusing a new catalog version (too many publishers at once?)")
         self._use(published)
-        await self.store.run("catalog", [self.key], [published.version])
+        await self.store.run("catalog", [self.key], state.announce_argv(published.version))
         return published, changed
 
     async def _record(self, text: str, digest: str, token: str, catalog: Catalog) -> tuple[Published, bool]:

@@ -46,7 +46,7 @@ from gateway.events import Outbox
 from gateway.grants import Grants, grants_after, numbered_grants
 from gateway.members import Members
 from gateway.settings import Settings
-from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
+from gateway.state import PREFIX, EventBatch, Restored, Snapshot, grant_sequence, restorable
 from gateway.store.db import (
     Database,
     billable_overrides,
@@ -480,7 +480,7 @@ def connect(
     catalog: Catalog,
     db: Database,
     *,
-    prefix: str = "gw",
+    prefix: str = PREFIX,
     hold_ttl: int = 3600,
     interval: float = 1.0,
     events_retention: timedelta = EVENTS_RETENTION,
