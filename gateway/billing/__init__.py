@@ -13,8 +13,6 @@ and the customer portal's link (`portal`) for the usage page's "Manage billing".
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import audit
+from gateway.background import Background
 from gateway.billing.client import close_client, each, plain, stripe_client
 from gateway.billing.customers import CustomerConflict, Customers, UnknownCustomer
 from gateway.billing.packs import Packs, UnknownPack
@@ -92,7 +91,7 @@ class Billing:
             book=self.book,
             interval=repair_interval,
         )
-        self._repairing: asyncio.Task[None] | None = None
+        self._repairing = Background("gateway-billing-repair")
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
 
@@ -105,13 +104,10 @@ class Billing:
         self.recharger.on_decision(decision)
 
     async def start(self) -> None:
-        self._repairing = asyncio.get_running_loop().create_task(self.repair.loop())
+        self._repairing.start(self.repair.loop)
 
     async def stop(self) -> None:
-        if self._repairing is not None:
-            self._repairing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._repairing
+        await self._repairing.stop()
         await self.recharger.stop()
         await close_client(self.client)
 
