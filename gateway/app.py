@@ -28,7 +28,7 @@ from gateway.publishing import Catalogs, Published
 from gateway.reconcile import Reconciler, connect
 from gateway.revocations import RevocationFeed
 from gateway.settings import Settings
-from gateway.state import CHANGE_FIELD
+from gateway.state import CHANGE_FIELD, PREFIX, probe_key
 from gateway.store.db import Database, database_url
 from gateway.store.redis import RedisStore, open_redis
 from gateway.web import links
@@ -122,7 +122,7 @@ class Prepared:
             return
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
-                await self.store.fields(["gw:{start-up check}"], CHANGE_FIELD)
+                await self.store.fields([probe_key(PREFIX)], CHANGE_FIELD)
         except RedisRefused as exc:
             raise ConfigError(
                 f"Redis at {self.store.url} refused the connection: {exc}. Fix GATEWAY_REDIS_URL "

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import hashlib
 import logging
 import math
@@ -48,6 +47,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from gateway import state
+from gateway.background import Background
 from gateway.grants import granted_billables
 from gateway.overrides import overridden_billables
 from gateway.store.db import Database, plan_assignments, snapshots
@@ -85,19 +85,14 @@ class Census:
         self.read_at = -math.inf  # when the last census read began
         self._hashes = array("q")  # sorted
         self._first_seen: dict[str, float] = {}  # epoch → when it began at the latest (this process saw it, or Redis's uptime)
-        self._task: asyncio.Task[None] | None = None
+        self._watching = Background("gateway-census")
         self._failing = False
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-census")
+        self._watching.start(self._run)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._watching.stop()
 
     async def _run(self) -> None:
         while True:

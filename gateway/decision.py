@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 from gateway.catalog import CREDITS, Catalog, Route
 from gateway.levels import EXPIRED, level_sentence
 from gateway.problems import problem_body
-
-if TYPE_CHECKING:
-    from gateway.state import Hold  # gateway.state builds Decisions' parts: no import at run time
+from gateway.state.decide import PolicyState, Violation  # the decision speaks the script's words
+from gateway.state.hold import Hold
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -40,29 +39,6 @@ APP_NAMED_NONE = "The app named no billable for this request: sign in first, or 
 def header_required(header: str) -> str:
     """The 401's sentence in trusted-header mode."""
     return f"This gateway reads the billable from the {header} header: send {header}: <billable id>."
-
-
-class Violation(NamedTuple):
-    """One violated policy: a feature, a limit, a rate limit or the credit balance."""
-
-    name: str
-    kind: str  # feature | cap | size | allow | rate | credits | unauthorized | suspended | unavailable | no_route
-    retry_after: int | None = None
-    usage: int | None = None
-    limit: int | None = None
-    cost: int | None = None
-    balance: int | None = None
-
-
-class PolicyState(NamedTuple):
-    """One applied policy's state after the decision, for the headers (a tuple: built per request)."""
-
-    name: str
-    kind: str  # rate | cap | allow | credits
-    quota: int
-    window: int | None
-    remaining: int | None
-    reset: int | None  # seconds until more is available; None for caps and credits
 
 
 @dataclass(slots=True)
@@ -302,3 +278,7 @@ def _duration(seconds: int) -> str:
             n = round(seconds / size)
             return f"{n} {unit}{'s' if n != 1 else ''}"
     return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+__all__ = ["API_KEY_REQUIRED", "APP_NAMED_NONE", "QUOTA_EXCEEDED", "Decision", "PolicyState", "Violation", "detail",
+           "header_required", "upgrade_plan", "upgrade_target"]  # fmt: skip

@@ -12,7 +12,6 @@ answers, such a key is not accepted (a revocation made just before a Redis loss 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from gateway.background import Background
 from gateway.coalesce import Coalescer
 from gateway.errors import DatabaseUnavailable, RedisReplyError, RedisUnavailable
 from gateway.ids import billable as billable_id
@@ -153,7 +153,7 @@ class KeyStore:
         self._lookups: Coalescer[str, _Known] = Coalescer(self._fetch, size=BATCH)
         self._touches: Coalescer[str, None] = Coalescer(self._touch, size=BATCH)
         self._failed_at: float | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._following = Background("gateway-key-revocations")
         self._synced_at: float | None = None  # when the last poll of the feed that answered was sent
         self._revoked_at: dict[str, float] = {}  # ids the feed named lately, with when (for lookups in flight)
         self._reset_at = -math.inf  # when the feed last said to forget every key
@@ -172,8 +172,9 @@ class KeyStore:
         if parsed is None:
             return None
         key_id = parsed[0]
-        if self.feed is not None and self._follower is None:
-            self._follower = asyncio.create_task(self._follow(self.feed), name="gateway-key-revocations")
+        feed = self.feed
+        if feed is not None:
+            self._following.start(lambda: self._follow(feed))
         if not self._polled.is_set():
             await self._polled.wait()
         now = self.clock()
@@ -434,11 +435,7 @@ class KeyStore:
 
     async def close(self) -> None:
         """Stop following the feed; wait for the last-used updates still on their way."""
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        await self._following.stop()
         self._polled.set()  # a request still waiting for the first poll goes on (and asks the record)
         await self._touches.drain()
 

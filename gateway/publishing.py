@@ -14,7 +14,6 @@ swapped in between requests. A text identical to the newest version is no new ve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -25,7 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from gateway import audit
+from gateway import audit, state
+from gateway.background import Background
 from gateway.catalog import Catalog, parse_catalog
 from gateway.errors import (
     CatalogError,
@@ -75,16 +75,16 @@ class Catalogs:
         db: Database,
         store: RedisStore,
         *,
-        prefix: str = "gw",
+        prefix: str = state.PREFIX,
         interval: float = POLL_INTERVAL_S,
     ) -> None:
         self.db = db
         self.store = store
-        self.key = f"{prefix}:catalog"
+        self.key = state.catalog_key(prefix)
         self.on_change: Callable[[Published], None] | None = None  # given by start: what runs a new version
         self.interval = interval
         self.running: Published | None = None  # what this process decides with
-        self._task: asyncio.Task[None] | None = None
+        self._following = Background("gateway-catalog")
         self._refused = 0  # a published version this process cannot load: said once, not every second
 
     # ---- the record -----------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class Catalogs:
         else:
             raise DatabaseUnavailable("the record kept refusing a new catalog version (too many publishers at once?)")
         self._use(published)
-        await self.store.run("catalog", [self.key], [published.version])
+        await self.store.run("catalog", [self.key], state.announce_argv(published.version))
         return published, changed
 
     async def _record(self, text: str, digest: str, token: str, catalog: Catalog) -> tuple[Published, bool]:
@@ -165,15 +165,10 @@ class Catalogs:
     def start(self, on_change: Callable[[Published], None]) -> None:
         """Run each newer version from now on (published here or announced by another process)."""
         self.on_change = on_change
-        if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name="gateway-catalog")
+        self._following.start(self._follow)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._following.stop()
 
     async def _follow(self) -> None:
         quiet = False  # one line per outage, not one per poll

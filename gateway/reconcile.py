@@ -22,7 +22,6 @@ often they change) and flushed when it returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -37,7 +36,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+<<<<<<< HEAD
 from gateway.billing.outbox import take_billed
+=======
+from gateway.background import Background
+>>>>>>> house
 from gateway.catalog import Catalog
 from gateway.census import Census
 from gateway.coalesce import Coalescer
@@ -47,7 +50,7 @@ from gateway.events import Outbox
 from gateway.grants import Grants, grants_after, numbered_grants
 from gateway.members import Members
 from gateway.settings import Settings
-from gateway.state import EventBatch, Restored, Snapshot, grant_sequence, restorable
+from gateway.state import PREFIX, EventBatch, Restored, Snapshot, grant_sequence, restorable
 from gateway.store.db import (
     Database,
     billable_overrides,
@@ -120,26 +123,21 @@ class Reconciler:
         self.on_flushed: Callable[[list[tuple[str, Snapshot]]], None] | None = None
         self._next_sweep = 0.0
         self._next_prune = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._sweeping: asyncio.Task[None] | None = None
+        self._running = Background("gateway-reconcile")
+        self._sweeping = Background("gateway-sweep")
         self._statements: tuple[Any, Any, Any] | None = None
 
     # ---- running ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-reconcile")
+        self._running.start(self._run)
         if self.census is not None:
             self.census.start()
 
     async def stop(self) -> None:
         """Stop the loop, flush what is dirty once more, and give the lead back."""
-        for task in (self._task, self._sweeping):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._sweeping = None
+        await self._running.stop()
+        await self._sweeping.stop()
         if self.census is not None:
             await self.census.stop()
         try:
@@ -171,12 +169,12 @@ class Reconciler:
             self.leader = await self.engine.store.lease(self.lease_key, self.holder, self.lease_ms)
         except _REDIS_ERRORS:
             self.leader = False
-        sweeping = self._sweeping is not None and not self._sweeping.done()
+        sweeping = self._sweeping.running
         if self.leader and not sweeping and self.clock() >= self._next_sweep:
             self._next_sweep = self.clock() + self.sweep_interval
             # A task of its own: over many billables a sweep takes seconds, and what this process touches
             # meanwhile must still reach the record within the interval.
-            self._sweeping = asyncio.get_running_loop().create_task(self._sweep_logged(), name="gateway-sweep")
+            self._sweeping.start(self._sweep_logged)
         if self.leader and self.clock() >= self._next_prune:
             self._next_prune = self.clock() + PRUNE_EVERY_S
             try:
@@ -482,7 +480,7 @@ def connect(
     catalog: Catalog,
     db: Database,
     *,
-    prefix: str = "gw",
+    prefix: str = PREFIX,
     hold_ttl: int = 3600,
     interval: float = 1.0,
     events_retention: timedelta = EVENTS_RETENTION,

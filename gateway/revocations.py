@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 
+from gateway import state
 from gateway.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
@@ -28,23 +29,22 @@ KEEP = 10_000  # revocations kept in Redis; a process further behind than that f
 
 
 class RevocationFeed:
-    def __init__(self, store: RedisStore, *, prefix: str = "gw", interval: float = 0.25) -> None:
+    def __init__(self, store: RedisStore, *, prefix: str = state.PREFIX, interval: float = 0.25) -> None:
         self.store = store
         self.interval = interval  # seconds between polls
-        # One hash tag, so both keys sit in one slot on a cluster; not `{prefix}:{...}`, which is a billable's.
-        self.keys = [f"{prefix}:keyfeed:{{r}}:seq", f"{prefix}:keyfeed:{{r}}:ids"]
+        self.keys = state.revocation_keys(prefix)
         self.seen = -1  # the last sequence number this process has applied (-1: none yet)
         self.epoch: str | None = None  # the epoch of the feed's master at the last poll that answered
 
     async def publish(self, key_id: str) -> int:
-        return int(await self.store.run("revoke", self.keys, [key_id, KEEP]))
+        return int(await self.store.run("revoke", self.keys, state.RevokeArgs(key_id, KEEP).argv()))
 
     async def poll(self) -> tuple[list[str], bool]:
         """Key ids revoked since the last poll, and whether the caller must forget every key it trusts
         instead: on the first poll (what came before it is not told), when the feed lost track, and when
         the feed's master has a new epoch."""
-        reply = await self.store.run("revocations", self.keys, [self.seen])  # one script: one round trip
-        epoch = str(reply[2])
+        reply = state.RevocationsReply.parse(await self.store.run("revocations", self.keys, state.revocations_argv(self.seen)))
+        epoch = reply.epoch
         moved = self.epoch is not None and epoch != self.epoch
         if moved:
             log.warning(
@@ -52,7 +52,7 @@ class RevocationFeed:
                 "API key revocations: every key is checked against the record again", self.store.url
             )
         first = self.epoch is None
-        self.seen, self.epoch = int(reply[0]), epoch
-        if first or moved or reply[1] == "reset":
+        self.seen, self.epoch = reply.sequence, epoch
+        if first or moved or reply.reset:
             return [], True
-        return [str(x) for x in reply[3:]], False
+        return reply.revoked, False

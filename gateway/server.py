@@ -28,14 +28,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.settings import Settings
+from gateway.settings import LISTEN_BACKLOG, Settings
 
 if TYPE_CHECKING:
     from gateway.serving import HTTPServer
 
 log = logging.getLogger("gateway")
 
-BACKLOG = 2048  # as uvicorn's
 STARTUP_FAILED = 2  # the exit status of a start-up that failed (a setting, the record, the catalog)
 _SHUTDOWN_RESERVE_S = 3.0  # at most, of the grace: for flushing the record and closing once requests are done
 
@@ -49,7 +48,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or ConfigError naming why not (the first thing a server does)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(

@@ -21,8 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError
-from gateway.server import BACKLOG
-from gateway.settings import Settings
+from gateway.settings import LISTEN_BACKLOG, Settings
 
 log = logging.getLogger("gateway")
 
@@ -139,7 +138,7 @@ async def serving(
         }
     config = uvicorn.Config(
         app, lifespan="off", log_level="info", access_log=False, timeout_graceful_shutdown=max(1, int(drain)),
-        backlog=BACKLOG, **limits,
+        backlog=LISTEN_BACKLOG, **limits,
     )  # fmt: skip
     server = HTTPServer(config)
     with _quieted(quiet):

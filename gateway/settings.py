@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from gateway.errors import ConfigError
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+LISTEN_BACKLOG = 2048  # connections the kernel queues before accept, as uvicorn's
 
 # flag name → environment variable; flags win over the environment.
 ENVIRONMENT = {

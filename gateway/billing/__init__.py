@@ -13,8 +13,6 @@ and the customer portal's link (`portal`) for the usage page's "Manage billing".
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import audit
+from gateway.background import Background
 from gateway.billing.client import close_client, each, plain, stripe_client
 from gateway.billing.customers import CustomerConflict, Customers, UnknownCustomer
 from gateway.billing.meters import MeterSender
@@ -93,9 +92,13 @@ class Billing:
             book=self.book,
             interval=repair_interval,
         )
+<<<<<<< HEAD
         self._repairing: asyncio.Task[None] | None = None
         # Billed units (overage) to Stripe's meters, to the Stripe meter of the catalog running at each send.
         self.meters = MeterSender(db, self.client, event_name=lambda meter: self.catalog.stripe_meter(meter) or meter)
+=======
+        self._repairing = Background("gateway-billing-repair")
+>>>>>>> house
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
 
@@ -108,6 +111,7 @@ class Billing:
         self.recharger.on_decision(decision)
 
     async def start(self) -> None:
+<<<<<<< HEAD
         self._repairing = asyncio.get_running_loop().create_task(self.repair.loop())
         self.meters.start()
 
@@ -117,6 +121,12 @@ class Billing:
             self._repairing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._repairing
+=======
+        self._repairing.start(self.repair.loop)
+
+    async def stop(self) -> None:
+        await self._repairing.stop()
+>>>>>>> house
         await self.recharger.stop()
         await close_client(self.client)
 

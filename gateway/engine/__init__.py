@@ -67,7 +67,7 @@ class Engine:
         store: RedisStore,
         catalog: Catalog,
         *,
-        prefix: str = "gw",
+        prefix: str = state.PREFIX,
         restore: Restorer | None = None,
         grants_after: GrantsAfter | None = None,
         hold_ttl: int = 3600,
@@ -399,24 +399,21 @@ class Engine:
         snap = await self.snapshot(billable)
         return self.plans.resolve(billable, snap.plan_version, snap.assignment, snap.subscription, snap.overrides, snap.suspended)
 
-    async def _update(self, billable: str, *args: str | int) -> None:
+    async def _update(self, billable: str, change: state.Update) -> None:
         self._touched.add(billable)
-        await self.store.run("update", self.keys(billable).only_state(), list(args))
+        await self.store.run("update", self.keys(billable).only_state(), change.argv())
         self.plans.forget(billable)
 
     async def set_assignment(self, billable: str, plan: str | None) -> None:
         if plan is not None and plan not in self.catalog.plans:
             raise ValueError(f'unknown plan "{plan}": plans.toml has {", ".join(self.catalog.plans)}')
-        await self._update(billable, "assign", plan or "")
+        await self._update(billable, state.Update.assign(plan))
 
     async def set_subscription(self, billable: str, subscription: Subscription | None) -> None:
-        await self._update(billable, "subscription", subscription.to_json() if subscription else "")
+        await self._update(billable, state.Update.subscription(subscription))
 
     async def set_billing_period(self, billable: str, period: tuple[float, float] | None) -> None:
-        if period is None:
-            await self._update(billable, "period", "")
-        else:
-            await self._update(billable, "period", state.ms(period[0]), state.ms(period[1]))
+        await self._update(billable, state.Update.billing_period(period))
 
     async def set_count(self, billable: str, limit: str, usage: int) -> None:
         kind = self.catalog.limit_kinds.get(limit)
@@ -424,45 +421,40 @@ class Engine:
             raise ValueError(f'"{limit}" is not a persistent cap in plans.toml')
         if usage < 0:
             raise ValueError("usage cannot be negative")
-        await self._update(billable, "count", limit, usage)
+        await self._update(billable, state.Update.count(limit, usage))
 
     async def set_overrides(self, billable: str, overrides: Overrides | None) -> None:
         """The billable's own terms (validated by gateway.overrides), None removes them: every process
         decides with them from its next request (the plan version moves)."""
-        await self._update(billable, "overrides", overrides.to_json() if overrides else "")
+        await self._update(billable, state.Update.overrides(overrides.to_json() if overrides else None))
 
     async def set_suspended(self, billable: str, suspended: bool) -> None:
-        await self._update(billable, "suspend", "1" if suspended else "")
+        await self._update(billable, state.Update.suspend(suspended))
 
     async def reset_limit(self, billable: str, limit: str) -> None:
         """A per-period allowance starts its current window again: use 0, warnings and grace re-armed."""
         kind = self.catalog.limit_kinds.get(limit)
         if kind is None or kind.per is None:
             raise ValueError(f'"{limit}" is not a per-period allowance in plans.toml')
-        await self._update(billable, "reset", limit)
+        await self._update(billable, state.Update.reset(limit))
 
     async def set_auto_recharge(
         self, billable: str, *, enabled: bool, threshold: int | None, amount_cents: int | None = None
     ) -> None:
         """Auto-recharge settings; the threshold is also where credits_low fires."""
-        await self._update(
-            billable,
-            "recharge",
-            "1" if enabled else "0",
-            "" if threshold is None else threshold,
-            "" if amount_cents is None else amount_cents,
-        )
+        await self._update(billable, state.Update.recharge(enabled, threshold, amount_cents))
 
     async def end_recharge(self, billable: str) -> None:
-        await self._update(billable, "recharge_done")
+        await self._update(billable, state.Update.recharge_done())
 
     async def apply_grant(self, billable: str, sequence: int, amount: int) -> GrantResult:
         """Apply grant number `sequence` once, strictly in order (money first: the record has it already)."""
         self._touched.add(billable)
         for _ in range(2):
-            status, last, balance = await self.store.run("grant", self.keys(billable).only_state(), [sequence, amount, "1" if self.restore else "0"])
-            if status != "missing":
-                return GrantResult(status, int(last), int(balance))
+            args = state.GrantArgs(sequence, amount, self.restore is not None)
+            reply = state.GrantReply.parse(await self.store.run("grant", self.keys(billable).only_state(), args.argv()))
+            if reply.status != "missing":
+                return GrantResult(reply.status, reply.last_sequence, reply.purchased_balance)
             await self.rehydrate(billable)
         raise RuntimeError(f"state of {billable!r} vanished twice while applying a grant")
 

@@ -55,7 +55,7 @@ class Transfer:
         """Drop these fields unless they changed since they were read."""
         if not counters:
             return 0
-        forgotten = int(await self.store.run("forget", self.keys(billable).only_state(), [x for kv in counters.items() for x in kv]))
+        forgotten = int(await self.store.run("forget", self.keys(billable).only_state(), state.forget_argv(counters)))
         if forgotten:
             self._touched.add(billable)
         return forgotten
@@ -76,7 +76,7 @@ class Transfer:
         if through is None:
             await self.store.trim_list(self.keys(billable).events, count)
         else:
-            await self.store.run("ack", self.keys(billable).only_events(), [count, through[0], through[1]])
+            await self.store.run("ack", self.keys(billable).only_events(), state.AckArgs(count, *through).argv())
 
     async def billables(self) -> AsyncIterator[str]:
         """Every billable whose state Redis holds (on a cluster, from every primary), for the record's sweep."""

@@ -3,8 +3,17 @@
 Nothing outside this package names a key or a field; the engine builds the scripts' arguments with the
 types here and reads their replies with them (DESIGN §7)."""
 
+from gateway.state.changes import GrantArgs, GrantReply, Update
 from gateway.state.decide import CreditReply, DecideArgs, DecideReply, Missing, Seen, Stale
 from gateway.state.events import EventBatch, iso, script_event
+from gateway.state.feeds import (
+    AckArgs,
+    RevocationsReply,
+    RevokeArgs,
+    announce_argv,
+    forget_argv,
+    revocations_argv,
+)
 from gateway.state.fields import (
     CHANGE_FIELD,
     HOLD_EXPIRY_FIELD,
@@ -22,7 +31,17 @@ from gateway.state.fields import (
     usage_key,
 )
 from gateway.state.hold import HeldLimit, Hold, StoredHold
-from gateway.state.keys import Keys, billable_of, keys, member_key, pattern
+from gateway.state.keys import (
+    PREFIX,
+    Keys,
+    billable_of,
+    catalog_key,
+    keys,
+    member_key,
+    pattern,
+    probe_key,
+    revocation_keys,
+)
 from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import CloseArgs, CloseReply, ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
@@ -31,6 +50,8 @@ from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimi
 __all__ = [
     "CHANGE_FIELD",
     "HOLD_EXPIRY_FIELD",
+    "PREFIX",
+    "AckArgs",
     "CloseArgs",
     "CloseReply",
     "CreditReply",
@@ -38,6 +59,8 @@ __all__ = [
     "DecideArgs",
     "DecideReply",
     "EventBatch",
+    "GrantArgs",
+    "GrantReply",
     "HeldLimit",
     "Hold",
     "Keys",
@@ -50,6 +73,8 @@ __all__ = [
     "ReleaseArgs",
     "RestoreReply",
     "Restored",
+    "RevocationsReply",
+    "RevokeArgs",
     "Seen",
     "SettleArgs",
     "SettleReply",
@@ -62,10 +87,14 @@ __all__ = [
     "StatusSpec",
     "StoredHold",
     "Subscription",
+    "Update",
     "UsageCounter",
+    "announce_argv",
     "billable_of",
     "billed_counters",
+    "catalog_key",
     "counted_fields",
+    "forget_argv",
     "grant_sequence",
     "iso",
     "keys",
@@ -73,7 +102,10 @@ __all__ = [
     "ms",
     "past_counters",
     "pattern",
+    "probe_key",
     "restorable",
+    "revocation_keys",
+    "revocations_argv",
     "script_event",
     "usage_counters",
     "usage_key",

@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from gateway.decision import PolicyState, Violation
 from gateway.state.fields import Subscription
 from gateway.state.hold import Hold
+
+
+class Violation(NamedTuple):
+    """One violated policy: a feature, a limit, a rate limit or the credit balance."""
+
+    name: str
+    kind: str  # feature | cap | size | allow | rate | credits | unauthorized | suspended | unavailable | no_route
+    retry_after: int | None = None
+    usage: int | None = None
+    limit: int | None = None
+    cost: int | None = None
+    balance: int | None = None
+
+
+class PolicyState(NamedTuple):
+    """One applied policy's state after the decision, for the headers (a tuple: built per request)."""
+
+    name: str
+    kind: str  # rate | cap | allow | credits
+    quota: int
+    window: int | None
+    remaining: int | None
+    reset: int | None  # seconds until more is available; None for caps and credits
 
 
 @dataclass(slots=True)  # built per request: a frozen dataclass costs a microsecond more

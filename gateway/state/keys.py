@@ -1,4 +1,5 @@
-"""Where one billable's state lives: three keys under one hash tag, `<prefix>:{<billable>}`.
+"""Where one billable's state lives: three keys under one hash tag, `<prefix>:{<billable>}`; and the few
+keys every process shares (the catalog's announcement, the revocation feed).
 
     <prefix>:{b}        hash: the fields of gateway.state.fields
     <prefix>:{b}:ev     list: pending events, oldest first, until the record takes them
@@ -12,6 +13,8 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 from urllib.parse import quote, unquote
+
+PREFIX = "gw"  # what every key starts with unless a caller (a test, a second gateway on one Redis) says otherwise
 
 
 class Keys(NamedTuple):
@@ -41,6 +44,22 @@ def keys(prefix: str, billable: str) -> Keys:
 def member_key(prefix: str, root: str, member: str) -> str:
     """The state hash of `member` of `root`, in the root's hash slot."""
     return f"{prefix}:{{{_tag(root)}}}:m:{_tag(member)}"
+
+
+def catalog_key(prefix: str) -> str:
+    """The published catalog's announcement (a hash; `v` the version), polled by every process."""
+    return f"{prefix}:catalog"
+
+
+def revocation_keys(prefix: str) -> list[str]:
+    """The revoked API keys' feed: its sequence counter and the ids by sequence. One hash tag, so both sit in
+    one slot on a cluster; not `{prefix}:{...}`, which is a billable's."""
+    return [f"{prefix}:keyfeed:{{r}}:seq", f"{prefix}:keyfeed:{{r}}:ids"]
+
+
+def probe_key(prefix: str) -> str:
+    """A key nothing writes, read at start-up to see whether Redis answers this URL."""
+    return f"{prefix}:{{start-up check}}"
 
 
 def pattern(prefix: str) -> str:
