@@ -18,14 +18,13 @@ MAX_REASON = 1000  # a suspension's reason
 # The record keeps no NUL (bounds.unrecordable refuses a body with one anywhere, keys included).
 RECORDABLE = "^[^\\x00]*$"
 
-BillableId = Annotated[str, Field(pattern=f"^{ids.PATTERN}$")]
 Recordable = Annotated[str, Field(pattern=RECORDABLE)]
 
 
 class KeyQuestion(TypedDict, total=False):
     """`POST /_gateway/admin/keys`."""
 
-    billable: Required[BillableId]
+    billable: Required[ids.BillableId]
     name: Annotated[str, Field(max_length=MAX_NAME, pattern=RECORDABLE)]
 
 

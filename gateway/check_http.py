@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from typing_extensions import TypedDict
 
+from gateway import ids
 from gateway.bounds import MAX_INT
 from gateway.check import Checker, HoldNotOpen, Outcome, hold_billable
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
@@ -29,7 +30,7 @@ Units = Annotated[float, Field(ge=0, le=MAX_INT)]
 class CheckQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/check`: its fields are the ones accepted (and its OpenAPI schema)."""
 
-    billable: str  # with the admin token; the key's own otherwise
+    billable: ids.BillableId  # with the admin token; the key's own otherwise
     route: str  # "POST /v1/images"
     feature: str
     limit: str
@@ -42,7 +43,7 @@ class CheckQuestion(TypedDict, total=False):
 class SettleQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/settle` (hold and outcome are required)."""
 
-    hold: Required[str]
+    hold: Required[Annotated[str, Field(pattern=f"^[0-9a-f]{{16}}\\.{ids.PATTERN}$")]]  # check.hold_billable's rule
     outcome: Required[Outcome]
     units: Units
 

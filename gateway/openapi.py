@@ -16,12 +16,13 @@ from pydantic import TypeAdapter
 from starlette.routing import BaseRoute, Route
 
 from gateway import __version__, admin_bodies
-from gateway.admin_bodies import RECORDABLE, BillableId
+from gateway.admin_bodies import RECORDABLE
 from gateway.catalog import Catalog
 from gateway.check import CheckAnswer, SettleAnswer
 from gateway.check_http import CheckQuestion, SettleQuestion
 from gateway.forward_auth import PATH as AUTH_PATH
 from gateway.identity import ID_LENGTH
+from gateway.ids import BillableId
 from gateway.problems import PROBLEM_JSON, Problem
 from gateway.usage import PERIOD
 from gateway.web import links
