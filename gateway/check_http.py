@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Required
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,6 +30,8 @@ Units = Annotated[float, Field(ge=0, le=MAX_INT)]
 class CheckQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/check`: its fields are the ones accepted (and its OpenAPI schema)."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]  # _only refuses any other field
+
     billable: ids.BillableId  # with the admin token; the key's own otherwise
     route: str  # "POST /v1/images"
     feature: str
@@ -43,13 +45,15 @@ class CheckQuestion(TypedDict, total=False):
 class SettleQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/settle` (hold and outcome are required)."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
     hold: Required[Annotated[str, Field(pattern=f"^[0-9a-f]{{16}}\\.{ids.PATTERN}$")]]  # check.hold_billable's rule
     outcome: Required[Outcome]
     units: Units
 
 
-_CHECK_FIELDS = tuple(CheckQuestion.__annotations__)
-_SETTLE_FIELDS = tuple(SettleQuestion.__annotations__)
+_CHECK_FIELDS = tuple(name for name in CheckQuestion.__annotations__ if not name.startswith("__"))
+_SETTLE_FIELDS = tuple(name for name in SettleQuestion.__annotations__ if not name.startswith("__"))
 
 
 class CheckEndpoints:

@@ -56,6 +56,7 @@ _RECORDABLE_JSON = {"anyOf": [
     {"type": "object", "propertyNames": {"pattern": RECORDABLE}, "additionalProperties": {"$ref": "#/components/schemas/RecordableJson"}},
 ]}  # fmt: skip
 _BILLABLE_SCHEMA = TypeAdapter(BillableId).json_schema()
+_NAME = "^[A-Za-z0-9_.~-]+$"  # a name in a path segment as sent, no percent-encoding needed
 _QUESTION_REQUIRED = {typed.__name__: TypeAdapter(typed).json_schema().get("required") for typed in _QUESTIONS}
 _SECURITY = {
     "adminToken": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN, or a named one of GATEWAY_ADMIN_TOKENS"},
@@ -169,7 +170,8 @@ def _path_schema(name: str, path: str, catalog: Catalog) -> dict[str, Any]:
     if name == "limit":
         caps = sorted(n for n, kind in catalog.limit_kinds.items() if kind.per is None)
         if path.endswith("/reset"):  # an allowance; a name the catalog lacks is a 404, a cap's a 400
-            return {"type": "string", "not": {"enum": caps}} if caps else {"type": "string"}
+            named: dict[str, Any] = {"type": "string", "pattern": _NAME}
+            return {**named, "not": {"enum": caps}} if caps else named
         return {"type": "string", "enum": caps} if caps else {"type": "string"}
     return {"type": "string"}
 
@@ -209,7 +211,7 @@ def _schemas(catalog: Catalog) -> dict[str, Any]:
     for typed in _SCHEMAS:
         schema = TypeAdapter(typed).json_schema(ref_template=_REF)
         out.update(schema.pop("$defs", {}))
-        if typed in _QUESTIONS:  # what a body may carry beyond its fields: what the record can keep
+        if typed in _QUESTIONS and "additionalProperties" not in schema:  # beyond its fields: what the record keeps
             schema |= {"propertyNames": {"pattern": RECORDABLE}, "additionalProperties": _ref("RecordableJson")}
         out[typed.__name__] = schema
     out["PlanQuestion"]["properties"]["plan"]["enum"] = list(catalog.plans)
