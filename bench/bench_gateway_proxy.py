@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import traced
 from common import REDIS_URL
 from overridden import on_startup, wanted
 
@@ -26,7 +27,8 @@ app = GatewayApp(
             "database_url": f"sqlite:///{record or tempfile.mkdtemp(prefix='gwbench-') + '/gateway.db'}",
             **({} if record else {"billable_header": "x-api-key"}),
         }
-    )
+    ),
+    tracer_provider=traced.provider() if traced.wanted() else None,  # BENCH_TRACING=1 (bench/traced.py)
 )
 if wanted():
     gateway_app = app

@@ -3,6 +3,7 @@
     .venv/bin/python bench/measure_middleware.py            # 20,000 requests, 64 in flight, 3 rounds
     .venv/bin/python bench/measure_middleware.py --profile  # and cProfile's top functions
     .venv/bin/python bench/measure_middleware.py --key-budget   # each billable a key with its own budget
+    .venv/bin/python bench/measure_middleware.py --tracing  # and the same traced (bench/traced.py), interleaved
 
 A no-op app behind GatewayMiddleware (billable from X-Api-Key, 1,000 billables), deciding bench/plans.toml's
 GET /hello (a rate limit, an allowance and a credit spend) against a private redis-server. Prints the
@@ -98,22 +99,34 @@ async def members(folder: str) -> Members:
     return Members(db)
 
 
-async def main(n: int, rounds: int, profile: bool, key_budget: bool = False) -> None:
+async def main(n: int, rounds: int, profile: bool, tracing: bool, key_budget: bool = False) -> None:
     with RedisServer() as server, tempfile.TemporaryDirectory() as folder:
         store = open_redis(server.url)
         chain_of = (await members(folder)).chain if key_budget else None
         engine = Engine(store, load_catalog(ROOT / "bench" / "plans.toml"), prefix="gwmw", chain_of=chain_of)
         app = GatewayMiddleware(noop, engine=engine, billable=key_of if key_budget else billable_of, freeze_gc=False)
         await cpu_per_request(app, n)  # every billable exists, every cache is warm
+        spans: Any = None
+        if tracing:  # its own store: traced() wraps the store's transport
+            import traced
+
+            from gateway.tracing import traced as tracing_of
+
+            traced_engine = Engine(open_redis(server.url), load_catalog(ROOT / "bench" / "plans.toml"), prefix="gwmw")
+            spans = tracing_of(GatewayMiddleware(noop, engine=traced_engine, billable=billable_of, freeze_gc=False), traced.provider())
+            await cpu_per_request(spans, n)
         gc.collect()
         gc.freeze()
         for r in range(rounds):
             bare = await cpu_per_request(noop, n)
             decided = await cpu_per_request(app, n)
-            print(f"round {r + 1}: {decided:.1f} µs CPU per request with the middleware, {bare:.1f} µs without")
+            line = f"round {r + 1}: {decided:.1f} µs CPU per request with the middleware, {bare:.1f} µs without"
+            if spans is not None:
+                line += f", {await cpu_per_request(spans, n):.1f} µs traced"
+            print(line)
         if profile:
             found = cProfile.Profile()
-            await cpu_per_request(app, n, found)
+            await cpu_per_request(spans if spans is not None else app, n, found)
             pstats.Stats(found).sort_stats("tottime").print_stats(int(__import__("os").environ.get("PROFILE_TOP", "25")))
         await store.close()
 
@@ -124,6 +137,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--key-budget", action="store_true", help="each billable a key with its own budget under an org")
+    parser.add_argument("--tracing", action="store_true", help="also traced (BENCH_TRACING's provider); --profile profiles it")
     args = parser.parse_args()
     try:
         import uvloop
@@ -131,4 +145,4 @@ if __name__ == "__main__":
         run: Any = uvloop.run
     except ImportError:
         run = asyncio.run
-    run(main(args.requests, args.rounds, args.profile, args.key_budget))
+    run(main(args.requests, args.rounds, args.profile, args.tracing, args.key_budget))

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from gateway import audit, openapi
+from gateway.admin_bodies import MAX_NAME, MAX_REASON
 from gateway.admin_members import MemberAdmin
 from gateway.bounds import MAX_INT, integer
 from gateway.catalog import Catalog, Plan
@@ -67,7 +68,6 @@ log = logging.getLogger("gateway.admin")
 
 Identify = Callable[[Request], Awaitable[str | None]]
 
-MAX_NAME = 255  # a key's name, an idempotency key: labels, not documents
 
 
 def overage(status: dict[str, Any], target: str, plan: Plan) -> dict[str, Any]:
@@ -459,8 +459,8 @@ class Endpoints:
             if isinstance(body, JSONResponse):
                 return body
             reason = body.get("reason", "")
-            if not isinstance(reason, str) or len(reason) > 1000:
-                return bad_request('reason is a string of at most 1000 characters (send {"reason": "..."}).')
+            if not isinstance(reason, str) or len(reason) > MAX_REASON:
+                return bad_request(f'reason is a string of at most {MAX_REASON} characters (send {{"reason": "..."}}).')
         kept = await overrides_kept(self.db, billable) if self.db is not None else None
         was = (await self.engine.plan_of(billable)).suspended
         if self.db is not None:
@@ -608,7 +608,7 @@ class Endpoints:
 
     async def openapi(self, request: Request) -> Response:
         """This router's OpenAPI 3.1 description (gateway/openapi.py)."""
-        return JSONResponse(openapi.document(self.router.routes, self.admin_paths))
+        return JSONResponse(openapi.document(self.router.routes, self.admin_paths, self.catalog))
 
     async def prometheus(self, request: Request) -> Response:
         tokens = [t for t in (self.metrics_token, *self.tokens.values()) if t]

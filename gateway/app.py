@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from gateway import tracing
 from gateway.admin import Endpoints
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, load_catalog
@@ -189,8 +190,15 @@ class GatewayApp:
     settings, as `gateway serve` does from flags.
     """
 
-    def __init__(self, settings: Settings, upstream_app: ASGIApp | None = None, *, billable: BillableFn | None = None) -> None:
+    def __init__(
+        self, settings: Settings, upstream_app: ASGIApp | None = None, *, billable: BillableFn | None = None,
+        tracer_provider: Any = None,
+    ) -> None:
         self.prepared = Prepared.from_settings(settings)
+        # OpenTelemetry (gateway/tracing.py): the caller's TracerProvider, else one exporting to --otel-endpoint.
+        self._own_provider = tracer_provider is None
+        self.tracer_provider: Any = tracing.provider(settings) if tracer_provider is None else tracer_provider
+        self._serve: ASGIApp | None = None  # the middleware, in a span per request when tracing is on
         self._gateway: Gateway | None = None
         self.settings = settings
         self.upstream: Any = upstream_app or Proxy(
@@ -209,15 +217,16 @@ class GatewayApp:
         return self._gateway
 
     @classmethod
-    def wrap(cls, app: ASGIApp, *, billable: BillableFn | None = None, **settings: Any) -> GatewayApp:
+    def wrap(cls, app: ASGIApp, *, billable: BillableFn | None = None, tracer_provider: Any = None, **settings: Any) -> GatewayApp:
         """`app` behind the whole gateway. Settings are keyword arguments named as `gateway serve`'s flags
         (`plans`, `redis_url`, `database_url`, `admin_token`, `billable_header`, ...), else the GATEWAY_*
-        environment, else the defaults; `billable` names the billable from the ASGI scope (else API keys)."""
+        environment, else the defaults; `billable` names the billable from the ASGI scope (else API keys);
+        `tracer_provider` (an OpenTelemetry TracerProvider) traces every request (gateway/tracing.py)."""
         known = {f.name for f in fields(Settings)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(known))}")
-        return cls(Settings.load(settings), upstream_app=app, billable=billable)
+        return cls(Settings.load(settings), upstream_app=app, billable=billable, tracer_provider=tracer_provider)
 
     async def startup(self, scope: dict[str, Any] | None = None) -> None:
         """Connect the gateway, then start the wrapped app (the lifespan's startup; `gateway serve` calls
@@ -261,6 +270,8 @@ class GatewayApp:
             on_decision=gw.billing.on_decision if gw.billing is not None else None,
             freeze_gc=False,  # done below, once the wrapped app has started too
         )
+        provider = self.tracer_provider
+        self._serve = self.middleware if provider is None else tracing.traced(self.middleware, provider)
         self._inner = _Lifespan(self.upstream, scope or {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}})
         await self._inner.startup()
         freeze_heap()  # everything loaded so far (catalog, SQLAlchemy, aiohttp, ...) lives as long as the process
@@ -318,8 +329,10 @@ class GatewayApp:
             await self.upstream.aclose()
         if self._gateway is None:
             await self.prepared.store.close()
-            return
-        await self._gateway.stop()
+        else:
+            await self._gateway.stop()
+        if self._own_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still batched
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -337,8 +350,8 @@ class GatewayApp:
                     await self.shutdown()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        assert self.middleware is not None, "the gateway serves requests after lifespan startup"
-        await self.middleware(scope, receive, send)
+        assert self._serve is not None, "the gateway serves requests after lifespan startup"
+        await self._serve(scope, receive, send)
 
 
 class _Lifespan:

@@ -38,8 +38,10 @@ from gateway.settlement import Settle, releases, settlement
 Outcome = Literal["success", "failure"]
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-# A hold id: the holds hash's field, then (newer ones) a tag naming what it was taken for, then the billable.
-_HOLD = re.compile(r"([0-9a-f]{16})([0-9a-f]{12})?\.(.+)", re.DOTALL)
+# A hold id: the holds hash's field, then (newer ones) a tag naming what it was taken for, ".", the billable.
+_FIELD, _TAG = "[0-9a-f]{16}", "[0-9a-f]{12}"
+HOLD_ID = f"{_FIELD}(?:{_TAG})?"  # what comes before the "."
+_HOLD = re.compile(f"({_FIELD})({_TAG})?\\.(.+)", re.DOTALL)
 _KINDS = ("route", "feature", "limit", "operation")
 
 
@@ -438,4 +440,4 @@ def _price(operation: Operation, units: float | None) -> int | None:
     return cost
 
 
-__all__ = ["CheckAnswer", "CheckResult", "Checker", "HoldNotOpen", "Outcome", "SettleAnswer", "SettleResult", "hold_billable"]
+__all__ = ["HOLD_ID", "CheckAnswer", "CheckResult", "Checker", "HoldNotOpen", "Outcome", "SettleAnswer", "SettleResult", "hold_billable"]

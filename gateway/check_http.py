@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Required
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from typing_extensions import TypedDict
 
+from gateway import ids
 from gateway.bounds import MAX_INT
-from gateway.check import Checker, HoldNotOpen, Outcome, hold_billable
+from gateway.check import HOLD_ID, Checker, HoldNotOpen, Outcome, hold_billable
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
 from gateway.idempotency import KeyReused, StillAnswering, key_from
 from gateway.ids import billable as billable_id
@@ -30,7 +31,9 @@ Units = Annotated[float, Field(ge=0, le=MAX_INT)]
 class CheckQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/check`: its fields are the ones accepted (and its OpenAPI schema)."""
 
-    billable: str  # with the admin token; the key's own otherwise
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]  # _only refuses any other field
+
+    billable: ids.BillableId  # with the admin token; the key's own otherwise
     route: str  # "POST /v1/images"
     feature: str
     limit: str
@@ -44,14 +47,16 @@ class CheckQuestion(TypedDict, total=False):
 class SettleQuestion(TypedDict, total=False):
     """The body of `POST /_gateway/settle` (hold and outcome are required)."""
 
-    hold: Required[str]
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    hold: Required[Annotated[str, Field(pattern=f"^{HOLD_ID}\\.{ids.PATTERN}$")]]  # check.hold_billable's rule
     outcome: Required[Outcome]
     units: Units
     idempotency_key: str  # or the Idempotency-Key header: a settle retried with it answers the first answer
 
 
-_CHECK_FIELDS = tuple(CheckQuestion.__annotations__)
-_SETTLE_FIELDS = tuple(SettleQuestion.__annotations__)
+_CHECK_FIELDS = tuple(name for name in CheckQuestion.__annotations__ if not name.startswith("__"))
+_SETTLE_FIELDS = tuple(name for name in SettleQuestion.__annotations__ if not name.startswith("__"))
 
 
 class CheckEndpoints:

@@ -43,6 +43,8 @@ _HELP = {
     "events_retention_days": "days the outbox keeps an event",
     "stripe_api_base": "Stripe's API address (tests)",
     "processes": "processes sharing on_redis_down = \"local\" limits (default: --workers)",
+    "otel_endpoint": "an OTLP/HTTP collector (http://HOST:4318) to send a span per request to; needs the otel extra "
+    "(else OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
 }
 SECRETS = {"admin_token", "admin_tokens", "metrics_token", "webhook_secret", "stripe_api_key", "stripe_webhook_secret",
            "account_secret"}

@@ -9,12 +9,17 @@ is safe in a header, a path segment, a log line and a Redis key.
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import Field
 
 from gateway.errors import BadRequest
 
 MAX_LENGTH = 128
 RULE = "1 to 128 characters from A-Z a-z 0-9 . _ - : @ + = ~, the first a letter or digit"
-_BILLABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-:@+=~]{0,127}")
+PATTERN = r"[A-Za-z0-9][A-Za-z0-9._\-:@+=~]{0,127}"  # the rule as a regular expression (its OpenAPI schema too)
+_BILLABLE = re.compile(PATTERN)
+BillableId = Annotated[str, Field(pattern=f"^{PATTERN}$")]  # a body's billable, in its OpenAPI schema
 _SHOWN = 40  # how much of a bad id a problem repeats: enough to recognize it, never a 10 KB echo
 
 

@@ -67,6 +67,8 @@ class GatewayMiddleware:
         # on_redis_down = "local": this process's share of the rate limits (`processes` share them).
         self.local = LocalLimits(processes)
         self._warned_at = 0.0
+        # Told of every decision, for the request's span (gateway/tracing.py sets it); None: tracing is off.
+        self.traced: Callable[[Decision], None] | None = None
 
     @property
     def catalog(self) -> Catalog:
@@ -143,6 +145,8 @@ class GatewayMiddleware:
         if not decision.admitted:
             await self._deny(scope, send, decision)
             return
+        if self.traced is not None:
+            self.traced(decision)
 
         upstream_headers = clean + [(b"x-billable-id", (decision.billable or billable).encode()), (b"x-plan", (decision.plan or "").encode())]
         scope = {**scope, "headers": upstream_headers, "state": {**scope.get("state", {}), "gateway": decision}}
@@ -201,6 +205,8 @@ class GatewayMiddleware:
     # ---- answers the gateway gives itself -----------------------------------------------------------
 
     async def _deny(self, scope: Scope, send: Send, decision: Decision, unauthorized: str | None = None) -> None:
+        if self.traced is not None:
+            self.traced(decision)
         if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008, "reason": decision.problem_type or ""})
             return
@@ -244,6 +250,8 @@ class GatewayMiddleware:
                 await self._deny(scope, send, decision)
                 return
         self.metrics.degraded()
+        if self.traced is not None:
+            self.traced(decision or Decision(True, billable, None, route, degraded=True))
         now = time.monotonic()
         if now - self._warned_at > 10:  # one line per outage, not one per request
             self._warned_at = now

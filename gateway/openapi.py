@@ -15,22 +15,49 @@ from typing import Any
 from pydantic import TypeAdapter
 from starlette.routing import BaseRoute, Route
 
-from gateway import __version__
+from gateway import __version__, admin_bodies
+from gateway.admin_bodies import RECORDABLE
+from gateway.catalog import Catalog
 from gateway.check import CheckAnswer, SettleAnswer
 from gateway.check_http import CheckQuestion, SettleQuestion
 from gateway.forward_auth import PATH as AUTH_PATH
+from gateway.identity import ID_LENGTH
+from gateway.ids import BillableId
 from gateway.problems import PROBLEM_JSON, Problem
+from gateway.usage import PERIOD
 from gateway.web import links
 
 __all__ = ["document"]
 
 _REF = "#/components/schemas/{model}"
-_SCHEMAS: tuple[Any, ...] = (Problem, CheckQuestion, CheckAnswer, SettleQuestion, SettleAnswer)
-# Bodies with a shape of their own, by (method, path); the rest are JSON objects.
-_BODIES = {
+_QUESTIONS: tuple[Any, ...] = (
+    CheckQuestion, SettleQuestion, admin_bodies.KeyQuestion, admin_bodies.PlanQuestion, admin_bodies.GrantQuestion,
+    admin_bodies.LimitQuestion, admin_bodies.SuspensionQuestion, admin_bodies.AutoRechargeQuestion,
+    admin_bodies.AccountLinkQuestion,
+)  # fmt: skip
+_SCHEMAS: tuple[Any, ...] = (Problem, CheckAnswer, SettleAnswer, *_QUESTIONS)
+_BILLABLE = "/_gateway/admin/billables/{billable}"
+# Bodies with a shape of their own, by (method, path): (question, answer); the rest are JSON objects.
+_BODIES: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("post", "/_gateway/check"): ("CheckQuestion", "CheckAnswer"),
     ("post", "/_gateway/settle"): ("SettleQuestion", "SettleAnswer"),
+    ("post", "/_gateway/admin/keys"): ("KeyQuestion", None),
+    ("put", f"{_BILLABLE}/plan"): ("PlanQuestion", None),
+    ("post", f"{_BILLABLE}/credits"): ("GrantQuestion", None),
+    ("put", f"{_BILLABLE}/limits/{{limit}}"): ("LimitQuestion", None),
+    ("put", f"{_BILLABLE}/suspension"): ("SuspensionQuestion", None),
+    ("put", f"{_BILLABLE}/auto-recharge"): ("AutoRechargeQuestion", None),
+    ("post", f"{_BILLABLE}/account-link"): ("AccountLinkQuestion", None),
 }
+# Any JSON the record can keep (no NUL in a string or a key): what a body's fields beyond its own may be.
+_RECORDABLE_JSON = {"anyOf": [
+    {"type": "string", "pattern": RECORDABLE}, {"type": ["number", "boolean", "null"]},
+    {"type": "array", "items": {"$ref": "#/components/schemas/RecordableJson"}},
+    {"type": "object", "propertyNames": {"pattern": RECORDABLE}, "additionalProperties": {"$ref": "#/components/schemas/RecordableJson"}},
+]}  # fmt: skip
+_BILLABLE_SCHEMA = TypeAdapter(BillableId).json_schema()
+_NAME = "^[A-Za-z0-9_.~-]+$"  # a name in a path segment as sent, no percent-encoding needed
+_QUESTION_REQUIRED = {typed.__name__: TypeAdapter(typed).json_schema().get("required") for typed in _QUESTIONS}
 _SECURITY = {
     "adminToken": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN, or a named one of GATEWAY_ADMIN_TOKENS"},
     "apiKey": {"type": "http", "scheme": "bearer", "description": "A customer's API key (gw_...)"},
@@ -49,29 +76,32 @@ _PUBLIC = frozenset({"/_gateway/health", "/_gateway/pricing", "/_gateway/stripe/
 _PAGE = links.ACCOUNT_PAGE
 
 
-def document(routes: Iterable[BaseRoute], admin_paths: Collection[str]) -> dict[str, Any]:
-    """The OpenAPI document of `routes` (the `/_gateway` router's), `admin_paths` needing the admin token."""
+def document(routes: Iterable[BaseRoute], admin_paths: Collection[str], catalog: Catalog) -> dict[str, Any]:
+    """The OpenAPI document of `routes` (the `/_gateway` router's), `admin_paths` needing the admin token; the
+    names a request may use (plans, limits) are the running `catalog`'s."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route):
             continue
         for method in sorted((route.methods or set()) - {"HEAD"}):
             verb = method.lower()
-            paths.setdefault(route.path, {})[verb] = _operation(verb, route, route.path in admin_paths)
+            paths.setdefault(route.path, {})[verb] = _operation(verb, route, route.path in admin_paths, catalog)
     for path in (AUTH_PATH.decode(), AUTH_PATH.decode() + "/{path}"):
         paths[path] = {verb: _forward_auth(verb, path) for verb in _FORWARD_AUTH_METHODS}
     return {
         "openapi": "3.1.0",
         "info": {"title": "gateway", "version": __version__, "description": _DESCRIPTION},
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": _schemas(), "securitySchemes": _SECURITY},
+        "components": {"schemas": _schemas(catalog), "securitySchemes": _SECURITY},
     }
 
 
-def _operation(verb: str, route: Route, admin: bool) -> dict[str, Any]:
+def _operation(verb: str, route: Route, admin: bool, catalog: Catalog) -> dict[str, Any]:
     path = route.path
     operation: dict[str, Any] = {"operationId": _operation_id(verb, path), "summary": f"{verb.upper()} {path}"}
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.param_convertors]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": _path_schema(name, path, catalog)}
+                  for name in route.param_convertors]  # fmt: skip
+    parameters += _query(path, catalog)
     if (verb, path) in _BODIES:
         parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
                            "description": "A retry with the same key within 24 h answers the first answer and takes nothing more"})  # fmt: skip
@@ -88,8 +118,9 @@ def _operation(verb: str, route: Route, admin: bool) -> dict[str, Any]:
     if path == _PAGE or path.startswith(_PAGE + "/"):
         return _page(verb, path, operation)
     question, answer = _BODIES.get((verb, path), (None, None))
-    if question is not None:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(question)}}}
+    if question is not None:  # an empty body is {}: required when the question has a required field
+        needed = bool(_QUESTION_REQUIRED.get(question))
+        operation["requestBody"] = {"required": needed, "content": {"application/json": {"schema": _ref(question)}}}
     elif verb in ("post", "put"):
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
     answered = _ref(answer) if answer is not None else {}
@@ -132,6 +163,39 @@ def _forward_auth(verb: str, path: str) -> dict[str, Any]:
     }
 
 
+def _path_schema(name: str, path: str, catalog: Catalog) -> dict[str, Any]:
+    """A path parameter's values: a billable id, a key id, a limit of the catalog (a cap's count is set, a
+    per-period allowance reset)."""
+    if name == "billable":
+        return _BILLABLE_SCHEMA
+    if name == "key_id":
+        return {"type": "string", "pattern": f"^[A-Za-z0-9]{{{ID_LENGTH}}}$"}
+    if name == "limit":
+        caps = sorted(n for n, kind in catalog.limit_kinds.items() if kind.per is None)
+        if path.endswith("/reset"):  # an allowance; a name the catalog lacks is a 404, a cap's a 400
+            named: dict[str, Any] = {"type": "string", "pattern": _NAME}
+            return {**named, "not": {"enum": caps}} if caps else named
+        return {"type": "string", "enum": caps} if caps else {"type": "string"}
+    return {"type": "string"}
+
+
+def _query(path: str, catalog: Catalog) -> list[dict[str, Any]]:
+    """The query parameters an admin endpoint reads."""
+    if path == f"{_BILLABLE}/overage":
+        return [{"name": "plan", "in": "query", "required": True, "schema": {"type": "string", "enum": list(catalog.plans)},
+                 "description": "the plan to compare with"}]  # fmt: skip
+    if path == f"{_BILLABLE}/usage":
+        month = {"type": "string", "anyOf": [{"maxLength": 0}, {"pattern": PERIOD.pattern}]}
+        return [{"name": "period", "in": "query", "required": False, "schema": month,
+                 "description": "YYYY-MM (empty or left out: this month)"}]  # fmt: skip
+    if path == "/_gateway/admin/audit":
+        since = {"type": "string", "anyOf": [{"maxLength": 0}, {"format": "date-time"}]}
+        return [{"name": "billable", "in": "query", "required": False, "schema": {"type": "string", "anyOf": [{"maxLength": 0}, _BILLABLE_SCHEMA]}},
+                {"name": "since", "in": "query", "required": False, "schema": since,
+                 "description": "an ISO 8601 time (empty or left out: from the start)"}]  # fmt: skip
+    return []
+
+
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_JSON: {"schema": _ref("Problem")}}}
 
@@ -145,10 +209,13 @@ def _operation_id(verb: str, path: str) -> str:
     return "_".join([verb, *words]) if words else verb
 
 
-def _schemas() -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _schemas(catalog: Catalog) -> dict[str, Any]:
+    out: dict[str, Any] = {"RecordableJson": _RECORDABLE_JSON}
     for typed in _SCHEMAS:
         schema = TypeAdapter(typed).json_schema(ref_template=_REF)
         out.update(schema.pop("$defs", {}))
+        if typed in _QUESTIONS and "additionalProperties" not in schema:  # beyond its fields: what the record keeps
+            schema |= {"propertyNames": {"pattern": RECORDABLE}, "additionalProperties": _ref("RecordableJson")}
         out[typed.__name__] = schema
+    out["PlanQuestion"]["properties"]["plan"]["enum"] = list(catalog.plans)
     return dict(sorted(out.items()))

@@ -36,11 +36,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-<<<<<<< HEAD
-from gateway.billing.outbox import take_billed
-=======
 from gateway.background import Background
->>>>>>> house
+from gateway.billing.outbox import take_billed
 from gateway.catalog import Catalog
 from gateway.census import Census
 from gateway.coalesce import Coalescer

@@ -45,7 +45,10 @@ ENVIRONMENT = {
     "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
     "db_timeout": "GATEWAY_DB_TIMEOUT",
     "hold_ttl": "GATEWAY_HOLD_TTL",
+    "otel_endpoint": "GATEWAY_OTEL_ENDPOINT",
 }
+# Read when GATEWAY_OTEL_ENDPOINT is not set: OpenTelemetry's own variable for the same collector.
+OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Settings:
     shutdown_grace: float = 10.0  # seconds from SIGTERM to exit: in-flight requests finish, the record is flushed
     db_timeout: float = 5.0  # deadline of one record operation
     hold_ttl: int = 3600  # seconds before a hold whose settle never came leaves its billable's holds, charged
+    otel_endpoint: str | None = None  # an OTLP/HTTP collector: a span per request (gateway/tracing.py); None: off
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +105,8 @@ class Settings:
             workers = values.get("workers") or flags.get("workers") or environ.get("GATEWAY_WORKERS")
             if workers:
                 values["processes"] = _convert("processes", workers, "GATEWAY_WORKERS")
+        if "otel_endpoint" not in values and environ.get(OTEL_ENDPOINT):
+            values["otel_endpoint"] = _convert("otel_endpoint", environ[OTEL_ENDPOINT], OTEL_ENDPOINT)
         if values.get("admin_token") and values["admin_token"] in values.get("admin_tokens", {}).values():
             raise ConfigError("GATEWAY_ADMIN_TOKENS: a named token is the same as GATEWAY_ADMIN_TOKEN (the audit log could not tell them apart)")
         return cls(**values)
@@ -168,6 +174,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             "shutdown_grace": float, "db_timeout": float}.get(name)
     if name == "upstream":
         return _upstream(str(raw), source)
+    if name == "otel_endpoint":
+        return _http_url(str(raw), source, "the OpenTelemetry collector is its OTLP/HTTP address, like http://127.0.0.1:4318")
     if kind is None:
         return str(raw)
     try:
@@ -180,6 +188,10 @@ def _convert(name: str, raw: Any, source: str) -> Any:
 
 
 def _upstream(text: str, source: str) -> str:
+    return _http_url(text, source, "the upstream is an http:// or https:// URL, like http://127.0.0.1:9000")
+
+
+def _http_url(text: str, source: str, what: str) -> str:
     try:
         url = urlsplit(text)
         usable = url.scheme in ("http", "https") and bool(url.hostname)
@@ -187,5 +199,5 @@ def _upstream(text: str, source: str) -> str:
     except ValueError:
         usable = False
     if not usable:
-        raise ConfigError(f"{source}: the upstream is an http:// or https:// URL, like http://127.0.0.1:9000, not {text!r}")
+        raise ConfigError(f"{source}: {what}, not {text!r}")
     return text

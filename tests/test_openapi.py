@@ -44,6 +44,14 @@ limit = "projects"
 """
 
 
+# Forward-auth answers any method: schemathesis's probe of a method the document cannot declare is not for it.
+FORWARD_AUTH_ANY_METHOD = """
+[[operations]]
+include-path-regex = "^/_gateway/auth"
+phases.coverage.unexpected-methods = []
+"""
+
+
 @pytest.fixture
 def served(tmp_path: Path, private_redis: RedisServer) -> Iterator[Served]:
     with serving(tmp_path, CATALOG, redis_port=private_redis.port, db_url=f"sqlite:///{tmp_path}/gw.db") as gateway:
@@ -115,13 +123,21 @@ def test_answers_match_their_schemas(served: Served) -> None:
 
 def test_schemathesis_finds_no_server_error_and_no_answer_off_its_schema(served: Served, tmp_path: Path) -> None:
     """schemathesis fuzzes every operation (bad inputs included) on the live gateway: no 5xx, every answer as
-    described. Left out: `positive_data_acceptance` (bodies without a typed shape are described as any JSON
-    object, so a 400 for one is the gateway's rule, not a fault) and `unsupported_method` (forward-auth takes
-    the edge's method, any method, and OpenAPI 3.1 can declare only eight: it would have QUERY be 405)."""
+    described, every schema-violating request refused, 405 with Allow for a method a route lacks.
+
+    Forward-auth takes the edge's method, any method (Envoy's is the request's own), and OpenAPI 3.1 can declare
+    only eight: the probe of a ninth (QUERY) is left out for its two paths alone (FORWARD_AUTH_ANY_METHOD).
+    Left out: `positive_data_acceptance` (every schema-valid request accepted), which JSON Schema cannot meet
+    here: a whole number sent as 10.0 is an integer to JSON Schema and a 400 to the gateway (never a silent
+    float, issue 23), the catalog is TOML checked by its own rules, a check's and an override's rules (one of
+    route/feature/limit/operation, units for a request-priced operation, at least one term) and forward-auth's
+    two header pairs (either, not both different) are relations between fields that the document does not say."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(FORWARD_AUTH_ANY_METHOD)
     st = Path(sys.executable).parent / "st"
     run = subprocess.run(
-        [str(st), "run", f"{served.url}/_gateway/openapi.json", "-H", f"Authorization: {ADMIN_HEADERS['Authorization']}",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance,unsupported_method", "--max-examples", "10", "--seed", "19",
+        [str(st), "--config-file", str(config), "run", f"{served.url}/_gateway/openapi.json", "-H", f"Authorization: {ADMIN_HEADERS['Authorization']}",
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "10", "--seed", "19",
          "--workers", "1", "--request-timeout", "30"],
         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache stays out of the checkout
     )  # fmt: skip

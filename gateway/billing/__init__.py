@@ -92,13 +92,9 @@ class Billing:
             book=self.book,
             interval=repair_interval,
         )
-<<<<<<< HEAD
-        self._repairing: asyncio.Task[None] | None = None
+        self._repairing = Background("gateway-billing-repair")
         # Billed units (overage) to Stripe's meters, to the Stripe meter of the catalog running at each send.
         self.meters = MeterSender(db, self.client, event_name=lambda meter: self.catalog.stripe_meter(meter) or meter)
-=======
-        self._repairing = Background("gateway-billing-repair")
->>>>>>> house
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
 
@@ -111,22 +107,12 @@ class Billing:
         self.recharger.on_decision(decision)
 
     async def start(self) -> None:
-<<<<<<< HEAD
-        self._repairing = asyncio.get_running_loop().create_task(self.repair.loop())
+        self._repairing.start(self.repair.loop)
         self.meters.start()
 
     async def stop(self) -> None:
         await self.meters.stop()
-        if self._repairing is not None:
-            self._repairing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._repairing
-=======
-        self._repairing.start(self.repair.loop)
-
-    async def stop(self) -> None:
         await self._repairing.stop()
->>>>>>> house
         await self.recharger.stop()
         await close_client(self.client)
 

@@ -32,7 +32,7 @@ from gateway.store.embedded import EmbeddedConnection
 from gateway.store.node import Node, One
 from gateway.store.resp import Arg, Command, PipelinedConnection, ReplyError
 
-__all__ = ["Breaker", "RedisStore", "Script", "open_redis", "script"]
+__all__ = ["Breaker", "RedisStore", "Script", "Transport", "open_redis", "script", "script_name"]
 
 ACCEPTED = "redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or redis+cluster://HOST:PORT[,HOST:PORT...]"
 EMBEDDED = "embedded"
@@ -53,7 +53,17 @@ def script(name: str) -> Script:
     lines = [_source(f"lib/{line[11:].strip()}") if line.startswith("--#include ") else line
              for line in _source(name).splitlines(keepends=True)]  # fmt: skip
     text = "".join(lines)
-    return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+    found = Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+    _NAMES[found.sha] = name
+    return found
+
+
+_NAMES: dict[str, str] = {}  # SHA1 -> script name, of every script read so far (each is read before it is sent)
+
+
+def script_name(sha: str) -> str | None:
+    """The name of the script an EVALSHA sends by `sha` (for traces), None for one this process never read."""
+    return _NAMES.get(sha)
 
 
 def _source(name: str) -> str:
@@ -98,6 +108,11 @@ class RedisStore:
         self.url = transport.label
         self.is_cluster = transport.is_cluster
         self.embedded = embedded
+
+    def wrap_transport(self, wrap: Callable[[Transport], Transport]) -> None:
+        """Put `wrap(transport)` between the store and its nodes (gateway/tracing.py: a span per call), so that a
+        store without one pays nothing for it."""
+        self._transport = wrap(self._transport)
 
     # ---- scripts ------------------------------------------------------------------------------------
 
