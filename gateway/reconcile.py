@@ -377,6 +377,7 @@ class Reconciler:
                     "state": json.dumps(snap.state, separators=(",", ":")),
                     "chg": snap.change_counter,
                     "updated_at": datetime.fromtimestamp(snap.now_ms / 1000, UTC),
+                    "members": json.dumps(snap.members, separators=(",", ":")) if snap.members else None,
                 }
                 for billable, snap in writes
             ),
@@ -430,7 +431,7 @@ class Reconciler:
             insert = self.db.insert(snapshots)
             snapshot_upsert = insert.on_conflict_do_update(
                 index_elements=[snapshots.c.billable],
-                set_={"state": insert.excluded.state, "chg": insert.excluded.chg, "updated_at": insert.excluded.updated_at},
+                set_={c: insert.excluded[c] for c in ("state", "chg", "updated_at", "members")},
                 # A snapshot read earlier (by a slower process) never replaces a later one.
                 where=sa.and_(snapshots.c.chg != insert.excluded.chg, snapshots.c.updated_at <= insert.excluded.updated_at),
             ).returning(snapshots.c.billable)
@@ -540,6 +541,8 @@ class Rehydrator:
         query = sa.union_all(
             sa.select(sa.literal("s"), snapshots.c.billable, snapshots.c.state, none, none)
             .where(snapshots.c.billable.in_(billables)),
+            sa.select(sa.literal("m"), snapshots.c.billable, snapshots.c.members, none, none)
+            .where(snapshots.c.billable.in_(billables), snapshots.c.members.is_not(None)),
             sa.select(sa.literal("p"), plan_assignments.c.billable, plan_assignments.c.plan, none, none)
             .where(plan_assignments.c.billable.in_(billables)),
             sa.select(sa.literal("o"), billable_overrides.c.billable, billable_overrides.c.overrides, none, none)
@@ -549,6 +552,7 @@ class Rehydrator:
             sa.select(sa.literal("g"), numbered.c.billable, sa.cast(sa.null(), sa.Text), numbered.c.seq, numbered.c.amount),
         )  # fmt: skip
         states: dict[str, dict[str, str]] = {}
+        members: dict[str, dict[str, dict[str, str]]] = {}
         plans: dict[str, str] = {}
         overrides: dict[str, str] = {}
         suspended: set[str] = set()
@@ -557,6 +561,8 @@ class Rehydrator:
             for kind, billable, text, seq, amount in await conn.execute(query):
                 if kind == "s":
                     states[billable] = json.loads(text)
+                elif kind == "m":
+                    members[billable] = json.loads(text)
                 elif kind == "p":
                     plans[billable] = text
                 elif kind == "o":
@@ -578,7 +584,7 @@ class Rehydrator:
             # A plan version no process can have cached: every process resolves the plan again. That is a
             # change, so the restored state is flushed like any other.
             saved = restorable(state, plan, int(time.time() * 1000), overrides=terms, suspended=held)
-            found[billable] = Restored(saved, tuple(after))
+            found[billable] = Restored(saved, tuple(after), members.get(billable, {}))
         return found
 
     async def grants_after(self, billable: str, after: int) -> list[tuple[int, int]]:

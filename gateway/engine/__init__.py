@@ -451,7 +451,8 @@ class Engine:
     async def restore_state(self, billable: str, restored: state.Restored) -> state.RestoreReply:
         """Put back state saved from a snapshot and apply the grants after it, in one script: whatever Redis
         holds already is live and wins, and each grant is applied once, in order."""
-        reply = state.RestoreReply.parse(await self.store.run("restore", self.keys(billable).only_state(), restored.argv()))
+        keys = [*self.keys(billable).only_state(), *self._member_keys(billable, restored.members)]
+        reply = state.RestoreReply.parse(await self.store.run("restore", keys, restored.argv()))
         self.plans.forget(billable)
         return reply
 

@@ -118,11 +118,15 @@ local function members_decide(levels, now, bounds, cost, limits, window)
   return out
 end
 
--- An admission's writes at every member level.
+-- An admission's writes at every member level. The root's hash names each member hash written (`mb:<id>`:
+-- its key), so that snapshot.lua finds them for the record and a restore puts them back with the root.
 local function members_commit(levels, decided)
   for i = 1, #levels do
     local writes = decided.writes[i]
-    if #writes > 0 then redis.call('HSET', KEYS[3 + i], unpack(writes)) end
+    if #writes > 0 then
+      redis.call('HSET', KEYS[3 + i], unpack(writes))
+      redis.call('HSET', KEYS[1], 'mb:' .. levels[i].id, KEYS[3 + i])
+    end
   end
 end
 
