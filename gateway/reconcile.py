@@ -7,8 +7,9 @@
     await reconciler.run_once()     `gateway reconcile --once`: sweep every Redis node, flush what the record lacks
 
 A flush writes absolute values, so a lost or repeated one does no harm: the billable's snapshot (its whole
-state, with the change counter `chg` and the Redis time it was read at), its usage totals, and its pending
-events (into the outbox, before they leave Redis). A snapshot only replaces an older one, and usage rows
+state and its members' (gateway.members), with the change counter `chg` and the Redis time it was read
+at), its usage totals and each member's, and its pending events (into the outbox, before they leave
+Redis). A snapshot only replaces an older one, and usage rows
 are written in the same transaction, only when the snapshot was: two processes flushing the same billable
 cannot put an older state over a newer one.
 
@@ -354,6 +355,8 @@ class Reconciler:
             )
             for billable, snap in writes:  # past months' usage is in the record now
                 await self.engine.forget_usage(billable, self.engine.past_usage(snap.state))
+                for member, saved in snap.members.items():
+                    await self.engine.forget_usage(billable, self.engine.past_usage(saved), member)
         except _REDIS_ERRORS as exc:
             self._redis_down(exc)  # the events stay pending (they are in the outbox already), past usage stays
         for billable, batch in zip(with_events, batches, strict=True):
@@ -383,9 +386,10 @@ class Reconciler:
             ),
             key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
         )
-        states = {billable: snap.state for billable, snap in writes}
+        # The usage history of each billable written, and of each of its members (a team's, a key's own).
+        states = {billable: [(billable, snap.state), *sorted(snap.members.items())] for billable, snap in writes}
         zone = self.engine.catalog.settings.zone
-        days = {billable: day_of(zone, snap.now_ms / 1000) for billable, snap in writes}
+        days = {owner: day_of(zone, snap.now_ms / 1000) for billable, snap in writes for owner, _ in states[billable]}
         snapshot_upsert, usage_upsert, daily_upsert = self._upserts()
         async with self.db.engine.begin() as conn:
             # One statement each, compiled once and cached; the driver sends the rows in multi-row pages.
@@ -394,8 +398,9 @@ class Reconciler:
                 {"billable": billable, "period": r.period, "route": r.route, "operation": r.operation,
                  "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents,
                  "shadow_denials": r.shadow_denials}
-                for billable in sorted(written)
-                for r in rows_from_state(states[billable], per_dollar)
+                for root in sorted(written)
+                for billable, saved in states[root]
+                for r in rows_from_state(saved, per_dollar)
             ]
             if usage:
                 daily = await self._increases(conn, usage, days)

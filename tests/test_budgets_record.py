@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from test_budgets import CATALOG, World, org_team_key, terms
 from gateway.reconcile import Connected, connect
 from gateway.store.db import Database, snapshots
 from gateway.store.redis import open_redis
+from gateway.usage import current_period, daily_usage, usage_report
 
 
 @pytest.fixture
@@ -121,6 +123,44 @@ def test_concurrent_restores_count_a_member_once(empty_db_url: str, own_redis: R
             own_redis.client().flushall()
             async with process(db, own_redis.url, prefix) as (w, _):
                 assert (await w.engine.usage(key))["members"][0]["credits"]["spent"] == 35
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_usage_history_per_key_and_team_in_the_record(empty_db_url: str, own_redis: RedisServer) -> None:
+    """A key's and its team's own usage history reach the record as the org's does (usage_totals and
+    usage_daily, under the member's id): requests, units and credits as the org counts them, a failed
+    settle's request given back, a metered settle's units and owed credits counted; a repeated flush adds
+    nothing to the daily rows."""
+
+    async def main() -> None:
+        db = await Database.connect(empty_db_url)
+        await db.upgrade()
+        prefix = f"gwr{uuid.uuid4().hex[:10]}"
+        try:
+            async with process(db, own_redis.url, prefix) as (w, p):
+                key = await org_team_key(w, team=terms(credits=1000), key=terms(credits=500))
+                for path in ("/images", "/images", "/exports"):
+                    assert (await w.decide(key, "POST", path)).admitted
+                failed = await w.decide(key, "POST", "/chat")
+                await w.engine.settle(failed, give_back_limits=True, credits_owed=0)
+                metered = await w.decide(key, "POST", "/chat")
+                await w.engine.settle(metered, give_back_limits=False, credits_owed=30, units=30)
+                await p.reconciler.flush_dirty()
+                await p.reconciler.flush(["org_1"], force=True)  # the same totals again: no daily increase
+                period = current_period(CATALOG.settings.zone, time.time())
+                reports = {b: await usage_report(db, b, period) for b in ("org_1", "team_a", key)}
+                for billable, report in reports.items():
+                    assert report["totals"] == reports["org_1"]["totals"], billable
+                    days = await daily_usage(db, billable, period)
+                    assert sum(r["requests"] for r in days) == 4 and sum(r["credits"] for r in days) == 40, billable
+                assert {r["route"]: r["requests"] for r in reports[key]["routes"]} == {"POST /images": 2, "POST /exports": 1, "POST /chat": 1}
+                totals = reports[key]["totals"]
+                assert (totals["requests"], totals["units"], totals["credits"]) == (4, 31, 40)
+                mine = (await w.engine.usage(key))["members"][0]["this_month"]
+                assert mine == {"requests": 4, "units": 31, "credits": 40}
         finally:
             await db.close()
 

@@ -62,7 +62,8 @@ def test_a_key_budget_under_a_team_under_an_org(pair: tuple[Served, Served]) -> 
     assert usage["billable"] == "org_1" and usage["credits"]["balance"] == 8
     assert usage["members"] == [
         {"member": f"key:{key_id}", "level": "key", "suspended": False, "terms": {"credits": 2, "rate_limit": "100/second"},
-         "credits": {"allowance": 2, "spent": 2, "balance": 0, "per": "month"}},
+         "credits": {"allowance": 2, "spent": 2, "balance": 0, "per": "month"},
+         "this_month": {"requests": 2, "units": 0, "credits": 2}},
         {"member": "team_a", "level": "team", "suspended": False, "terms": None},
     ]  # fmt: skip
 
