@@ -169,7 +169,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=_hold_id(hold, question.route, decision.billable or billable, decision.members) if hold else None,
+            hold=_hold_id(hold, question.route, billable, decision.members) if hold else None,
             headers=decision.headers(),
         )
 
@@ -178,7 +178,7 @@ class Checker:
         operation charged for `units`, at most its max_units, else its whole reserve), `failure` a non-2xx
         (limits and credits given back, unless `units` were reported: those are charged). HoldNotOpen when
         it was settled before or outlived its lifetime."""
-        billable = hold_billable(hold)
+        billable = await self._root(hold_billable(hold))
         if outcome not in ("success", "failure"):
             raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
         if units is not None and not (0 <= units <= MAX_INT):
@@ -201,6 +201,11 @@ class Checker:
         if reply.status != "ok":
             raise HoldNotOpen(f"Hold {hold} is not open: it was settled already, or outlived GATEWAY_HOLD_TTL (then it was kept as charged).")
         return SettleResult(hold, outcome, billable, reply.balance)
+
+    async def _root(self, billable: str) -> str:
+        """The org whose state holds `billable`'s holds: itself, or a member's (a team's, a key's) org."""
+        chain = await self.engine.chain_of(billable) if self.engine.chain_of is not None else None
+        return chain.root if chain is not None else billable
 
     async def _settle_read(self, hold: str, billable: str, outcome: Outcome, units: float | None) -> SettleResult:
         """`settle` of a hold whose tag this catalog cannot name: read it, settle it, release (three calls)."""
@@ -336,7 +341,8 @@ _NEVER = re.compile(r"(?!)")  # a check's own routes match no request
 
 
 def _hold_id(hold: str, route: Route | None, billable: str, members: tuple[str, ...]) -> str:
-    """A consuming check's hold id: in its org's state (a member's hold too), tagged with what it was taken
+    """A consuming check's hold id: named by the billable that asked (a member's hold lives in its org's
+    state: the settle finds the org, and the member's own key may settle it), tagged with what it was taken
     for, so its settle is one call; a hold taken at member levels too is untagged: its settle reads it."""
     if members:
         return f"{hold}.{billable}"

@@ -124,3 +124,72 @@ def test_cli_keys_create_with_a_budget(tmp_path: Path) -> None:
 
 def call_url(url: str, key: str) -> httpx.Response:
     return httpx.post(f"{url}/images", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+METERED = CATALOG.replace("[plans.free]", """[operations.chat]
+per_unit = 1
+units = "response.json:usage.total_tokens"
+reserve = 5
+max_units = 50
+
+[plans.free]""", 1).replace('[[routes]]\nmatch = "* /*"', '[[routes]]\nmatch = "POST /chat"\nspend = "chat"\n\n[[routes]]\nmatch = "* /*"', 1)
+
+
+def test_a_members_consuming_check_and_its_settle_give_back_at_every_level(tmp_path: Path, empty_db_url: str) -> None:
+    """A key with its own terms (under a team with terms) checks with consume:true on one gateway and
+    settles on the other with its own API key: a failure gives back at the key, the team and the org (limit
+    units and credits); a metered success charges each level the settled units. A team without terms (a
+    billable with a parent) settles its own hold too; another billable's key cannot settle them."""
+    with ExitStack() as stack:
+        redis = stack.enter_context(RedisServer())
+        for name in "ab":
+            (tmp_path / name).mkdir()
+        a, b = (stack.enter_context(serving(tmp_path / name, METERED, redis_port=redis.port, db_url=empty_db_url)) for name in "ab")
+        assert admin(a, "PUT", "/billables/team_a/parent", {"parent": "org_1"}).status_code == 200
+        assert admin(a, "PUT", "/billables/team_a/terms", {"credits": 8}).status_code == 200
+        terms = {"credits": 6, "limits": {"exports": {"to": 3, "per": "day"}}}
+        made = admin(a, "POST", "/keys", {"billable": "team_a", "name": "ci", "terms": terms})
+        assert made.status_code == 201, made.text
+        key, member = made.json()["key"], f"key:{made.json()['id']}"
+        own = {"Authorization": f"Bearer {key}"}
+        org_key = {"Authorization": f"Bearer {admin(a, 'POST', '/keys', {'billable': 'org_1'}).json()['key']}"}
+
+        def levels() -> tuple[Any, ...]:
+            usage = httpx.get(f"{a.url}/_gateway/usage", headers=own, timeout=30).json()
+            mine, team = usage["members"]
+            return (mine["credits"]["spent"], team["credits"]["spent"], usage["credits"]["balance"],
+                    mine["limits"]["exports"]["usage"], usage["limits"]["exports"]["usage"])  # fmt: skip
+
+        def take(route: str) -> str:
+            r = httpx.post(f"{a.url}/_gateway/check", json={"route": route, "consume": True}, headers=own, timeout=30)
+            assert r.status_code == 200 and r.json()["allowed"], r.text
+            hold: str = r.json()["hold"]
+            return hold
+
+        def settle(hold: str, headers: dict[str, str], **body: Any) -> httpx.Response:
+            return httpx.post(f"{b.url}/_gateway/settle", json={"hold": hold, **body}, headers=headers, timeout=30)
+
+        before = levels()
+        assert before == (0, 0, 10, 0, 0)
+        export = take("POST /exports")
+        assert export.endswith(f".{member}") and levels() == (0, 0, 10, 1, 1)
+        assert settle(export, org_key, outcome="failure").status_code == 403  # another billable's credentials
+        assert settle(export, own, outcome="failure").status_code == 200
+        assert levels() == before
+        image = take("POST /images")
+        assert levels() == (1, 1, 9, 0, 0)
+        r = settle(image, own, outcome="failure")
+        assert r.status_code == 200 and r.json()["balance"] == 10 and levels() == before
+        chat = take("POST /chat")
+        assert levels()[:3] == (5, 5, 5)  # the reserve, held at every level
+        r = settle(chat, ADMIN_HEADERS, outcome="success", units=3)
+        assert r.status_code == 200 and r.json()["balance"] == 7, r.text
+        assert levels() == (3, 3, 7, 0, 0)
+        assert settle(chat, own, outcome="success", units=3).status_code == 409  # once
+
+        assert admin(a, "PUT", "/billables/team_b/parent", {"parent": "org_1"}).status_code == 200
+        team_key = {"Authorization": f"Bearer {admin(a, 'POST', '/keys', {'billable': 'team_b'}).json()['key']}"}
+        r = httpx.post(f"{a.url}/_gateway/check", json={"route": "POST /exports", "consume": True}, headers=team_key, timeout=30)
+        assert r.json()["allowed"] and r.json()["hold"].endswith(".team_b") and levels()[4] == 1
+        assert settle(r.json()["hold"], team_key, outcome="failure").status_code == 200
+        assert levels() == (3, 3, 7, 0, 0)
