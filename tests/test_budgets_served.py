@@ -193,3 +193,70 @@ def test_a_members_consuming_check_and_its_settle_give_back_at_every_level(tmp_p
         assert r.json()["allowed"] and r.json()["hold"].endswith(".team_b") and levels()[4] == 1
         assert settle(r.json()["hold"], team_key, outcome="failure").status_code == 200
         assert levels() == (3, 3, 7, 0, 0)
+
+
+def test_cli_keys_create_checks_seats_or_says_why_it_cannot(tmp_path: Path) -> None:
+    """`gateway keys create` takes a seat as the admin API does (the org's plan read from the gateways'
+    Redis): Free's 2 seats go to two keys of the org, the third is refused with the
+    upgrade sentence and makes nothing; without GATEWAY_REDIS_URL it says it cannot check and makes nothing."""
+    import os
+    import subprocess
+
+    from test_keys_cli import GATEWAY
+
+    (tmp_path / "plans.toml").write_text(SEATS)
+
+    def cli(*args: str, redis_url: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | ({"GATEWAY_REDIS_URL": redis_url} if redis_url else {})
+        return subprocess.run([GATEWAY, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    with RedisServer() as redis:
+        blind = cli("keys", "create", "org_1", redis_url=None)
+        assert blind.returncode == 2 and "cannot check org_1's seats" in blind.stderr and "GATEWAY_REDIS_URL" in blind.stderr
+        for _ in range(2):
+            assert cli("keys", "create", "org_1", redis_url=redis.url).returncode == 0
+        refused = cli("keys", "create", "org_1", redis_url=redis.url)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == ("gateway: no seat for a key of org_1: Your current plan (Free) includes 2 seats, all in use "
+                                          "by org_1's keys. Upgrade to Pro for more seats, or revoke a key.")  # fmt: skip
+        listed = cli("keys", "list", "org_1", redis_url=redis.url)
+        assert len(listed.stdout.strip().splitlines()) == 1 + 2  # the header and the two keys
+
+
+def test_simultaneous_creates_never_both_take_the_last_seat(empty_db_url: str) -> None:
+    """Twelve creates at once for an org of 3 seats (its team's keys among them), each on its own
+    connection: exactly 3 keys are made, the others refused NoSeat (on Postgres the org's advisory lock,
+    on SQLite BEGIN IMMEDIATE)."""
+    import asyncio
+
+    from gateway.catalog import parse_catalog
+    from gateway.identity import KeyStore
+    from gateway.members import set_parent
+    from gateway.seats import NoSeat, seat_taker, seats_used
+    from gateway.store.db import Database
+
+    catalog = parse_catalog(SEATS.replace("seats = { to = 2 }", "seats = { to = 3 }", 1))
+
+    async def main() -> None:
+        db = await Database.connect(empty_db_url)
+        await db.upgrade()
+        try:
+            await set_parent(db, "team_a", "org_1")
+            keys = KeyStore(db)
+            seat = seat_taker(db, catalog, "free", "org_1")
+
+            async def one(i: int) -> bool:
+                try:
+                    await keys.create("team_a" if i % 2 else "org_1", f"k{i}", seat=seat)
+                except NoSeat:
+                    return False
+                return True
+
+            made = await asyncio.gather(*(one(i) for i in range(12)))
+            async with db.engine.connect() as conn:
+                assert sum(made) == 3 == await seats_used(conn, "org_1")
+            await keys.close()
+        finally:
+            await db.close()
+
+    asyncio.run(main())
