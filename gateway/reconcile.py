@@ -387,7 +387,7 @@ class Reconciler:
             key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
         )
         # The usage history of each billable written, and of each of its members (a team's, a key's own).
-        states = {billable: [(billable, snap.state), *sorted(snap.members.items())] for billable, snap in writes}
+        states = {billable: [(billable, snap.state), *await self._members_now(billable, snap)] for billable, snap in writes}
         zone = self.engine.catalog.settings.zone
         days = {owner: day_of(zone, snap.now_ms / 1000) for billable, snap in writes for owner, _ in states[billable]}
         snapshot_upsert, usage_upsert, daily_upsert = self._upserts()
@@ -407,6 +407,15 @@ class Reconciler:
                 await conn.execute(usage_upsert, usage)
                 if daily:
                     await conn.execute(daily_upsert, daily)
+
+    async def _members_now(self, root: str, snap: Snapshot) -> list[tuple[str, dict[str, str]]]:
+        """The member states of `snap` whose member is `root`'s now: a team that moved to another org left
+        its old hash behind, and only the new one's counts are its usage history (else both would be
+        written, each over the other)."""
+        chain_of = self.engine.chain_of
+        if chain_of is None:
+            return sorted(snap.members.items())
+        return [(m, saved) for m, saved in sorted(snap.members.items()) if (chain := await chain_of(m)) is not None and chain.root == root]
 
     async def _increases(self, conn: Any, usage: list[dict[str, Any]], days: dict[str, str]) -> list[dict[str, Any]]:
         """What each total grew by since the record's value (read under a row lock, in the upsert's

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from services import RedisServer, raw_redis
 from test_budgets import CATALOG, World, org_team_key, terms
 
+from gateway.decision import Decision
+from gateway.members import set_parent
 from gateway.reconcile import Connected, connect
 from gateway.store.db import Database, snapshots
 from gateway.store.redis import open_redis
@@ -165,3 +167,44 @@ def test_usage_history_per_key_and_team_in_the_record(empty_db_url: str, own_red
             await db.close()
 
     asyncio.run(main())
+
+
+def test_a_team_that_moved_has_one_usage_history(empty_db_url: str, own_redis: RedisServer) -> None:
+    """A team with terms spends under org_1, then moves to org_2 (its own counts start again there): its old
+    hash, still in org_1's slot, is no longer its history, so flushing both orgs again and again writes the
+    new one's counts only, never one over the other (what the record took before the move stays)."""
+
+    async def main() -> None:
+        db = await Database.connect(empty_db_url)
+        await db.upgrade()
+        prefix = f"gwr{uuid.uuid4().hex[:10]}"
+        try:
+            async with process(db, own_redis.url, prefix) as (w, p):
+                await org_team_key(w, team=terms(credits=100), key=None)
+                for _ in range(2):
+                    assert (await w.decide("team_a", "POST", "/images")).billable == "org_1"
+                await p.reconciler.flush_dirty()
+                await set_parent(db, "team_a", "org_2")
+                await wait_for(lambda: w.decide("team_a", "POST", "/cheap-images"), lambda d: d.billable == "org_2" and d.admitted)
+                period = current_period(CATALOG.settings.zone, time.time())
+                seen = []
+                for _ in range(3):
+                    await p.reconciler.flush(["org_1", "org_2"], force=True)
+                    team = await usage_report(db, "team_a", period)
+                    seen.append((team["totals"], await daily_usage(db, "team_a", period)))
+                    # The 2 recorded before the move, and org_2's hash for what it made there since.
+                    assert {r["route"]: r["requests"] for r in team["routes"]} == {"POST /images": 2, "POST /cheap-images": 1}
+                assert seen[0] == seen[1] == seen[2]  # never one hash's counts over the other's
+                assert (await recorded_members(db, "org_2"))["team_a"]["c:s"] == "5"
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+async def wait_for(act: Callable[[], Awaitable[Decision]], done: Callable[[Decision], bool], timeout: float = 30.0) -> None:
+    """Repeat `act` until `done` says its answer is the awaited one (a member's parent is cached for a second)."""
+    deadline = time.monotonic() + timeout
+    while not done(await act()):
+        assert time.monotonic() < deadline, "the new parent was never seen"
+        await asyncio.sleep(0.05)
