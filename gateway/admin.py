@@ -58,7 +58,7 @@ from gateway.problems import (
 )
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
-from gateway.seats import NoSeat, check_seat, root_of
+from gateway.seats import NoSeat, root_of, seat_taker
 from gateway.state import billed_counters
 from gateway.store.db import Database
 from gateway.terms import validate as validate_terms
@@ -265,13 +265,14 @@ class Endpoints:
             return bad_request("This gateway names billables by a trusted header: it has no API keys.")
         # A key's own terms (its budget beside its owner's) are checked before the key exists.
         terms = validate_terms(body["terms"], self.catalog, self.engine.clock()) if body.get("terms") is not None else None
+        seat = None
         if self.db is not None:
             root = await root_of(self.db, billable)
-            try:
-                await check_seat(self.db, self.catalog, (await self.engine.plan_of(root)).name, root)
-            except NoSeat as exc:
-                return problem(403, "urn:gateway:no-seat", "No seat", str(exc))
-        created = await self.keys.create(billable, name)
+            seat = seat_taker(self.db, self.catalog, (await self.engine.plan_of(root)).name, root)
+        try:
+            created = await self.keys.create(billable, name, seat=seat)
+        except NoSeat as exc:
+            return problem(403, "urn:gateway:no-seat", "No seat", str(exc))
         await self._audit(request, "key.create", billable, None, {"id": created.id, "name": created.name})
         if terms is not None:
             answer = await self.members.put_key_terms(request, created.id, billable, terms, status=201)

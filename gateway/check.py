@@ -207,7 +207,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=_hold_id(hold, question.route, decision.billable or billable, decision.members) if hold else None,
+            hold=_hold_id(hold, question.route, billable, decision.members) if hold else None,
             headers=decision.headers(),
         )
         if request is not None:
@@ -219,7 +219,7 @@ class Checker:
         (KeyReused when it settled something else); without one, a second settle is HoldNotOpen."""
         if idempotency_key is None:
             return await self.settle_once(hold, outcome=outcome, units=units)
-        billable = hold_billable(hold)
+        billable = await self.engine.root_of(hold_billable(hold))  # the record in the state the hold is in
         request = idempotency.once(self.engine.keys(billable).state, "settle", idempotency_key,
                                    {"hold": hold, "outcome": outcome, "units": units})  # fmt: skip
         raw = await self.engine.once_read(request)
@@ -242,7 +242,7 @@ class Checker:
         operation charged for `units`, at most its max_units, else its whole reserve), `failure` a non-2xx
         (limits and credits given back, unless `units` were reported: those are charged). HoldNotOpen when
         it was settled before or outlived its lifetime."""
-        billable = hold_billable(hold)
+        billable = await self.engine.root_of(hold_billable(hold))
         if outcome not in ("success", "failure"):
             raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
         if units is not None and not (0 <= units <= MAX_INT):
@@ -400,7 +400,8 @@ _NEVER = re.compile(r"(?!)")  # a check's own routes match no request
 
 
 def _hold_id(hold: str, route: Route | None, billable: str, members: tuple[str, ...]) -> str:
-    """A consuming check's hold id: in its org's state (a member's hold too), tagged with what it was taken
+    """A consuming check's hold id: named by the billable that asked (a member's hold lives in its org's
+    state: the settle finds the org, and the member's own key may settle it), tagged with what it was taken
     for, so its settle is one call; a hold taken at member levels too is untagged: its settle reads it."""
     if members:
         return f"{hold}.{billable}"

@@ -377,7 +377,8 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     keys = KeyStore(db, feed=RevocationFeed(store) if store is not None else None)
     try:
         if args.action == "create":
-            return await _create_key(keys, db, args.billable, args.name, _key_terms(settings, args))
+            terms = _key_terms(settings, args)
+            return await _create_key(keys, db, args.billable, args.name, terms, await _seat(settings, db, args.billable))
         if args.action == "list":
             return _list_keys(args.billable, await keys.list(args.billable))
         return await _revoke_key(keys, db, settings, args.key_id)
@@ -411,14 +412,44 @@ def _key_terms(settings: Settings, args: argparse.Namespace) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-async def _create_key(keys: Any, db: Any, billable: str, name: str, terms: Any = None) -> int:
+async def _seat(settings: Settings, db: Any, billable: str) -> Any:
+    """What the key's insert takes first when the catalog has seats: its org's seat, as the admin API takes
+    it (the org's plan is read from Redis, where the gateways decide it)."""
+    from gateway.engine import Engine
+    from gateway.errors import RedisReplyError, RedisUnavailable
+    from gateway.ids import billable as billable_id
+    from gateway.seats import root_of, seat_taker
+    from gateway.store.redis import open_redis
+
+    catalog = load_catalog(settings.plans)
+    if all(plan.seats is None for plan in catalog.plans.values()):
+        return None
+    root = await root_of(db, billable_id(billable, "billable"))
+    if not settings.redis_url:
+        raise ConfigError(f"cannot check {root}'s seats (plans.toml sets seats): its plan is in the gateways' Redis; set "
+                          "GATEWAY_REDIS_URL to it, or create the key with POST /_gateway/admin/keys")  # fmt: skip
+    store = open_redis(settings.redis_url)
+    try:
+        plan = (await Engine(store, catalog).plan_of(root)).name
+    except (RedisUnavailable, RedisReplyError) as exc:
+        raise ConfigError(f"cannot check {root}'s seats: Redis at {store.url} did not answer ({exc}); retry, or create "
+                          "the key with POST /_gateway/admin/keys") from None  # fmt: skip
+    finally:
+        await store.close()
+    return seat_taker(db, catalog, plan, root)
+
+
+async def _create_key(keys: Any, db: Any, billable: str, name: str, terms: Any = None, seat: Any = None) -> int:
     from gateway import audit
     from gateway.members import key_member, set_terms
+    from gateway.seats import NoSeat
 
     try:
-        created = await keys.create(billable, name)
+        created = await keys.create(billable, name, seat=seat)
     except ValueError as exc:  # the billable id rule
         raise ConfigError(str(exc)) from None
+    except NoSeat as exc:
+        raise ConfigError(f"no seat for a key of {billable}: {exc}") from None
     await audit.record(db, token=audit.CLI, action="key.create", billable=billable, before=None, after={"id": created.id, "name": created.name})
     if terms is not None:
         await set_terms(db, key_member(created.id), terms, parent=billable)

@@ -21,12 +21,13 @@ import secrets
 import string
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.background import Background
 from gateway.coalesce import Coalescer
@@ -352,9 +353,12 @@ class KeyStore:
 
     # ---- administration --------------------------------------------------------------------------------
 
-    async def create(self, billable: str, name: str = "") -> CreatedKey:
+    async def create(
+        self, billable: str, name: str = "", *, seat: Callable[[AsyncConnection], Awaitable[None]] | None = None
+    ) -> CreatedKey:
         """A new key for the billable; the returned `key` is never shown again. BadRequest for an id
-        outside the billable id rule (nothing is created)."""
+        outside the billable id rule (nothing is created). `seat` runs first in the insert's transaction
+        (gateway.seats.seat_taker: what it raises is raised, nothing created)."""
         billable_id(billable, "billable")
         pepper = self._pepper or await self._load_pepper()
         for _ in range(3):
@@ -370,6 +374,8 @@ class KeyStore:
             }
             try:
                 async with self.db.engine.begin() as conn:
+                    if seat is not None:
+                        await seat(conn)
                     await conn.execute(api_keys.insert().values(**row))
             except IntegrityError:
                 continue  # 62**12 ids: a collision is a freak, so draw again

@@ -7,8 +7,9 @@
     await reconciler.run_once()     `gateway reconcile --once`: sweep every Redis node, flush what the record lacks
 
 A flush writes absolute values, so a lost or repeated one does no harm: the billable's snapshot (its whole
-state, with the change counter `chg` and the Redis time it was read at), its usage totals, and its pending
-events (into the outbox, before they leave Redis). A snapshot only replaces an older one, and usage rows
+state and its members' (gateway.members), with the change counter `chg` and the Redis time it was read
+at), its usage totals and each member's, and its pending events (into the outbox, before they leave
+Redis). A snapshot only replaces an older one, and usage rows
 are written in the same transaction, only when the snapshot was: two processes flushing the same billable
 cannot put an older state over a newer one.
 
@@ -350,6 +351,8 @@ class Reconciler:
             )
             for billable, snap in writes:  # past months' usage is in the record now
                 await self.engine.forget_usage(billable, self.engine.past_usage(snap.state))
+                for member, saved in snap.members.items():
+                    await self.engine.forget_usage(billable, self.engine.past_usage(saved), member)
         except _REDIS_ERRORS as exc:
             self._redis_down(exc)  # the events stay pending (they are in the outbox already), past usage stays
         for billable, batch in zip(with_events, batches, strict=True):
@@ -373,14 +376,16 @@ class Reconciler:
                     "state": json.dumps(snap.state, separators=(",", ":")),
                     "chg": snap.change_counter,
                     "updated_at": datetime.fromtimestamp(snap.now_ms / 1000, UTC),
+                    "members": json.dumps(snap.members, separators=(",", ":")) if snap.members else None,
                 }
                 for billable, snap in writes
             ),
             key=lambda r: str(r["billable"]),  # one lock order in every process: no deadlocks between flushes
         )
-        states = {billable: snap.state for billable, snap in writes}
+        # The usage history of each billable written, and of each of its members (a team's, a key's own).
+        states = {billable: [(billable, snap.state), *await self._members_now(billable, snap)] for billable, snap in writes}
         zone = self.engine.catalog.settings.zone
-        days = {billable: day_of(zone, snap.now_ms / 1000) for billable, snap in writes}
+        days = {owner: day_of(zone, snap.now_ms / 1000) for billable, snap in writes for owner, _ in states[billable]}
         snapshot_upsert, usage_upsert, daily_upsert = self._upserts()
         async with self.db.engine.begin() as conn:
             # One statement each, compiled once and cached; the driver sends the rows in multi-row pages.
@@ -389,8 +394,9 @@ class Reconciler:
                 {"billable": billable, "period": r.period, "route": r.route, "operation": r.operation,
                  "requests": r.requests, "units": r.units, "credits": r.credits, "amount_cents": r.amount_cents,
                  "shadow_denials": r.shadow_denials}
-                for billable in sorted(written)
-                for r in rows_from_state(states[billable], per_dollar)
+                for root in sorted(written)
+                for billable, saved in states[root]
+                for r in rows_from_state(saved, per_dollar)
             ]
             if usage:
                 daily = await self._increases(conn, usage, days)
@@ -398,6 +404,15 @@ class Reconciler:
                 if daily:
                     await conn.execute(daily_upsert, daily)
             await take_billed(conn, self.db, dict(writes), written)
+
+    async def _members_now(self, root: str, snap: Snapshot) -> list[tuple[str, dict[str, str]]]:
+        """The member states of `snap` whose member is `root`'s now: a team that moved to another org left
+        its old hash behind, and only the new one's counts are its usage history (else both would be
+        written, each over the other)."""
+        chain_of = self.engine.chain_of
+        if chain_of is None:
+            return sorted(snap.members.items())
+        return [(m, saved) for m, saved in sorted(snap.members.items()) if (chain := await chain_of(m)) is not None and chain.root == root]
 
     async def _increases(self, conn: Any, usage: list[dict[str, Any]], days: dict[str, str]) -> list[dict[str, Any]]:
         """What each total grew by since the record's value (read under a row lock, in the upsert's
@@ -427,7 +442,7 @@ class Reconciler:
             insert = self.db.insert(snapshots)
             snapshot_upsert = insert.on_conflict_do_update(
                 index_elements=[snapshots.c.billable],
-                set_={"state": insert.excluded.state, "chg": insert.excluded.chg, "updated_at": insert.excluded.updated_at},
+                set_={c: insert.excluded[c] for c in ("state", "chg", "updated_at", "members")},
                 # A snapshot read earlier (by a slower process) never replaces a later one.
                 where=sa.and_(snapshots.c.chg != insert.excluded.chg, snapshots.c.updated_at <= insert.excluded.updated_at),
             ).returning(snapshots.c.billable)
@@ -537,6 +552,8 @@ class Rehydrator:
         query = sa.union_all(
             sa.select(sa.literal("s"), snapshots.c.billable, snapshots.c.state, none, none)
             .where(snapshots.c.billable.in_(billables)),
+            sa.select(sa.literal("m"), snapshots.c.billable, snapshots.c.members, none, none)
+            .where(snapshots.c.billable.in_(billables), snapshots.c.members.is_not(None)),
             sa.select(sa.literal("p"), plan_assignments.c.billable, plan_assignments.c.plan, none, none)
             .where(plan_assignments.c.billable.in_(billables)),
             sa.select(sa.literal("o"), billable_overrides.c.billable, billable_overrides.c.overrides, none, none)
@@ -546,6 +563,7 @@ class Rehydrator:
             sa.select(sa.literal("g"), numbered.c.billable, sa.cast(sa.null(), sa.Text), numbered.c.seq, numbered.c.amount),
         )  # fmt: skip
         states: dict[str, dict[str, str]] = {}
+        members: dict[str, dict[str, dict[str, str]]] = {}
         plans: dict[str, str] = {}
         overrides: dict[str, str] = {}
         suspended: set[str] = set()
@@ -554,6 +572,8 @@ class Rehydrator:
             for kind, billable, text, seq, amount in await conn.execute(query):
                 if kind == "s":
                     states[billable] = json.loads(text)
+                elif kind == "m":
+                    members[billable] = json.loads(text)
                 elif kind == "p":
                     plans[billable] = text
                 elif kind == "o":
@@ -575,7 +595,7 @@ class Rehydrator:
             # A plan version no process can have cached: every process resolves the plan again. That is a
             # change, so the restored state is flushed like any other.
             saved = restorable(state, plan, int(time.time() * 1000), overrides=terms, suspended=held)
-            found[billable] = Restored(saved, tuple(after))
+            found[billable] = Restored(saved, tuple(after), members.get(billable, {}))
         return found
 
     async def grants_after(self, billable: str, after: int) -> list[tuple[int, int]]:

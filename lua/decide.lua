@@ -403,7 +403,9 @@ elseif admitted then
     if not next_expiry or hold.exp < next_expiry then set('hx', hold.exp) end
   end
   redis.call('HSET', S, unpack(writes))
-  if member then members_commit(levels, member) end
+  if member then
+    members_commit(levels, member, usage_key, {1, units, taken, (#violations > 0 or caller_shadowed) and 1 or 0})
+  end
 else
   -- A denial consumes nothing; it only remembers which block events it has sent.
   if #deny_events > 0 and not forced_deny then

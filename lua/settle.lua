@@ -105,15 +105,21 @@ if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
 end
 
 local usage_key = hold.q
+-- The usage history's changes (in lib/members.lua's USAGE_COUNTERS order): the member levels change as the root.
+local counted = {0, 0, 0, 0}
+local function count(j, delta)
+  add_to(S, USAGE_COUNTERS[j] .. usage_key, delta)
+  counted[j] = counted[j] + delta
+end
 if ARGV[2] == 'back' then
-  add_to(S, 'qr:' .. usage_key, -1)
+  count(1, -1)
   for _, l in ipairs(hold.l) do
     local n, held_units, ws = l[1], l[2], l[3]
     if string.sub(n, 1, 2) == 'o:' then
       -- Units billed past a limit, or a pay-as-you-go request (decide.lua): a request given back is not billed.
       redis.call('HSET', S, n, math.max(0, num(n, 0) - held_units))
     elseif string.sub(n, 1, 2) ~= 'p:' then
-      add_to(S, 'qu:' .. usage_key, -held_units)
+      count(2, -held_units)
       if ws == 0 then
         give_back_cap(n, held_units, nil)
       elseif num('w:' .. n, nil) == ws then
@@ -166,8 +172,8 @@ if owed then
     debt = debt + extra - from_purchased
   end
   redis.call('HSET', S, 'c:s', spent, 'c:p', purchased, 'c:d', debt)
-  if owed ~= held then add_to(S, 'qc:' .. usage_key, owed - held) end
-  if units then add_to(S, 'qu:' .. usage_key, units) end
+  if owed ~= held then count(3, owed - held) end
+  if units then count(2, units) end
   balance = left() + purchased - debt
   if allowance >= 0 and balance < before then
     local threshold = num('c:thr', nil)
@@ -180,7 +186,7 @@ if owed then
 end
 
 if close and release then give_back_cap(release[1], release[2], release[3]) end
-members_settle(hold.m, ARGV[2] == 'back', owed)
+members_settle(hold.m, ARGV[2] == 'back', owed, usage_key, counted)
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then
   local seq = num('eseq', 0)

@@ -93,6 +93,7 @@ match = "* /v1/*"
 
 # billable: (exports, projects, images) made through the gateway; "blocked" then has its grace moved back.
 STATES = {"ok": (1, 1, 2), "warning": (8, 2, 9), "grace": (11, 3, 4), "blocked": (11, 5, 10)}
+MEMBER = "acme-ci"  # a key with terms of its own, of team acme_team (with terms) of org acme: Served.keys, members
 
 
 def upstream() -> Starlette:
@@ -109,6 +110,7 @@ class Served:
     settings: Settings
     fake: FakeStripe
     keys: dict[str, str] = field(default_factory=dict)  # billable → API key
+    members: dict[str, str] = field(default_factory=dict)  # name → the member a key decides as (key:<id>)
 
     def link(self, billable: str, expires_in: int = 3600) -> str:
         r = httpx.post(f"{self.url}/_gateway/admin/billables/{billable}/account-link", json={"expires_in": expires_in}, headers=AUTH)
@@ -130,6 +132,21 @@ def _make(served: Served, billable: str, exports: int, projects: int, images: in
             assert httpx.post(f"{served.url}{path}", headers=auth).status_code == 200, path
 
 
+def _make_member(served: Served) -> None:
+    """acme → acme_team (80 credits a month) → a key (50 credits, 3 exports a day): 2 images and an export."""
+    for path, body in (("parent", {"parent": "acme"}), ("terms", {"credits": 80})):
+        r = httpx.put(f"{served.url}/_gateway/admin/billables/acme_team/{path}", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+    terms = {"credits": 50, "limits": {"exports": {"to": 3, "per": "day"}}}
+    made = httpx.post(f"{served.url}/_gateway/admin/keys", json={"billable": "acme_team", "name": "ci", "terms": terms}, headers=AUTH)
+    assert made.status_code == 201, made.text
+    served.keys[MEMBER], served.members[MEMBER] = made.json()["key"], f"key:{made.json()['id']}"
+    auth = {"Authorization": f"Bearer {served.keys[MEMBER]}"}
+    for path in ("/v1/images", "/v1/images", "/v1/exports"):
+        r = httpx.post(f"{served.url}{path}", headers=auth)
+        assert r.status_code == 200, (path, r.text)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("account")
@@ -147,7 +164,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 _make(s, billable, *counts)
             with redis.Redis(port=redis_server.port, socket_timeout=5) as client:  # grace started two hours ago
                 client.hset(f"gw:{{{quote('blocked', safe='')}}}", "g:exports", int((time.time() - 7200) * 1000))
-            for billable in STATES:  # the record has every request (the page reads it, never flushing)
+            _make_member(s)
+            for billable in [*STATES, "acme"]:  # the record has every request (the page reads it, never flushing)
                 httpx.get(f"{url}/_gateway/admin/billables/{billable}/usage", headers=AUTH)
             yield s
 
@@ -367,3 +385,63 @@ def test_the_cli_makes_a_link_the_gateway_opens(served: Served, monkeypatch: pyt
     assert main(["account-link", "ok"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "gateway: account links are signed with GATEWAY_ACCOUNT_SECRET (or GATEWAY_ADMIN_TOKEN): set the one the gateway runs with"]
+
+
+def test_a_key_s_page_shows_its_own_budgets_beside_its_org_s(served: Served) -> None:
+    """A key with terms of its own (under a team with terms) opens its org's page with each level's own
+    numbers beside: /_gateway/usage's `members`, and a chart of the key's own requests as the record has them."""
+    member = served.members[MEMBER]
+    usage = served.status(MEMBER)
+    assert usage["billable"] == "acme" and [(m["member"], m["level"]) for m in usage["members"]] == [(member, "key"), ("acme_team", "team")]
+    mine, team = usage["members"]
+    assert mine["credits"] == {"allowance": 50, "spent": 20, "balance": 30, "per": "month"}
+    assert team["credits"]["spent"] == 20 and mine["limits"]["exports"]["usage"] == 1
+    assert mine["this_month"] == team["this_month"] == {"requests": 3, "units": 1, "credits": 20}
+    assert usage["credits"]["period"] == 80  # the org's own: 100 a month, 20 spent by its key
+
+    totals = httpx.get(f"{served.url}/_gateway/admin/billables/{member}/usage", headers=AUTH).json()
+    assert totals["totals"]["requests"] == 3 and totals["totals"]["credits"] == 20  # the key's history in the record
+
+    html = httpx.get(f"{served.url}/_gateway/account", headers={"Authorization": f"Bearer {served.keys[MEMBER]}"}).text
+    assert '<p class="lead who">acme · ' in html
+    assert re.findall(r'data-member="([^"]+)" data-level="(\w+)"', html) == [(member, "key"), ("acme_team", "team")]
+    assert re.findall(r'data-member-credits="(\d+)">Credits: ([\d,]+) of ([\d,]+)', html) == [("20", "20", "50"), ("20", "20", "80")]
+    assert re.findall(r'data-member-limit="exports">Exports: (\d+) of (\d+)', html) == [("1", "3")]
+
+    async def record() -> list[dict[str, Any]]:
+        db = await Database.connect(served.settings.database_url)
+        try:
+            return await daily_usage(db, member, current_period(UTC, time.time()))
+        finally:
+            await db.close()
+
+    own = html.split('aria-label="Requests per route by this key"', 1)[1].split("</section>", 1)[0]
+    shown = {route.replace("&amp;", "&"): int(count) for route, count in re.findall(r'<li data-route="([^"]+)">.*?class="count">(\d+)<', own)}
+    expected: dict[str, int] = {}
+    for row in asyncio.run(record()):
+        expected[row["route"]] = expected.get(row["route"], 0) + row["requests"]
+    assert shown == expected == {"POST /v1/images": 2, "POST /v1/exports": 1}
+
+
+def test_a_key_s_page_in_chromium(served: Served, tmp_path: Path) -> None:
+    """The member's page at 390 and 1280 px: nothing wider than the phone, its own budgets shown, and axe-core
+    finds no serious or critical violation (screenshots: account-member-390.png, account-member-1280.png)."""
+    if chromium_path() is None or not AXE.exists():
+        missing = "chromium (apt-get install -y chromium)" if chromium_path() is None else f"axe-core ({AXE}: run .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is not installed")
+        pytest.skip(f"{missing} is not installed")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    axe = AXE.read_text()
+    url = served.link(served.members[MEMBER])
+
+    async def main() -> list[dict[str, Any]]:
+        with chromium(tmp_path / "profile") as devtools:
+            return [await look(devtools, url, **size, screenshot=SHOTS / f"account-member-{size['width']}.png", scripts=(axe,), expression=READ)
+                    for size in (PHONE, DESKTOP)]  # fmt: skip
+
+    for view, width in zip(asyncio.run(main()), (390, 1280), strict=True):
+        assert view["scrollWidth"] <= view["innerWidth"] == width
+        assert view["extra"]["bad"] == [], json.dumps(view["extra"]["bad"], indent=1)
+        assert "Credits: 20 of 50 spent this month, 30 left" in view["text"]
+        assert "Team acme_team" in view["text"] and "This key" in view["text"]

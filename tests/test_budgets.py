@@ -23,7 +23,7 @@ from gateway.engine import Engine
 from gateway.errors import BadRequest
 from gateway.members import Members, key_member, set_parent, set_terms
 from gateway.reconcile import connect
-from gateway.state import member_key
+from gateway.state import Restored, member_key
 from gateway.store.db import Database
 from gateway.store.redis import RedisStore, open_redis
 from gateway.terms import InvalidTerms, MemberTerms, validate
@@ -249,6 +249,13 @@ def test_cluster_an_org_and_its_members_share_one_slot(redis_cluster: RedisClust
                 assert d.admitted and d.members == (team,)
                 await w.engine.settle(d, give_back_limits=False, credits_owed=20)
                 assert await w.org_field(org, "c:s") == "30"
+                # The record's read takes the members' hashes with the org's, and a restore puts them back, on one node.
+                snap = await w.engine.snapshot(org)
+                assert (snap.members[member]["c:s"], snap.members[team]["c:s"]) == ("10", "30")
+                for k in [*w.engine.keys(org).all(), *(member_key(w.prefix, org, m) for m in (team, member))]:
+                    await w.raw.delete(k)
+                assert (await w.engine.restore_state(org, Restored(snap.state, (), snap.members))).restored
+                assert (await w.member_field(org, member, "c:s"), await w.member_field(org, team, "c:s")) == ("10", "30")
 
     asyncio.run(main())
 

@@ -96,7 +96,7 @@ def test_upgrade_from_empty_creates_every_table(empty_db_url: str) -> None:
         try:
             assert await db.revision() is None
             await db.upgrade()
-            assert await db.revision() == db.head() == "0009_meter_outbox"
+            assert await db.revision() == db.head() == "0010_member_state"
             assert await table_names(db) == set(metadata.tables) | {"alembic_version"}
             await db.upgrade()
             await db.check_current()

@@ -269,9 +269,10 @@ class Engine:
             return {}
         return state.past_counters(saved, self._month)
 
-    async def forget_usage(self, billable: str, counters: dict[str, str]) -> int:
-        """Drop these counters (as `past_usage` found them, and now in the record) unless they changed since."""
-        return await self.transfer.forget(billable, counters)
+    async def forget_usage(self, billable: str, counters: dict[str, str], member: str | None = None) -> int:
+        """Drop these counters (as `past_usage` found them, and now in the record; of `member`'s state hash
+        when given) unless they changed since."""
+        return await self.transfer.forget(billable, counters, member)
 
     def offline(self, billable: str, route: Route | None) -> Offline:
         """The plan, features and rate limits of a request as far as they are known without Redis."""
@@ -470,7 +471,8 @@ class Engine:
     async def restore_state(self, billable: str, restored: state.Restored) -> state.RestoreReply:
         """Put back state saved from a snapshot and apply the grants after it, in one script: whatever Redis
         holds already is live and wins, and each grant is applied once, in order."""
-        reply = state.RestoreReply.parse(await self.store.run("restore", self.keys(billable).only_state(), restored.argv()))
+        keys = [*self.keys(billable).only_state(), *self._member_keys(billable, restored.members)]
+        reply = state.RestoreReply.parse(await self.store.run("restore", keys, restored.argv()))
         self.plans.forget(billable)
         return reply
 
@@ -560,22 +562,29 @@ class Engine:
                                "terms": terms.shown() if terms is not None else None}  # fmt: skip
         if terms is None:
             return out
-        key = state.member_key(self.prefix, root, level.id)
+        saved = await self.store.hash(state.member_key(self.prefix, root, level.id))
         now = self.clock()
 
-        async def counted(limit: str | None, period: Period | None) -> int:
+        def counted(limit: str | None, period: Period | None) -> int:
             """A count of the member's hash (a limit's, None: the credits'), 0 when counted in an earlier window."""
             used, window = state.counted_fields(limit)
-            value, at = (await self.store.fields([key], used))[0], (await self.store.fields([key], window))[0]
+            value, at = saved.get(used), saved.get(window)
             current = period is None or (at is not None and int(at) == self._window_start(period, now))
             return int(value or 0) if current else 0
 
+        self._calendar()
+        month: dict[str, int] = {"requests": 0, "units": 0, "credits": 0}
+        for c in state.usage_counters(saved):
+            if c.period == self._month and c.column in month:
+                month[c.column] += c.value
+        out["this_month"] = month
+
         if terms.credits is not None:
-            spent = await counted(None, terms.credit_period)
+            spent = counted(None, terms.credit_period)
             out["credits"] = {"allowance": terms.credits, "spent": spent, "balance": max(0, terms.credits - spent), "per": terms.credits_per}
         limits = {}
         for name, limit in terms.limits.items():
-            used = await counted(name, limit.period)
+            used = counted(name, limit.period)
             limits[name] = {"usage": used, "limit": limit.to, "remaining": max(0, limit.to - used), "per": limit.per}
         if limits:
             out["limits"] = limits

@@ -51,11 +51,12 @@ class Transfer:
         replies = await self.store.run_many("snapshot", [(self.keys(b).all(), ()) for b in billables])
         return [Snapshot.parse(reply) for reply in replies]
 
-    async def forget(self, billable: str, counters: dict[str, str]) -> int:
-        """Drop these fields unless they changed since they were read."""
+    async def forget(self, billable: str, counters: dict[str, str], member: str | None = None) -> int:
+        """Drop these fields (of `member`'s state hash, when given) unless they changed since they were read."""
         if not counters:
             return 0
-        forgotten = int(await self.store.run("forget", self.keys(billable).only_state(), state.forget_argv(counters)))
+        keys = self.keys(billable).only_state() + ([state.member_key(self.prefix, billable, member)] if member is not None else [])
+        forgotten = int(await self.store.run("forget", keys, state.forget_argv(counters)))
         if forgotten:
             self._touched.add(billable)
         return forgotten

@@ -14,10 +14,13 @@
     ar:on ar:amt ar:lease ar:n ar:m   auto-recharge: enabled, amount (cents), lease, count this month, month
     qr: qu: qc: <YYYY-MM>|<route>|<operation>   usage history: admitted requests, units, credits
     qs:<YYYY-MM>|<route>|<operation>            usage history: would-be denials admitted in shadow
+    mb:<member> the state hash of a member (gateway.state.keys.member_key) the decisions wrote: the record
+                keeps its fields with the root's (Snapshot.members) and a restore puts them back with it
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,12 +136,14 @@ class Snapshot:
     state: dict[str, str]
     holds: dict[str, str]
     pending_events: int
+    members: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # each member's state hash (raw), read with it
 
     @classmethod
     def parse(cls, raw: list[Any]) -> Snapshot:
-        """snapshot.lua's reply: {now (ms), state field/value pairs, holds field/value pairs, pending events}."""
-        now, fields, holds, pending = raw
-        return cls(int(now), _pairs(fields), _pairs(holds), int(pending))
+        """snapshot.lua's reply: {now (ms), state field/value pairs, holds field/value pairs, pending events,
+        {member, its field/value pairs, ...}}."""
+        now, fields, holds, pending, members = raw
+        return cls(int(now), _pairs(fields), _pairs(holds), int(pending), dict(zip(members[::2], map(_pairs, members[1::2]), strict=True)))
 
     @property
     def has_state(self) -> bool:

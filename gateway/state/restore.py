@@ -11,20 +11,25 @@ from gateway.state.fields import grant_sequence
 @dataclass(frozen=True, slots=True)
 class Restored:
     """What the record gives back of a billable Redis lost: its last saved state (raw, as a Snapshot held
-    it) and every grant numbered after that state's, as (sequence, amount), in order."""
+    it), every grant numbered after that state's, as (sequence, amount), in order, and the state hashes of
+    its members saved with it (raw, per member)."""
 
     state: dict[str, str] = field(default_factory=dict)
     grants: tuple[tuple[int, int], ...] = ()
+    members: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def grant_sequence(self) -> int:
         return grant_sequence(self.state)
 
     def argv(self) -> list[str | int]:
-        """{field count * 2, field, value, ..., sequence, amount, ...}."""
-        out: list[str | int] = [2 * len(self.state)]
-        for name, value in self.state.items():
-            out += [name, value]
+        """{field count * 2, field, value, ..., then per member (in `members`' order, as the keys after the
+        state hash): its field count * 2, field, value, ..., then sequence, amount, ...}."""
+        out: list[str | int] = []
+        for fields in (self.state, *self.members.values()):
+            out.append(2 * len(fields))
+            for name, value in fields.items():
+                out += [name, value]
         for seq, amount in self.grants:
             out += [seq, amount]
         return out

@@ -202,6 +202,7 @@ snapshots = sa.Table(
     sa.Column("state", Text, nullable=False),  # JSON
     sa.Column("chg", Int, nullable=False, server_default=ZERO),
     sa.Column("updated_at", Time, nullable=False),
+    sa.Column("members", Text),  # JSON {member: its state hash}: read and restored with the state (Snapshot.members)
 )
 
 usage_totals = sa.Table(

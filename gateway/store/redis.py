@@ -169,6 +169,11 @@ class RedisStore:
         """HGET `field` of each hash, pipelined (on a cluster, to every key's master); None where absent."""
         return _raise_first(await self._transport.call_many([(key, ("HGET", key, field)) for key in keys]))
 
+    async def hash(self, key: str) -> dict[str, str]:
+        """Every field of a hash (a member's state, which no script reads whole for a status)."""
+        flat = list(await self._transport.call(key, ("HGETALL", key)))
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
     async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:
         """Every key matching `match`; on a cluster, from every master."""
         for node in await self._transport.primaries():

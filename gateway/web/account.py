@@ -2,7 +2,8 @@
 
 Opened with a signed link (gateway/web/links.py: the API's app asks for one with the admin token) or with the
 billable's API key in Authorization or X-Api-Key. Everything on it is the status (one status.lua call) and
-this month's usage per route and day from the record (a query, no Redis); every value is escaped.
+this month's usage per route and day from the record (a query, no Redis); every value is escaped. A team's
+or a key's page is its org's, with the member's own budgets and requests beside (`/_gateway/usage`).
 With Stripe configured: "Buy credits" (Checkout for each pack) and "Manage billing" (the customer portal).
 """
 
@@ -225,13 +226,71 @@ def chart(report: dict[str, Any] | None, period: str) -> str:
     return f'<ul class="chart">{"".join(items)}</ul>'
 
 
-def page(status: dict[str, Any], catalog: Catalog, report: dict[str, Any] | None, actions: str, period: str) -> str:
+def _bar(label: str, used: int, to: int) -> str:
+    width = 100 if to == 0 else min(100.0, 100 * used / to)
+    return (
+        f'<div class="track" role="progressbar" aria-label="{escape(label)}" aria-valuemin="0" aria-valuemax="{to}" '
+        f'aria-valuenow="{min(used, to)}"><div class="fill" style="width:{width:.1f}%"></div></div>'
+    )
+
+
+def _level(member: dict[str, Any]) -> str:
+    """A team's or a key's own numbers (`/_gateway/usage`'s `members`), beside its organization's."""
+    title = "This key" if member["level"] == "key" else f"Team {member['member']}"
+    parts = []
+    if member["suspended"]:
+        parts.append('<p class="note alert">Suspended: its requests are refused while the organization goes on.</p>')
+    month = member.get("this_month")
+    if month is not None:
+        parts.append(f'<p class="numbers"><span class="requests">{month["requests"]:,}</span> request'
+                     f'{"s" if month["requests"] != 1 else ""} and {month["credits"]:,} credits this month</p>')  # fmt: skip
+    credits = member.get("credits")
+    if credits is not None:
+        per = _PER_WORDS.get(credits["per"], "per " + credits["per"])
+        parts.append(
+            f'<p class="window" data-member-credits="{credits["spent"]}">Credits: {credits["spent"]:,} of '
+            f'{credits["allowance"]:,} spent {escape(per)}, {credits["balance"]:,} left</p>'
+            + _bar(f"{title}: credits spent", credits["spent"], credits["allowance"])
+        )
+    for name, limit in (member.get("limits") or {}).items():
+        counted = _PER_WORDS.get(limit["per"], "per " + limit["per"]) if limit["per"] else "in total"
+        named = noun(name)
+        parts.append(
+            f'<p class="window" data-member-limit="{escape(name)}">{escape(named[:1].upper() + named[1:])}: {limit["usage"]:,} of '
+            f'{limit["limit"]:,} used {escape(counted)}</p>' + _bar(f"{title}: {noun(name)} used", limit["usage"], limit["limit"])
+        )
+    return (
+        f'<article class="card" data-member="{escape(member["member"])}" data-level="{escape(member["level"])}">'
+        f'<h3>{escape(title)}</h3>{"".join(parts)}</article>'
+    )
+
+
+def members(status: dict[str, Any], report: dict[str, Any] | None, period: str) -> str:
+    """For a team's or a key's page: each level's own budget (nearest first) and the nearest's own requests."""
+    levels = status.get("members")
+    if not levels:
+        return ""
+    own = "this key" if levels[0]["level"] == "key" else "this team"
+    return (
+        f'<section aria-label="Own budgets"><h2>Own budgets</h2><p class="note">Counted beside those of the '
+        f'organization, {escape(status["billable"])}: a request is admitted only within every one.</p>'
+        f'<div class="cards">{"".join(_level(m) for m in levels)}</div></section>'
+        f'<section class="card" aria-label="Requests per route by {own}"><h2>Requests per route by {own} this month</h2>'
+        f'<p class="note">{escape(_month(period))}, per day, from the usage record.</p>{chart(report, period)}</section>'
+    )
+
+
+def page(
+    status: dict[str, Any], catalog: Catalog, report: dict[str, Any] | None, actions: str, period: str,
+    own_report: dict[str, Any] | None = None,
+) -> str:
     plan = catalog.plans.get(status["plan"])
     meters = "".join(_meter(name, limit) for name, limit in status["limits"].items())
     body = (
         "<h1>Usage</h1>"
         f'<p class="lead who">{escape(status["billable"])} · {escape(catalog.plan_title(status["plan"]))} plan</p>'
         f"{banner(status)}"
+        f"{members(status, own_report, period)}"
         + (f'<section aria-label="Limits"><h2>Limits</h2><div class="cards">{meters}</div></section>' if meters else "")
         + '<section aria-label="Credits and rate limit"><h2>Credits and rate limit</h2><div class="cards">'
         f"{_credits(status, catalog, plan.rollover if plan else False)}{_rates(status)}</div></section>"
@@ -299,7 +358,7 @@ class Account:
         if isinstance(billable, Response):
             return billable
         try:
-            return billable, await self.engine.status(billable)
+            return billable, await self.engine.usage(billable)  # a team's or a key's: its org's, with its own
         except GatewayError as exc:
             log.warning("account page: no status for %s: %s", billable, exc)
             return message_page(503, "Usage is unavailable right now", "The gateway cannot read your usage right now. Please try again in a minute.")
@@ -308,19 +367,24 @@ class Account:
         found = await self._status(request)
         if isinstance(found, Response):
             return found
-        billable, status = found
+        _, status = found
         catalog = self.engine.catalog
         period = current_period(catalog.settings.zone, self.engine.clock())
-        report: dict[str, Any] | None = None
-        if self.db is not None:
-            try:
-                async with asyncio.timeout(RECORD_TIMEOUT_S):
-                    report = {"days": await daily_usage(self.db, billable, period)}
-            except Exception as exc:  # noqa: BLE001 - the page shows without its chart while the record is away
-                log.warning("account page: no usage history for %s: %s", billable, exc)
-                report = {"unavailable": True}
-        html = page(status, catalog, report, self._actions(request, catalog), period)
+        report = await self._report(status["billable"], period)
+        own = await self._report(status["members"][0]["member"], period) if status.get("members") else None
+        html = page(status, catalog, report, self._actions(request, catalog), period, own)
         return HTMLResponse(html, headers=HEADERS)
+
+    async def _report(self, billable: str, period: str) -> dict[str, Any] | None:
+        """The chart's rows of `billable` (an org, or a team's or a key's own) from the record."""
+        if self.db is None:
+            return None
+        try:
+            async with asyncio.timeout(RECORD_TIMEOUT_S):
+                return {"days": await daily_usage(self.db, billable, period)}
+        except Exception as exc:  # noqa: BLE001 - the page shows without its chart while the record is away
+            log.warning("account page: no usage history for %s: %s", billable, exc)
+            return {"unavailable": True}
 
     async def banner(self, request: Request) -> Response:
         found = await self._status(request)
