@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from gateway.catalog import CREDITS, Catalog, load_catalog
@@ -421,6 +422,11 @@ async def _seat(settings: Settings, db: Any, billable: str) -> Any:
     from gateway.seats import root_of, seat_taker
     from gateway.store.redis import open_redis
 
+    if settings.plans == Settings.plans and not Path(settings.plans).exists():
+        # No catalog here (the default path, absent): a key made from anywhere, as before seats; say so.
+        print("gateway: no plans.toml here, so the key's seats are not checked (pass --plans PATH to check them)",
+              file=sys.stderr)  # fmt: skip
+        return None
     catalog = load_catalog(settings.plans)
     if all(plan.seats is None for plan in catalog.plans.values()):
         return None
@@ -617,8 +623,6 @@ async def _send_meters(settings: Settings) -> int:
 
 async def _catalog_push(settings: Settings, path: str) -> int:
     """`gateway catalog push PLANS`: the next version in the record, announced on Redis."""
-    from pathlib import Path
-
     from gateway import audit
     from gateway.publishing import Catalogs
     from gateway.store.db import Database
