@@ -9,6 +9,8 @@ from sqlalchemy.exc import IntegrityError
 from gateway.errors import DatabaseUnavailable
 from gateway.store.db import Database, answering
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 
 def test_a_driver_error_becomes_database_unavailable_with_its_context() -> None:
     """A socket error under `answering` is DatabaseUnavailable carrying the database shown and the reason."""

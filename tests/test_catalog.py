@@ -10,6 +10,8 @@ import pytest
 from gateway.catalog import Catalog, load_catalog, parse_catalog
 from gateway.errors import CatalogError
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "plans.toml"
 
 MINIMAL = """

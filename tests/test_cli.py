@@ -15,6 +15,8 @@ from services import free_port
 
 from gateway.cli import main
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "plans.toml"
 
 

@@ -20,6 +20,8 @@ from gateway.client import (
     wait_and_retry_sync,
 )
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 GATEWAY_HEADERS = [
     (
         "RateLimit-Policy",

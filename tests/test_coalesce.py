@@ -8,6 +8,8 @@ import pytest
 
 from gateway.coalesce import Coalescer
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 
 def test_keys_asked_during_a_fetch_share_the_next_and_batches_are_capped() -> None:
     async def main() -> None:

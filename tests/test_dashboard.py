@@ -10,7 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.metrics import Metrics, Probes
+
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gateway.json"
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 from engine_support import BASE
 from fastapi import Depends, FastAPI
 from starlette.testclient import TestClient
@@ -16,6 +17,8 @@ from gateway.dependencies import Guard
 from gateway.engine import Engine
 from gateway.middleware import GatewayMiddleware
 from gateway.store.redis import open_redis
+
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
 
 
 def make_app(with_middleware: bool) -> tuple[FastAPI, Engine]:

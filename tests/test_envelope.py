@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from gateway.admin import plan_changed
 from gateway.envelope import caused_event, script_event
+
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
 
 ENVELOPE = ["id", "type", "billable", "plan", "occurred_at", "data"]
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")

@@ -18,6 +18,8 @@ from gateway.meter import (
     parse_units_source,
 )
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 USAGE = UnitsSource("response.json", "usage.total_tokens")
 JSON = "application/json"
 SSE = "text/event-stream"

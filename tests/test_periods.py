@@ -22,6 +22,8 @@ from gateway.periods import (
     window_at,
 )
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 
 def _posix_zone(key: str, rule: str, std_offset: int, abbr: str) -> ZoneInfo:
     """A zone that follows only a POSIX TZ rule: a TZif v2 file with no transitions and a footer."""

@@ -9,6 +9,8 @@ from gateway.catalog import parse_catalog
 from gateway.engine import plans as plans_module
 from gateway.engine.plans import Plans
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 CATALOG = """
 [catalog]
 default_plan = "free"

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.problems import bad_request_body, problem_messages, problem_response, too_large_body
+
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
 
 
 def test_every_413_closes_the_connection() -> None:

@@ -17,6 +17,8 @@ from websockets.sync.client import connect
 from gateway.proxy import Proxy
 from tests.http_servers import Record, closed_port, serve_in_thread, upstream_app
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 
 @pytest.fixture
 def upstream() -> Iterator[tuple[str, Record]]:

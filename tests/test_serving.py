@@ -8,9 +8,13 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from gateway.server import bind
 from gateway.serving import serving
 from gateway.settings import Settings
+
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
 
 SETTINGS = Settings(header_timeout=1.0, body_timeout=1.0)
 

@@ -5,6 +5,8 @@ import pytest
 from gateway.catalog import Operation
 from gateway.settlement import Outcome, Settle, outcome, releases, settlement
 
+pytestmark = pytest.mark.unit  # no service: `pytest -m unit` runs these in seconds
+
 METERED = Operation(per_unit=2, units="response.json:usage.total_tokens")
 
 
