@@ -422,9 +422,9 @@ async def _seat(settings: Settings, db: Any, billable: str) -> Any:
     from gateway.seats import root_of, seat_taker
     from gateway.store.redis import open_redis
 
-    if settings.plans == Settings.plans and not Path(settings.plans).exists():
-        # No catalog here (the default path, absent): a key made from anywhere, as before seats; say so.
-        print("gateway: no plans.toml here, so the key's seats are not checked (pass --plans PATH to check them)",
+    if not Path(settings.plans).exists():
+        # No catalog here: the key is made as before seats (a setting keys create may not need), and it says so.
+        print(f"gateway: no {settings.plans} here, so the key's seats are not checked (pass --plans PATH to check them)",
               file=sys.stderr)  # fmt: skip
         return None
     catalog = load_catalog(settings.plans)

@@ -22,7 +22,7 @@ from typing import Any
 from gateway.errors import BadRequest, GatewayError
 
 LIFETIME = 86_400  # seconds a key is remembered (Stripe's: 24 h)
-_MAX_LENGTH = 255
+MAX_KEY_LENGTH = 255
 _WAIT = 5.0  # seconds a retry waits for the first request's answer before answering 409
 
 
@@ -60,8 +60,8 @@ def key_from(header: str | None, member: Any) -> str | None:
     key = header if header is not None else member
     if key is None:
         return None
-    if not 1 <= len(key) <= _MAX_LENGTH or not key.isprintable() or not key.isascii():
-        raise BadRequest(f"Idempotency-Key must be 1 to {_MAX_LENGTH} printable ASCII characters (a UUID is a good one).")
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable() or not key.isascii():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters (a UUID is a good one).")
     return key
 
 

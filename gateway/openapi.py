@@ -21,6 +21,7 @@ from gateway.catalog import Catalog
 from gateway.check import CheckAnswer, SettleAnswer
 from gateway.check_http import CheckQuestion, SettleQuestion
 from gateway.forward_auth import PATH as AUTH_PATH
+from gateway.idempotency import MAX_KEY_LENGTH
 from gateway.identity import ID_LENGTH
 from gateway.ids import BillableId
 from gateway.problems import PROBLEM_JSON, Problem
@@ -49,6 +50,9 @@ _BODIES: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("put", f"{_BILLABLE}/auto-recharge"): ("AutoRechargeQuestion", None),
     ("post", f"{_BILLABLE}/account-link"): ("AccountLinkQuestion", None),
 }
+# Where an Idempotency-Key is read (gateway/idempotency.py), and its rule.
+_IDEMPOTENT = {("post", "/_gateway/check"), ("post", "/_gateway/settle")}
+_IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[\\x20-\\x7e]+$"}
 # Any JSON the record can keep (no NUL in a string or a key): what a body's fields beyond its own may be.
 _RECORDABLE_JSON = {"anyOf": [
     {"type": "string", "pattern": RECORDABLE}, {"type": ["number", "boolean", "null"]},
@@ -102,8 +106,8 @@ def _operation(verb: str, route: Route, admin: bool, catalog: Catalog) -> dict[s
     parameters = [{"name": name, "in": "path", "required": True, "schema": _path_schema(name, path, catalog)}
                   for name in route.param_convertors]  # fmt: skip
     parameters += _query(path, catalog)
-    if (verb, path) in _BODIES:
-        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+    if (verb, path) in _IDEMPOTENT:
+        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": _IDEMPOTENCY_KEY,
                            "description": "A retry with the same key within 24 h answers the first answer and takes nothing more"})  # fmt: skip
     if parameters:
         operation["parameters"] = parameters
