@@ -13,6 +13,7 @@ credential of its owner, and its own budget is counted beside the owner's and th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -135,8 +136,10 @@ async def members_of(db: Database, root: str) -> list[str]:
 
 
 class Members:
-    """Each billable's chain as the record said at most TTL_S ago; the lookups asked for while one is on its
-    way share the next query (gateway.coalesce: a query per billable and second queued hundreds)."""
+    """Each billable's chain as the record said about TTL_S ago; the lookups asked for while one is on its
+    way share the next query (gateway.coalesce: a query per billable and second queued hundreds). Only a
+    billable's first lookup waits for the record: after that a request gets what is known at once, and a
+    chain older than TTL_S is read again behind it (so a slow or hung record never holds a request up)."""
 
     def __init__(self, db: Database, *, ttl: float = TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
@@ -144,6 +147,7 @@ class Members:
         self.clock = clock
         self._known: dict[str, tuple[float, Chain | None]] = {}
         self._lookups: Coalescer[str, Chain] = Coalescer(self._fetch, size=BATCH)
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     def forget(self, billable: str) -> None:
         self._known.pop(billable, None)
@@ -151,7 +155,9 @@ class Members:
     async def chain(self, billable: str) -> Chain | None:
         """The billable's org and the levels up to it; None for a billable of its own (it is the root)."""
         known = self._known.get(billable)
-        if known is not None and self.clock() - known[0] < self.ttl:
+        if known is not None and self.ttl > 0:  # ttl 0: no cache, every lookup reads the record
+            if self.clock() - known[0] >= self.ttl and billable not in self._refreshing:
+                self._refreshing[billable] = asyncio.get_running_loop().create_task(self._refresh(billable))
             return known[1]
         try:
             return await self._lookups.get(billable)
@@ -162,6 +168,16 @@ class Members:
                 raise
             log.warning("cannot read the parent of %s (%s): deciding it as a billable of its own", billable, exc)
             return None
+
+    async def _refresh(self, billable: str) -> None:
+        try:
+            await self._lookups.get(billable)
+        except DatabaseUnavailable as exc:  # what is known stands until the record answers
+            log.debug("cannot read the parent of %s again (%s): the last one read stands", billable, exc)
+        except Exception:
+            log.exception("reading the parent of %s again failed", billable)
+        finally:
+            self._refreshing.pop(billable, None)
 
     async def _fetch(self, billables: list[str]) -> dict[str, Chain]:
         asked = self.clock()
