@@ -129,8 +129,8 @@ def test_the_epoch_changes_on_a_restart_and_on_a_promotion_and_nowhere_else() ->
 
 
 def test_a_masters_epoch_has_lasted_as_long_as_the_server_has_run() -> None:
-    """A master never promoted answers its uptime as the epoch's age (what lets a new process read the census at
-    once, issue 17); the same server restarted starts again from 0."""
+    """A master never promoted answers its uptime, less the second it may overstate, as the epoch's age (what
+    lets a new process read the census at once, issue 17); the same server restarted starts again from 0."""
 
     async def aged(port: int) -> tuple[str, int]:
         store = open_redis(url_of(port))
@@ -140,7 +140,7 @@ def test_a_masters_epoch_has_lasted_as_long_as_the_server_has_run() -> None:
             await store.close()
 
     with RedisServer() as a:
-        wait_until(lambda: int(a.client().info("server")["uptime_in_seconds"]) >= 2, "a to be up 2 s", 10)
+        wait_until(lambda: int(a.client().info("server")["uptime_in_seconds"]) >= 3, "a to be up 3 s", 10)
         epoch, age = go(aged(a.port))
         assert 2 <= age <= int(a.client().info("server")["uptime_in_seconds"])
         a.stop()

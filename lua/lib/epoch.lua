@@ -11,7 +11,8 @@ local function epoch()
   local id = (string.match(server, 'run_id:(%x+)') or '') .. ':' .. (string.match(replication, 'master_replid:(%x+)') or '')
   local age = 0
   if string.match(replication, 'second_repl_offset:(%-?%d+)') == '-1' then
-    age = tonumber(string.match(server, 'uptime_in_seconds:(%d+)') or '0')
+    -- Whole seconds from a start time cut to its second: up to 1 s more than the true age, so less that.
+    age = math.max(0, tonumber(string.match(server, 'uptime_in_seconds:(%d+)') or '0') - 1)
   end
   return id, age
 end
