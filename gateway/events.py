@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.decision import Decision
+from gateway.outbox_sender import OutboxSender
 from gateway.store.db import Database, events_outbox
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,10 @@ class _Claimed:
     lease_until: datetime
 
 
-class Deliverer:
+class Deliverer(OutboxSender[_Claimed]):
     """POSTs due events from the outbox to the webhook, oldest first, a bounded batch a few at a time."""
+
+    name = "events"
 
     def __init__(
         self,
@@ -202,79 +205,35 @@ class Deliverer:
         max_backoff: float = 600.0,
         poll: float = 1.0,
     ) -> None:
+        super().__init__(batch=batch, concurrency=concurrency, poll=poll)
         self.db = db
         self.url = url
         self.secret = secret
-        self.batch = batch
-        self.concurrency = concurrency
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.poll = poll
         # A claim outlives the slowest batch (every send timing out), so no other process takes it meanwhile.
         self.lease = timeout * math.ceil(batch / concurrency) + 30.0
         self.delivered = 0  # counts for this process, for tests and logs
         self.failed = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def stop_wait(self) -> float:
+        return self.timeout + 1.0  # the batch in flight: one send timeout
 
     def start(self) -> None:
         if not self.secret:
             log.warning("events go to %s unsigned: set GATEWAY_WEBHOOK_SECRET so receivers can verify them", self.url)
-        self._stopping.clear()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-events")
+        super().start()
 
     async def stop(self) -> None:
         """Let the batch in flight finish (up to one send timeout), then stop; what is left is sent later."""
-        task, self._task = self._task, None
-        if task is not None:
-            self._stopping.set()
-            try:
-                await asyncio.wait_for(task, self.timeout + 1.0)
-            except TimeoutError:
-                pass  # wait_for cancelled it: the claims it held come due again when their lease ends
+        await super().stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def _run(self) -> None:
-        failing = 0
-        while not self._stopping.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the database is down, most likely: retry, never give up
-                if failing == 0:
-                    log.warning("events: cannot reach the outbox, retrying until it answers: %s", exc)
-                failing += 1
-                handled = 0
-            else:
-                if failing:
-                    log.info("events: the outbox answers again")
-                failing = 0
-            if handled >= self.batch:
-                continue  # more may be due right now
-            wait = min(self.poll * 2 ** min(failing, 5), 30.0) if failing else self.poll
-            try:
-                await asyncio.wait_for(self._stopping.wait(), wait)
-            except TimeoutError:
-                pass
-
-    async def run_once(self) -> int:
-        """Claim due events, send them, record each outcome; returns how many were claimed."""
-        claimed = await self._claim()
-        if not claimed:
-            return 0
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def send(event: _Claimed) -> tuple[_Claimed, str | None]:
-            async with gate:
-                return event, await self._send(event)
-
-        outcomes = await asyncio.gather(*(send(e) for e in claimed))
-        await self._record(outcomes)
-        return len(claimed)
 
     async def _claim(self) -> list[_Claimed]:
         t = events_outbox.c

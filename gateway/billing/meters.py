@@ -14,7 +14,6 @@ is in the record, so it survives restarts.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ import stripe
 from stripe.params.billing import MeterEventCreateParams
 
 from gateway.billing.client import each
+from gateway.outbox_sender import OutboxSender
 from gateway.store.db import Database, meter_outbox, stripe_customers
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,10 @@ class _Row:
     customer: str | None
 
 
-class MeterSender:
+class MeterSender(OutboxSender[_Row]):
     """Sends due outbox rows, a bounded batch a few at a time; counts what it did (for tests and logs)."""
+
+    name = "meters"
 
     def __init__(
         self,
@@ -75,14 +77,12 @@ class MeterSender:
         poll: float = 1.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        super().__init__(batch=batch, concurrency=concurrency, poll=poll)
         self.db = db
         self.client = client
         self.event_name = event_name
-        self.batch = batch
-        self.concurrency = concurrency
         self.margin = margin
         self.max_backoff = max_backoff
-        self.poll = poll
         self.clock = clock or (lambda: datetime.now(UTC).timestamp())
         # How long a claim keeps other senders off its rows: one that outlives it (a slow Stripe, a sender
         # killed) is sent again, which Stripe refuses by its identifier, so it only costs a request.
@@ -90,55 +90,10 @@ class MeterSender:
         self.sent = 0
         self.duplicates = 0  # rows Stripe had already (sent before a crash, or by another process)
         self.failed = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
 
-    def start(self) -> None:
-        self._stopping.clear()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-meters")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            self._stopping.set()
-            try:
-                await asyncio.wait_for(task, self.lease)
-            except TimeoutError:
-                pass  # cancelled: its claims come due again when their lease ends, and resending is harmless
-
-    async def _run(self) -> None:
-        failing = 0
-        while not self._stopping.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the record is down, most likely: retry, never give up
-                if failing == 0:
-                    log.warning("meters: cannot reach the outbox, retrying until it answers: %s", exc)
-                failing += 1
-                handled = 0
-            else:
-                failing = 0
-            if handled >= self.batch:
-                continue  # more may be due right now
-            wait = min(self.poll * 2 ** min(failing, 5), 30.0) if failing else self.poll
-            try:
-                await asyncio.wait_for(self._stopping.wait(), wait)
-            except TimeoutError:
-                pass
-
-    async def run_once(self) -> int:
-        """Claim due rows, send each, record each outcome; answers how many were claimed."""
-        claimed = await self._claim()
-        if not claimed:
-            return 0
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def send(row: _Row) -> tuple[_Row, str | None]:
-            async with gate:
-                return row, await self._send(row)
-
-        await self._record(await asyncio.gather(*(send(r) for r in claimed)))
-        return len(claimed)
+    @property
+    def stop_wait(self) -> float:
+        return self.lease  # a claim's own lease: past it, its rows are another sender's anyway
 
     async def _claim(self) -> list[_Row]:
         o = meter_outbox.c
