@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -41,11 +41,38 @@ M = TypeVar("M", bound=BaseModel)
 Whole = Annotated[Count, Field(strict=True)]  # the catalog's bound; a JSON body's 5.0 or "5" is not a count
 
 
-class _Model(BaseModel):
+class TermsModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LimitTerms(_Model):
+class KeptTerms(TermsModel):
+    """Terms kept as JSON (in the record and in Redis): an expiry in UTC, and a digest that names them in the
+    compiled-spec caches (one entry per distinct terms, not per billable). A billable's overrides, a member's
+    terms (gateway.terms)."""
+
+    expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.model_validate_json(text)
+
+    @cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+
+class LimitTerms(TermsModel):
     to: Whole | None = None
     after_limit: AfterLimit | None = None
     grace: str | None = None
@@ -58,35 +85,15 @@ class LimitTerms(_Model):
         return self.model_dump(exclude_none=True, exclude={"unlimited"})
 
 
-class Overrides(_Model):
+class Overrides(KeptTerms):
     limits: dict[str, LimitTerms] = Field(default_factory=dict)
     rate_limit: RateLimitSetting = None
     credits: Whole | None = None
     allows: tuple[str, ...] = ()
     disallows: tuple[str, ...] = ()
-    expires_at: datetime | None = None
     reason: str = Field("", max_length=1000)
 
-    @field_validator("expires_at")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
     # ---- as kept ------------------------------------------------------------------------------------
-
-    def to_json(self) -> str:
-        return self.model_dump_json(exclude_defaults=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Overrides:
-        return cls.model_validate_json(text)
-
-    @cached_property
-    def digest(self) -> str:
-        """Names these terms in the compiled-spec caches (one entry per distinct overrides, not per billable)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def shown(self) -> dict[str, Any]:
         """As the admin API and the status body show them."""

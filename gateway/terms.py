@@ -11,19 +11,17 @@ on the routes that already count it under the plan."""
 
 from __future__ import annotations
 
-import hashlib
-from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from gateway.catalog import Catalog, Count, RateLimit, RateLimitSetting, nearest, problems_of
+from gateway.catalog import Catalog, RateLimit, RateLimitSetting, nearest, problems_of
 from gateway.errors import BadRequest, Problem
+from gateway.overrides import KeptTerms, TermsModel, Whole
 from gateway.periods import Period, parse_period
 
 PLACE = "terms"
-Whole = Annotated[Count, Field(strict=True)]
 
 
 class InvalidTerms(BadRequest):
@@ -35,17 +33,13 @@ class InvalidTerms(BadRequest):
         super().__init__(f"The terms do not apply ({count}); nothing changed: " + "; ".join(map(str, problems)))
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _period(value: str | None) -> str | None:
     if value is not None:
         parse_period(value)
     return value
 
 
-class MemberLimit(_Model):
+class MemberLimit(TermsModel):
     to: Whole
     per: str | None = None  # None: a persistent cap
 
@@ -59,38 +53,18 @@ class MemberLimit(_Model):
         return parse_period(self.per) if self.per else None
 
 
-class MemberTerms(_Model):
+class MemberTerms(KeptTerms):
     rate_limit: RateLimitSetting = None
     credits: Whole | None = None
     credits_per: str = "month"
     limits: dict[str, MemberLimit] = Field(default_factory=dict)
     disallows: tuple[str, ...] = ()
-    expires_at: datetime | None = None
 
     @field_validator("credits_per")
     @classmethod
     def _credits_per(cls, value: str) -> str:
         _period(value)
         return value
-
-    @field_validator("expires_at")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-    def to_json(self) -> str:
-        return self.model_dump_json(exclude_defaults=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> MemberTerms:
-        return cls.model_validate_json(text)
-
-    @cached_property
-    def digest(self) -> str:
-        """Names these terms in the compiled member-spec cache (one entry per distinct terms)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @cached_property
     def rate(self) -> RateLimit | None:
