@@ -28,10 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.amounts import Price, units_within
 from gateway.bounds import MAX_DEPTH, MAX_INT, toml_too_deep
 from gateway.errors import CatalogError, Problem
 from gateway.meter import UnitsSource, parse_units_source
+from gateway.money import Price, units_within
 from gateway.periods import Period, parse_duration, parse_period
 
 AfterLimit = Literal["block_usage", "just_warn", "grace_then_block", "bill"]

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from gateway.amounts import rounded
 from gateway.catalog import Catalog
+from gateway.money import rounded
 from gateway.state import iso
 
 

@@ -15,9 +15,9 @@ import stripe
 
 from gateway.billing.client import plain
 from gateway.billing.customers import Customers
-from gateway.billing.money import to_minor
 from gateway.billing.sync import PriceBook
 from gateway.catalog import Catalog, Pack
+from gateway.money import to_minor
 
 
 class UnknownPack(LookupError):

@@ -25,13 +25,13 @@ import stripe
 
 from gateway.billing.client import idempotency_key, plain
 from gateway.billing.customers import Customers
-from gateway.billing.money import credits_for
 from gateway.billing.payments import Payments, from_payment_intent, pi_key
 from gateway.catalog import Catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
 from gateway.envelope import caused_event
 from gateway.events import Outbox
+from gateway.money import credits_for
 
 log = logging.getLogger("gateway.billing")
 

@@ -24,8 +24,8 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.billing.client import each, idempotency_key, plain
-from gateway.billing.money import show, to_minor
 from gateway.catalog import Catalog, Plan
+from gateway.money import show, to_minor
 from gateway.store.db import Database
 from gateway.store.db import settings as settings_table
 

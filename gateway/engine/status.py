@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import severity, state
-from gateway.amounts import billed
 from gateway.catalog import CREDITS, Catalog
 from gateway.engine.plans import ResolvedPlan
 from gateway.engine.spec import shown_rates
+from gateway.money import billed
 
 
 def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: state.StatusReply) -> dict[str, Any]:

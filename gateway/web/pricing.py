@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from gateway.billing.money import show, to_minor
 from gateway.billing.sync import PriceBook
 from gateway.catalog import CREDITS, Catalog, Plan
+from gateway.money import show, to_minor
 from gateway.web.page import document
 
 PERIOD_WORDS = {"month": "a month", "week": "a week", "day": "a day", "billing_cycle": "per billing period"}

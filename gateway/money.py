@@ -1,8 +1,7 @@
-"""Money the gateway bills (overage, pay-as-you-go): exact decimals, never floats.
-
-The catalog writes them as decimal strings ("0.002") in its currency; the scripts count whole units, and
-an amount is units × unit price, rounded to the currency's minor unit only where a line is shown.
-(gateway/billing/money.py converts the catalog's plan prices to Stripe's minor units.)"""
+"""Money, exactly: the catalog's plan prices against Stripe's minor units (29 in the currency is 2900; people
+read "$29"), and what the gateway bills (overage, pay-as-you-go) as exact decimals, never floats: the
+catalog writes them as decimal strings ("0.002"), the scripts count whole units, and an amount is units ×
+unit price, rounded to the currency's minor unit only where a line is shown."""
 
 from __future__ import annotations
 
@@ -13,6 +12,35 @@ from pydantic import BeforeValidator
 
 if TYPE_CHECKING:
     from gateway.catalog import Overage
+
+# Stripe's zero-decimal currencies: their amounts are already whole units.
+ZERO_DECIMAL = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+)
+SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "cad": "CA$", "aud": "A$", "inr": "₹"}
+
+
+def to_minor(amount: float, currency: str) -> int:
+    return round(amount) if currency.lower() in ZERO_DECIMAL else round(amount * 100)
+
+
+def from_minor(amount: int, currency: str) -> float:
+    return float(amount) if currency.lower() in ZERO_DECIMAL else amount / 100
+
+
+def show(amount: int, currency: str) -> str:
+    """A readable price from minor units: $29, $9.50, 1,000 ¥, 12 CHF."""
+    value = from_minor(amount, currency)
+    text = f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
+    symbol = SYMBOLS.get(currency.lower())
+    if symbol is None:
+        return f"{text} {currency.upper()}"
+    return f"{text} {symbol}" if currency.lower() == "jpy" else f"{symbol}{text}"
+
+
+def credits_for(amount_cents: int, credits_per_dollar: int) -> int:
+    """Credits an amount buys at the catalog's rate (auto-recharge, packs without their own rate)."""
+    return amount_cents * credits_per_dollar // 100
 
 MAX_PRICE = Decimal(1_000_000_000)
 
@@ -42,9 +70,6 @@ def units_within(amount: Decimal, unit_price: Decimal) -> int:
 
 def rounded(amount: Decimal, currency: str) -> Decimal:
     """`amount` rounded (half up) to the currency's minor unit, as an invoice line shows it."""
-    # Imported here: gateway.billing imports the catalog, which imports this module.
-    from gateway.billing.money import ZERO_DECIMAL
-
     step = Decimal(1) if currency.lower() in ZERO_DECIMAL else Decimal("0.01")
     return amount.quantize(step, rounding=ROUND_HALF_UP)
 
