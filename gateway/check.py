@@ -207,7 +207,7 @@ class Checker:
             violated_policies=[n for n in decision.violated_policies if n],
             problem=None if decision.admitted else decision.problem(self.catalog),
             remaining={p.name: None if p.remaining is None else max(0, p.remaining) for p in decision.policies},
-            hold=_hold_id(hold, question.route, billable, decision.members) if hold else None,
+            hold=f"{hold}{_tag(_settled_as(question.route))}.{billable}" if hold else None,
             headers=decision.headers(),
         )
         if request is not None:
@@ -242,21 +242,22 @@ class Checker:
         operation charged for `units`, at most its max_units, else its whole reserve), `failure` a non-2xx
         (limits and credits given back, unless `units` were reported: those are charged). HoldNotOpen when
         it was settled before or outlived its lifetime."""
-        billable = await self.engine.root_of(hold_billable(hold))
+        billable, members = await self.engine.levels_of(hold_billable(hold))
         if outcome not in ("success", "failure"):
             raise BadRequest('outcome must be "success" (the answer was a 2xx) or "failure" (it was not).')
         if units is not None and not (0 <= units <= MAX_INT):
             raise BadRequest(f"units must be a number from 0 to {MAX_INT}.")
         taken = self._taken_for(hold)
-        if taken is None:  # an older or a member's hold id, or its route left the catalog: read what it was taken for
+        if taken is None:  # an older hold id, or its route left the catalog: read what it was taken for
             return await self._settle_read(hold, billable, outcome, units)
         todo = _settle(outcome, units, taken.operation)
         release = taken.route.config.release if taken.route is not None else None
         reply = await self.engine.close(
             billable, hold[:16], taken.settled_as, give_back_limits=todo.give_back_limits, credits_owed=todo.credits_owed,
             units=todo.units, release=release if release is not None and releases(Fate.COMPLETE, _answered(outcome), True) else None,
+            members=members,
         )  # fmt: skip
-        if reply.status == "read":  # held at member levels too (a tag given to such a hold): read, then settle
+        if reply.status == "read":  # held at other member levels (the chain changed since): read, then settle
             return await self._settle_read(hold, billable, outcome, units)
         if reply.status == "mismatch":
             raise BadRequest(f"hold: {hold} was not answered by a check (its tag names another route): send the hold as the check answered it.")
@@ -397,15 +398,6 @@ class Checker:
 
 
 _NEVER = re.compile(r"(?!)")  # a check's own routes match no request
-
-
-def _hold_id(hold: str, route: Route | None, billable: str, members: tuple[str, ...]) -> str:
-    """A consuming check's hold id: named by the billable that asked (a member's hold lives in its org's
-    state: the settle finds the org, and the member's own key may settle it), tagged with what it was taken
-    for, so its settle is one call; a hold taken at member levels too is untagged: its settle reads it."""
-    if members:
-        return f"{hold}.{billable}"
-    return f"{hold}{_tag(_settled_as(route))}.{billable}"
 
 
 def _settled_as(route: Route | None) -> str:

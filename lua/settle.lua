@@ -11,11 +11,13 @@
 -- ARGV[1] = "close" (a consuming check's stored hold, in one call): 2 to 6 as "settle", 7 the hold's id,
 --   8 the "<route>|<operation>" the caller settles it as (the hold's usage key must end with it), 9 the
 --   caller's plan version, 10 a cap to release ("" for none), 11 its units, 12 its cap ("" for none),
---   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (JSON).
+--   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (JSON), 15 the
+--   ids of the member levels it is settled at (JSON, nearest first, "" for none: KEYS 4.. are their state).
 -- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}; "close"
 -- also answers "stale" (as decide.lua: the plan changed, resolve and retry) and "mismatch" (the hold was
--- taken for another route or operation: nothing written) and "read" (it was held at member levels too:
--- settle it as "settle", nothing written), and its balance is status.lua's.
+-- taken for another route or operation: nothing written) and "read" (it was held at other member levels
+-- than ARGV 15 names, the billable's chain changed since: settle it as "settle", nothing written), and its
+-- balance is status.lua's.
 -- Every argument is checked before the first write (lib/args.lua): a bad one is an error reply, nothing written.
 --#include rules
 --#include args
@@ -44,7 +46,9 @@ if op == 'settle' then
   if (#ARGV - 13) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
   for i = 14, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
 elseif op == 'close' then
-  close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = json_arg(14)}
+  close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = json_arg(14), members = {}}
+  if (ARGV[15] or '') ~= '' then close.members = json_arg(15) end
+  if #close.members ~= #KEYS - 3 then bad_arg(15, "the member levels' ids, one per key after the third") end
   if text_arg(10) ~= '' then release = {ARGV[10], whole_arg(11, 0), whole_arg(12, -1, nil, true)} end
   if close.id == '' then bad_arg(7, 'a hold id') end
 end
@@ -93,11 +97,15 @@ if close then
   if (tonumber(stored.exp) or 0) <= now then return {'settled'} end  -- past its lifetime: kept as charged
   local q = tostring(stored.q or '')
   if string.match(q, '^[^|]*|(.*)$') ~= close.as then return {'mismatch'} end
-  if stored.m and next(stored.m) then return {'read'} end
+  local held_m = stored.m or {}
+  if #held_m ~= #close.members then return {'read'} end
+  for i, m in ipairs(held_m) do
+    if m.id ~= close.members[i] then return {'read'} end
+  end
   local limits = {}
   for _, l in ipairs(stored.l or {}) do limits[#limits + 1] = {l[1], tonumber(l[2]), tonumber(l[3])} end
   hold = {id = close.id, cp = tonumber(stored.cp) or 0, cb = tonumber(stored.cb) or 0, w = tonumber(stored.w) or 0,
-    a = tonumber(stored.a) or 0, q = q, l = limits, m = {}}
+    a = tonumber(stored.a) or 0, q = q, l = limits, m = held_m}
 end
 
 if hold.id ~= '' and redis.call('HDEL', HOLDS, hold.id) == 0 then
@@ -185,7 +193,10 @@ if owed then
   if allowance < 0 then balance = nil end
 end
 
-if close and release then give_back_cap(release[1], release[2], release[3]) end
+if close and release then
+  give_back_cap(release[1], release[2], release[3])
+  members_release(release[1], release[2])
+end
 members_settle(hold.m, ARGV[2] == 'back', owed, usage_key, counted)
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then

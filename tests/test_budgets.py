@@ -385,3 +385,38 @@ def test_a_member_past_its_terms_expiry_is_refused(run: Run) -> None:
         assert await w.org_field("org_1", "c:s") in (None, "0")
 
     run(fn)
+
+
+def test_a_members_check_settles_at_every_level_in_one_call(tmp_path: Any) -> None:
+    """A consuming check by a key with terms holds at the key, its team and its org; its settle is one EVALSHA
+    (settle.lua's close, with the member levels' keys) that gives back at every level. A hold whose member
+    levels are not the chain's any more (the team moved) is read and settled where it was taken."""
+    from services import RedisServer
+    from test_engine_cluster import Monitor
+
+    from gateway.check import Checker
+
+    async def main(server: RedisServer) -> None:
+        async with world(server.url, f"sqlite:///{tmp_path}/gateway.db") as w:
+            key = await org_team_key(w, team=terms(credits=100), key=terms(credits=10))
+            checker = Checker(w.engine)
+            warm = await checker.check(key, route="POST /images", consume=True)
+            assert warm.hold is not None
+            await checker.settle(warm.hold, outcome="success")  # loads the script; the key spent 5
+            taken = await checker.check(key, route="POST /images", consume=True)
+            assert taken.allowed and taken.hold is not None
+            spent = [await w.member_field("org_1", m, "c:s") for m in (key, "team_a")]
+            assert spent == ["10", "10"]
+            with Monitor(server.port) as monitor:
+                await checker.settle(taken.hold, outcome="failure")
+            assert monitor.commands() == ["EVALSHA"]
+            assert [await w.member_field("org_1", m, "c:s") for m in (key, "team_a")] == ["5", "5"]
+
+            moved = await checker.check(key, route="POST /images", consume=True)
+            assert moved.hold is not None
+            await set_terms(w.db, "team_a", None)  # the team keeps its parent but no terms: one level fewer
+            await checker.settle(moved.hold, outcome="failure")  # read, then settled at the levels it took from
+            assert [await w.member_field("org_1", m, "c:s") for m in (key, "team_a")] == ["5", "5"]
+
+    with RedisServer() as server:
+        asyncio.run(main(server))

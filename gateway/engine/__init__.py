@@ -342,11 +342,11 @@ class Engine:
 
     async def close(
         self, billable: str, hold_id: str, settled_as: str, *, give_back_limits: bool, credits_owed: int | None,
-        units: float | None, release: str | None,
+        units: float | None, release: str | None, members: tuple[str, ...] = (),
     ) -> state.CloseReply:
-        """Settle a stored hold (`decide(..., hold=True)`) as taken for `settled_as` ("<route>|<operation>"),
-        give back the cap `release` names, and answer the balance: one call (two when this process has not
-        seen the billable's plan yet)."""
+        """Settle a stored hold (`decide(..., hold=True)`) as taken for `settled_as` ("<route>|<operation>")
+        at the org `billable` and its `members` levels (`levels_of`), give back the cap `release` names, and
+        answer the balance: one call (two when this process has not seen the billable's plan yet)."""
         resolved = self.plans.cached(billable)
         self._touched.add(billable)
         for _ in range(4):
@@ -365,8 +365,10 @@ class Engine:
                 status_spec=self.specs.status(plan_name, resolved.terms, resolved.digest) if resolved else self.specs.status(plan_name),
                 calendar=self._calendar(),
                 restores=self.restore is not None,
+                members=members,
             )
-            reply = state.CloseReply.parse(await self.store.run("settle", self.keys(billable).all(), args.argv()))
+            keys = [*self.keys(billable).all(), *self._member_keys(billable, members)]
+            reply = state.CloseReply.parse(await self.store.run("settle", keys, args.argv()))
             if not isinstance(reply, state.Stale):
                 return reply
             resolved = self._resolve(billable, reply)
@@ -543,8 +545,15 @@ class Engine:
 
     async def root_of(self, billable: str) -> str:
         """The billable whose state a decision for `billable` is kept in: its org when it is a member."""
+        return (await self.levels_of(billable))[0]
+
+    async def levels_of(self, billable: str) -> tuple[str, tuple[str, ...]]:
+        """Where a decision for `billable` is kept: its org, and the member levels it counts at (those with
+        terms of their own, nearest first: the order a hold gives back in)."""
         chain = await self.chain_of(billable) if self.chain_of is not None else None
-        return chain.root if chain is not None else billable
+        if chain is None:
+            return billable, ()
+        return chain.root, tuple(level.id for level in self.member_specs.of(chain)[1])
 
     async def usage(self, billable: str) -> dict[str, Any]:
         """What a customer's own view shows: the status of its org, and for a member (a team, a key with

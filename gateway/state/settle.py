@@ -3,6 +3,7 @@ call), and their replies."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ class CloseArgs:
     status_spec: str  # the plan's status spec (its credits), for the balance
     calendar: str
     restores: bool
+    members: tuple[str, ...] = ()  # the member levels it is settled at, nearest first (their keys follow the third)
 
     def argv(self) -> list[str | int]:
         release = self.release
@@ -77,6 +79,7 @@ class CloseArgs:
             "" if release is None or release.cap is None else release.cap,
             self.status_spec,
             self.calendar,
+            json.dumps(self.members) if self.members else "",
         ]
 
 
@@ -84,8 +87,8 @@ class CloseArgs:
 class CloseReply:
     """status "ok" (balance: status's, None when the credits are unlimited), "settled" (settled before or
     past its lifetime: nothing changed), "missing" (Redis lost the state), "mismatch" (the hold was taken
-    for another route or operation: nothing changed), "read" (it was held at member levels too: settle it
-    with SettleArgs, nothing changed); or Stale."""
+    for another route or operation: nothing changed), "read" (it was held at other member levels than the
+    ones named, the chain changed since: settle it with SettleArgs, nothing changed); or Stale."""
 
     status: Literal["ok", "settled", "missing", "mismatch", "read"]
     balance: int | None
