@@ -332,7 +332,7 @@ class GatewayApp:
         else:
             await self._gateway.stop()
         if self._own_provider and self.tracer_provider is not None:
-            self.tracer_provider.shutdown()  # exports the spans still batched
+            await tracing.shut_down(self.tracer_provider)  # exports the spans still batched
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":

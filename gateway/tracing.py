@@ -20,6 +20,10 @@ Off, nothing imports opentelemetry (only the functions below do, when called) an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +41,7 @@ if TYPE_CHECKING:  # opentelemetry is imported only when tracing is on
     from gateway.settings import Settings
     from gateway.store.node import Node
 
-__all__ = ["provider", "traced"]
+__all__ = ["provider", "shut_down", "traced"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -45,6 +49,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+EXPORT_TIMEOUT_S = 5.0  # one export of a batch to the collector
+SHUTDOWN_S = EXPORT_TIMEOUT_S + 1.0
+log = logging.getLogger(__name__)
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 # http.request.method is one of these; another is "_OTHER", the method itself in http.request.method_original.
 _KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"})
@@ -70,8 +77,33 @@ def provider(settings: Settings) -> TracerProvider | None:
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "gateway"}))
     made = TracerProvider(resource=resource)
-    made.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otel_endpoint.rstrip("/") + "/v1/traces")))
+    exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint.rstrip("/") + "/v1/traces", timeout=EXPORT_TIMEOUT_S)
+    made.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
     return made
+
+
+async def shut_down(tracer_provider: Any, deadline: float = SHUTDOWN_S) -> None:
+    """Export the spans still batched, in a daemon thread (the SDK's export blocks) and within `deadline`: a
+    collector that is gone costs a stopping gateway at most that, never its event loop nor its exit."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            tracer_provider.shutdown()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(finish)
+
+    threading.Thread(target=run, name="gateway-tracing-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(done, deadline)
+    except TimeoutError:
+        log.warning("tracing: the collector did not take the last spans within %g s; they are dropped", deadline)
 
 
 def traced(middleware: GatewayMiddleware, tracer_provider: Any) -> ASGIApp:

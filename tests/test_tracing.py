@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,6 +217,42 @@ def test_spans_reach_an_otlp_collector_named_by_the_setting(tmp_path: Path, priv
         services = {a.value.string_value for r in received for rs in r.resource_spans for a in rs.resource.attributes if a.key == "service.name"}
     assert {"POST /v1/render", "EVALSHA decide"} <= names
     assert services == {"gateway"}
+
+
+def test_a_collector_that_never_answers_holds_the_stop_no_longer_than_its_deadline(tmp_path: Path) -> None:
+    """The last batch goes out at stop in a thread with a deadline: a collector that takes the connection and
+    never answers costs the stopping gateway at most tracing's deadline, and its event loop nothing."""
+    import socket
+
+    from gateway import tracing
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()  # accepts into the backlog, never reads nor answers
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        made = tracing.provider(Settings.load({}, {"GATEWAY_OTEL_ENDPOINT": endpoint}))
+        assert made is not None
+        with made.get_tracer("test").start_as_current_span("a request"):
+            pass
+
+        async def stop() -> tuple[bool, int]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.05)
+                    ticks += 1
+
+            ticking = asyncio.create_task(tick())
+            await tracing.shut_down(made, deadline=0.5)
+            ticking.cancel()
+            exporting = any(t.name == "gateway-tracing-shutdown" and t.is_alive() for t in threading.enumerate())
+            return exporting, ticks
+
+        exporting, ticks = asyncio.run(stop())
+    assert exporting  # it returned at its own deadline while the export still waits on the collector
+    assert ticks > 0  # and the loop ran meanwhile
 
 
 def test_the_endpoint_setting() -> None:
