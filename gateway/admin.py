@@ -41,6 +41,7 @@ from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
 from gateway.invoice import invoice_preview
+from gateway.members import root_of
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.overrides import Overrides, record_overrides, record_suspension
 from gateway.overrides import kept as overrides_kept
@@ -58,7 +59,7 @@ from gateway.problems import (
 )
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
-from gateway.seats import NoSeat, root_of, seat_taker
+from gateway.seats import NoSeat, seat_taker
 from gateway.state import billed_counters
 from gateway.store.db import Database
 from gateway.terms import validate as validate_terms

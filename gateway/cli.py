@@ -419,7 +419,8 @@ async def _seat(settings: Settings, db: Any, billable: str) -> Any:
     from gateway.engine import Engine
     from gateway.errors import RedisReplyError, RedisUnavailable
     from gateway.ids import billable as billable_id
-    from gateway.seats import root_of, seat_taker
+    from gateway.members import root_of
+    from gateway.seats import seat_taker
     from gateway.store.redis import open_redis
 
     if not Path(settings.plans).exists():

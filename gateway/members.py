@@ -72,6 +72,15 @@ async def parent_of(db: Database, billable: str) -> tuple[str, MemberTerms | Non
     return None if row is None else (row.parent, MemberTerms.from_json(row.terms) if row.terms else None)
 
 
+async def root_of(db: Database, billable: str) -> str:
+    """The org `billable` belongs to, as the record says now: itself, its parent, or its parent's parent."""
+    found = await parent_of(db, billable)
+    if found is None:
+        return billable
+    above = await parent_of(db, found[0])
+    return found[0] if above is None else above[0]
+
+
 async def set_parent(db: Database, billable: str, parent: str | None) -> None:
     """Make `billable` a team of `parent` (None: a billable of its own again, its terms dropped)."""
     billable_id(billable, "billable")

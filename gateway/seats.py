@@ -22,14 +22,6 @@ class NoSeat(GatewayError):
     """A key beyond the plan's seats: answered 403 urn:gateway:no-seat with this sentence."""
 
 
-async def root_of(db: Database, billable: str) -> str:
-    """The org a billable belongs to (itself when it has no parent)."""
-    t = billable_members.c
-    async with db.engine.connect() as conn:
-        parent = (await conn.execute(sa.select(t.parent).where(t.billable == billable))).scalar_one_or_none()
-    return parent if parent is not None else billable
-
-
 async def seats_used(conn: AsyncConnection, root: str) -> int:
     """Live API keys of the org and of its teams."""
     t, k = billable_members.c, api_keys.c
