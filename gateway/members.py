@@ -132,15 +132,6 @@ async def set_terms(db: Database, member: str, terms: MemberTerms | None, *, par
         raise BadRequest(f"{member} has no parent: give it one first (PUT /_gateway/admin/billables/{member}/parent).")
 
 
-async def members_of(db: Database, root: str) -> list[str]:
-    """Every member under `root`: its teams and keys, and the keys of its teams."""
-    t = billable_members.c
-    async with db.engine.connect() as conn:
-        direct = list((await conn.execute(sa.select(t.billable).where(t.parent == root))).scalars())
-        below = list((await conn.execute(sa.select(t.billable).where(t.parent.in_(direct)))).scalars()) if direct else []
-    return [*direct, *below]
-
-
 # ---- the serving cache -----------------------------------------------------------------------------
 
 

@@ -189,10 +189,6 @@ class Snapshot:
     def recharge(self) -> Recharge:
         return Recharge.of(self.state)
 
-    @property
-    def holds_expiring(self) -> bool:
-        return "hx" in self.state
-
 
 def change_counter(state: dict[str, str]) -> int:
     return int(state.get("chg", 0))
