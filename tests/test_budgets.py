@@ -420,3 +420,25 @@ def test_a_members_check_settles_at_every_level_in_one_call(tmp_path: Any) -> No
 
     with RedisServer() as server:
         asyncio.run(main(server))
+
+
+def test_a_members_idempotent_check_is_decided_once_at_every_level(run: Run) -> None:
+    """A consuming check by a key with terms, with an Idempotency-Key: the record (the script's last key) is
+    not taken for a member level, the levels count the request once, and the retry takes nothing more."""
+    from gateway.check import Checker
+
+    async def fn(w: World) -> None:
+        key = await org_team_key(w, team=terms(credits=100), key=terms(credits=10))
+        checker = Checker(w.engine)
+        first = await checker.check(key, route="POST /images", consume=True, idempotency_key="once-1")
+        again = await checker.check(key, route="POST /images", consume=True, idempotency_key="once-1")
+        assert first.allowed and again.allowed and again.hold == first.hold
+        assert [await w.member_field("org_1", m, "c:s") for m in (key, "team_a")] == ["5", "5"]
+        def text(v: Any) -> str:
+            return v.decode() if isinstance(v, bytes) else str(v)
+
+        for m in (key, "team_a"):
+            fields = {text(k): text(v) for k, v in (await w.raw.hgetall(member_key(w.prefix, "org_1", m))).items()}
+            assert [v for k, v in fields.items() if k.startswith("qr:")] == ["1"], fields  # the request, once
+
+    run(fn)

@@ -121,12 +121,13 @@ end
 -- The usage history's counters (gateway/state/fields.py): requests, units, credits, would-be denials in shadow.
 local USAGE_COUNTERS = {'qr:', 'qu:', 'qc:', 'qs:'}
 
--- Every member level's usage history changes as its root's did: `counted` holds the root's changes, in
--- USAGE_COUNTERS' order, under `usage_key`.
-local function members_usage(usage_key, counted)
-  for i = 4, #KEYS do
+-- The usage history of the `count` member levels (KEYS[4] on) changes as its root's did: `counted` holds
+-- the root's changes, in USAGE_COUNTERS' order, under `usage_key`. (A key after them is not a level's:
+-- decide.lua's idempotency record.)
+local function members_usage(count, usage_key, counted)
+  for i = 1, count do
     for j, prefix in ipairs(USAGE_COUNTERS) do
-      if counted[j] ~= 0 then add_to(KEYS[i], prefix .. usage_key, counted[j]) end
+      if counted[j] ~= 0 then add_to(KEYS[3 + i], prefix .. usage_key, counted[j]) end
     end
   end
 end
@@ -140,14 +141,14 @@ local function members_commit(levels, decided, usage_key, counted)
     if #writes > 0 then redis.call('HSET', KEYS[3 + i], unpack(writes)) end
     redis.call('HSET', KEYS[1], 'mb:' .. levels[i].id, KEYS[3 + i])
   end
-  members_usage(usage_key, counted)
+  members_usage(#levels, usage_key, counted)
 end
 
 -- settle.lua's give-back at every member level, from the hold's `m` (decoded, one entry per KEYS[4..]):
 -- limit units back when `back`, and the credits moved to what is owed (`owed` nil keeps them); the usage
 -- history changed as the root's (`counted`, under `usage_key`).
 local function members_settle(held, back, owed, usage_key, counted)
-  members_usage(usage_key, counted)
+  members_usage(#held, usage_key, counted)
   for i, m in ipairs(held) do
     local key = KEYS[3 + i]
     if back then
