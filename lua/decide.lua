@@ -279,9 +279,10 @@ for _, l in ipairs(spec.l or {}) do
 end
 
 -- Member levels (a key's, a team's own terms): a violation at any level denies at every level.
-local member = nil
+local member, members = nil, nil
 if #levels > 0 then
-  member = members_decide(levels, now, bounds, spec.cr and (cost_override or spec.cr.c) or 0, spec.l or {}, window)
+  members = members_lib()
+  member = members.decide(levels, now, bounds, spec.cr and (cost_override or spec.cr.c) or 0, spec.l or {}, window)
   for _, v in ipairs(member.violations) do violate(v) end
 end
 
@@ -404,7 +405,7 @@ elseif admitted then
   end
   redis.call('HSET', S, unpack(writes))
   if member then
-    members_commit(levels, member, usage_key, {1, units, taken, (#violations > 0 or caller_shadowed) and 1 or 0})
+    members.commit(levels, member, usage_key, {1, units, taken, (#violations > 0 or caller_shadowed) and 1 or 0})
   end
 else
   -- A denial consumes nothing; it only remembers which block events it has sent.

@@ -80,7 +80,7 @@ end
 
 if op == 'release' then
   give_back_cap(release[1], release[2], release[3])
-  members_release(release[1], release[2])
+  if #KEYS > 3 then members_lib().release(release[1], release[2]) end
   redis.call('HINCRBY', S, 'chg', 1)
   return {'ok'}
 end
@@ -195,9 +195,9 @@ end
 
 if close and release then
   give_back_cap(release[1], release[2], release[3])
-  members_release(release[1], release[2])
+  if #KEYS > 3 then members_lib().release(release[1], release[2]) end
 end
-members_settle(hold.m, ARGV[2] == 'back', owed, usage_key, counted)
+if #hold.m > 0 then members_lib().settle(hold.m, ARGV[2] == 'back', owed, usage_key, counted) end
 redis.call('HINCRBY', S, 'chg', 1)
 if #events > 0 then
   local seq = num('eseq', 0)
