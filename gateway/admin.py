@@ -28,6 +28,7 @@ from gateway.envelope import caused_event
 from gateway.errors import (
     BadRequest,
     CatalogError,
+    Conflict,
     DatabaseUnavailable,
     GatewayError,
     InvalidOverrides,
@@ -212,6 +213,8 @@ class Endpoints:
             await http_problem(exc, scope["method"], scope["path"])(scope, receive, send)
         except BadRequest as exc:  # an id, a number or a body outside its rule, from any endpoint
             await refused(exc)(scope, receive, send)
+        except Conflict as exc:  # well formed, but clashing with the state it would change
+            await problem(409, "urn:gateway:conflict", "Conflict", str(exc))(scope, receive, send)
         except KeyRevoked as exc:  # the client's own endpoints, with a key revoked since
             await problem(401, "urn:gateway:unauthorized", "Unauthorized", str(exc))(scope, receive, send)
 
@@ -386,14 +389,14 @@ class Endpoints:
         )
 
     async def _balance_stays_exact(self, billable: str, amount: int) -> int | None:
-        """BadRequest when the grant would take the live balance past ±MAX_INT (skipped while Redis is down:
+        """Conflict (409) when the grant would take the live balance past ±MAX_INT (skipped while Redis is down:
         the record still bounds what is granted). Answers the balance (None while Redis is down)."""
         try:
             balance: int | None = (await self.engine.status(billable))["credits"]["balance"]
         except (RedisUnavailable, StateUnavailable):
             return None
         if balance is not None and abs(balance + amount) > MAX_INT:
-            raise BadRequest(f"amount: this grant would take the balance of {billable} from {balance} to {balance + amount}, past ±{MAX_INT}.")
+            raise Conflict(f"amount: this grant would take the balance of {billable} from {balance} to {balance + amount}, past ±{MAX_INT}.")
         return balance
 
     async def set_limit(self, request: Request) -> Response:

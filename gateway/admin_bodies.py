@@ -28,6 +28,12 @@ class KeyQuestion(TypedDict, total=False):
     name: Annotated[str, Field(max_length=MAX_NAME, pattern=RECORDABLE)]
 
 
+class ParentQuestion(TypedDict):
+    """`PUT /_gateway/admin/billables/{billable}/parent`: the org (or team) it is a member of."""
+
+    parent: ids.BillableId
+
+
 class PlanQuestion(TypedDict):
     """`PUT /_gateway/admin/billables/{billable}/plan` (the plan is one of the running catalog's)."""
 

@@ -110,13 +110,21 @@ def unrecordable(doc: Any) -> str | None:
 
 
 def integer(body: Mapping[str, Any], name: str, *, low: int = -MAX_INT, high: int = MAX_INT) -> int:
-    """The whole number at `body[name]` within [low, high] (a bool, a float like 10.0 or 1e20 is not one)."""
-    value = body.get(name)
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-        return value
+    """The whole number at `body[name]` within [low, high]: BadRequest naming `name` when it is missing."""
     if name not in body:
-        shown = "missing"
-    elif isinstance(value, dict | list):
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, missing.")
+    return whole(body[name], name, low=low, high=high)
+
+
+def whole(value: Any, name: str, *, low: int = -MAX_INT, high: int = MAX_INT) -> int:
+    """`value` as a whole number within [low, high]. A float with nothing after the point (10.0, as a JSON
+    encoder may write 10) is that number; 1.5, a bool, a string or a number out of range is a BadRequest."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if low <= value <= high:
+            return value
+    elif isinstance(value, float) and value.is_integer() and low <= value <= high:
+        return int(value)
+    if isinstance(value, dict | list):
         shown = f"not {'an object' if isinstance(value, dict) else 'an array'}"
     else:
         shown = f"not {json.dumps(value)[:40]}"

@@ -24,7 +24,7 @@ from typing import Any, Literal, NotRequired, cast
 from typing_extensions import TypedDict
 
 from gateway import idempotency
-from gateway.bounds import MAX_INT
+from gateway.bounds import MAX_INT, whole
 from gateway.catalog import Catalog, Operation, Route, RouteConfig, _nearest
 from gateway.decision import Decision
 from gateway.engine import UNMATCHED, Engine
@@ -37,7 +37,7 @@ from gateway.settlement import Settle, releases, settlement
 
 Outcome = Literal["success", "failure"]
 
-_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # A hold id: the holds hash's field, then (newer ones) a tag naming what it was taken for, ".", the billable.
 _FIELD, _TAG = "[0-9a-f]{16}", "[0-9a-f]{12}"
 HOLD_ID = f"{_FIELD}(?:{_TAG})?"  # what comes before the "."
@@ -308,15 +308,13 @@ class Checker:
             raise BadRequest(f"Name one of route, feature, limit or operation ({named}).")
         if units is not None and (isinstance(units, bool) or not isinstance(units, int | float) or not 0 <= units <= MAX_INT):
             raise BadRequest(f"units must be a number from 0 to {MAX_INT}.")
+        cost = 1 if by is None else whole(by, "by", low=0)  # checked whatever is asked, used by a limit's
         if route is not None:
             return self._route_question(route, units)
         if feature is not None:
             return _Question(self._own("feature", _known(feature, "feature", self.catalog.feature_names)))
         if limit is not None:
             name = _known(limit, "limit", self.catalog.limit_kinds)
-            cost = 1 if by is None else by
-            if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_INT:
-                raise BadRequest(f"by must be a whole number from 0 to {MAX_INT}.")
             return _Question(self._own("limit", name, cost))
         assert operation is not None
         name = _known(operation, "operation", self.catalog.operations)
@@ -328,8 +326,8 @@ class Checker:
     def _route_question(self, text: str, units: float | None) -> _Question:
         method, _, path = text.strip().partition(" ")
         method, path = method.upper(), path.strip()
-        if method not in _METHODS or not path.startswith("/"):
-            raise BadRequest(f'route must be "METHOD /path" like "POST /v1/images" (METHOD one of {", ".join(_METHODS)}), not {text[:80]!r}.')
+        if method not in METHODS or not path.startswith("/"):
+            raise BadRequest(f'route must be "METHOD /path" like "POST /v1/images" (METHOD one of {", ".join(METHODS)}), not {text[:80]!r}.')
         try:
             found = canonical(encoded(path.partition("?")[0]))
         except BadPath as exc:

@@ -19,13 +19,17 @@ from gateway import ids
 from gateway.bounds import MAX_INT
 from gateway.check import HOLD_ID, Checker, HoldNotOpen, Outcome, hold_billable
 from gateway.errors import BadRequest, DatabaseUnavailable, RedisUnavailable, StateUnavailable
-from gateway.idempotency import KeyReused, StillAnswering, key_from
+from gateway.idempotency import KEY_PATTERN, MAX_KEY_LENGTH, KeyReused, StillAnswering, key_from
 from gateway.ids import billable as billable_id
 from gateway.problems import json_body, problem
 
 Identify = Callable[[Request], Awaitable[str | None]]
 
 Units = Annotated[float, Field(ge=0, le=MAX_INT)]
+# The Idempotency-Key header may stand in for it (both: the same key); the document declares the member only,
+# as OpenAPI cannot say "one of a header and a member".
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH, pattern=KEY_PATTERN,
+                                      description="Or the Idempotency-Key header (both: the same key)")]  # fmt: skip
 
 
 class CheckQuestion(TypedDict, total=False):
@@ -33,15 +37,16 @@ class CheckQuestion(TypedDict, total=False):
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]  # _only refuses any other field
 
-    billable: ids.BillableId  # with the admin token; the key's own otherwise
-    route: str  # "POST /v1/images"
-    feature: str
-    limit: str
-    by: Annotated[int, Field(ge=0, le=MAX_INT)]
-    operation: str
-    units: Units
+    billable: Required[ids.BillableId]  # with the admin token; a key's holder may leave it out (the key's own)
+    # null is as if left out, for each of the rest but consume
+    route: str | None  # "POST /v1/images"
+    feature: str | None
+    limit: str | None
+    by: Annotated[int, Field(ge=0, le=MAX_INT)] | None
+    operation: str | None
+    units: Units | None
     consume: bool
-    idempotency_key: str  # or the Idempotency-Key header: a consuming check retried with it answers the first answer
+    idempotency_key: IdempotencyKey | None  # a consuming check retried with it answers the first answer
 
 
 class SettleQuestion(TypedDict, total=False):
@@ -51,8 +56,8 @@ class SettleQuestion(TypedDict, total=False):
 
     hold: Required[Annotated[str, Field(pattern=f"^{HOLD_ID}\\.{ids.PATTERN}$")]]  # check.hold_billable's rule
     outcome: Required[Outcome]
-    units: Units
-    idempotency_key: str  # or the Idempotency-Key header: a settle retried with it answers the first answer
+    units: Units | None  # null: as if left out
+    idempotency_key: IdempotencyKey | None  # a settle retried with it answers the first answer
 
 
 _CHECK_FIELDS = tuple(name for name in CheckQuestion.__annotations__ if not name.startswith("__"))
@@ -105,14 +110,12 @@ class CheckEndpoints:
             if named is not None and billable_id(named, "billable") != own:
                 return _forbidden(f"These credentials are {own}'s: they cannot check {named}.")
         for name in ("route", "feature", "limit", "operation"):
-            if name in body and not isinstance(body[name], str):
+            if body.get(name) is not None and not isinstance(body[name], str):
                 raise BadRequest(f"{name} must be a string.")
         consume = body.get("consume", False)
         if not isinstance(consume, bool):
             raise BadRequest("consume must be true or false.")
         by = body.get("by")
-        if by is not None and (isinstance(by, bool) or not isinstance(by, int) or not 0 <= by <= MAX_INT):
-            raise BadRequest(f"by must be a whole number from 0 to {MAX_INT}.")
         result = await self.checker.check(
             billable, route=body.get("route"), feature=body.get("feature"), limit=body.get("limit"), by=by,
             operation=body.get("operation"), units=_units(body), consume=consume, idempotency_key=_key(request, body),

@@ -96,6 +96,13 @@ class BadRequest(GatewayError):
     status = 400
 
 
+class Conflict(GatewayError):
+    """A request that is well formed but clashes with the state it would change (terms for a billable with
+    no parent, a plan archived): answered 409."""
+
+    status = 409
+
+
 class InvalidOverrides(BadRequest):
     """A billable's overrides that break the catalog's rules; `problems` lists each with its place."""
 

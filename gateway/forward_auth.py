@@ -30,7 +30,7 @@ from gateway.errors import BadRequest
 from gateway.headers import IDENTITY
 from gateway.paths import canonical
 
-__all__ = ["PATH", "admit", "answering", "asked", "asks"]
+__all__ = ["METHOD", "PATH", "SOURCES", "admit", "answering", "asked", "asks"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -39,8 +39,9 @@ Send = Callable[[Message], Awaitable[None]]
 PATH = b"/_gateway/auth"
 PROBLEM_HEADER = b"x-gateway-problem"
 _NGINX = ("X-Original-Method", "X-Original-URI")
-_SOURCES = (("X-Forwarded-Method", "X-Forwarded-Uri"), _NGINX)
-_METHOD = re.compile(rb"[A-Z][A-Z_-]{0,31}")  # what nginx accepts as a method; routes name upper-case ones
+SOURCES = (("X-Forwarded-Method", "X-Forwarded-Uri"), _NGINX)  # the header pairs that name the request
+METHOD = "[A-Z][A-Z_-]{0,31}"  # what nginx accepts as a method; routes name upper-case ones
+_METHOD = re.compile(METHOD.encode())
 _WHICH = (
     "X-Original-Method and X-Original-URI (nginx auth_request), X-Forwarded-Method and X-Forwarded-Uri "
     "(Traefik, Caddy), or the path after /_gateway/auth (Envoy ext_authz)"
@@ -68,7 +69,7 @@ def asked(scope: Scope, raw_path: bytes) -> Scope:
     if suffix:
         query = scope.get("query_string", b"")
         named["the path after /_gateway/auth"] = (scope["method"].encode(), suffix + b"?" + query if query else suffix)
-    for method_header, uri_header in _SOURCES:
+    for method_header, uri_header in SOURCES:
         method, uri = _one(headers, method_header), _one(headers, uri_header)
         if method is None and uri is None:
             continue

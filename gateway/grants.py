@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.bounds import MAX_INT
 from gateway.engine import Engine
-from gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
+from gateway.errors import Conflict, DatabaseUnavailable, GatewayError, RedisUnavailable, StateUnavailable
 from gateway.store import db as tables
 from gateway.store.db import Database, answering
 
@@ -115,7 +115,7 @@ class Grants:
         # Under the sequence row's lock: what the record has granted this billable stays within ±MAX_INT.
         total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(grants.c.amount), 0)).where(grants.c.billable == billable))).scalar()
         if abs(int(total or 0) + amount) > MAX_INT:
-            raise BadRequest(
+            raise Conflict(
                 f"amount: this grant would take the credits granted to {billable} to {int(total or 0) + amount}, "
                 f"past ±{MAX_INT}."
             )

@@ -23,6 +23,7 @@ from gateway.errors import BadRequest, GatewayError
 
 LIFETIME = 86_400  # seconds a key is remembered (Stripe's: 24 h)
 MAX_KEY_LENGTH = 255
+KEY_PATTERN = "^[\\x20-\\x7e]+$"  # printable ASCII, as key_from checks it (for the OpenAPI document)
 _WAIT = 5.0  # seconds a retry waits for the first request's answer before answering 409
 
 

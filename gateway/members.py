@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from gateway.coalesce import Coalescer
-from gateway.errors import BadRequest, DatabaseUnavailable
+from gateway.errors import BadRequest, Conflict, DatabaseUnavailable
 from gateway.ids import billable as billable_id
 from gateway.store.db import Database, billable_members, billable_overrides
 from gateway.terms import MemberTerms
@@ -93,13 +93,13 @@ async def set_parent(db: Database, billable: str, parent: str | None) -> None:
         return
     billable_id(parent, "parent")
     if parent == billable:
-        raise BadRequest(f"parent: {billable} cannot be its own parent.")
+        raise Conflict(f"parent: {billable} cannot be its own parent (a cycle of one).")
     async with db.engine.begin() as conn:
         above = (await conn.execute(sa.select(t.c.parent).where(t.c.billable == parent))).scalar_one_or_none()
         if above == billable:
-            raise BadRequest(f"parent: {parent} is a member of {billable} already: making {billable} its member would be a cycle.")
+            raise Conflict(f"parent: {parent} is a member of {billable} already: making {billable} its member would be a cycle.")
         if above is not None:
-            raise BadRequest(
+            raise Conflict(
                 f"parent: {parent} is itself a member of {above}: two levels at most (org → team → key); "
                 f"give {billable} the parent {above}."
             )
@@ -107,7 +107,7 @@ async def set_parent(db: Database, billable: str, parent: str | None) -> None:
             sa.select(t.c.billable).where(t.c.parent == billable, ~t.c.billable.startswith(KEY_MEMBER)).limit(3)
         )).scalars().all()  # fmt: skip
         if teams:
-            raise BadRequest(
+            raise Conflict(
                 f"parent: {billable} has members of its own ({', '.join(teams)}): two levels at most (org → team → key)."
             )
         insert = db.insert(t).values(billable=billable, parent=parent, updated_at=datetime.now(UTC))
@@ -129,7 +129,7 @@ async def set_terms(db: Database, member: str, terms: MemberTerms | None, *, par
             return
         found = (await conn.execute(t.update().where(t.c.billable == member).values(terms=terms.to_json() if terms else None, updated_at=now))).rowcount
     if found != 1:
-        raise BadRequest(f"{member} has no parent: give it one first (PUT /_gateway/admin/billables/{member}/parent).")
+        raise Conflict(f"{member} has no parent: give it one first (PUT /_gateway/admin/billables/{member}/parent).")
 
 
 # ---- the serving cache -----------------------------------------------------------------------------

@@ -18,13 +18,17 @@ from starlette.routing import BaseRoute, Route
 from gateway import __version__, admin_bodies
 from gateway.admin_bodies import RECORDABLE
 from gateway.catalog import Catalog
+from gateway.check import METHODS as CHECKED_METHODS
 from gateway.check import CheckAnswer, SettleAnswer
 from gateway.check_http import CheckQuestion, SettleQuestion
+from gateway.forward_auth import METHOD, SOURCES
 from gateway.forward_auth import PATH as AUTH_PATH
-from gateway.idempotency import MAX_KEY_LENGTH
 from gateway.identity import ID_LENGTH
 from gateway.ids import BillableId
+from gateway.overrides import Overrides
+from gateway.paths import RAW_PATH, SEGMENT_TEXT
 from gateway.problems import PROBLEM_JSON, Problem
+from gateway.terms import MemberTerms
 from gateway.usage import PERIOD
 from gateway.web import links
 
@@ -34,7 +38,7 @@ _REF = "#/components/schemas/{model}"
 _QUESTIONS: tuple[Any, ...] = (
     CheckQuestion, SettleQuestion, admin_bodies.KeyQuestion, admin_bodies.PlanQuestion, admin_bodies.GrantQuestion,
     admin_bodies.LimitQuestion, admin_bodies.SuspensionQuestion, admin_bodies.AutoRechargeQuestion,
-    admin_bodies.AccountLinkQuestion,
+    admin_bodies.AccountLinkQuestion, admin_bodies.ParentQuestion, MemberTerms, Overrides,
 )  # fmt: skip
 _SCHEMAS: tuple[Any, ...] = (Problem, CheckAnswer, SettleAnswer, *_QUESTIONS)
 _BILLABLE = "/_gateway/admin/billables/{billable}"
@@ -49,10 +53,11 @@ _BODIES: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("put", f"{_BILLABLE}/suspension"): ("SuspensionQuestion", None),
     ("put", f"{_BILLABLE}/auto-recharge"): ("AutoRechargeQuestion", None),
     ("post", f"{_BILLABLE}/account-link"): ("AccountLinkQuestion", None),
+    ("put", f"{_BILLABLE}/parent"): ("ParentQuestion", None),
+    ("put", f"{_BILLABLE}/terms"): ("MemberTerms", None),
+    ("put", "/_gateway/admin/keys/{key_id}/terms"): ("MemberTerms", None),
+    ("put", f"{_BILLABLE}/overrides"): ("Overrides", None),
 }
-# Where an Idempotency-Key is read (gateway/idempotency.py), and its rule.
-_IDEMPOTENT = {("post", "/_gateway/check"), ("post", "/_gateway/settle")}
-_IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[\\x20-\\x7e]+$"}
 # Any JSON the record can keep (no NUL in a string or a key): what a body's fields beyond its own may be.
 _RECORDABLE_JSON = {"anyOf": [
     {"type": "string", "pattern": RECORDABLE}, {"type": ["number", "boolean", "null"]},
@@ -71,7 +76,11 @@ _SECURITY = {
 _CUSTOMER: list[dict[str, list[str]]] = [{"apiKey": []}, {"apiKeyHeader": []}]
 _BY_CUSTOMER = frozenset({"/_gateway/usage", "/_gateway/check", "/_gateway/settle"})
 _FORWARD_AUTH_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")  # any: all OpenAPI has
-_EDGE_HEADERS = ("X-Original-Method", "X-Original-URI", "X-Forwarded-Method", "X-Forwarded-Uri")
+# A request the edge names: a method, and a path the canonical-path rules take, with its query.
+_EDGE_METHOD = {"type": "string", "pattern": f"^{METHOD}$"}
+_QUERY = "(?:\\?[\\x20-\\x7e]*)?"
+_EDGE_URI = {"type": "string", "pattern": f"^{RAW_PATH}{_QUERY}$"}
+_NOTHING: dict[str, Any] = {"not": {}}  # a name the catalog has none of
 _DESCRIPTION = "The gateway's own endpoints under /_gateway: the admin API, check and settle, the customer's usage, forward-auth."
 _MEDIA = {"/_gateway/pricing": "text/html", "/_gateway/metrics": "text/plain"}  # the rest answer JSON
 _PUBLIC = frozenset({"/_gateway/health", "/_gateway/pricing", "/_gateway/stripe/webhook"})
@@ -106,9 +115,6 @@ def _operation(verb: str, route: Route, admin: bool, catalog: Catalog) -> dict[s
     parameters = [{"name": name, "in": "path", "required": True, "schema": _path_schema(name, path, catalog)}
                   for name in route.param_convertors]  # fmt: skip
     parameters += _query(path, catalog)
-    if (verb, path) in _IDEMPOTENT:
-        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": _IDEMPOTENCY_KEY,
-                           "description": "A retry with the same key within 24 h answers the first answer and takes nothing more"})  # fmt: skip
     if parameters:
         operation["parameters"] = parameters
     if admin:
@@ -125,6 +131,9 @@ def _operation(verb: str, route: Route, admin: bool, catalog: Catalog) -> dict[s
     if question is not None:  # an empty body is {}: required when the question has a required field
         needed = bool(_QUESTION_REQUIRED.get(question))
         operation["requestBody"] = {"required": needed, "content": {"application/json": {"schema": _ref(question)}}}
+    elif (verb, path) == ("post", "/_gateway/admin/catalog"):
+        toml = {"type": "string", "description": "A plans.toml, checked by the catalog's own rules"}
+        operation["requestBody"] = {"required": True, "content": {"text/plain": {"schema": toml}}}
     elif verb in ("post", "put"):
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
     answered = _ref(answer) if answer is not None else {}
@@ -152,10 +161,19 @@ def _page(verb: str, path: str, operation: dict[str, Any]) -> dict[str, Any]:
 
 
 def _forward_auth(verb: str, path: str) -> dict[str, Any]:
-    parameters = [{"name": name, "in": "header", "required": False, "schema": {"type": "string"}} for name in _EDGE_HEADERS]
+    """Envoy names the request by the path after /_gateway/auth; the others by one header pair. OpenAPI cannot
+    say "one of two pairs", so the document declares the first (Traefik's, Caddy's) and names nginx's."""
     if path.endswith("}"):
-        parameters.insert(0, {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
-                              "description": "Envoy's: the request to decide, after its path_prefix"})  # fmt: skip
+        parameters = [{"name": "path", "in": "path", "required": True, "schema": {"type": "string", "pattern": f"^{SEGMENT_TEXT}$"},
+                       "description": "Envoy's: the request to decide, after its path_prefix (asked with its own method)"}]  # fmt: skip
+    else:
+        (method, uri), (nginx_method, nginx_uri) = SOURCES
+        parameters = [
+            {"name": method, "in": "header", "required": True, "schema": _EDGE_METHOD,
+             "description": f"The method of the request to decide ({nginx_method} in its place: nginx auth_request)"},
+            {"name": uri, "in": "header", "required": True, "schema": _EDGE_URI,
+             "description": f"Its path and query ({nginx_uri} in its place: nginx auth_request)"},
+        ]  # fmt: skip
     identity = {name: {"schema": {"type": "string"}} for name in ("X-Billable-Id", "X-Plan")}
     admitted = {"description": "Admitted: copy the identity upstream, the quota headers to the client", "headers": identity}
     return {
@@ -222,4 +240,34 @@ def _schemas(catalog: Catalog) -> dict[str, Any]:
             schema |= {"propertyNames": {"pattern": RECORDABLE}, "additionalProperties": _ref("RecordableJson")}
         out[typed.__name__] = schema
     out["PlanQuestion"]["properties"]["plan"]["enum"] = list(catalog.plans)
+    _ask_one(out["CheckQuestion"], catalog)
+    for terms in (out["MemberTerms"], out["Overrides"]):  # names the running catalog has; at least one term
+        _named(terms, catalog)
     return dict(sorted(out.items()))
+
+
+def _named(terms: dict[str, Any], catalog: Catalog) -> None:
+    fields, features = terms["properties"], sorted(catalog.feature_names)
+    fields["limits"]["propertyNames"] = {"enum": sorted(catalog.limit_kinds)}
+    for listed in ("allows", "disallows"):
+        if listed in fields:
+            fields[listed]["items"] = {"type": "string", "enum": features} if features else _NOTHING
+    terms["minProperties"] = 1
+
+
+def _ask_one(question: dict[str, Any], catalog: Catalog) -> None:
+    """A check names exactly one of a route, a feature, a limit or an operation, each one the running catalog
+    has (gateway/check.py's rules); an operation priced from the request needs its units."""
+    names = {"feature": sorted(catalog.feature_names), "limit": sorted(catalog.limit_kinds), "operation": sorted(catalog.operations)}
+    fields = question["properties"]
+    methods = "|".join("".join(f"[{c}{c.lower()}]" for c in method) for method in CHECKED_METHODS)
+    fields["route"] = {"type": "string", "pattern": f"^(?:{methods}) /{SEGMENT_TEXT}(?:/{SEGMENT_TEXT})*{_QUERY}$",
+                       "description": 'The request to decide, as "METHOD /path"'}  # fmt: skip
+    fields["route"] = {"anyOf": [fields["route"], {"type": "null"}]}
+    for name, known in names.items():
+        fields[name] = {"anyOf": [{"type": "string", "enum": known}, {"type": "null"}]} if known else {"type": "null"}
+    asked = ("route", *(name for name, known in names.items() if known))
+    question["oneOf"] = [{"required": [name], "properties": {name: {"type": "string"}}} for name in asked]  # null: not named
+    priced = sorted(name for name, spend in catalog.operations.items() if spend.units_source is not None and not spend.metered)
+    if priced:
+        question["allOf"] = [{"if": {"properties": {"operation": {"enum": priced}}, "required": ["operation"]}, "then": {"required": ["units"]}}]

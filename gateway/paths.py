@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
-__all__ = ["BadPath", "canonical", "encoded"]
+__all__ = ["RAW_PATH", "SEGMENT_TEXT", "BadPath", "canonical", "encoded"]
 
 # A canonical path made only of characters it may hold raw, no empty segment but a final one, and no
 # segment starting with a dot (maybe `.` or `..`; a dotfile's name only costs the slow path).
@@ -33,6 +33,20 @@ _ENCODED_DELIMITERS = {0x2F: '"/"', 0x5C: '"\\"', 0x3F: '"?"', 0x23: '"#"', 0x3B
 _RAW_REFUSED = {0x23: 'a raw "#"', 0x3F: 'a raw "?"', 0x5C: 'a raw "\\" (some servers read it as "/")',
                 0x3B: 'a ";" parameter'}
 _SHOWN = 64  # characters of a segment quoted in a refusal
+
+# The same rules as regular expressions, for the OpenAPI document (tests/test_paths.py holds them to
+# canonical()): RAW_PATH, an ASCII path as sent that canonical() takes (its non-ASCII escapes left out: UTF-8
+# is more than a pattern should say); SEGMENT_TEXT, one decoded segment it keeps (not "..", no delimiter, no
+# control character).
+_CHAR = "[ !\"$&'()*+,\\-0-9:<=>@A-Z\\[\\]^_`a-z{|}~]"  # a raw octet but ".", "/", "%" and the refused ones
+_ESCAPE = "%(?:2[0-24-9A-Da-d]|3[0-9ACDEacde]|[46][0-9A-Fa-f]|5[0-9ABD-Fabd-f]|7[0-9A-Ea-e])"  # but %2E, "." too
+_DOT = "(?:\\.|%2[Ee])"
+_UNIT = f"(?:{_CHAR}|{_ESCAPE}|{_DOT})"
+_OTHER = f"(?:{_CHAR}|{_ESCAPE})"
+_SEGMENT = f"(?:{_OTHER}{_UNIT}*|{_DOT}(?:{_OTHER}{_UNIT}*)?|{_DOT}{_DOT}{_UNIT}+)?"  # not ".." (nor "."... but alone)
+RAW_PATH = f"(?:/{_SEGMENT})+"
+_TEXT = "[^\\x00-\\x1f\\x7f-\\x9f/\\\\?#;]"
+SEGMENT_TEXT = f"(?:[^.\\x00-\\x1f\\x7f-\\x9f/\\\\?#;]{_TEXT}*|\\.(?:[^.\\x00-\\x1f\\x7f-\\x9f/\\\\?#;]{_TEXT}*)?|\\.\\.{_TEXT}+)?"
 
 
 class BadPath(ValueError):

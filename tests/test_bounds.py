@@ -25,7 +25,7 @@ from starlette.requests import Request
 from gateway.bounds import MAX_BODY, MAX_INT, loads, toml_too_deep
 from gateway.catalog import parse_catalog
 from gateway.engine import Engine
-from gateway.errors import BadRequest, TooLarge
+from gateway.errors import BadRequest, Conflict, TooLarge
 from gateway.identity import KeyStore
 from gateway.middleware import GatewayMiddleware
 from gateway.problems import read_body
@@ -115,6 +115,13 @@ def assert_bad_request(r: httpx.Response | tuple[int, dict[str, str], bytes], fi
     assert problem["type"] == "urn:gateway:bad-request" and problem["status"] == 400, (why, problem)
     assert field in problem["detail"], (why, problem["detail"])
     assert len(problem["detail"]) < 400, "a problem never echoes a whole oversized value"
+
+
+def assert_conflict(r: httpx.Response, field: str, why: Any = None) -> None:
+    """A well-formed request the state refuses (a balance it would take past its bound): 409, naming the field."""
+    assert r.status_code == 409, (why, r.status_code, r.text[:300])
+    problem = r.json()
+    assert problem["type"] == "urn:gateway:conflict" and field in problem["detail"], (why, problem)
 
 
 def raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -319,13 +326,14 @@ def test_fastapi_guard_refuses_ids_from_its_callable() -> None:
 # ---- whole numbers --------------------------------------------------------------------------------------------
 
 OUT_OF_RANGE = [2**53, 2**53 + 1, 10**20, -(2**53), -(2**63), 10**30]
-NOT_WHOLE = [1e20, 10.0, 1.5, -0.0, True, False, "5", None, [5], {"n": 5}]
+NOT_WHOLE = [1e20, 1.5, 2.0**53, True, False, "5", None, [5], {"n": 5}]
 
 
 def test_grant_amounts_are_whole_numbers_within_2_53(gw: Served) -> None:
     """2^53 - 1 is granted exactly (the record and Redis hold the same digits); 2^53 and past, -2^63, floats
-    like 1e20 or 10.0, and booleans are 400 naming `amount`; a grant that would take the balance past
-    2^53 - 1 is 400 too. After each refusal the record and Redis still agree."""
+    like 1e20 or 1.5, and booleans are 400 naming `amount` (10.0 is 10: some JSON encoders write whole numbers
+    so); a grant that would take the balance past
+    2^53 - 1 is 409 (the state, not the number, refuses it). After each refusal the record and Redis still agree."""
     org = "org_numbers"
     base = f"{gw.url}/_gateway/admin/billables/{org}"
 
@@ -345,13 +353,13 @@ def test_grant_amounts_are_whole_numbers_within_2_53(gw: Served) -> None:
     for bad in [*OUT_OF_RANGE, *NOT_WHOLE, 0]:
         assert_bad_request(grant(bad), "amount", bad)
         agree(MAX_INT)
-    assert_bad_request(grant(1), "past", "the balance would pass 2^53 - 1")
+    assert_conflict(grant(1), "past", "the balance would pass 2^53 - 1")
     agree(MAX_INT)
-    assert grant(-1).status_code == 200
+    assert grant(-3.0).status_code == 200 and grant(2.0).status_code == 200  # whole numbers, as floats
     agree(MAX_INT - 1)
-    assert_bad_request(grant(2), "past", "the balance would pass 2^53 - 1 again")
+    assert_conflict(grant(2), "past", "the balance would pass 2^53 - 1 again")
     assert grant(-MAX_INT).status_code == 200 and grant(-(MAX_INT - 1)).status_code == 200  # into debt: -(2^53 - 1)
-    assert_bad_request(grant(-1), "past", "the debt would pass 2^53 - 1")
+    assert_conflict(grant(-1), "past", "the debt would pass 2^53 - 1")
     state = gw.state(org)
     assert (state["c:p"], state["c:d"]) == ("0", str(MAX_INT))
     assert httpx.get(base, headers=ADMIN_HEADERS).json()["credits"]["balance"] == -MAX_INT
@@ -360,7 +368,7 @@ def test_grant_amounts_are_whole_numbers_within_2_53(gw: Served) -> None:
     pro = f"{gw.url}/_gateway/admin/billables/org_pro"
     assert httpx.put(f"{pro}/plan", json={"plan": "pro"}, headers=ADMIN_HEADERS).status_code == 200
     r = httpx.post(f"{pro}/credits", json={"amount": MAX_INT, "idempotency_key": "pro-1"}, headers=ADMIN_HEADERS)
-    assert_bad_request(r, "past", "1000 allowance + 2^53 - 1")
+    assert_conflict(r, "past", "1000 allowance + 2^53 - 1")
     r = httpx.post(f"{pro}/credits", json={"amount": MAX_INT - 1000, "idempotency_key": "pro-1"}, headers=ADMIN_HEADERS)
     assert r.status_code == 200 and r.json()["balance"] == MAX_INT
     again = httpx.post(f"{pro}/credits", json={"amount": MAX_INT - 1000, "idempotency_key": "pro-1"}, headers=ADMIN_HEADERS)
@@ -380,7 +388,7 @@ def test_grants_are_bounded_by_the_record_while_redis_is_down(tmp_path: Path, em
         grants = Grants(db, Engine(store, parse_catalog(CATALOG)))
         try:
             assert not (await grants.grant("org", MAX_INT - 5, idempotency_key="a")).applied
-            with pytest.raises(BadRequest, match="past"):
+            with pytest.raises(Conflict, match="past"):
                 await grants.grant("org", 6, idempotency_key="b")
             assert not (await grants.grant("org", 5, idempotency_key="c")).applied
             async with db.engine.connect() as conn:
@@ -404,11 +412,14 @@ def test_usage_and_recharge_numbers_are_whole_numbers_within_2_53(gw: Served) ->
     for bad in [*OUT_OF_RANGE, *NOT_WHOLE, -1]:
         assert_bad_request(httpx.put(f"{base}/limits/projects", json={"usage": bad}, headers=ADMIN_HEADERS), "usage", bad)
     assert gw.state(org)["u:projects"] == str(MAX_INT)
+    whole = httpx.put(f"{base}/limits/projects", json={"usage": 7.0}, headers=ADMIN_HEADERS)
+    assert whole.status_code == 200 and whole.json()["usage"] == 7 and gw.state(org)["u:projects"] == "7", whole.text
+    assert httpx.put(f"{base}/limits/projects", json={"usage": MAX_INT}, headers=ADMIN_HEADERS).status_code == 200
 
     ok = {"enabled": True, "amount_cents": MAX_INT, "threshold": MAX_INT}
     assert httpx.put(f"{base}/auto-recharge", json=ok, headers=ADMIN_HEADERS).json() == ok
     for name in ("amount_cents", "threshold"):
-        for bad in [*OUT_OF_RANGE, 1e20, 10.0, True, "5", [1], -1]:
+        for bad in [*OUT_OF_RANGE, 1e20, 1.5, True, "5", [1], -1]:
             assert_bad_request(httpx.put(f"{base}/auto-recharge", json={**ok, name: bad}, headers=ADMIN_HEADERS), name, (name, bad))
     assert_bad_request(httpx.put(f"{base}/auto-recharge", json={**ok, "enabled": 1}, headers=ADMIN_HEADERS), "enabled")
     state = gw.state(org)

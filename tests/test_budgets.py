@@ -20,7 +20,7 @@ from services import RedisCluster, raw_redis, shared_redis_url
 from gateway.catalog import Catalog, parse_catalog
 from gateway.decision import Decision
 from gateway.engine import Engine
-from gateway.errors import BadRequest
+from gateway.errors import Conflict
 from gateway.members import Members, key_member, set_parent, set_terms
 from gateway.reconcile import connect
 from gateway.state import Restored, member_key
@@ -281,16 +281,16 @@ def test_parents_two_levels_at_most_and_no_cycle(empty_db_url: str) -> None:
         await db.upgrade()
         try:
             await set_parent(db, "team_a", "org_1")
-            with pytest.raises(BadRequest, match="org_1 cannot be its own parent"):
+            with pytest.raises(Conflict, match="org_1 cannot be its own parent"):
                 await set_parent(db, "org_1", "org_1")
-            with pytest.raises(BadRequest, match="team_a is a member of org_1 already: .* a cycle"):
+            with pytest.raises(Conflict, match="team_a is a member of org_1 already: .* a cycle"):
                 await set_parent(db, "org_1", "team_a")
-            with pytest.raises(BadRequest, match=r"team_a is itself a member of org_1: two levels at most \(org → team → key\)"):
+            with pytest.raises(Conflict, match=r"team_a is itself a member of org_1: two levels at most \(org → team → key\)"):
                 await set_parent(db, "sub_team", "team_a")
             await set_parent(db, "team_b", "org_2")
-            with pytest.raises(BadRequest, match=r"org_2 has members of its own \(team_b\)"):
+            with pytest.raises(Conflict, match=r"org_2 has members of its own \(team_b\)"):
                 await set_parent(db, "org_2", "org_1")
-            with pytest.raises(BadRequest, match="has no parent"):
+            with pytest.raises(Conflict, match="has no parent"):
                 await set_terms(db, "org_1", MemberTerms(credits=5))
             members = Members(db)
             member = key_member("abcdefabcdef")

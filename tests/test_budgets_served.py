@@ -36,12 +36,12 @@ def test_a_key_budget_under_a_team_under_an_org(pair: tuple[Served, Served]) -> 
     a, b = pair
     assert admin(a, "PUT", "/billables/team_a/parent", {"parent": "org_1"}).json() == {"billable": "team_a", "parent": "org_1"}
     cycle = admin(a, "PUT", "/billables/org_1/parent", {"parent": "team_a"})
-    assert cycle.status_code == 400 and "would be a cycle" in cycle.json()["detail"]
+    assert cycle.status_code == 409 and "would be a cycle" in cycle.json()["detail"]
     for method, path, sent in [("PUT", "/plan", {"plan": "pro"}), ("POST", "/credits", {"amount": 5}), ("PUT", "/overrides", {"credits": 5})]:
         member = admin(a, method, f"/billables/team_a{path}", sent)
         assert member.status_code == 409 and member.json()["detail"].startswith("team_a is a member of org_1: its plan, credits"), path
     third = admin(a, "PUT", "/billables/sub/parent", {"parent": "team_a"})
-    assert third.status_code == 400 and "two levels at most (org → team → key)" in third.json()["detail"]
+    assert third.status_code == 409 and "two levels at most (org → team → key)" in third.json()["detail"]
 
     bad = admin(a, "POST", "/keys", {"billable": "team_a", "terms": {"limits": {"exports": {"to": -3}}, "allows": ["hd"]}})
     assert bad.status_code == 400 and "terms.limits.exports.to" in bad.json()["detail"] and "terms.allows" in bad.json()["detail"]
