@@ -41,7 +41,6 @@ from gateway.events import Outbox
 from gateway.grants import GrantConflict, Grants
 from gateway.identity import KeyStore
 from gateway.ids import billable as billable_id
-from gateway.invoice import invoice_preview
 from gateway.members import root_of
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.overrides import Overrides, record_overrides, record_suspension
@@ -61,7 +60,6 @@ from gateway.problems import (
 from gateway.publishing import Catalogs
 from gateway.reconcile import Reconciler
 from gateway.seats import NoSeat, seat_taker
-from gateway.state import billed_counters
 from gateway.store.db import Database
 from gateway.terms import validate as validate_terms
 from gateway.usage import PERIOD, current_period, usage_report
@@ -323,10 +321,8 @@ class Endpoints:
 
     async def invoice_preview(self, request: Request) -> Response:
         """The period's lines so far (plan price, overage per meter, pay-as-you-go) with their amounts (gateway/invoice.py)."""
-        billable = request.path_params["billable"]
-        status = await self.engine.status(billable)
-        counters = billed_counters((await self.engine.snapshot(billable)).state)
-        return JSONResponse(invoice_preview(self.catalog, status, counters))
+        status = await self.engine.status(request.path_params["billable"])
+        return JSONResponse({"billable": status["billable"], "plan": status["plan"], **status["invoice"]})
 
     async def assign_plan(self, request: Request) -> Response:
         billable = request.path_params["billable"]

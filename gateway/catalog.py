@@ -13,6 +13,7 @@ import tomllib
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -503,6 +504,17 @@ class Catalog:
         return self.file.packs
 
     @cached_property
+    def payg_meters(self) -> dict[str, tuple[Decimal, tuple[str, ...]]]:
+        """Each pay-as-you-go meter (sorted): its unit price and the operations billed on it (the lint gives a
+        meter one price)."""
+        found: dict[str, tuple[Decimal, tuple[str, ...]]] = {}
+        for name, op in sorted(self.operations.items()):
+            if op.payg is not None:
+                price, names = found.get(op.payg.meter, (op.payg.unit_price, ()))
+                found[op.payg.meter] = (price, (*names, name))
+        return dict(sorted(found.items()))
+
+    @cached_property
     def billed_limits(self) -> tuple[tuple[str, str, Limit], ...]:
         """(plan, limit name, limit) of every limit with after_limit = "bill"."""
         return tuple((p, n, lim) for p, plan in self.plans.items() for n, lim in plan.limits.items() if lim.overage is not None)
@@ -871,6 +883,19 @@ def _lint(parsed: CatalogFile) -> Iterable[Problem]:
             yield Problem(f"{place}.release", f'"{route.release}" is a per-period allowance: only persistent caps can be released')
         if route.public and (route.features or route.spend or route.limit or route.release):
             yield Problem(place, "a public route has no billable: it cannot name features, spend, limit or release")
+
+    # One unit price a meter, and a meter is overage or pay-as-you-go: its month's units are one counter.
+    payg_price: dict[str, tuple[str, Decimal]] = {}
+    overage_meters = {lim.overage.meter for plan in parsed.plans.values() for lim in plan.limits.values() if lim.overage}
+    for name, op in sorted(parsed.operations.items()):
+        if op.payg is None:
+            continue
+        place, meter = f"operations.{name}.metered.meter", op.payg.meter
+        priced = payg_price.setdefault(meter, (name, op.payg.unit_price))
+        if priced[1] != op.payg.unit_price:
+            yield Problem(place, f'meter "{meter}" is billed at {priced[1]} by operation "{priced[0]}": give both one unit_price, or each a meter of its own')
+        if meter in overage_meters:
+            yield Problem(place, f'meter "{meter}" is also a limit\'s overage meter: give pay-as-you-go a meter of its own')
 
     for name, pack in parsed.packs.items():
         if pack.stripe_price is not None and pack.stripe_price in seen_prices:

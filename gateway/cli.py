@@ -611,7 +611,8 @@ async def _send_meters(settings: Settings) -> int:
     catalog = load_catalog(settings.plans)
     client = stripe_client(settings)
     db = await Database.connect(settings.database_url, auto_upgrade=settings.database_url.startswith("sqlite"))
-    sender = MeterSender(db, client, event_name=lambda meter: catalog.stripe_meter(meter) or meter)
+    sender = MeterSender(db, client, event_name=lambda meter: catalog.stripe_meter(meter) or meter,
+                         stream_above=settings.stripe_meter_stream_above, lease=settings.stripe_meter_lease)  # fmt: skip
     sender.start()
     try:
         await asyncio.Event().wait()  # until interrupted

@@ -75,15 +75,24 @@ def rounded(amount: Decimal, currency: str) -> Decimal:
 
 
 def billed(overage: Overage, units: int, currency: str) -> dict[str, Any]:
-    """A billed limit's period so far, as the status and the usage page show it (money as decimal strings)."""
+    """A billed limit's period so far, as the status and the usage page show it (money as decimal strings):
+    `cap_left` is what the spend cap leaves to spend, `cap_units_left` the units it still bills."""
     cap = overage.max_per_period
+    amount = units * overage.unit_price
     return {
         "meter": overage.meter,
         "units": units,
         "unit_price": str(overage.unit_price),
-        "amount": str(units * overage.unit_price),
+        "amount": str(amount),
         "currency": currency,
         "cap": None if cap is None else str(cap),
         "cap_units": None if cap is None else overage.max_units,
         "cap_reached": cap is not None and units >= overage.max_units,
+        "cap_left": None if cap is None else str(max(cap - amount, Decimal(0))),
+        "cap_units_left": None if cap is None else max(0, overage.max_units - units),
     }
+
+
+def metered(unit_price: Decimal, units: int, currency: str) -> dict[str, Any]:
+    """A pay-as-you-go meter's units this month and what they cost so far (no cap: every unit is billed)."""
+    return {"units": units, "unit_price": str(unit_price), "amount": str(units * unit_price), "currency": currency}

@@ -59,14 +59,18 @@ class OutboxSender(abc.ABC, Generic[Row]):
         claimed = await self._claim()
         if not claimed:
             return 0
+        await self._record(await self._send_all(claimed))
+        return len(claimed)
+
+    async def _send_all(self, claimed: list[Row]) -> list[tuple[Row, str | None]]:
+        """Each claimed row's outcome: by default `_send` each, `concurrency` at a time."""
         gate = asyncio.Semaphore(self.concurrency)
 
         async def send(row: Row) -> tuple[Row, str | None]:
             async with gate:
                 return row, await self._send(row)
 
-        await self._record(list(await asyncio.gather(*(send(r) for r in claimed))))
-        return len(claimed)
+        return list(await asyncio.gather(*(send(r) for r in claimed)))
 
     async def _run(self) -> None:
         failing = 0

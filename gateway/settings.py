@@ -36,6 +36,8 @@ ENVIRONMENT = {
     "stripe_api_key": "GATEWAY_STRIPE_API_KEY",
     "stripe_webhook_secret": "GATEWAY_STRIPE_WEBHOOK_SECRET",
     "stripe_api_base": "GATEWAY_STRIPE_API_BASE",
+    "stripe_meter_stream_above": "GATEWAY_STRIPE_METER_STREAM_ABOVE",
+    "stripe_meter_lease": "GATEWAY_STRIPE_METER_LEASE",
     "processes": "GATEWAY_PROCESSES",
     # the server's life cycle and its limits (DESIGN §3, §5)
     "workers": "GATEWAY_WORKERS",
@@ -75,6 +77,10 @@ class Settings:
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_webhook_secret: str | None = field(default=None, repr=False)
     stripe_api_base: str | None = None
+    # Meter events: a claim of more due rows than this goes by the v2 meter event stream (None: always v1;
+    # gateway/billing/meters.py says why), and how long a claim keeps other senders off its rows (seconds).
+    stripe_meter_stream_above: int | None = None
+    stripe_meter_lease: float = 30.0
     # Processes sharing the rate limits of on_redis_down = "local" (each enforces limit / processes).
     processes: int = 1
     # the server's life cycle and its limits (DESIGN §3, §5)
@@ -171,7 +177,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     kind = {"port": int, "max_body": int, "reconcile_interval": float, "upstream_timeout": float,
             "events_retention_days": float, "processes": int,
             "workers": int, "max_connections": int, "hold_ttl": int, "header_timeout": float, "body_timeout": float,
-            "shutdown_grace": float, "db_timeout": float}.get(name)
+            "shutdown_grace": float, "db_timeout": float, "stripe_meter_stream_above": int, "stripe_meter_lease": float}.get(name)
     if name == "upstream":
         return _upstream(str(raw), source)
     if name == "otel_endpoint":

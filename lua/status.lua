@@ -76,4 +76,11 @@ for _, r in ipairs(spec.r) do
   rates[#rates + 1] = {r[1], math.max(0, math.min(r[3], gcra_available(tat, now, r[2], r[3]))), tat}
 end
 
-return {now, limits, credits, rates}
+-- Pay-as-you-go: {meter, units billed this month, window start, window end}, decide.lua's `o:<meter>|<window>`.
+local payg = {}
+local ms, me = window_of('m', now, bounds, bp_s, bp_e)
+for _, m in ipairs(spec.pg or {}) do
+  payg[#payg + 1] = {m, tonumber(F['o:' .. m .. '|' .. ms]) or 0, ms, me}
+end
+
+return {now, limits, credits, rates, payg}

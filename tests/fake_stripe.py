@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -127,6 +128,12 @@ class FakeStripe:
         self.meter_events: list[dict[str, Any]] = []
         self.meter_identifiers: set[str] = set()
         self.duplicate_meter_events = 0
+        # The v2 meter event stream: session token → when it expires (unix s), the sessions' life, and
+        # the events the stream took but Stripe refused later (its asynchronous validation).
+        self.stream_sessions: dict[str, float] = {}
+        self.session_seconds = 900.0
+        self.stream_errors: list[str] = []
+        self.stream_requests = 0
         self._ids = itertools.count(1)
 
     # ---- objects ---------------------------------------------------------------------------------------
@@ -277,7 +284,51 @@ class FakeStripe:
     # ---- the HTTP API -------------------------------------------------------------------------------------
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/{path:path}", self._handle, methods=["GET", "POST", "DELETE"])])
+        return Starlette(routes=[Route("/v1/{path:path}", self._handle, methods=["GET", "POST", "DELETE"]),
+                                 Route("/v2/billing/{path:path}", self._handle_v2, methods=["POST"])])  # fmt: skip
+
+    def expire_sessions(self) -> None:
+        """Every meter event stream token expires now (as 15 minutes would)."""
+        with self.lock:
+            self.stream_sessions = dict.fromkeys(self.stream_sessions, 0.0)
+
+    async def _handle_v2(self, request: Request) -> Response:
+        """The v2 meter event session (the secret key) and stream (a session's token), JSON in and out."""
+        path = request.path_params["path"].strip("/")
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        raw = await request.body()
+        with self.lock:
+            self.requests.append(("POST", f"v2/billing/{path}"))
+            if self.fail_next:
+                return JSONResponse({"error": {"type": "api_error", "message": "injected failure"}}, status_code=self.fail_next.pop(0))
+            if path == "meter_event_session":
+                if not token.startswith("sk_"):
+                    return JSONResponse({"error": {"type": "invalid_request_error", "message": "A secret key is required."}}, status_code=401)
+                made = f"mes_tok_{uuid.uuid4().hex}"
+                expires = time.time() + self.session_seconds
+                self.stream_sessions[made] = expires
+                at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(expires))
+                return JSONResponse({"id": f"mes_{uuid.uuid4().hex[:16]}", "object": "v2.billing.meter_event_session",
+                                     "authentication_token": made, "expires_at": at, "livemode": False,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())})  # fmt: skip
+            if path != "meter_event_stream":
+                return JSONResponse({"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}, status_code=404)
+            if self.stream_sessions.get(token, 0.0) <= time.time():
+                return JSONResponse({"error": {"type": "temporary_session_expired", "code": "billing_meter_event_session_expired",
+                                               "message": "The meter event session has expired: create a new one."}}, status_code=401)  # fmt: skip
+            events = json.loads(raw or b"{}").get("events")
+            if not isinstance(events, list) or not 1 <= len(events) <= 100:
+                return JSONResponse({"error": {"type": "invalid_request_error", "message": "events: 1 to 100 events."}}, status_code=400)
+            self.stream_requests += 1
+            for e in events:  # validated after the answer, as Stripe does: a refusal is reported, not answered
+                at = e.get("timestamp")
+                when = int(datetime.fromisoformat(at).timestamp()) if at else None
+                try:
+                    self._accept(e.get("event_name"), e.get("identifier"), e.get("payload") or {}, when)
+                except StripeError as exc:
+                    if exc.body["error"].get("code") != "duplicate_meter_event":
+                        self.stream_errors.append(exc.body["error"]["message"])
+            return JSONResponse({})
 
     async def _handle(self, request: Request) -> Response:
         raw = (await request.body()).decode()
@@ -396,21 +447,26 @@ class FakeStripe:
         return copy.deepcopy(meter)
 
     def _meter_event(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Stripe's checks of a meter event, and its identifier de-duplicated: one it has is a 400."""
-        name, payload = params.get("event_name"), params.get("payload") or {}
+        """A v1 meter event: a refusal (a duplicate identifier too) is the answer, a 400."""
+        return self._accept(params.get("event_name"), params.get("identifier"), params.get("payload") or {},
+                            int(params["timestamp"]) if params.get("timestamp") else None)  # fmt: skip
+
+    def _accept(self, name: Any, identifier: Any, payload: dict[str, Any], timestamp: int | None) -> dict[str, Any]:
+        """Stripe's checks of a meter event (either API), and its identifier de-duplicated across both: one
+        it has is refused (StripeError, a 400)."""
         if not any(m["event_name"] == name and m["status"] == "active" for m in self.meters.values()):
             raise StripeError(400, {"error": {"type": "invalid_request_error", "message": f"No active meter was found for event name {name}."}})
         value = str(payload.get("value", ""))
         if not re.fullmatch(r"\d+(\.\d+)?", value) or "stripe_customer_id" not in payload:
             raise StripeError(400, {"error": {"type": "invalid_request_error", "message": "payload needs value (a number) and stripe_customer_id."}})
         self.get("customers", payload["stripe_customer_id"])
-        identifier = params.get("identifier") or f"auto_{uuid.uuid4().hex}"
+        identifier = identifier or f"auto_{uuid.uuid4().hex}"
         if identifier in self.meter_identifiers:
             self.duplicate_meter_events += 1
             raise StripeError(400, {"error": {"type": "invalid_request_error", "code": "duplicate_meter_event",
                                               "message": f"An event already exists with identifier {identifier}."}})  # fmt: skip
         event = {"object": "billing.meter_event", "created": int(time.time()), "event_name": name, "identifier": identifier,
-                 "livemode": False, "payload": dict(payload), "timestamp": int(params.get("timestamp") or time.time())}  # fmt: skip
+                 "livemode": False, "payload": dict(payload), "timestamp": timestamp or int(time.time())}  # fmt: skip
         self.meter_identifiers.add(identifier)
         self.meter_events.append(event)
         return copy.deepcopy(event)

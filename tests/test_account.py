@@ -51,8 +51,17 @@ CATALOG = """
 default_plan = "free"
 highlighted_plan = "pro"
 
+[meters.api_requests]
+stripe_meter = "api_requests"
+
+[meters.searches]
+stripe_meter = "searches"
+
 [operations.image]
 cost = 10
+
+[operations.search]
+metered = { meter = "searches", unit_price = "0.015" }
 
 [plans.free]
 name = "Free <script>alert(1)</script>"
@@ -68,6 +77,12 @@ price = 29
 credits = 1000
 limits.exports = { to = 100, per = "month" }
 limits.projects = { to = 50 }
+
+[plans.metered]
+name = "Metered"
+price = 5
+credits = 100
+limits.calls = { to = 2, per = "month", after_limit = "bill", overage = { unit_price = "0.25", meter = "api_requests", max_per_period = "1.00" } }
 
 [packs.starter]
 name = "Starter <b>pack</b>"
@@ -88,11 +103,20 @@ match = "POST /v1/images"
 spend = "image"
 
 [[routes]]
+match = "POST /v1/calls"
+limit = "calls"
+
+[[routes]]
+match = "POST /v1/search"
+spend = "search"
+
+[[routes]]
 match = "* /v1/*"
 """
 
 # billable: (exports, projects, images) made through the gateway; "blocked" then has its grace moved back.
 STATES = {"ok": (1, 1, 2), "warning": (8, 2, 9), "grace": (11, 3, 4), "blocked": (11, 5, 10)}
+BILLED = "billed"  # on plan metered: 3 calls past its limit (billed as overage) and 7 pay-as-you-go searches
 MEMBER = "acme-ci"  # a key with terms of its own, of team acme_team (with terms) of org acme: Served.keys, members
 
 
@@ -132,6 +156,17 @@ def _make(served: Served, billable: str, exports: int, projects: int, images: in
             assert httpx.post(f"{served.url}{path}", headers=auth).status_code == 200, path
 
 
+def _make_billed(served: Served) -> None:
+    key = httpx.post(f"{served.url}/_gateway/admin/keys", json={"billable": BILLED, "name": "t"}, headers=AUTH).json()["key"]
+    served.keys[BILLED] = key
+    assigned = httpx.put(f"{served.url}/_gateway/admin/billables/{BILLED}/plan", json={"plan": "metered"}, headers=AUTH)
+    assert assigned.status_code == 200, assigned.text
+    for path, times in (("/v1/calls", 5), ("/v1/search", 7)):
+        for _ in range(times):
+            r = httpx.post(f"{served.url}{path}", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, (path, r.text)
+
+
 def _make_member(served: Served) -> None:
     """acme → acme_team (80 credits a month) → a key (50 credits, 3 exports a day): 2 images and an export."""
     for path, body in (("parent", {"parent": "acme"}), ("terms", {"credits": 80})):
@@ -165,7 +200,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             with redis.Redis(port=redis_server.port, socket_timeout=5) as client:  # grace started two hours ago
                 client.hset(f"gw:{{{quote('blocked', safe='')}}}", "g:exports", int((time.time() - 7200) * 1000))
             _make_member(s)
-            for billable in [*STATES, "acme"]:  # the record has every request (the page reads it, never flushing)
+            _make_billed(s)
+            for billable in [*STATES, "acme", BILLED]:  # the record has every request (the page reads it, never flushing)
                 httpx.get(f"{url}/_gateway/admin/billables/{billable}/usage", headers=AUTH)
             yield s
 
@@ -445,3 +481,47 @@ def test_a_key_s_page_in_chromium(served: Served, tmp_path: Path) -> None:
         assert view["extra"]["bad"] == [], json.dumps(view["extra"]["bad"], indent=1)
         assert "Credits: 20 of 50 spent this month, 30 left" in view["text"]
         assert "Team acme_team" in view["text"] and "This key" in view["text"]
+
+
+# The bill as a person reads it: its rows' cells, the total, the spend caps' sentences.
+READ_BILL = """(async () => {
+  const rows = [...document.querySelectorAll('table.bill tbody tr')].map(tr => [...tr.cells].map(td => td.innerText));
+  const axeResult = await axe.run(document, {resultTypes: ['violations']});
+  return {rows, total: document.querySelector('[data-total]').innerText,
+          caps: [...document.querySelectorAll('[data-cap]')].map(p => p.innerText),
+          bad: axeResult.violations.map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.html)}))};
+})()"""
+
+
+def test_the_period_s_bill_in_chromium(served: Served, tmp_path: Path) -> None:
+    """A billable billed past its limit and by the unit (pay-as-you-go): its page at 390 and 1280 px shows the
+    status's invoice, line by line (units, unit price, amount), its total, and the spend cap with what it
+    leaves; nothing wider than the phone, and axe-core finds no violation at all (screenshots:
+    account-billed-390.png, account-billed-1280.png)."""
+    if chromium_path() is None or not AXE.exists():
+        missing = "chromium (apt-get install -y chromium)" if chromium_path() is None else f"axe-core ({AXE}: run .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is not installed")
+        pytest.skip(f"{missing} is not installed")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    axe = AXE.read_text()
+    url = served.link(BILLED)
+    status = served.status(BILLED)
+    assert status["limits"]["calls"]["billed"]["units"] == 3 and status["pay_as_you_go"]["searches"]["units"] == 7
+    bill = status["invoice"]
+    assert [(line["kind"], line["quantity"], line["amount"]) for line in bill["lines"]] == [
+        ("plan", 1, "5.00"), ("overage", 3, "0.75"), ("pay_as_you_go", 7, "0.11")]  # fmt: skip
+    assert bill["total"] == "5.86"
+
+    async def main() -> list[dict[str, Any]]:
+        with chromium(tmp_path / "profile") as devtools:
+            return [await look(devtools, url, **size, screenshot=SHOTS / f"account-billed-{size['width']}.png", scripts=(axe,),
+                               expression=READ_BILL) for size in (PHONE, DESKTOP)]  # fmt: skip
+
+    for view, width in zip(asyncio.run(main()), (390, 1280), strict=True):
+        assert view["scrollWidth"] <= view["innerWidth"] == width
+        extra = view["extra"]
+        assert extra["bad"] == [], json.dumps(extra["bad"], indent=1)
+        assert extra["rows"] == [[line["description"], f"{line['quantity']:,}", line["unit_price"], line["amount"]] for line in bill["lines"]]
+        assert extra["total"] == "5.86" and "Amounts in USD" in view["text"]
+        assert extra["caps"] == ["Calls: spend cap 1.00 USD, 0.25 USD left."]

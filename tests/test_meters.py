@@ -173,6 +173,41 @@ def test_failures_back_off_and_two_senders_bill_each_row_once(empty_db_url: str,
     asyncio.run(main())
 
 
+def test_the_stream_sends_what_v1_would_renews_its_token_and_bills_nothing_twice(empty_db_url: str, fake: tuple[FakeStripe, str]) -> None:
+    """Above stream_above rows a claim goes by the v2 meter event stream: a backlog partly sent by v1 and
+    then all sent again by the stream (a crash between sending and marking) has the gateway's totals, each
+    identifier once (one store of events for both APIs); an expired session is renewed on Stripe's 401."""
+    stripe, url = fake
+
+    async def main() -> None:
+        db = await _record(empty_db_url)
+        v1, streamed = _sender(db, url, batch=120), _sender(db, url, batch=200, stream_above=50)
+        try:
+            customers = {b: await _link(db, stripe, b) for b in ("org_a", "org_b", "org_c")}
+            rows = _backlog(db, 700, list(customers))
+            await _fill(db, rows)
+            assert await v1.run_once() == 120 and len(stripe.meter_events) == 120 and stripe.stream_requests == 0
+            async with db.engine.begin() as conn:  # v1's rows were never marked: the stream sends them again
+                await conn.execute(sa.update(meter_outbox).values(sent_at=None, next_attempt_at=datetime.now(UTC)))
+            assert await streamed.run_once() == 200 and stripe.stream_requests == 2 and streamed.sessions == 1
+            stripe.expire_sessions()
+            while await streamed.run_once():
+                pass
+            assert streamed.sessions == 2 and streamed.failed == 0  # renewed on the 401, nothing backed off
+            for billable, customer in customers.items():
+                assert stripe.metered_total("api_requests", customer) == sum(r["units"] for r in rows if r["billable"] == billable)
+            assert len(stripe.meter_events) == len({e["identifier"] for e in stripe.meter_events}) == len(rows)
+            assert stripe.duplicate_meter_events == 120 and stripe.stream_errors == [] and await streamed.backlog() == 0
+            assert {e["identifier"] for e in stripe.meter_events} == {identifier(r["billable"], r["meter"], r["minute"]) for r in rows}
+            assert {e["timestamp"] for e in stripe.meter_events} == {r["minute"] for r in rows}
+        finally:
+            for s in (v1, streamed):
+                await close_client(s.client)
+            await db.close()
+
+    asyncio.run(main())
+
+
 def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
     """`gateway stripe send-meters` in a process of its own, SIGKILLed once part of a backlog is in Stripe;
     a second one sends the rest: Stripe's totals are the gateway's, no identifier twice."""

@@ -4,6 +4,7 @@ its own sentence and one spend_cap_reached event; warnings at warn_at of the cap
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,7 +74,7 @@ def test_overage_is_admitted_billed_to_the_cap_then_blocked(go: Go[None]) -> Non
         assert status["blocked"] and status["usage"] == 8 and status["severity"] == "blocked"
         assert status["message"].startswith("You've reached this period's spend cap of 0.01 USD for calls")
         assert status["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
-                                    "cap": "0.01", "cap_units": 5, "cap_reached": True}  # fmt: skip
+                                    "cap": "0.01", "cap_units": 5, "cap_reached": True, "cap_left": "0.000", "cap_units_left": 0}  # fmt: skip
         fields = await h.raw.hgetall(f"{h.prefix}:{{org}}")
         billed = {k: v for k, v in fields.items() if k.startswith("o:")}
         assert list(billed.values()) == ["5"] and fields["u:calls"] == "8"
@@ -128,26 +129,45 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def test_the_customer_and_the_operator_see_the_billed_units_the_amount_and_the_cap(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Over-limit requests billed as overage and pay-as-you-go searches, through the proxy: the customer's
+    status (/_gateway/usage), the operator's (the admin status, the invoice preview) and the account page show
+    the period's billed units per meter, the amount so far, and the spend cap with what it leaves."""
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     with serving(tmp_path, SERVED, redis_port=redis_server.port, db_url=db_url) as gw:
         made = httpx.post(f"{gw.url}/_gateway/admin/keys", json={"billable": "org_1"}, headers=ADMIN_HEADERS)
         key = {"Authorization": f"Bearer {made.json()['key']}"}
+        before = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()
+        assert before["pay_as_you_go"]["searches"]["units"] == 0 and before["invoice"]["total"] == "29.00"
         for _ in range(7):  # 2 within, 5 billed
             assert httpx.post(f"{gw.url}/v1/calls", headers=key, timeout=10).status_code == 200
         for _ in range(3):  # pay-as-you-go: 3 searches
             assert httpx.post(f"{gw.url}/v1/search", headers=key, timeout=10).status_code == 200
-        usage = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()["limits"]["calls"]
-        assert usage["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
-                                   "cap": "200.00", "cap_units": 100_000, "cap_reached": False}  # fmt: skip
-        assert (usage["blocked"], usage["severity"], usage["message"]) == (False, "ok", None)  # past `to` is billed, not refused
-        page = httpx.get(f"{gw.url}/_gateway/account", headers=key, timeout=10).text
-        assert "Past the limit: 5 billed at 0.002 USD each, 0.010 USD so far this period; spend cap 200.00 USD." in page
+        usage = httpx.get(f"{gw.url}/_gateway/usage", headers=key, timeout=10).json()
+        operator = httpx.get(f"{gw.url}/_gateway/admin/billables/org_1", headers=ADMIN_HEADERS, timeout=10).json()
+        for status in (usage, operator):
+            calls = status["limits"]["calls"]
+            assert calls["billed"] == {"meter": "api_requests", "units": 5, "unit_price": "0.002", "amount": "0.010", "currency": "usd",
+                                       "cap": "200.00", "cap_units": 100_000, "cap_reached": False, "cap_left": "199.990",
+                                       "cap_units_left": 99_995}  # fmt: skip
+            assert (calls["blocked"], calls["severity"], calls["message"]) == (False, "ok", None)  # past `to` is billed, not refused
+            searches = status["pay_as_you_go"]["searches"]
+            assert {k: searches[k] for k in ("units", "unit_price", "amount", "currency", "operations")} == {
+                "units": 3, "unit_price": "0.015", "amount": "0.045", "currency": "usd", "operations": ["search"]}  # fmt: skip
+            assert searches["window_start"] == calls["window_start"] and searches["window_end"] == calls["window_end"]
+            lines = [(line["kind"], line["quantity"], line["unit_price"], line["amount"]) for line in status["invoice"]["lines"]]
+            assert lines == [("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01"), ("pay_as_you_go", 3, "0.015", "0.05")]
+            assert status["invoice"]["total"] == "29.06" and status["invoice"]["currency"] == "usd"
         preview = httpx.get(f"{gw.url}/_gateway/admin/billables/org_1/invoice-preview", headers=ADMIN_HEADERS, timeout=10)
         assert preview.status_code == 200, preview.text
-        body = preview.json()
-        assert [(line["kind"], line["quantity"], line["unit_price"], line["amount"]) for line in body["lines"]] == [
-            ("plan", 1, "29", "29.00"), ("overage", 5, "0.002", "0.01"), ("pay_as_you_go", 3, "0.015", "0.05")]  # fmt: skip
-        assert body["total"] == "29.06" and body["currency"] == "usd"
+        assert preview.json() == {"billable": "org_1", "plan": "pro", **usage["invoice"]}
+        page = httpx.get(f"{gw.url}/_gateway/account", headers=key, timeout=10).text
+        assert "Past the limit: 5 billed at 0.002 USD each, 0.010 USD so far this period; spend cap 200.00 USD." in page
+        shown = re.findall(r'<tr data-line="(\w+)" data-meter="(\w*)"><td class="item">[^<]*</td><td class="num">([\d,]+)</td>'
+                           r'<td class="num">([\d.]+)</td><td class="num amount">([\d.]+)</td></tr>', page)  # fmt: skip
+        assert shown == [("plan", "", "1", "29", "29.00"), ("overage", "api_requests", "5", "0.002", "0.01"),
+                         ("pay_as_you_go", "searches", "3", "0.015", "0.05")]  # fmt: skip
+        assert 'data-total="29.06">29.06</td>' in page and "Amounts in USD" in page
+        assert 'data-cap="calls" data-cap-left="199.990">Calls: spend cap 200.00 USD, 199.990 USD left.</p>' in page
 
 
 def test_a_request_given_back_is_not_billed(go: Go[None]) -> None:
@@ -234,3 +254,12 @@ def test_pay_as_you_go_is_checked_where_it_is_written() -> None:
     with pytest.raises(CatalogError) as caught:
         parse_catalog('[operations.x]\nmetered = { meter = "m", unit_price = 0.01 }\n[plans.free]\nprice = 0\n')
     assert "operations.x.metered.unit_price" in str(caught.value) and "decimal string" in str(caught.value)
+    priced = '[operations.{0}]\nmetered = {{ meter = "m", unit_price = "{1}" }}\n'
+    limit = '[plans.free]\nprice = 0\nlimits.calls = { to = 1, per = "month", after_limit = "bill", overage = { unit_price = "0.1", meter = "c" } }\n'
+    with pytest.raises(CatalogError) as caught:  # two prices on one meter: its units are one count
+        parse_catalog(priced.format("a", "0.01") + priced.format("b", "0.02") + limit)
+    assert "operations.b.metered.meter" in str(caught.value) and 'billed at 0.01 by operation "a"' in str(caught.value)
+    parse_catalog(priced.format("a", "0.01") + priced.format("b", "0.01") + limit)  # one price: one meter is fine
+    with pytest.raises(CatalogError) as caught:  # an overage meter: the same month's counter
+        parse_catalog(priced.format("a", "0.01").replace('"m"', '"c"') + limit)
+    assert "operations.a.metered.meter" in str(caught.value) and "also a limit's overage meter" in str(caught.value)

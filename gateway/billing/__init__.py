@@ -94,7 +94,8 @@ class Billing:
         )
         self._repairing = Background("gateway-billing-repair")
         # Billed units (overage) to Stripe's meters, to the Stripe meter of the catalog running at each send.
-        self.meters = MeterSender(db, self.client, event_name=lambda meter: self.catalog.stripe_meter(meter) or meter)
+        self.meters = MeterSender(db, self.client, event_name=lambda meter: self.catalog.stripe_meter(meter) or meter,
+                                  stream_above=settings.stripe_meter_stream_above, lease=settings.stripe_meter_lease)  # fmt: skip
         if not settings.stripe_webhook_secret:
             log.warning("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused (503) until it is")
 

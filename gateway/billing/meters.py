@@ -10,10 +10,20 @@ A row is sent once its minute is over by `margin` seconds (no flush adds to it a
 the billable's Stripe customer (stripe_customers), the event's name the catalog's Stripe meter of that
 meter. A failure backs off (doubling up to 10 minutes) and is retried for as long as it takes: the backlog
 is in the record, so it survives restarts.
+
+Above `stream_above` rows due in one claim (GATEWAY_STRIPE_METER_STREAM_ABOVE), the claim goes by the v2
+meter event stream instead: a session (`POST /v2/billing/meter_event_session`, the secret key) gives a
+token for 15 minutes, renewed before it ends and on a 401; each `POST /v2/billing/meter_event_stream`
+carries up to 100 events with the same identifiers, so the same row sent by either path is billed once.
+The threshold is rows due in a claim, not a measured rate: the claim is what the sender has in hand when
+it chooses, and a backlog (a restart, Stripe away for a while) is exactly when one request per event is
+too slow. It is off by default: the stream validates asynchronously (an event Stripe refuses is reported
+later, not in the answer), so v1, which answers each event, stays the default below real volume.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 import stripe
 from stripe.params.billing import MeterEventCreateParams
+from stripe.params.v2.billing import MeterEventStreamCreateParams
 
 from gateway.billing.client import each
 from gateway.outbox_sender import OutboxSender
@@ -32,6 +43,8 @@ from gateway.store.db import Database, meter_outbox, stripe_customers
 log = logging.getLogger(__name__)
 
 MARGIN_S = 120.0  # a minute's row is sent this long after the minute ended
+STREAM_BATCH = 100  # events in one meter event stream request (Stripe's most)
+SESSION_MARGIN_S = 60.0  # a stream session is renewed this long before Stripe says it expires
 _DUPLICATE_CODES = frozenset({"duplicate_meter_event"})
 _DUPLICATE_MESSAGE = "An event already exists with identifier"
 
@@ -76,8 +89,14 @@ class MeterSender(OutboxSender[_Row]):
         max_backoff: float = 600.0,
         poll: float = 1.0,
         clock: Callable[[], float] | None = None,
+        stream_above: int | None = None,
     ) -> None:
         super().__init__(batch=batch, concurrency=concurrency, poll=poll)
+        self.stream_above = stream_above
+        self._session: tuple[str, float] | None = None  # the stream's token and when to renew it (unix s)
+        self._renewing = asyncio.Lock()
+        self.streamed = 0  # rows sent by the stream
+        self.sessions = 0  # stream sessions created
         self.db = db
         self.client = client
         self.event_name = event_name
@@ -122,10 +141,62 @@ class MeterSender(OutboxSender[_Row]):
                     claimed.append(_Row(r.billable, r.meter, r.minute, r.units, r.attempts, r.customer))
         return claimed
 
+    async def _send_all(self, claimed: list[_Row]) -> list[tuple[_Row, str | None]]:
+        if self.stream_above is None or len(claimed) <= self.stream_above:
+            return await super()._send_all(claimed)
+        outcomes: list[tuple[_Row, str | None]] = [(r, _no_customer(r)) for r in claimed if r.customer is None]
+        ready = [r for r in claimed if r.customer is not None]
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def send(chunk: list[_Row]) -> list[tuple[_Row, str | None]]:
+            async with gate:
+                error = await self._stream(chunk)
+            return [(r, error) for r in chunk]
+
+        chunks = [ready[i:i + STREAM_BATCH] for i in range(0, len(ready), STREAM_BATCH)]
+        for sent in await asyncio.gather(*(send(c) for c in chunks)):
+            outcomes += sent
+        self.streamed += sum(1 for _, error in outcomes if error is None)
+        return outcomes
+
+    async def _stream(self, rows: list[_Row]) -> str | None:
+        """One meter event stream request for `rows`; None once Stripe took it (a duplicate identifier it
+        drops, as it has that event), else what went wrong. A token Stripe refuses is renewed once."""
+        params: MeterEventStreamCreateParams = {"events": [{
+            "event_name": self.event_name(r.meter), "identifier": identifier(r.billable, r.meter, r.minute),
+            "timestamp": datetime.fromtimestamp(r.minute, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "payload": {"stripe_customer_id": r.customer or "", "value": str(r.units)},
+        } for r in rows]}  # fmt: skip
+        for renewed in (False, True):
+            try:
+                token = await self._token()
+                await self.client.v2.billing.meter_event_stream.create_async(params, {"api_key": token})
+            except (stripe.AuthenticationError, stripe.TemporarySessionExpiredError) as exc:
+                self._session = None  # expired or revoked before its time: a new session, then once more
+                if renewed:
+                    return f"{type(exc).__name__}: {exc}"[:500]
+            except stripe.StripeError as exc:
+                return f"{type(exc).__name__}: {exc}"[:500]
+            except (TimeoutError, OSError) as exc:
+                return f"{type(exc).__name__}: {exc}"[:500]
+            else:
+                return None
+        return None  # not reached: the second try answers
+
+    async def _token(self) -> str:
+        """The stream session's token, a new session when there is none or it is about to expire."""
+        async with self._renewing:
+            if self._session is None or self._session[1] <= self.clock():
+                made = await self.client.v2.billing.meter_event_session.create_async()
+                expires = datetime.fromisoformat(made.expires_at).timestamp()
+                self._session = (made.authentication_token, expires - SESSION_MARGIN_S)
+                self.sessions += 1
+            return self._session[0]
+
     async def _send(self, row: _Row) -> str | None:
         """One meter event; None when Stripe has it (now, or from before), else what went wrong."""
         if row.customer is None:
-            return f"{row.billable} has no Stripe customer yet: its usage is sent once it has one"
+            return _no_customer(row)
         params: MeterEventCreateParams = {
             "event_name": self.event_name(row.meter),
             "identifier": identifier(row.billable, row.meter, row.minute),
@@ -175,6 +246,10 @@ class MeterSender(OutboxSender[_Row]):
         async with self.db.reader.connect() as conn:
             found = await conn.scalar(sa.select(sa.func.count()).select_from(meter_outbox).where(meter_outbox.c.sent_at.is_(None)))
         return int(found or 0)
+
+
+def _no_customer(row: _Row) -> str:
+    return f"{row.billable} has no Stripe customer yet: its usage is sent once it has one"
 
 
 @dataclass(frozen=True, slots=True)

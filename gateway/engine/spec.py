@@ -148,6 +148,7 @@ def status_spec(catalog: Catalog, plan: Plan) -> state.StatusSpec:
         credit_allowance=-1 if plan.is_unlimited(CREDITS) else (plan.credits or 0),
         credit_period=period_code(plan.credit_period),
         rollover=plan.rollover,
+        payg=tuple(catalog.payg_meters),
     )
 
 

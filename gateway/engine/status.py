@@ -8,7 +8,8 @@ from gateway import severity, state
 from gateway.catalog import CREDITS, Catalog
 from gateway.engine.plans import ResolvedPlan
 from gateway.engine.spec import shown_rates
-from gateway.money import billed
+from gateway.invoice import invoice
+from gateway.money import billed, metered
 
 
 def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: state.StatusReply) -> dict[str, Any]:
@@ -61,7 +62,13 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: 
         "severity_level": severity.level(credit_level),
         "message": severity.credits_message(credit_level, balance),
     }
-    return {
+    payg = {}
+    for found_meter in reply.payg:
+        price, operations = catalog.payg_meters[found_meter.meter]
+        start, end = found_meter.window_ms
+        payg[found_meter.meter] = {**metered(price, found_meter.units, catalog.settings.currency), "operations": list(operations),
+                                   "window_start": state.iso(start / 1000), "window_end": state.iso(end / 1000)}  # fmt: skip
+    body = {
         "billable": billable,
         "plan": resolved.name,
         "plan_source": resolved.source,
@@ -72,4 +79,7 @@ def status_body(catalog: Catalog, billable: str, resolved: ResolvedPlan, reply: 
         "overrides": resolved.overrides.shown() if resolved.overrides is not None else None,
         "suspended": resolved.suspended,
         "overall": severity.overall(catalog, resolved.name, limits, credits),
+        "pay_as_you_go": payg,
     }
+    body["invoice"] = invoice(catalog, body)
+    return body

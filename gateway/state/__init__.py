@@ -45,7 +45,15 @@ from gateway.state.keys import (
 from gateway.state.restore import Restored, RestoreReply
 from gateway.state.settle import CloseArgs, CloseReply, ReleaseArgs, SettleArgs, SettleReply
 from gateway.state.spec import CreditSpec, LimitSpec, RateSpec, Spec
-from gateway.state.status import LimitStatus, RateStatus, StatusArgs, StatusLimit, StatusReply, StatusSpec
+from gateway.state.status import (
+    LimitStatus,
+    MeterStatus,
+    RateStatus,
+    StatusArgs,
+    StatusLimit,
+    StatusReply,
+    StatusSpec,
+)
 
 __all__ = [
     "CHANGE_FIELD",
@@ -66,6 +74,7 @@ __all__ = [
     "Keys",
     "LimitSpec",
     "LimitStatus",
+    "MeterStatus",
     "Missing",
     "RateSpec",
     "RateStatus",

@@ -31,6 +31,7 @@ class StatusSpec:
     credit_allowance: int  # -1: unlimited
     credit_period: str
     rollover: bool
+    payg: tuple[str, ...] = ()  # the pay-as-you-go meters: their units this month are shown
 
     def encode(self) -> str:
         return json.dumps(
@@ -38,6 +39,7 @@ class StatusSpec:
                 "l": [lim.encoded() for lim in self.limits],
                 "r": [list(r) for r in self.rates],
                 "cr": {"a": self.credit_allowance, "p": self.credit_period, "ro": int(self.rollover)},
+                "pg": list(self.payg),
             },
             separators=(",", ":"),
         )
@@ -73,6 +75,13 @@ class RateStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterStatus:
+    meter: str
+    units: int  # billed on the meter this month (pay-as-you-go), as decide.lua and settle.lua count them
+    window_ms: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class StatusReply:
     now_ms: int
     limits: list[LimitStatus]
@@ -82,15 +91,17 @@ class StatusReply:
     held: int
     rates: list[RateStatus]
     credits_end_ms: int  # when the credit period ends: its allowance renews (rolls over, with rollover)
+    payg: list[MeterStatus]
 
     @staticmethod
     def parse(raw: list[Any]) -> StatusReply | Stale | Missing:
-        """By position: {now, limits, credits {period left, purchased, debt, held, period end}, rates}."""
+        """By position: {now, limits, credits {period left, purchased, debt, held, period end}, rates,
+        pay-as-you-go meters {meter, units, window start, window end}}."""
         if raw[0] == "stale":
             return Stale.parse(raw)
         if raw[0] == "missing":
             return Missing()
-        now, limits, credits, rates = raw
+        now, limits, credits, rates, payg = raw
         return StatusReply(
             now_ms=int(now),
             limits=[
@@ -104,4 +115,5 @@ class StatusReply:
             held=int(credits[3]),
             rates=[RateStatus(n, int(r), int(t)) for n, r, t in rates],
             credits_end_ms=int(credits[4]),
+            payg=[MeterStatus(m, int(u), (int(ws), int(we))) for m, u, ws, we in payg],
         )

@@ -91,6 +91,13 @@ dd{margin:0;font-weight:600;overflow-wrap:anywhere}
 .actions{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center}
 .actions form{margin:0}
 .who{overflow-wrap:anywhere}
+.bill{width:100%;border-collapse:collapse;font-size:.95rem}
+.bill caption{text-align:left;margin:0 0 .5rem}
+.bill th,.bill td{padding:.4rem .35rem;border-bottom:1px solid #e5e7ef;text-align:left;vertical-align:top}
+.bill .item{overflow-wrap:break-word;word-break:normal}
+.bill .num{text-align:right}
+.bill td.num{white-space:nowrap}
+.bill tfoot th,.bill tfoot td{font-weight:700;border-bottom:0}
 """
 
 _PER_WORDS = {"month": "this month", "week": "this week", "day": "today", "billing_cycle": "this billing period", "year": "this year"}
@@ -156,6 +163,34 @@ def _billed(billed: dict[str, Any] | None) -> str:
             f"{billed['amount']} {currency} so far this period{cap if billed['cap'] is not None else ''}.")  # fmt: skip
     return f'<p class="note billed" data-billed="{escape(billed["amount"])}">{escape(text)}</p>'
 
+
+def _bill(status: dict[str, Any]) -> str:
+    """The period's bill so far (the status's `invoice`): its lines, the total, and what each spend cap leaves."""
+    bill = status["invoice"]
+    if not any(line["kind"] != "plan" for line in bill["lines"]):
+        return ""  # nothing billed by use on this plan: its price is on the pricing page
+    currency = bill["currency"].upper()
+    rows = "".join(
+        f'<tr data-line="{escape(line["kind"])}" data-meter="{escape(line.get("meter") or "")}">'
+        f'<td class="item">{escape(line["description"])}</td><td class="num">{line["quantity"]:,}</td>'
+        f'<td class="num">{escape(line["unit_price"])}</td><td class="num amount">{escape(line["amount"])}</td></tr>'
+        for line in bill["lines"]
+    )
+    caps = "".join(
+        f'<p class="note" data-cap="{escape(line["limit"])}" data-cap-left="{escape(line["cap_left"])}">'
+        f"{escape(noun(line['limit'])[:1].upper() + noun(line['limit'])[1:])}: spend cap {escape(line['cap'])} {currency}, "
+        f"{escape(line['cap_left'])} {currency} left"
+        + (" (reached: further requests are refused)" if line["cap_reached"] else "") + ".</p>"
+        for line in bill["lines"] if line["kind"] == "overage" and line["cap"] is not None
+    )  # fmt: skip
+    return (
+        f'<section class="card" aria-label="This period so far"><h2>This period so far</h2>'
+        f'<table class="bill"><caption class="note">Amounts in {currency}, each as the invoice will show it.</caption>'
+        '<thead><tr><th scope="col">Item</th><th scope="col" class="num">Units</th><th scope="col" class="num">Unit price</th>'
+        f'<th scope="col" class="num">Amount</th></tr></thead><tbody>{rows}</tbody>'
+        f'<tfoot><tr><th scope="row" colspan="3">Total so far</th><td class="num" data-total="{escape(bill["total"])}">'
+        f"{escape(bill['total'])}</td></tr></tfoot></table>{caps}</section>"
+    )
 
 
 def _credits(status: dict[str, Any], catalog: Catalog, plan_rollover: bool) -> str:
@@ -292,6 +327,7 @@ def page(
         f"{banner(status)}"
         f"{members(status, own_report, period)}"
         + (f'<section aria-label="Limits"><h2>Limits</h2><div class="cards">{meters}</div></section>' if meters else "")
+        + _bill(status)
         + '<section aria-label="Credits and rate limit"><h2>Credits and rate limit</h2><div class="cards">'
         f"{_credits(status, catalog, plan.rollover if plan else False)}{_rates(status)}</div></section>"
         f'<section class="card" aria-label="Requests per route"><h2>Requests per route this month</h2>'
