@@ -131,7 +131,7 @@ def test_the_reconciler_sums_billed_units_into_the_outbox_and_each_row_is_billed
 
 
 def _backlog(db: Database, rows: int, billables: list[str]) -> list[dict[str, Any]]:
-    start = int(time.time()) // 60 * 60 - 3600 * 24
+    start = int(time.time()) // 60 * 60 - 3600 - 60 * (rows // len(billables))  # every minute over, due now
     return [{"billable": billables[i % len(billables)], "meter": "api_requests", "minute": start + 60 * (i // len(billables)),
              "units": 1 + i % 7, "next_attempt_at": datetime.now(UTC)} for i in range(rows)]  # fmt: skip
 
@@ -208,7 +208,11 @@ def test_the_stream_sends_what_v1_would_renews_its_token_and_bills_nothing_twice
     asyncio.run(main())
 
 
-def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: tuple[FakeStripe, str]) -> None:
+@pytest.mark.parametrize(("rows_in_backlog", "sending"), [
+    (1500, {}),  # v1, an event a request
+    (10_000, {"GATEWAY_STRIPE_METER_STREAM_ABOVE": "1", "GATEWAY_STRIPE_METER_LEASE": "2"}),  # the v2 stream
+], ids=["v1", "stream"])  # fmt: skip
+def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: tuple[FakeStripe, str], rows_in_backlog: int, sending: dict[str, str]) -> None:
     """`gateway stripe send-meters` in a process of its own, SIGKILLed once part of a backlog is in Stripe;
     a second one sends the rest: Stripe's totals are the gateway's, no identifier twice."""
     stripe, url = fake
@@ -221,17 +225,17 @@ def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: 
     async def prepare() -> None:
         db = await _record(db_path)
         customers.update({b: await _link(db, stripe, b) for b in ("org_a", "org_b")})
-        rows.extend(_backlog(db, 1500, list(customers)))
+        rows.extend(_backlog(db, rows_in_backlog, list(customers)))
         await _fill(db, rows)
         await db.close()
 
     asyncio.run(prepare())
     env = {**os.environ, "GATEWAY_PLANS": str(plans), "GATEWAY_DATABASE_URL": f"sqlite:///{db_path}",
-           "GATEWAY_STRIPE_API_KEY": "sk_test_fake", "GATEWAY_STRIPE_API_BASE": url}  # fmt: skip
+           "GATEWAY_STRIPE_API_KEY": "sk_test_fake", "GATEWAY_STRIPE_API_BASE": url, **sending}  # fmt: skip
     command = [sys.executable, "-m", "gateway.cli", "stripe", "send-meters"]
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: len(stripe.meter_events) >= 200 or first.poll() is not None, "the sender to be under way", timeout=120)
+        wait_until(lambda: len(stripe.meter_events) >= len(rows) // 8 or first.poll() is not None, "the sender to be under way", timeout=120)
         assert first.poll() is None, first.stderr.read().decode() if first.stderr else ""
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
@@ -250,6 +254,8 @@ def test_a_sender_killed_mid_backlog_bills_every_row_once(tmp_path: Path, fake: 
     for billable, customer in customers.items():
         assert stripe.metered_total("api_requests", customer) == sum(r["units"] for r in rows if r["billable"] == billable)
     assert len({e["identifier"] for e in stripe.meter_events}) == len(stripe.meter_events) == len(rows)
+    assert stripe.stream_errors == []
+    print(f"killed at {killed_at} of {len(rows)} rows; {stripe.duplicate_meter_events} sent again and refused as duplicates")
 
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
