@@ -254,7 +254,7 @@ class Engine:
         self._bounds = (min(b[2] for b in bounds.values()), text)
         start = datetime.fromtimestamp(bounds["m"][1], zone)
         self._month = f"{start.year:04d}-{start.month:02d}"
-        self._month_start = bounds["m"][1]
+        self._month_start = float(bounds["m"][1])
         return text
 
     # ---- usage counters of past months ----------------------------------------------------------------

@@ -25,8 +25,9 @@ from typing import Any
 
 from gateway.errors import RedisUnavailable
 from gateway.store.breaker import Breaker
+from gateway.store.failures import ReplyError
 from gateway.store.node import Connection, Node
-from gateway.store.resp import Command, ReplyError
+from gateway.store.resp import Command
 
 SLOTS = 16384
 REDIRECTS = 5  # a slot that moves more often than this within one call is not settling: unavailable

@@ -12,7 +12,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.store.resp import Command, ReplyError
+from gateway.store.failures import ReplyError
+from gateway.store.resp import Command
 
 _server: Any = None
 

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 from gateway.errors import RedisRefused, RedisUnavailable
 from gateway.store.breaker import Breaker
-from gateway.store.resp import Command, ConnectionLost, ReplyError, SetupRefused
+from gateway.store.failures import ConnectionLost, ReplyError, SetupRefused
+from gateway.store.resp import Command
 
 # Replies saying the command was refused before it ran, because the server cannot serve it right now.
 # (TRYAGAIN, a slot halfway through a migration, is the cluster transport's: it waits and sends again.)

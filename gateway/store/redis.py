@@ -29,8 +29,9 @@ from gateway.errors import ConfigError, RedisUnavailable
 from gateway.store.breaker import Breaker
 from gateway.store.cluster import Cluster
 from gateway.store.embedded import EmbeddedConnection
+from gateway.store.failures import ReplyError
 from gateway.store.node import Node, One
-from gateway.store.resp import Arg, Command, PipelinedConnection, ReplyError
+from gateway.store.resp import Arg, Command, PipelinedConnection
 
 __all__ = ["Breaker", "RedisStore", "Script", "Transport", "open_redis", "script", "script_name"]
 

@@ -21,27 +21,10 @@ from typing import Any, cast
 
 import hiredis
 
-from gateway.errors import RedisReplyError
+from gateway.store.failures import ConnectionLost, ReplyError, SetupRefused
 
 Arg = bytes | str | int | float
 Command = tuple[Arg, ...]
-
-
-class ReplyError(RedisReplyError):
-    """An error reply from Redis (the command or script failed; Redis itself answered)."""
-
-    @property
-    def code(self) -> str:
-        """The error's first word: NOSCRIPT, MOVED, ASK, LOADING, ERR ..."""
-        return str(self).split(" ", 1)[0]
-
-
-class ConnectionLost(ConnectionError):
-    """Redis did not answer in time, or the connection broke: the outcome of calls in flight is unknown."""
-
-
-class SetupRefused(ConnectionLost):
-    """Redis refused the connection's AUTH or SELECT: the URL's user, password or database is wrong."""
 
 
 def _pack(args: Command) -> bytes:
