@@ -3,7 +3,8 @@
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash (all under one hash tag), 4.. the member
 --       levels' state hashes (ARGV 12), then, last (with ARGV 13), the idempotency record of a consuming
 --       check (gateway/idempotency.py).
--- ARGV: 1 spec (JSON; `sh` = 1 on a shadowed plan or route), 2 the caller's plan version, 3 calendar bounds (JSON),
+-- ARGV: 1 spec (lib/spec.lua; its shadow is true on a shadowed plan or route), 2 the caller's plan version,
+--       3 calendar bounds (lib/args.lua's bounds_arg),
 --       4 "1" when the caller already denies (features): evaluate, write nothing but events; "s" when the
 --       caller shadows a denial of its own (features on a shadowed route): counted as a would-be denial,
 --       5 hold id for a metered spend ("" for none), 6 credit cost override ("" for the spec's),
@@ -19,6 +20,7 @@
 --#include rules
 --#include args
 --#include members
+--#include spec
 local S, EV, HOLDS = KEYS[1], KEYS[2], KEYS[3]
 whole_arg(2)
 for _, i in ipairs({4, 5, 7, 9, 10, 11}) do text_arg(i) end
@@ -29,18 +31,26 @@ local fingerprint = ARGV[13] or ''
 local ONCE = nil
 if fingerprint ~= '' then ONCE = KEYS[#KEYS] end
 local levels = members_arg(12, ONCE and #KEYS - 1 or #KEYS)
+local spec = spec_arg(1)
+local cr, rates, limits = spec[3], spec[5], spec[6]
+local bounds = bounds_arg(3)
 if ONCE then
   -- A retry of a request decided before answers what that one answered (or its fingerprint): nothing is taken again.
   local seen = redis.call('GET', ONCE)
   if seen then return {'once', seen} end
 end
 
-local spec = cjson.decode(ARGV[1])
 local usage_key = ARGV[10]
--- Every field this decision may read, in one call: the fixed ones here, the spec's own in spec.f.
+-- Every field this decision may read, in one call: the fixed ones, the usage counters', each policy's.
 local names = {'pv', 'hyd', 'asg', 'sub', 'ov', 'sus', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
+  'c:w', 'c:s', 'c:p', 'c:d', 'c:thr', 'ar:on', 'ar:lease', 'ar:n', 'ar:m',
   'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key}
-for _, f in ipairs(spec.f) do names[#names + 1] = f end
+for _, r in ipairs(rates) do names[#names + 1] = 'r:' .. r[1] end
+for _, l in ipairs(limits) do
+  local n = l[1]
+  names[#names + 1] = 'u:' .. n; names[#names + 1] = 'g:' .. n; names[#names + 1] = 't:' .. n
+  names[#names + 1] = 'b:' .. n; names[#names + 1] = 'w:' .. n
+end
 local values = redis.call('HMGET', S, unpack(names))
 local F = {}
 for i, f in ipairs(names) do F[f] = values[i] end
@@ -53,33 +63,14 @@ if ARGV[7] == '1' and not F.hyd then
   return {'missing'}
 end
 
-local bounds = cjson.decode(ARGV[3])
 local forced_deny = ARGV[4] == '1'
 -- Shadow: a would-be denial is admitted and charged as if it were within; its violations are still answered.
-local shadow = spec.sh == 1
+local shadow = spec[1]
 local caller_shadowed = ARGV[4] == 's'
 local hold_id = ARGV[5]
 local plan = ARGV[9]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-
--- Holds whose settle never came (their process died) leave the hash once past their lifetime, kept as
--- charged. `hx` is the earliest expiry among them: nothing is read until one is due.
-local next_expiry = tonumber(F.hx)
-if next_expiry and next_expiry <= now and not dry then
-  next_expiry = nil
-  local held = redis.call('HGETALL', HOLDS)
-  for i = 1, #held, 2 do
-    local exp = tonumber(cjson.decode(held[i + 1]).exp) or 0
-    if exp <= now then
-      redis.call('HDEL', HOLDS, held[i])
-    elseif not next_expiry or exp < next_expiry then
-      next_expiry = exp
-    end
-  end
-  if next_expiry then redis.call('HSET', S, 'hx', next_expiry) else redis.call('HDEL', S, 'hx') end
-  F.chg = redis.call('HINCRBY', S, 'chg', 1)
-end
 
 local function num(field, default)
   local v = F[field]
@@ -122,16 +113,16 @@ local held_limits = {}
 local billed = {}
 local billed_held = {}  -- {counter field, units, window}: given back by a settle that gives the limits back
 local function bill(l, usage, after, ws)
-  local meter, cap = l.o[1], l.o[2]
+  local meter, cap = l[9][1], l[9][2]
   local at = meter .. '|' .. ws
   local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
-  local units = after - math.max(usage, l.to)
+  local units = after - math.max(usage, l[2])
   if cap >= 0 and so_far + units > cap then
-    violate({l.n, 'spend', false, so_far, cap, units, false})
+    violate({l[1], 'spend', false, so_far, cap, units, false})
     if not shadow then
       if redis.call('HGET', S, 'oc:' .. at) ~= '1' then
         deny_writes[#deny_writes + 1] = 'oc:' .. at
-        deny_event('spend_cap_reached', {limit = l.n, meter = meter, units = so_far, cap = cap})
+        deny_event('spend_cap_reached', {limit = l[1], meter = meter, units = so_far, cap = cap})
       end
       return false
     end
@@ -143,19 +134,19 @@ local function bill(l, usage, after, ws)
   if cap > 0 then
     local warned = tonumber(redis.call('HGET', S, 'ow:' .. at)) or 0
     local top = nil
-    for _, t in ipairs(l.wa) do
+    for _, t in ipairs(l[10]) do
       if (so_far + units) / cap >= t and t > warned then top = t end
     end
     if top then
       set('ow:' .. at, top)
-      event('spend_warning', {limit = l.n, meter = meter, threshold = top, units = so_far + units, cap = cap})
+      event('spend_warning', {limit = l[1], meter = meter, threshold = top, units = so_far + units, cap = cap})
     end
   end
   return true
 end
 
 -- Rate limits: GCRA, one cell per policy, times in ms.
-for _, r in ipairs(spec.r or {}) do
+for _, r in ipairs(rates) do
   local name, interval, burst = r[1], r[2], r[3]
   local tat = gcra_tat(F['r:' .. name], now)
   local new_tat = tat + interval
@@ -179,8 +170,8 @@ for _, r in ipairs(spec.r or {}) do
 end
 
 -- Limits: persistent caps (p == '') and per-period allowances.
-for _, l in ipairs(spec.l or {}) do
-  local n, to, c, p = l.n, l.to, l.c, l.p
+for _, l in ipairs(limits) do
+  local n, to, c, p, after_code = l[1], l[2], l[3], l[4], l[5]
   local usage = num('u:' .. n, 0)
   local grace_at = num('g:' .. n, nil)
   local warned = num('t:' .. n, 0)
@@ -199,7 +190,7 @@ for _, l in ipairs(spec.l or {}) do
   local state = 'within'
   if to < 0 then
     state = 'unlimited'
-  elseif c > to and l.a ~= 'o' then
+  elseif c > to and after_code ~= 'o' then
     violate({n, 'size', false, usage, to, c, false})
     state = shadow and 'shadow' or 'denied'
   elseif after <= to then
@@ -208,22 +199,23 @@ for _, l in ipairs(spec.l or {}) do
       grace_at = nil; block_mark = ''
       set('g:' .. n, ''); set('b:' .. n, '')
     end
-  elseif l.a == 'w' then
+  elseif after_code == 'w' then
     state = 'over'
-  elseif l.a == 'o' then
+  elseif after_code == 'o' then
     state = bill(l, usage, after, ws) and 'billed' or 'denied'
   else
     local in_grace = false
-    if l.a == 'g' then
-      local within_max = l.gm < 0 or after <= to + l.gm
+    if after_code == 'g' then
+      local grace_ms, grace_max = l[6], l[7]
+      local within_max = grace_max < 0 or after <= to + grace_max
       if not grace_at then
         if within_max then
           in_grace = true
           grace_at = now
           set('g:' .. n, now)
-          event('grace_start', {limit = n, usage = after, grace_ends_at = math.floor((now + l.g) / 1000)})
+          event('grace_start', {limit = n, usage = after, grace_ends_at = math.floor((now + grace_ms) / 1000)})
         end
-      elseif now < grace_at + l.g and within_max then
+      elseif now < grace_at + grace_ms and within_max then
         in_grace = true
       end
     end
@@ -253,7 +245,7 @@ for _, l in ipairs(spec.l or {}) do
     remaining = to - shown
     if remaining < 0 then remaining = 0 end
   end
-  local w = l.w or false
+  local w = l[8]
   if we then
     reset = ceil_s(we - now)
     w = math.floor((we - ws) / 1000)  -- this window's true length (a 31-day month is 2678400), not the nominal
@@ -267,7 +259,7 @@ for _, l in ipairs(spec.l or {}) do
       local ratio = after / to
       if p == '' and ratio < warned then set('t:' .. n, ratio); warned = ratio end
       local top = nil
-      for _, t in ipairs(l.wa) do
+      for _, t in ipairs(l[10]) do
         if ratio >= t and t > warned then top = t end
       end
       if top then
@@ -282,20 +274,19 @@ end
 local member, members = nil, nil
 if #levels > 0 then
   members = members_lib()
-  member = members.decide(levels, now, bounds, spec.cr and (cost_override or spec.cr.c) or 0, spec.l or {}, window)
+  member = members.decide(levels, now, bounds, cost_override or cr[4], limits, window)
   for _, v in ipairs(member.violations) do violate(v) end
 end
 
 -- Credits: balance = period allowance left + purchased - debt; spend takes the allowance first.
 local credit = nil
 local hold = nil
-local cr = spec.cr
-if cr then
-  local allowance = cr.a
-  local cost = cr.c
+do
+  local allowance = cr[1]
+  local cost = cr[4]
   if cost_override then cost = cost_override end
-  local ws = window(cr.p)
-  local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr.ro == 1,
+  local ws = window(cr[2])
+  local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr[3],
     num('c:s', 0), num('c:p', 0), num('c:d', 0))
   if new_window then set('c:w', ws) end
   local unlimited = allowance < 0
@@ -324,7 +315,7 @@ if cr then
   local after = balance - (from_period + from_purchased)
   if unlimited then after = nil end
   set('c:s', spent); set('c:p', purchased); set('c:d', debt)
-  local show = cr.show == 1 or allowance ~= 0 or purchased ~= 0 or debt ~= 0
+  local show = cr[5] or allowance ~= 0 or purchased ~= 0 or debt ~= 0
   -- bal0 and p0: the balance and purchased credits before this request (what a denial shows).
   credit = {a = allowance, bal = after, p = purchased, bal0 = balance, p0 = purchased + from_purchased, show = show}
   if unlimited then credit.bal0 = nil end
@@ -339,7 +330,7 @@ if cr then
       local month = window('m')
       local count = num('ar:n', 0)
       if num('ar:m', -1) ~= month then count = 0; set('ar:m', month) end
-      if lease < now and count < spec.arm and not dry then
+      if lease < now and count < spec[2] and not dry then
         set('ar:lease', now + 120000); set('ar:n', count + 1)
         credit.recharge = 1
       end
@@ -353,18 +344,37 @@ if member then hold.m = member.hold end
 hold.q = ARGV[10]
 
 -- Pay-as-you-go (an operation's metered = { meter, unit_price }): every unit billed on the meter in this
--- month's window, `o:<meter>|<window>` as overage is. pg = {meter, 1}: the request is one unit, billed now
--- (given back with the limits); {meter, 0}: the units its answer reports are billed by the settle ('p:').
+-- month's window, `o:<meter>|<window>` as overage is. pg = {meter, true}: the request is one unit, billed now
+-- (given back with the limits); {meter, false}: the units its answer reports are billed by the settle ('p:').
+local payg_window = spec[4] and window('m')
 local function pay_as_you_go(pg)
-  local ws = window('m')
+  local ws = payg_window
   local at = pg[1] .. '|' .. ws
-  if pg[2] == 1 then
+  if pg[2] then
     local so_far = billed[at] or tonumber(redis.call('HGET', S, 'o:' .. at)) or 0
     set('o:' .. at, so_far + 1)
     billed_held[#billed_held + 1] = {'o:' .. at, 1, ws}
   else
     billed_held[#billed_held + 1] = {'p:' .. at, 0, ws}
   end
+end
+
+-- Holds whose settle never came (their process died) leave the hash once past their lifetime, kept as
+-- charged. `hx` is the earliest expiry among them: nothing is read until one is due.
+local next_expiry = tonumber(F.hx)
+if next_expiry and next_expiry <= now and not dry then
+  next_expiry = nil
+  local held = redis.call('HGETALL', HOLDS)
+  for i = 1, #held, 2 do
+    local exp = tonumber(cjson.decode(held[i + 1]).exp) or 0
+    if exp <= now then
+      redis.call('HDEL', HOLDS, held[i])
+    elseif not next_expiry or exp < next_expiry then
+      next_expiry = exp
+    end
+  end
+  if next_expiry then redis.call('HSET', S, 'hx', next_expiry) else redis.call('HDEL', S, 'hx') end
+  F.chg = redis.call('HINCRBY', S, 'chg', 1)
 end
 
 local seq = num('eseq', 0)
@@ -390,7 +400,7 @@ elseif admitted then
   local taken = hold.cp + hold.cb
   local units = 0
   for _, l in ipairs(held_limits) do units = units + l[2] end
-  if spec.pg then pay_as_you_go(spec.pg) end
+  if spec[4] then pay_as_you_go(spec[4]) end
   for _, b in ipairs(billed_held) do hold.l[#hold.l + 1] = b end
   push_events(events)
   set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)

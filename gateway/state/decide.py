@@ -36,7 +36,7 @@ class PolicyState(NamedTuple):
 class DecideArgs:
     spec: str  # Spec.encode(), cached per (plan, route)
     plan_version: int  # what the caller's cached plan was resolved at (-1: none)
-    calendar: str  # candidate calendar windows (JSON, see Engine._calendar)
+    calendar: str  # candidate calendar windows (lib/args.lua bounds_arg, see Engine._calendar)
     forced_deny: bool  # the caller denies already (features): evaluate, write nothing but events
     hold_id: str  # a metered spend's hold id ("" for none)
     credit_cost: int | None  # prices the operation from the request (None: the spec's cost)
