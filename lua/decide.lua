@@ -42,10 +42,13 @@ end
 
 local usage_key = ARGV[10]
 -- Every field this decision may read, in one call: the fixed ones, the usage counters', each policy's.
+local QR, QC, QU, QS = 'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key
 local names = {'pv', 'hyd', 'asg', 'sub', 'ov', 'sus', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
-  'c:w', 'c:s', 'c:p', 'c:d', 'c:thr', 'ar:on', 'ar:lease', 'ar:n', 'ar:m',
-  'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key}
-for _, r in ipairs(rates) do names[#names + 1] = 'r:' .. r[1] end
+  'c:w', 'c:s', 'c:p', 'c:d', 'c:thr', 'ar:on', 'ar:lease', 'ar:n', 'ar:m', QR, QC, QU, QS}
+-- Rate limit k's field is names[RATES + k]; limit k's u, g, t, b, w are names[LIMITS + 5k - 4 ..].
+local RATES = #names
+for k, r in ipairs(rates) do names[RATES + k] = 'r:' .. r[1] end
+local LIMITS = #names
 for _, l in ipairs(limits) do
   local n = l[1]
   names[#names + 1] = 'u:' .. n; names[#names + 1] = 'g:' .. n; names[#names + 1] = 't:' .. n
@@ -146,9 +149,10 @@ local function bill(l, usage, after, ws)
 end
 
 -- Rate limits: GCRA, one cell per policy, times in ms.
-for _, r in ipairs(rates) do
+for k, r in ipairs(rates) do
   local name, interval, burst = r[1], r[2], r[3]
-  local tat = gcra_tat(F['r:' .. name], now)
+  local field = names[RATES + k]
+  local tat = gcra_tat(F[field], now)
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if allow_at > now then
@@ -162,7 +166,7 @@ for _, r in ipairs(rates) do
     -- A shadowed rate limit advances as if the request had been admitted, to an empty cell at most: a week
     -- of shadow traffic over the rate must not leave hours of refusals behind once it enforces.
     if new_tat > now + burst * interval then new_tat = now + burst * interval end
-    set('r:' .. name, new_tat)
+    set(field, new_tat)
     local left = math.max(0, gcra_available(new_tat, now, interval, burst))
     policies[#policies + 1] = {name, 'rate', burst, r[4], left, ceil_s(new_tat - now)}
     before[#policies] = {left + 1, ceil_s(tat - now)}
@@ -170,20 +174,23 @@ for _, r in ipairs(rates) do
 end
 
 -- Limits: persistent caps (p == '') and per-period allowances.
-for _, l in ipairs(limits) do
+for k, l in ipairs(limits) do
   local n, to, c, p, after_code = l[1], l[2], l[3], l[4], l[5]
-  local usage = num('u:' .. n, 0)
-  local grace_at = num('g:' .. n, nil)
-  local warned = num('t:' .. n, 0)
+  local at = LIMITS + 5 * k
+  local U, G, T, B, W = names[at - 4], names[at - 3], names[at - 2], names[at - 1], names[at]
+  local stored = num(U, 0)
+  local usage = stored
+  local grace_at = num(G, nil)
+  local warned = num(T, 0)
   -- The block mark: '1' once an enforced block was sent, 's' once a shadowed one was (an enforced block
   -- still follows it, when enforcement starts in the same window).
-  local block_mark = F['b:' .. n] or ''
+  local block_mark = F[B] or ''
   local ws, we = nil, nil
   if p ~= '' then
     ws, we = window(p)
-    if num('w:' .. n, nil) ~= ws then
+    if num(W, nil) ~= ws then
       usage, grace_at, warned, block_mark = 0, nil, 0, ''
-      set('w:' .. n, ws); set('g:' .. n, ''); set('t:' .. n, 0); set('b:' .. n, '')
+      set(W, ws); set(G, ''); set(T, 0); set(B, '')
     end
   end
   local after = usage + c
@@ -197,7 +204,7 @@ for _, l in ipairs(limits) do
     if p == '' and grace_at then
       -- The excess episode is over: a later one earns its own grace.
       grace_at = nil; block_mark = ''
-      set('g:' .. n, ''); set('b:' .. n, '')
+      set(G, ''); set(B, '')
     end
   elseif after_code == 'w' then
     state = 'over'
@@ -212,7 +219,7 @@ for _, l in ipairs(limits) do
         if within_max then
           in_grace = true
           grace_at = now
-          set('g:' .. n, now)
+          set(G, now)
           event('grace_start', {limit = n, usage = after, grace_ends_at = math.floor((now + grace_ms) / 1000)})
         end
       elseif now < grace_at + grace_ms and within_max then
@@ -229,11 +236,11 @@ for _, l in ipairs(limits) do
       if shadow then
         state = 'shadow'
         if block_mark == '' then
-          set('b:' .. n, 's')
+          set(B, 's')
           event('block', {limit = n, usage = usage, shadow = true})
         end
       elseif block_mark ~= '1' then
-        deny_writes[#deny_writes + 1] = 'b:' .. n
+        deny_writes[#deny_writes + 1] = B
         deny_event('block', {limit = n, usage = usage})
       end
     end
@@ -254,16 +261,16 @@ for _, l in ipairs(limits) do
   if to >= 0 and shown ~= usage then before[#policies] = {math.max(0, to - usage), reset or false} end
   if state ~= 'denied' then
     if to >= 0 then held_limits[#held_limits + 1] = {n, c, ws or 0} end
-    set('u:' .. n, after)
+    if after ~= stored then set(U, after) end
     if to > 0 then
       local ratio = after / to
-      if p == '' and ratio < warned then set('t:' .. n, ratio); warned = ratio end
+      if p == '' and ratio < warned then set(T, ratio); warned = ratio end
       local top = nil
       for _, t in ipairs(l[10]) do
         if ratio >= t and t > warned then top = t end
       end
       if top then
-        set('t:' .. n, top)
+        set(T, top)
         event('warning', {limit = n, threshold = top, usage = after})
       end
     end
@@ -286,8 +293,8 @@ do
   local cost = cr[4]
   if cost_override then cost = cost_override end
   local ws = window(cr[2])
-  local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr[3],
-    num('c:s', 0), num('c:p', 0), num('c:d', 0))
+  local spent0, purchased0, debt0 = num('c:s', 0), num('c:p', 0), num('c:d', 0)
+  local spent, purchased, debt, new_window = credits_in(ws, num('c:w', nil), allowance, cr[3], spent0, purchased0, debt0)
   if new_window then set('c:w', ws) end
   local unlimited = allowance < 0
   local left = period_left(allowance, spent) or 0
@@ -314,7 +321,9 @@ do
   end
   local after = balance - (from_period + from_purchased)
   if unlimited then after = nil end
-  set('c:s', spent); set('c:p', purchased); set('c:d', debt)
+  if spent ~= spent0 then set('c:s', spent) end
+  if purchased ~= purchased0 then set('c:p', purchased) end
+  if debt ~= debt0 then set('c:d', debt) end
   local show = cr[5] or allowance ~= 0 or purchased ~= 0 or debt ~= 0
   -- bal0 and p0: the balance and purchased credits before this request (what a denial shows).
   credit = {a = allowance, bal = after, p = purchased, bal0 = balance, p0 = purchased + from_purchased, show = show}
@@ -378,6 +387,7 @@ if next_expiry and next_expiry <= now and not dry then
 end
 
 local seq = num('eseq', 0)
+local seq0 = seq
 local out_events = {}
 local function push_events(list)
   if #list == 0 then return end
@@ -403,11 +413,14 @@ elseif admitted then
   if spec[4] then pay_as_you_go(spec[4]) end
   for _, b in ipairs(billed_held) do hold.l[#hold.l + 1] = b end
   push_events(events)
-  set('hyd', 1); set('chg', num('chg', 0) + 1); set('eseq', seq)
-  set('qr:' .. usage_key, num('qr:' .. usage_key, 0) + 1)
-  if taken ~= 0 then set('qc:' .. usage_key, num('qc:' .. usage_key, 0) + taken) end
-  if units ~= 0 then set('qu:' .. usage_key, num('qu:' .. usage_key, 0) + units) end
-  if #violations > 0 or caller_shadowed then set('qs:' .. usage_key, num('qs:' .. usage_key, 0) + 1) end
+  -- Only what changed is written (each number written costs Redis a conversion to text).
+  if F.hyd ~= '1' then set('hyd', 1) end
+  set('chg', num('chg', 0) + 1)
+  if seq ~= seq0 then set('eseq', seq) end
+  set(QR, num(QR, 0) + 1)
+  if taken ~= 0 then set(QC, num(QC, 0) + taken) end
+  if units ~= 0 then set(QU, num(QU, 0) + units) end
+  if #violations > 0 or caller_shadowed then set(QS, num(QS, 0) + 1) end
   if hold_id ~= '' and hold then
     hold.exp = now + hold_ttl * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
