@@ -445,11 +445,13 @@ if ONCE and not dry then
   redis.call('SET', ONCE, cjson.encode({f = fingerprint, h = hold_id}), 'EX', 86400)
 end
 
--- The reply is a plain array (cheaper than JSON on both sides; numbers are integer replies, exact up to
--- 2^53); false stands for none:
--- {admitted, now (ms), policies, violations, events (JSON each), credit {allowance, shown, balance,
---  recharge, purchased} or false, hold {period credits, purchased credits, credit window, allowance, usage
---  key, limits {{name, units, window}}, member levels' holds (JSON) or false} or false}.
+-- The reply is one flat array (Redis converts each table of a reply on its own: one is the cheapest;
+-- numbers are integer replies, exact up to 2^53); false stands for none:
+--   admitted, now (ms), the policies' count, each {name, kind, quota, window, remaining, reset},
+--   the violations' count, each {name, kind, retry after, usage, limit, cost, balance},
+--   the events' count, each (JSON), 1 and the credit {allowance, shown, balance, recharge, purchased} or 0,
+--   1 and the hold {period credits, purchased credits, credit window, allowance, usage key, member levels'
+--   holds (JSON) or false, the limits' count, each {name, units, window}} or 0.
 -- A denial consumed nothing: its policies, balance and purchased credits are those before the request.
 if not admitted then
   for i, b in pairs(before) do
@@ -460,10 +462,34 @@ end
 if member then
   for _, p in ipairs(admitted and member.after or member.before) do policies[#policies + 1] = p end
 end
-local credit_reply = false
-if credit then
-  credit_reply = {credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0, credit.p}
+local out, n = {admitted and 1 or 0, now, #policies}, 3
+for _, p in ipairs(policies) do
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = p[1], p[2], p[3], p[4], p[5], p[6]
+  n = n + 6
 end
-local hold_reply = false
-if hold then hold_reply = {hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.l, hold.m and cjson.encode(hold.m) or false} end
-return {admitted and 1 or 0, now, policies, violations, out_events, credit_reply, hold_reply}
+n = n + 1; out[n] = #violations
+for _, v in ipairs(violations) do
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6], out[n + 7] = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+  n = n + 7
+end
+n = n + 1; out[n] = #out_events
+for _, e in ipairs(out_events) do n = n + 1; out[n] = e end
+if credit then
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+    1, credit.a, credit.show and 1 or 0, credit.bal or false, credit.recharge or 0, credit.p
+  n = n + 6
+else
+  n = n + 1; out[n] = 0
+end
+if hold then
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6], out[n + 7], out[n + 8] =
+    1, hold.cp, hold.cb, hold.w, hold.a or 0, hold.q, hold.m and cjson.encode(hold.m) or false, #hold.l
+  n = n + 8
+  for _, l in ipairs(hold.l) do
+    out[n + 1], out[n + 2], out[n + 3] = l[1], l[2], l[3]
+    n = n + 3
+  end
+else
+  out[n + 1] = 0
+end
+return out
