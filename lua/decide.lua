@@ -41,10 +41,10 @@ if ONCE then
 end
 
 local usage_key = ARGV[10]
--- Every field this decision may read, in one call: the fixed ones, the usage counters', each policy's.
+-- Every field a decision reads, in one call: the fixed ones, the usage counters', each policy's. Those
+-- only a rare path needs (a stale plan, a billing cycle, an auto-recharge, a shadowed denial) are read by it.
 local QR, QC, QU, QS = 'qr:' .. usage_key, 'qc:' .. usage_key, 'qu:' .. usage_key, 'qs:' .. usage_key
-local names = {'pv', 'hyd', 'asg', 'sub', 'ov', 'sus', 'chg', 'eseq', 'bp_s', 'bp_e', 'hx',
-  'c:w', 'c:s', 'c:p', 'c:d', 'c:thr', 'ar:on', 'ar:lease', 'ar:n', 'ar:m', QR, QC, QU, QS}
+local names = {'pv', 'hyd', 'chg', 'eseq', 'hx', 'c:w', 'c:s', 'c:p', 'c:d', 'c:thr', QR, QC, QU}
 -- Rate limit k's field is names[RATES + k]; limit k's u, g, t, b, w are names[LIMITS + 5k - 4 ..].
 local RATES = #names
 for k, r in ipairs(rates) do names[RATES + k] = 'r:' .. r[1] end
@@ -60,7 +60,8 @@ for i, f in ipairs(names) do F[f] = values[i] end
 
 local pv = tonumber(F.pv) or 0
 if pv ~= tonumber(ARGV[2]) then
-  return {'stale', pv, F.asg or false, F.sub or false, F.ov or false, F.sus or false}
+  local plan_fields = redis.call('HMGET', S, 'asg', 'sub', 'ov', 'sus')
+  return {'stale', pv, plan_fields[1] or false, plan_fields[2] or false, plan_fields[3] or false, plan_fields[4] or false}
 end
 if ARGV[7] == '1' and not F.hyd then
   return {'missing'}
@@ -88,6 +89,11 @@ local function ceil_s(ms)
 end
 
 local function window(p)
+  if p ~= 'bc' then return window_of(p, now, bounds) end
+  if not F.bp_read then
+    local period = redis.call('HMGET', S, 'bp_s', 'bp_e')
+    F.bp_s, F.bp_e, F.bp_read = period[1], period[2], true
+  end
   return window_of(p, now, bounds, num('bp_s', nil), num('bp_e', nil))
 end
 
@@ -334,6 +340,10 @@ do
       event('credits_low', {balance = after, threshold = threshold})
     end
     if balance > 0 and after <= 0 then event('credits_depleted', {balance = after}) end
+    if threshold and after < threshold then
+      local ar = redis.call('HMGET', S, 'ar:on', 'ar:lease', 'ar:n', 'ar:m')
+      F['ar:on'], F['ar:lease'], F['ar:n'], F['ar:m'] = ar[1], ar[2], ar[3], ar[4]
+    end
     if threshold and after < threshold and F['ar:on'] == '1' then
       local lease = num('ar:lease', 0)
       local month = window('m')
@@ -420,7 +430,7 @@ elseif admitted then
   set(QR, num(QR, 0) + 1)
   if taken ~= 0 then set(QC, num(QC, 0) + taken) end
   if units ~= 0 then set(QU, num(QU, 0) + units) end
-  if #violations > 0 or caller_shadowed then set(QS, num(QS, 0) + 1) end
+  if #violations > 0 or caller_shadowed then set(QS, (tonumber(redis.call('HGET', S, QS)) or 0) + 1) end
   if hold_id ~= '' and hold then
     hold.exp = now + hold_ttl * 1000
     redis.call('HSET', HOLDS, hold_id, cjson.encode(hold))
