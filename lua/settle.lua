@@ -11,7 +11,7 @@
 -- ARGV[1] = "close" (a consuming check's stored hold, in one call): 2 to 6 as "settle", 7 the hold's id,
 --   8 the "<route>|<operation>" the caller settles it as (the hold's usage key must end with it), 9 the
 --   caller's plan version, 10 a cap to release ("" for none), 11 its units, 12 its cap ("" for none),
---   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (JSON), 15 the
+--   13 the status spec (its `cr`: the credits as the plan has them), 14 calendar bounds (lib/args.lua's bounds_arg), 15 the
 --   ids of the member levels it is settled at (JSON, nearest first, "" for none: KEYS 4.. are their state).
 -- Answers {status ("ok", "settled": settled before, "missing": restore first), balance or nil}; "close"
 -- also answers "stale" (as decide.lua: the plan changed, resolve and retry) and "mismatch" (the hold was
@@ -46,7 +46,7 @@ if op == 'settle' then
   if (#ARGV - 13) % 3 ~= 0 then bad_arg(#ARGV, 'a whole (name, units, window) triple of a limit held') end
   for i = 14, #ARGV, 3 do hold.l[#hold.l + 1] = {text_arg(i), whole_arg(i + 1, 0), whole_arg(i + 2, 0)} end
 elseif op == 'close' then
-  close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = json_arg(14), members = {}}
+  close = {id = text_arg(7), as = text_arg(8), pv = whole_arg(9), spec = json_arg(13), bounds = bounds_arg(14, true), members = {}}
   if (ARGV[15] or '') ~= '' then close.members = json_arg(15) end
   if #close.members ~= #KEYS - 3 then bad_arg(15, "the member levels' ids, one per key after the third") end
   if text_arg(10) ~= '' then release = {ARGV[10], whole_arg(11, 0), whole_arg(12, -1, nil, true)} end

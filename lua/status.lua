@@ -2,8 +2,9 @@
 -- The protocol is gateway/state/status.py (StatusArgs, StatusReply); the spec is StatusSpec.
 -- KEYS: 1 state hash, 2 pending events list, 3 metered holds hash.
 -- ARGV: 1 status spec (JSON: every limit, rate limit and the credits of the plan), 2 the caller's plan
---       version, 3 calendar bounds (JSON), 4 "1" when missing state must be restored first.
+--       version, 3 calendar bounds (lib/args.lua's bounds_arg), 4 "1" when missing state must be restored first.
 --#include rules
+--#include args
 local S, HOLDS = KEYS[1], KEYS[3]
 local spec = cjson.decode(ARGV[1])
 local raw = redis.call('HGETALL', S)
@@ -18,7 +19,7 @@ if ARGV[4] == '1' and not F.hyd then
   return {'missing'}
 end
 
-local bounds = cjson.decode(ARGV[3])
+local bounds = bounds_arg(3)
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local bp_s, bp_e = tonumber(F.bp_s), tonumber(F.bp_e)

@@ -125,6 +125,31 @@ def test_a_decision_with_a_bad_hold_lifetime_sends_no_events(go: Go) -> None:
     go(fn)
 
 
+DECIDE_SPOILED = [(1, "{"), (1, "[false,10]"), (3, "{}"), (3, "m:1,2;w:1,2,3,4"), (3, "w:1,2,3,4;d:1,2,3,4")]
+
+
+@pytest.mark.parametrize(("index", "value"), DECIDE_SPOILED, ids=[f"{i}={v[:8]}" for i, v in DECIDE_SPOILED])
+def test_a_decision_with_a_bad_spec_or_calendar_writes_nothing(go: Go, index: int, value: str) -> None:
+    """A committing decision (a monthly limit that warns and starts its grace) given a spec that is not JSON or
+    not one (no credits, rate limits or limits), or calendar bounds without the month's four: refused before
+    its first write, and the good decision after it still counts."""
+
+    async def fn(h: Harness) -> None:
+        for _ in range(3):
+            assert (await h.decide("org", "POST", "/exports")).admitted
+        calls = spy(h)
+        assert (await h.decide("org", "POST", "/exports", dry=True)).admitted
+        ((name, keys, args),) = calls
+        spoiled = [*args]
+        spoiled[10] = "0"  # committing
+        spoiled[index - 1] = value
+        await refused_unchanged(h, name, keys, spoiled)
+        assert (await h.decide("org", "POST", "/exports")).admitted  # the fourth: in grace
+        assert [e["type"] for e in await h.engine.pending_events("org")][-1] == "grace_start"
+
+    go(fn)
+
+
 def test_grants_restores_updates_and_revocations_with_a_bad_argument_write_nothing(go: Go) -> None:
     """A grant of 1e30, a restore whose last grant is not a number, a cap's count of 1e30 and a revocation
     keeping "all" are each refused before their first write."""

@@ -7,7 +7,6 @@ transfer.py (state for the record) and status.py (the status body)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 import uuid
@@ -28,7 +27,7 @@ from gateway.errors import StateUnavailable
 from gateway.idempotency import LIFETIME, Decided, Once
 from gateway.members import Chain, Level
 from gateway.overrides import Overrides
-from gateway.periods import Period, calendar_bounds
+from gateway.periods import Bounds, Period, calendar_bounds
 from gateway.state import EventBatch, Snapshot, Subscription
 from gateway.store.redis import RedisStore
 
@@ -93,6 +92,7 @@ class Engine:
         self.specs = Specs(catalog)
         self.transfer = Transfer(store, prefix, self._touched, clock)
         self._bounds: tuple[float, str] = (0.0, "")
+        self._windows: dict[str, Bounds] = {}  # the calendar bounds of `_bounds`, by period code
         self._month = ""  # the usage history's period label, YYYY-MM in the catalog's timezone
         self._month_start = 0.0
         self._restoring: dict[str, asyncio.Future[None]] = {}
@@ -250,8 +250,9 @@ class Engine:
             return text
         zone = self.catalog.settings.zone
         bounds = {code: calendar_bounds(kind, now, zone) for code, kind in (("m", "month"), ("w", "week"), ("d", "day"))}
-        text = json.dumps(bounds, separators=(",", ":"))
+        text = ";".join(f"{code}:{','.join(map(str, b))}" for code, b in bounds.items())  # lib/args.lua's bounds_arg
         self._bounds = (min(b[2] for b in bounds.values()), text)
+        self._windows = bounds
         start = datetime.fromtimestamp(bounds["m"][1], zone)
         self._month = f"{start.year:04d}-{start.month:02d}"
         self._month_start = float(bounds["m"][1])
@@ -607,7 +608,7 @@ class Engine:
             size = int(code[1:]) * 1000
             return int(now * 1000) // size * size
         self._calendar()
-        bounds = json.loads(self._bounds[1])["m" if code == "bc" else code]
+        bounds = self._windows["m" if code == "bc" else code]
         return int((bounds[0] if now < bounds[1] else bounds[1] if now < bounds[2] else bounds[2]) * 1000)
 
     async def status(self, billable: str) -> dict[str, Any]:

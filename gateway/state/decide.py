@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from gateway.state.fields import Subscription
-from gateway.state.hold import Hold
+from gateway.state.hold import HeldLimit, Hold
 
 
 class Violation(NamedTuple):
@@ -36,7 +36,7 @@ class PolicyState(NamedTuple):
 class DecideArgs:
     spec: str  # Spec.encode(), cached per (plan, route)
     plan_version: int  # what the caller's cached plan was resolved at (-1: none)
-    calendar: str  # candidate calendar windows (JSON, see Engine._calendar)
+    calendar: str  # candidate calendar windows (lib/args.lua bounds_arg, see Engine._calendar)
     forced_deny: bool  # the caller denies already (features): evaluate, write nothing but events
     hold_id: str  # a metered spend's hold id ("" for none)
     credit_cost: int | None  # prices the operation from the request (None: the spec's cost)
@@ -119,21 +119,28 @@ class DecideReply:
 
     @staticmethod
     def parse(raw: list[Any], hold_id: str) -> DecideReply | Stale | Missing | Seen:
-        """By position: {admitted, now, policies, violations, events, credit or nil, hold or nil}."""
+        """By position (decide.lua's reply: one flat array, each list its count and then its items)."""
         if raw[0] == "stale":
             return Stale.parse(raw)
         if raw[0] == "missing":
             return Missing()
         if raw[0] == "once":
             return Seen(raw[1])
-        ok, now, policies, violations, events, credit, hold = raw
-        # Positional and without conversions: this runs once per request, on integers and strings already.
-        return DecideReply(
-            ok == 1,
-            now,
-            [PolicyState(p[0], p[1], p[2], p[3], p[4], None if p[1] == "cap" else p[5]) for p in policies],
-            [Violation(*v) for v in violations] if violations else [],
-            events or [],
-            CreditReply(credit[0], credit[1] == 1, credit[2], credit[3] == 1, credit[4]) if credit else None,
-            Hold.parse(hold, hold_id) if hold else None,
-        )
+        # Without conversions: this runs once per request, on integers and strings already.
+        at = 3 + 6 * raw[2]
+        policies = [PolicyState(raw[i], raw[i + 1], raw[i + 2], raw[i + 3], raw[i + 4], None if raw[i + 1] == "cap" else raw[i + 5])
+                    for i in range(3, at, 6)]  # fmt: skip
+        end = at + 1 + 7 * raw[at]
+        violations = [Violation(*raw[i : i + 7]) for i in range(at + 1, end, 7)]
+        at = end + 1 + raw[end]
+        events = raw[end + 1 : at]
+        credit = None
+        if raw[at] == 1:
+            credit = CreditReply(raw[at + 1], raw[at + 2] == 1, raw[at + 3], raw[at + 4] == 1, raw[at + 5])
+            at += 5
+        hold = None
+        if raw[at + 1] == 1:
+            cp, cb, window, allowance, usage_key, members, count = raw[at + 2 : at + 9]
+            limits = tuple(HeldLimit(raw[i], raw[i + 1], raw[i + 2]) for i in range(at + 9, at + 9 + 3 * count, 3))
+            hold = Hold(cp, cb, window, allowance, usage_key, limits, hold_id, members or "")
+        return DecideReply(raw[0] == 1, raw[1], policies, violations, events, credit, hold)

@@ -35,15 +35,6 @@ def ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def rate_field(name: str) -> str:
-    return "r:" + name
-
-
-def limit_fields(name: str) -> list[str]:
-    """What a decision reads of one limit: usage, grace start, warned, block sent, window."""
-    return [f"{kind}:{name}" for kind in ("u", "g", "t", "b", "w")]
-
-
 # The fields read alone, across many billables in one pipelined round trip.
 CHANGE_FIELD = "chg"
 HOLD_EXPIRY_FIELD = "hx"
@@ -51,9 +42,6 @@ def counted_fields(limit: str | None) -> tuple[str, str]:
     """A member level's count and the window it was counted in (lib/members.lua): of a limit, or of the
     credits (None)."""
     return ("c:s", "c:w") if limit is None else (f"u:{limit}", f"w:{limit}")
-
-
-CREDIT_FIELDS = ("c:w", "c:s", "c:p", "c:d", "c:thr", "ar:on", "ar:lease", "ar:n", "ar:m")
 
 
 def usage_key(month: str, route: str, operation: str) -> str:

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.state.fields import CREDIT_FIELDS, limit_fields, rate_field
-
 After = Literal["block_usage", "just_warn", "grace_then_block", "bill"]
 AFTER_CODES: dict[str, str] = {"block_usage": "b", "just_warn": "w", "grace_then_block": "g", "bill": "o"}
 
@@ -55,31 +53,19 @@ class Spec:
     payg: tuple[str, int] | None = None
 
     def encode(self) -> str:
-        """The JSON decide.lua decodes, with `f`: every field it reads, fetched in one HMGET."""
-        fields = [rate_field(r.name) for r in self.rates]
-        limits = []
-        for lim in self.limits:
-            fields += limit_fields(lim.name)
-            item: dict[str, object] = {
-                "n": lim.name, "to": lim.to, "c": lim.cost, "p": lim.period, "a": AFTER_CODES[lim.after],
-                "g": lim.grace_ms, "gm": lim.grace_max, "wa": list(lim.warn_at),
-            }  # fmt: skip
-            if lim.window is not None:
-                item["w"] = lim.window
-            if lim.overage is not None:
-                item["o"] = list(lim.overage)
-            limits.append(item)
-        fields += CREDIT_FIELDS
+        """The JSON array decide.lua reads by position (lib/spec.lua); it names the state fields itself."""
         c = self.credits
-        spec: dict[str, object] = {
-            "arm": self.recharges_per_month,
-            "r": [[r.name, r.interval_ms, r.burst, r.window] for r in self.rates],
-            "l": limits,
-            "cr": {"a": c.allowance, "p": c.period, "ro": int(c.rollover), "c": c.cost, "show": int(c.shown)},
-            "f": fields,
-        }
-        if self.shadow:
-            spec["sh"] = 1
-        if self.payg is not None:
-            spec["pg"] = list(self.payg)
+        limits = [
+            [lim.name, lim.to, lim.cost, lim.period, AFTER_CODES[lim.after], lim.grace_ms, lim.grace_max,
+             False if lim.window is None else lim.window, False if lim.overage is None else list(lim.overage), list(lim.warn_at)]
+            for lim in self.limits
+        ]  # fmt: skip
+        spec = [
+            self.shadow,
+            self.recharges_per_month,
+            [c.allowance, c.period, c.rollover, c.cost, c.shown],
+            False if self.payg is None else [self.payg[0], self.payg[1] == 1],
+            [[r.name, r.interval_ms, r.burst, r.window] for r in self.rates],
+            limits,
+        ]
         return json.dumps(spec, separators=(",", ":"))

@@ -33,6 +33,26 @@ local function json_arg(i)
   return v
 end
 
+-- ARGV[i] as the calendar bounds (gateway/engine Engine._calendar): "m:<4 integers>;w:<4>;d:<4>", the candidate
+-- windows {previous start, start, next start, next end} (Unix seconds) of the month, the week and the day,
+-- as window_of reads them (bounds[code]). A code is read when first asked for (a decision needs one or two of
+-- the three; each number read costs a strtod); `eager` reads all three now, for a script that asks after
+-- its first write.
+local BOUND = ':(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+)'
+local function bounds_arg(i, eager)
+  local text = text_arg(i)
+  local bounds = setmetatable({}, {__index = function(known, code)
+    if code ~= 'm' and code ~= 'w' and code ~= 'd' then return nil end
+    local a, b, c, d = string.match(text, code .. BOUND)
+    if not d then bad_arg(i, 'calendar bounds "m:<4 integers>;w:<4>;d:<4>" with ' .. code) end
+    local found = {tonumber(a), tonumber(b), tonumber(c), tonumber(d)}
+    rawset(known, code, found)
+    return found
+  end})
+  if eager then local _ = bounds.m, bounds.w, bounds.d end
+  return bounds
+end
+
 -- A counter `field` of hash `key` plus `delta`, kept within ±(2^53 - 1): HINCRBY fails past 2^63 (and on a
 -- value it cannot read as an integer), after the writes before it.
 local function add_to(key, field, delta)

@@ -31,8 +31,8 @@ local USAGE_COUNTERS = {'qr:', 'qu:', 'qc:', 'qs:'}
 -- function it defines, and most decisions and settles have none (`members_lib()` makes them once).
 local function members_lib()
   -- Every member level against its own terms, as if the request were admitted. `cost`: the credits the
-  -- request costs; `limits`: the root spec's limits (their names and units). Answers what decide.lua
-  -- folds in: violations, policies as after an admission and as before it (what a denial shows), the
+  -- request costs; `limits`: the root spec's limits (lib/spec.lua: [1] name, [3] units). Answers what
+  -- decide.lua folds in: violations, policies as after an admission and as before it (what a denial shows), the
   -- writes of each level, and the hold (what settle gives back at each level).
   local function members_decide(levels, now, bounds, cost, limits, window)
     local out = {violations = {}, after = {}, before = {}, writes = {}, hold = {}}
@@ -43,7 +43,7 @@ local function members_lib()
       if m.r then fields[#fields + 1] = 'r:rate' end
       if m.c then fields[#fields + 1] = 'c:w'; fields[#fields + 1] = 'c:s' end
       for _, l in ipairs(limits) do
-        if m.l and m.l[l.n] then fields[#fields + 1] = 'u:' .. l.n; fields[#fields + 1] = 'w:' .. l.n end
+        if m.l and m.l[l[1]] then fields[#fields + 1] = 'u:' .. l[1]; fields[#fields + 1] = 'w:' .. l[1] end
       end
       local F = {}
       if #fields > 0 then
@@ -74,27 +74,27 @@ local function members_lib()
       end
 
       for _, l in ipairs(limits) do
-        local term = m.l and m.l[l.n]
+        local term = m.l and m.l[l[1]]
         if term then
           local to, p = term[1], term[2]
-          local name = lv .. '-' .. l.n
-          local usage = tonumber(F['u:' .. l.n]) or 0
+          local name = lv .. '-' .. l[1]
+          local usage = tonumber(F['u:' .. l[1]]) or 0
           local ws, we = 0, nil
           if p ~= '' then
             ws, we = window(p)
-            if tonumber(F['w:' .. l.n]) ~= ws then usage = 0; set('w:' .. l.n, ws) end
+            if tonumber(F['w:' .. l[1]]) ~= ws then usage = 0; set('w:' .. l[1], ws) end
           end
           local kind = p == '' and 'cap' or 'allow'
           local reset, w = false, false
           if we then reset = math.max(1, math.ceil((we - now) / 1000)); w = math.floor((we - ws) / 1000) end
           local was = {name, kind, to, w, math.max(0, to - usage), reset}
-          if usage + l.c > to then
-            violate({name, l.c > to and 'size' or kind, p ~= '' and reset or false, usage, to, l.c, false})
+          if usage + l[3] > to then
+            violate({name, l[3] > to and 'size' or kind, p ~= '' and reset or false, usage, to, l[3], false})
             policy(was, was)
           else
-            set('u:' .. l.n, usage + l.c)
-            held.l[#held.l + 1] = {l.n, l.c, ws}
-            policy({name, kind, to, w, to - usage - l.c, reset}, was)
+            set('u:' .. l[1], usage + l[3])
+            held.l[#held.l + 1] = {l[1], l[3], ws}
+            policy({name, kind, to, w, to - usage - l[3], reset}, was)
           end
         end
       end
