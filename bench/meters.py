@@ -5,6 +5,7 @@ shared Redis at 127.0.0.1:6379 under a key prefix of its own (deleted after).
     .venv/bin/python bench/meters.py kill                   # 10,000 outbox rows; `gateway stripe send-meters`
                                                             # SIGKILLed half-way, a second one sends the rest
     .venv/bin/python bench/meters.py kill --rows 2000 --kill-at 0.3
+    .venv/bin/python bench/meters.py kill --stream --lease 2  # the same by the v2 meter event stream
     .venv/bin/python bench/meters.py cap                    # 3 processes over a spend cap on one billable
 
 kill: prints the send rate (meter events/s of the first sender, until it is killed, and of the second),
@@ -114,7 +115,10 @@ def kill(args: argparse.Namespace) -> int:
 
         customers = asyncio.run(prepare())
         env = {**os.environ, "GATEWAY_PLANS": str(plans), "GATEWAY_DATABASE_URL": url,
-               "GATEWAY_STRIPE_API_KEY": "sk_test_bench", "GATEWAY_STRIPE_API_BASE": api}  # fmt: skip
+               "GATEWAY_STRIPE_API_KEY": "sk_test_bench", "GATEWAY_STRIPE_API_BASE": api,
+               "GATEWAY_STRIPE_METER_LEASE": str(args.lease)}  # fmt: skip
+        if args.stream:  # every claim of more than one row by the v2 meter event stream
+            env["GATEWAY_STRIPE_METER_STREAM_ABOVE"] = "1"
         command = [sys.executable, "-m", "gateway.cli", "stripe", "send-meters"]
         first = subprocess.Popen(command, env=env)
         began = time.monotonic()
@@ -132,7 +136,7 @@ def kill(args: argparse.Namespace) -> int:
         t3 = time.monotonic()
         second.terminate()
         second.wait()
-        print(f"second sender: {len(rows) - n1} events in {t3 - t2:.1f} s (rows claimed by the killed one wait out their 30 s lease); "
+        print(f"second sender: {len(rows) - n1} events in {t3 - t2:.1f} s (rows claimed by the killed one wait out their {args.lease:g} s lease); "
               f"{fake.duplicate_meter_events} refused by Stripe as duplicates")  # fmt: skip
         wrong = 0
         for billable, customer in customers.items():
@@ -223,6 +227,8 @@ def main() -> int:
     k.add_argument("--rows", type=int, default=10_000)
     k.add_argument("--kill-at", type=float, default=0.5, help="the share of the rows in Stripe when the first sender is killed")
     k.add_argument("--database-url", help="the record (default: SQLite in a temporary folder)")
+    k.add_argument("--stream", action="store_true", help="send by the v2 meter event stream (100 events a request), not v1")
+    k.add_argument("--lease", type=float, default=30.0, help="GATEWAY_STRIPE_METER_LEASE: how long a claim is held")
     c = commands.add_parser("cap")
     c.add_argument("--requests", type=int, default=400, help="decisions per process")
     args = parser.parse_args()
