@@ -47,7 +47,7 @@ class Identifier:
         KeyRevoked for a revoked key presented with its own secret; BadRequest when the callable or the header names one outside the billable id rule."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.billable is not None:
-            found = self.billable(scope)
+            found: object = self.billable(scope)  # the app's: its answer may be of any type (compiled, it is checked)
             if found is not None and not isinstance(found, str) and inspect.isawaitable(found):
                 found = await found
             return billable_id(found, "the billable callable's answer") if found else None

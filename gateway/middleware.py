@@ -364,13 +364,16 @@ class GatewayMiddleware:
         if not needs_settle and release is None:
             await app(scope, receive, fate.send)
             return
+        # Not try/finally: compiled (mypyc), an await in a finally after an exception leaves that exception
+        # current, and the next request through the same task raises it again.
+        failure: BaseException | None = None
         try:
             await app(scope, receive, fate.send)
-        except BaseException:
-            fate.failed = True
-            raise
-        finally:
-            await self._settle(decision, fate, operation, release)
+        except BaseException as exc:  # noqa: BLE001 - raised again below, once settled
+            failure, fate.failed = exc, True
+        await self._settle(decision, fate, operation, release)
+        if failure is not None:
+            raise failure
 
     async def _settle(self, decision: Decision, fate: Fate, operation: Operation | None, release: str | None) -> None:
         result = outcome(fate.status, fate.complete, fate.failed)

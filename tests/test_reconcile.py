@@ -423,12 +423,18 @@ def test_the_sweep_applies_grants_a_dead_process_recorded_but_never_applied(empt
             dying, alive = env.process(), env.process()
             await dying.decide("org-g", "GET", "/anything")
 
-            async def crash(*args: Any) -> Any:
-                raise SystemExit("killed between the commit and Redis")
+            store = dying.engine.store
+            run = store.run
 
-            dying.engine.apply_grant = crash  # type: ignore[method-assign, assignment]
+            async def crash(name: str, *args: Any) -> Any:  # at the store: the engine may be compiled
+                if name == "grant":
+                    raise SystemExit("killed between the commit and Redis")
+                return await run(name, *args)
+
+            store.run = crash  # type: ignore[method-assign]
             with pytest.raises(SystemExit):
                 await dying.grants.grant("org-g", 25, idempotency_key="stranded")
+            store.run = run  # type: ignore[method-assign]  # the processes may share a store: only that call died
             assert (await alive.engine.status("org-g"))["credits"]["purchased"] == 0
             assert await alive.reconciler.apply_stranded_grants() == 0  # too recent: its process may be applying it
             assert await alive.reconciler.apply_stranded_grants(older_than=0) == 1
