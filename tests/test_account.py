@@ -366,17 +366,23 @@ def test_the_chart_shows_each_days_requests_as_the_record_has_them(served: Serve
     assert shown == expected
 
 
-def test_the_page_in_chromium_at_every_severity(served: Served, tmp_path: Path) -> None:
-    """Chromium loads the page of a billable at ok, warning, grace and blocked, at 390 and 1280 px: nothing
-    wider than the phone, the meters' numbers and the banner the status JSON's, and axe-core finds no serious
-    or critical violation. Screenshots are saved under tests/screenshots/ (or $GATEWAY_SCREENSHOTS)."""
+def browser_ready() -> str:
+    """axe-core's script, once Chromium and axe-core are here (a failure in CI, a skip elsewhere) and the
+    screenshots' folder is made."""
     if chromium_path() is None or not AXE.exists():
         missing = "chromium (apt-get install -y chromium)" if chromium_path() is None else f"axe-core ({AXE}: run .ci/run)"
         if os.environ.get("CI"):
             pytest.fail(f"{missing} is not installed")
         pytest.skip(f"{missing} is not installed")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    axe = AXE.read_text()
+    return AXE.read_text()
+
+
+def test_the_page_in_chromium_at_every_severity(served: Served, tmp_path: Path) -> None:
+    """Chromium loads the page of a billable at ok, warning, grace and blocked, at 390 and 1280 px: nothing
+    wider than the phone, the meters' numbers and the banner the status JSON's, and axe-core finds no serious
+    or critical violation. Screenshots are saved under tests/screenshots/ (or $GATEWAY_SCREENSHOTS)."""
+    axe = browser_ready()
     urls = {billable: served.link(billable) for billable in STATES}
 
     async def main() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -462,13 +468,7 @@ def test_a_key_s_page_shows_its_own_budgets_beside_its_org_s(served: Served) -> 
 def test_a_key_s_page_in_chromium(served: Served, tmp_path: Path) -> None:
     """The member's page at 390 and 1280 px: nothing wider than the phone, its own budgets shown, and axe-core
     finds no serious or critical violation (screenshots: account-member-390.png, account-member-1280.png)."""
-    if chromium_path() is None or not AXE.exists():
-        missing = "chromium (apt-get install -y chromium)" if chromium_path() is None else f"axe-core ({AXE}: run .ci/run)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is not installed")
-        pytest.skip(f"{missing} is not installed")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    axe = AXE.read_text()
+    axe = browser_ready()
     url = served.link(served.members[MEMBER])
 
     async def main() -> list[dict[str, Any]]:
@@ -498,13 +498,7 @@ def test_the_period_s_bill_in_chromium(served: Served, tmp_path: Path) -> None:
     status's invoice, line by line (units, unit price, amount), its total, and the spend cap with what it
     leaves; nothing wider than the phone, and axe-core finds no violation at all (screenshots:
     account-billed-390.png, account-billed-1280.png)."""
-    if chromium_path() is None or not AXE.exists():
-        missing = "chromium (apt-get install -y chromium)" if chromium_path() is None else f"axe-core ({AXE}: run .ci/run)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is not installed")
-        pytest.skip(f"{missing} is not installed")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    axe = AXE.read_text()
+    axe = browser_ready()
     url = served.link(BILLED)
     status = served.status(BILLED)
     assert status["limits"]["calls"]["billed"]["units"] == 3 and status["pay_as_you_go"]["searches"]["units"] == 7
